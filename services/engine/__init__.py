@@ -1,0 +1,16 @@
+"""RazorAttention engine: profiling, head maps, compressed KV cache, attention, generation.
+
+A plain library (torch + transformers); it imports no gRPC, Redis or Celery. See docs/engine-api.md.
+"""
+from .cache import CompressedKVCache, CompressionParams
+from .generation import (ContextLengthError, Engine, GenerationResult, SessionMismatchError, SessionState,
+                         TokenEvent, forward)
+from .headmap import HeadMap, HeadMapError
+from .models import LoadedModel, ModelFingerprint, ModelLoadError, load_model
+from .profiling import ProfileParams, profile_model
+from .sampling import SamplingParams
+
+__all__ = ["CompressedKVCache", "CompressionParams", "ContextLengthError", "Engine", "GenerationResult",
+           "HeadMap", "HeadMapError", "LoadedModel", "ModelFingerprint", "ModelLoadError", "ProfileParams",
+           "SamplingParams", "SessionMismatchError", "SessionState", "TokenEvent", "forward", "load_model",
+           "profile_model"]

@@ -1,0 +1,122 @@
+"""Attention over the split cache, registered once with transformers as attn_implementation="razor".
+
+The one place the engine plugs into transformers' attention: `razor_attention` is called by every Llama-family
+attention module after `cache.update(...)`. It reads the module's layer of the `CompressedKVCache` (passed as the
+`razor_cache` forward kwarg) and runs two dense attentions:
+  retrieval heads: SDPA over the full group (what `update` returned)
+  local heads:     attention over sink + window, then the compensation token merged through log-sum-exp
+The local group's kernel never sees the compensation token, so it stays FlashAttention-compatible (eq. 5 is
+recovered exactly by the LSE merge). With a `razor_probe` kwarg it instead computes eager attention and hands
+the probabilities to the profiler.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+try:  # optional: only used for CUDA tensors
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - no flash-attn on CPU machines
+    flash_attn_func = None
+
+ATTN_NAME = "razor"
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """[Q, S] bool, bottom-right aligned: the queries are the last q_len of the kv_len positions."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # q: [B, Hq, Q, D]; k, v: [B, Hkv, S, D] with Hq a multiple of Hkv -> [B, Hq, Q, D]
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    mask = None if q_len == 1 else causal_mask(q_len, kv_len, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def attend_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention that also returns the log-sum-exp of the logits: ([B, Hq, Q, D], [B, Hq, Q])."""
+    if q.is_cuda and flash_attn_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+        # flash-attn takes [B, Q, H, D], handles GQA and aligns causality bottom-right.
+        out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      softmax_scale=scale, causal=True, return_attn_probs=True)
+        return out.transpose(1, 2), lse
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale          # [B, Hq, Q, S]
+    if q.shape[-2] > 1:
+        logits = logits.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)                                           # [B, Hq, Q]
+    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+def merge_compensation(out, lse, q, comp_k, comp_v, count: int, scale: float) -> torch.Tensor:
+    """Add the compensation token as `count` copies of (k̂, v̂) to an attention result (paper eq. 5).
+
+    out: [B, Hq, Q, D], lse: [B, Hq, Q], q: [B, Hq, Q, D], comp_k/comp_v: [B, Hkv, 1, D] (float32)
+    """
+    group = q.shape[1] // comp_k.shape[1]
+    comp_k, comp_v = comp_k.repeat_interleave(group, dim=1), comp_v.repeat_interleave(group, dim=1)
+    comp_logit = (q.float() * comp_k).sum(-1) * scale + math.log(count)            # [B, Hq, Q]
+    total = torch.logaddexp(lse.float(), comp_logit)
+    w_local = torch.exp(lse.float() - total).unsqueeze(-1)
+    w_comp = torch.exp(comp_logit - total).unsqueeze(-1)
+    return (out.float() * w_local + comp_v * w_comp).to(out.dtype)
+
+
+def eager_probs(q, k, scale: float) -> torch.Tensor:
+    """Softmax attention probabilities [B, Hq, Q, S] for the profiler."""
+    group = q.shape[1] // k.shape[1]
+    logits = torch.matmul(q.float(), k.repeat_interleave(group, dim=1).float().transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def razor_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention interface. query: [B, Hq, Q, D] -> ([B, Q, Hq, D], None)."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    probe, cache = kwargs.get("razor_probe"), kwargs.get("razor_cache")
+    if probe is not None:
+        probs = eager_probs(query, key, scale)
+        probe.record(module.layer_idx, probs)
+        group = query.shape[1] // key.shape[1]
+        out = torch.matmul(probs.to(value.dtype), value.repeat_interleave(group, dim=1))
+    elif cache is None:
+        out = sdpa(query, key, value, scale)
+    else:
+        out = split_cache_attention(query, cache.layers[module.layer_idx], scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def split_cache_attention(query: torch.Tensor, layer, scale: float) -> torch.Tensor:
+    # query: [B, Hq, Q, D]; query heads h*G .. h*G+G-1 read KV head h (GQA, as repeat_kv lays them out)
+    bsz, n_heads, q_len, head_dim = query.shape
+    group = n_heads // layer.n_kv_heads
+    out = query.new_empty(bsz, n_heads, q_len, head_dim)
+    if layer.retrieval_heads:
+        q_idx = _query_heads(layer.retrieval_heads, group, query.device)
+        out[:, q_idx] = sdpa(query[:, q_idx], layer.keys, layer.values, scale)
+    if layer.local_heads:
+        q_idx = _query_heads(layer.local_heads, group, query.device)
+        q_local = query[:, q_idx]
+        if layer.comp_count == 0:
+            out[:, q_idx] = sdpa(q_local, layer.local_keys, layer.local_values, scale)
+        else:
+            o, lse = attend_with_lse(q_local, layer.local_keys, layer.local_values, scale)
+            out[:, q_idx] = merge_compensation(o, lse, q_local, layer.comp_keys, layer.comp_values,
+                                               layer.comp_count, scale)
+    return out
+
+
+def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
+    return torch.tensor([h * group + g for h in kv_heads for g in range(group)], device=device)
+
+
+def install(model) -> None:
+    """Register the razor attention function (idempotent) and switch `model` to it."""
+    AttentionInterface.register(ATTN_NAME, razor_attention)
+    model.set_attn_implementation(ATTN_NAME)

@@ -1,0 +1,77 @@
+"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_NEW_TOKENS_LIMIT = 65_536
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = no top-k cut
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max_new_tokens must be within 1..{MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be within 0..100 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must not contain an empty string")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    gen = torch.Generator(device=device)
+    if params.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(params.seed)
+    return gen
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[int, float | None]:
+    """logits: [V] for the next position -> (token id, its log-probability under the model if asked)."""
+    logits = logits.float()
+    if params.greedy:
+        token = int(torch.argmax(logits))
+    else:
+        scaled = logits / params.temperature
+        if params.top_k:
+            kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if params.top_p < 1.0:
+            scaled = _top_p_filter(scaled, params.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        token = int(torch.multinomial(probs, 1, generator=gen))
+    logprob = float(torch.log_softmax(logits, dim=-1)[token]) if params.logprobs else None
+    return token, logprob
+
+
+def _top_p_filter(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, order = torch.sort(scaled, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p   # keep the token that crosses top_p
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
