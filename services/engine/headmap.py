@@ -9,6 +9,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .cache import CompressionParams
 from .models import ModelFingerprint
@@ -129,3 +130,15 @@ class HeadMap:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+SHIPPED_DIR = Path(__file__).with_name("data")
+
+
+def shipped_head_map(fp: ModelFingerprint) -> HeadMap | None:
+    """The head map shipped with the package for this model (the embedded SmolLM2), if any."""
+    for path in sorted(SHIPPED_DIR.glob("*.headmap.json")):
+        hm = HeadMap.from_json(path.read_text())
+        if hm.fingerprint == fp:
+            return hm
+    return None

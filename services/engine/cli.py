@@ -1,0 +1,121 @@
+"""razor-engine: profile a model, and generate with and without compression, printing KV bytes.
+
+  python -m services.engine.cli profile  [--model REF] [--out map.json] [--png map.png]
+  python -m services.engine.cli generate [--model REF] [--head-map map.json] --prompt TEXT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+from .cache import CompressionParams
+from .generation import Engine
+from .headmap import HeadMap, shipped_head_map
+from .models import load_model
+from .profiling import ProfileParams, profile_model
+from .sampling import SamplingParams
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def cmd_profile(args) -> int:
+    loaded = load_model(args.model, args.device)
+    params = ProfileParams(seq_len=args.seq_len, repeats=args.repeats, n_samples=args.samples, seed=args.seed,
+                           induction_fraction=args.induction_fraction, echo_fraction=args.echo_fraction)
+    compression = CompressionParams(args.sink, args.min_window, args.ratio)
+    bar = tqdm(total=1, desc="profiling", unit="layer")
+
+    def progress(done: int, total: int, stage: str) -> None:
+        bar.total = total
+        bar.set_postfix_str(stage)
+        bar.update(done - bar.n)
+
+    head_map = profile_model(loaded, params, compression, progress)
+    bar.close()
+    with open(args.out, "w") as f:
+        f.write(head_map.to_json())
+    if args.png:
+        head_map.render_png(args.png)
+    print(f"head map {head_map.version} for {loaded.fingerprint.id}: {len(head_map.retrieval_q_heads)} query heads, "
+          f"{head_map.kv_fraction:.1%} of KV heads full -> {args.out}")
+    return 0
+
+
+def _load_map(args, loaded) -> HeadMap:
+    if args.head_map:
+        with open(args.head_map) as f:
+            return HeadMap.from_json(f.read(), expect=loaded.fingerprint)
+    shipped = shipped_head_map(loaded.fingerprint)
+    if shipped is None:
+        raise SystemExit("no head map for this model: run `razor-engine profile` first and pass --head-map")
+    return shipped
+
+
+def cmd_generate(args) -> int:
+    loaded = load_model(args.model, args.device)
+    compressed = _load_map(args, loaded)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    rows = []
+    for name, hm in (("full cache", HeadMap.full(loaded.fingerprint)), ("razor", compressed)):
+        engine = Engine(loaded, hm)
+        ids = engine.encode(messages=[{"role": "user", "content": args.prompt}]) if args.chat else \
+            engine.encode(text=args.prompt)
+        start = time.perf_counter()
+        state, result = engine.generate(ids, params, chat=args.chat)
+        rows.append((name, state.nbytes(), time.perf_counter() - start, result.text))
+    full_bytes = rows[0][1]
+    for name, nbytes, secs, text in rows:
+        print(f"--- {name}: KV {_mib(nbytes)} ({nbytes / full_bytes:.1%} of full), {secs:.2f} s")
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="razor-engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="", help="model reference (empty = embedded SmolLM2)")
+    p.add_argument("--device", default="auto")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    prof = sub.add_parser("profile", help="score heads and write a head map")
+    d = ProfileParams()
+    prof.add_argument("--seq-len", type=int, default=d.seq_len)
+    prof.add_argument("--repeats", type=int, default=d.repeats)
+    prof.add_argument("--samples", type=int, default=d.n_samples)
+    prof.add_argument("--seed", type=int, default=d.seed)
+    prof.add_argument("--induction-fraction", type=float, default=d.induction_fraction)
+    prof.add_argument("--echo-fraction", type=float, default=d.echo_fraction)
+    c = CompressionParams()
+    prof.add_argument("--sink", type=int, default=c.sink)
+    prof.add_argument("--min-window", type=int, default=c.min_window)
+    prof.add_argument("--ratio", type=float, default=c.ratio)
+    prof.add_argument("--out", default="headmap.json")
+    prof.add_argument("--png", default="", help="also write the score heatmap here")
+    gen = sub.add_parser("generate", help="generate with the full cache and with compression")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--head-map", default="", help="head map JSON (default: the shipped one)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return {"profile": cmd_profile, "generate": cmd_generate}[args.cmd](args)
+    except ValueError as e:  # ModelLoadError, HeadMapError and bad parameters all say what to fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
