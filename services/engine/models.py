@@ -145,13 +145,19 @@ def tiny_random_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+_ARCH_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+              "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
+              "attention_bias", "mlp_bias", "sliding_window")
+
+
 def fingerprint(model: torch.nn.Module) -> ModelFingerprint:
     cfg = model.config
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    # Private keys (attention implementation) and versions change without changing the model.
-    arch = {k: v for k, v in cfg.to_dict().items()
-            if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+    # Only what defines the computation: bookkeeping keys (architectures, paths, versions, attention
+    # implementation) change when a checkpoint is saved or served without changing the model.
+    arch = {k: v for k, v in cfg.to_dict().items() if k in _ARCH_KEYS}
     h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     # A strided sample of every weight tells checkpoints apart without hashing gigabytes.
     for name, p in sorted(model.state_dict().items()):
