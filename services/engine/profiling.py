@@ -85,7 +85,7 @@ def random_repeats(params: ProfileParams, vocab_size: int, bos_id: int | None, s
     """[1, 1 + T*R] ids: BOS then T random ids repeated R times."""
     gen = torch.Generator().manual_seed(params.seed * 1_000_003 + sample)
     high = min(params.token_high, vocab_size)
-    low = min(params.token_low, high - 1)
+    low = min(params.token_low, high // 2)  # tiny vocabularies still get a band of ids
     block = torch.randint(low, high, (params.seq_len,), generator=gen)
     ids = torch.cat([torch.tensor([bos_id if bos_id is not None else low]), block.repeat(params.repeats)])
     return ids.unsqueeze(0)
