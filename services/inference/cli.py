@@ -1,0 +1,118 @@
+"""Command line client for people and tests.
+
+    python -m services.inference.cli [--target HOST:PORT] generate "Once upon a time" --max-new-tokens 32
+    python -m services.inference.cli continue SESSION_ID " and then?"
+    python -m services.inference.cli sessions [--delete SESSION_ID | --show SESSION_ID]
+    python -m services.inference.cli info
+
+Generated text streams to stdout; a summary line (session, finish reason, usage) goes to
+stderr, or with ``--json`` one JSON object goes to stdout instead. Errors print the gRPC
+status and message and exit with 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from .client import RazorClient, Reply, collect
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--logprobs", action="store_true")
+    p.add_argument("--chat", action="store_true", help="send the text as one user chat message")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m services.inference.cli", description=__doc__.split("\n")[0])
+    p.add_argument("--target", default=os.environ.get("RAZOR_TARGET", "127.0.0.1:50051"))
+    p.add_argument("--token", default=os.environ.get("RAZOR_AUTH_TOKEN", ""), help="bearer token")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    sub = p.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="start a session")
+    gen.add_argument("prompt")
+    gen.add_argument("--no-session", action="store_true", help="do not keep the session")
+    _add_sampling(gen)
+    cont = sub.add_parser("continue", help="add a turn to a session")
+    cont.add_argument("session_id")
+    cont.add_argument("text")
+    _add_sampling(cont)
+    ses = sub.add_parser("sessions", help="list sessions, or show / delete one")
+    ses.add_argument("--show", metavar="SESSION_ID")
+    ses.add_argument("--delete", metavar="SESSION_ID")
+    sub.add_parser("info", help="model, device, head map and memory")
+    return p
+
+
+def _turn_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop_strings=args.stop, logprobs=args.logprobs,
+                timeout_s=args.timeout)
+
+
+def _input(args, text: str) -> dict:
+    return {"messages": [{"role": "user", "content": text}]} if args.chat else {}
+
+
+def _run_turn(stream, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(asdict(collect(stream))))
+        return
+    def echo(messages):
+        for msg in messages:
+            if msg.HasField("chunk"):
+                sys.stdout.write(msg.chunk.text)
+                sys.stdout.flush()
+            yield msg
+
+    reply: Reply = collect(echo(stream))
+    print()
+    print(f"[session {reply.session_id or '-'} | finish {reply.finish_reason} | prompt {reply.prompt_tokens} "
+          f"generated {reply.generated_tokens} cached {reply.cached_tokens}]", file=sys.stderr)
+
+
+def run(args) -> None:
+    with RazorClient(args.target, token=args.token, timeout_s=args.timeout) as client:
+        if args.command == "generate":
+            kwargs = _input(args, args.prompt) or {"prompt": args.prompt}
+            _run_turn(client.stream_generate(**kwargs, keep_session=not args.no_session, **_turn_kwargs(args)),
+                      args.json)
+        elif args.command == "continue":
+            kwargs = _input(args, args.text) or {"text": args.text}
+            _run_turn(client.stream_continue(args.session_id, **kwargs, **_turn_kwargs(args)), args.json)
+        elif args.command == "sessions":
+            if args.delete:
+                print(json.dumps({"deleted": client.delete_session(args.delete)}))
+            elif args.show:
+                print(json.dumps(MessageToDict(client.get_session(args.show))))
+            else:
+                for session in client.list_sessions():
+                    print(json.dumps(MessageToDict(session)))
+        else:
+            print(json.dumps(MessageToDict(client.server_info()), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

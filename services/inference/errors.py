@@ -1,0 +1,41 @@
+"""The errors the service reports to clients; ``servicer.status_for`` maps each to a status code."""
+
+
+class SessionError(Exception):
+    """Base of the errors a session operation reports to the client."""
+
+
+class SessionNotFound(SessionError):
+    pass
+
+
+class SessionBusy(SessionError):
+    pass
+
+
+class SessionLost(SessionError):
+    """The spilled copy is corrupt; the session cannot be continued."""
+
+
+class SessionModelMismatch(SessionLost):
+    """The session was made under another model."""
+
+
+class BudgetExhausted(SessionError):
+    """No room can be made (Redis unreachable, or too many sessions)."""
+
+
+class StoreUnavailable(SessionError):
+    """The session is spilled and Redis cannot be reached to restore it."""
+
+
+class ShuttingDown(Exception):
+    """The service is stopping and takes no new turns."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled before its turn started."""
+
+
+class NotConfigured(Exception):
+    """An optional collaborator (profiling worker, head-map store) is not configured."""

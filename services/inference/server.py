@@ -1,0 +1,244 @@
+"""Builds and runs the gRPC server: servicer, health, reflection, auth/metrics hooks, shutdown.
+
+    python -m services.inference.server      # configured by services.settings.Settings (RAZOR_*)
+
+Graceful shutdown (SIGTERM/SIGINT or ``RazorServer.stop``): health turns NOT_SERVING, no new
+RPCs are taken, running turns get most of the grace period to finish and are then cancelled
+(their streams end with finish reason CANCELLED), and every resident session is spilled to
+Redis so a restarted service continues it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc
+from services.engine import CompressionParams, HeadMap, HeadMapError, LoadedModel, ProfileParams, load_model, profile_model
+from services.engine.headmap import shipped_head_map
+from services.settings import Settings, get_settings
+
+from .runtime import FixedHeadMaps, Runtime
+from .servicer import SERVICE_NAME, RazorServeServicer
+from .sessions import SessionStore
+from .spill import Spill, SpillUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def _optional(module: str):
+    """Import a module other helpers own, or None while it does not exist."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+
+
+class RuntimeHealth(health.HealthServicer):
+    """Standard health service whose Check really touches the engine thread and the device."""
+
+    def __init__(self, runtime: Runtime):
+        super().__init__(experimental_non_blocking=True)
+        self.runtime = runtime
+
+    def Check(self, request, context):
+        if request.service not in ("", SERVICE_NAME):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        ok = not self._shutting_down and self.runtime.healthy()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    @property
+    def _shutting_down(self) -> bool:
+        return getattr(self, "_gracefully_shutting_down", False)
+
+
+class FallbackHeadMaps:
+    """A registry's active map when it has one, else a fixed initial map."""
+
+    def __init__(self, registry, initial: HeadMap):
+        self.registry, self.initial = registry, initial
+
+    @property
+    def active(self) -> HeadMap:
+        return self.registry.active or self.initial
+
+    def get(self, version: str) -> HeadMap:
+        if version == self.initial.version:
+            return self.initial
+        return self.registry.get(version)
+
+
+def _metrics_hook(metrics, runtime: Runtime):
+    def on_turn(result, seconds: float) -> None:
+        metrics.observe_generation(result.generated_tokens, seconds)
+        resident_bytes, resident, spilled = runtime.store.usage()
+        metrics.resident_sessions.set(resident)
+        metrics.spilled_sessions.set(spilled)
+        metrics.resident_kv_bytes.set(resident_bytes)
+    return on_turn
+
+
+def initial_head_map(settings: Settings, loaded: LoadedModel) -> HeadMap:
+    """The head map from RAZOR_HEAD_MAP_PATH, else the one shipped for this model, else one profiled now."""
+    if settings.head_map_path:
+        text = Path(settings.head_map_path).read_text()
+        return HeadMap.from_json(text, expect=loaded.fingerprint)
+    try:
+        shipped = shipped_head_map(loaded.fingerprint)
+    except HeadMapError as exc:  # a shipped file this engine version cannot read: profile instead
+        log.warning("ignoring the shipped head map: %s", exc)
+        shipped = None
+    if shipped is not None:
+        log.info("using the head map shipped for %s (version %s)", loaded.ref, shipped.version)
+        return shipped
+    log.info("no head map configured: profiling %s now", loaded.ref)
+
+    def progress(done: int, total: int, stage: str) -> None:
+        log.info("profiling %s: %s %d/%d", loaded.ref, stage, done, total)
+
+    compression = CompressionParams(sink=settings.sink, min_window=settings.min_window, ratio=settings.ratio)
+    return profile_model(loaded, ProfileParams(), compression, progress=progress)
+
+
+def resolve_head_maps(settings: Settings, loaded: LoadedModel, store=None):
+    """The head-map registry hot-loading from Redis when available, else a fixed map.
+
+    Redis's active map wins; else RAZOR_HEAD_MAP_PATH; else a map profiled now.
+    """
+    module = _optional("services.inference.headmaps")
+    if module is None or store is None:
+        return FixedHeadMaps(initial_head_map(settings, loaded))
+    try:
+        in_redis = store.active_version(loaded.fingerprint) is not None
+    except redis.RedisError as exc:
+        log.warning("head maps: Redis unreachable at start (%s)", exc)
+        in_redis = False
+    initial = None if in_redis and not settings.head_map_path else initial_head_map(settings, loaded)
+    return module.HeadMapRegistry(store, loaded.fingerprint, initial=initial).start()
+
+
+def _profiling(settings: Settings, redis_client):
+    """The profiling-job client and head-map store when their modules exist, else (None, None)."""
+    store_module = _optional("services.headmap_store")
+    jobs_module = _optional("services.inference.profile_jobs")
+    store = store_module.HeadMapStore(redis_client) if store_module else None
+    jobs = jobs_module.ProfileJobs(settings.redis_dsn()) if jobs_module else None
+    return jobs, store
+
+
+class RazorServer:
+    """A started-or-startable grpc.Server and the runtime behind it."""
+
+    def __init__(self, settings: Settings, runtime: Runtime, jobs=None, head_map_store=None):
+        self.settings, self.runtime = settings, runtime
+        auth = _optional("services.inference.auth")
+        observability = _optional("services.observability")
+        interceptors = list(auth.server_interceptors(settings)) if auth else []
+        if observability:
+            interceptors.append(observability.MetricsInterceptor())
+            runtime.on_turn = _metrics_hook(observability.METRICS, runtime)
+        self.server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="grpc"),
+                                  interceptors=interceptors)
+        pb_grpc.add_RazorServeServicer_to_server(RazorServeServicer(runtime, jobs, head_map_store), self.server)
+        self.health = RuntimeHealth(runtime)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        address = f"{settings.host}:{settings.port}"
+        credentials = auth.server_credentials(settings) if auth else None
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        self._stop_lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def target(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def start(self) -> "RazorServer":
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("RazorServe listening on %s (model %s, device %s)", self.target, self.runtime.loaded.ref,
+                 self.runtime.loaded.device)
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Finish or cancel in-flight streams, then spill resident sessions to Redis.
+
+        Idempotent; a second caller waits until the first one has finished.
+        """
+        with self._stop_lock:
+            if not self._stopped:
+                self._stop(grace_s)
+                self._stopped = True
+
+    def _stop(self, grace_s: float | None) -> None:
+        grace = self.settings.grace_s if grace_s is None else grace_s
+        self.health.enter_graceful_shutdown()
+        done = self.server.stop(grace)  # takes no new RPCs; running ones get `grace` seconds
+        if not self.runtime.wait_idle(grace * 0.8):
+            log.warning("cancelling turns still running after %.1f s", grace * 0.8)
+            self.runtime.cancel_all()  # streams end with finish reason CANCELLED
+        done.wait()
+        self.runtime.close()
+        stop_registry = getattr(self.runtime.head_maps, "stop", None)
+        if stop_registry:
+            stop_registry()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+_AUTO = object()
+
+
+def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_maps=None,
+                 jobs=_AUTO, head_map_store=_AUTO) -> RazorServer:
+    """Everything but start(). Tests pass a loaded model and head maps to skip loading/profiling,
+    and ``jobs=None`` / ``head_map_store=None`` to run without the profiling worker."""
+    loaded = loaded or load_model(settings.model or None, device=settings.device)
+    auto_jobs, auto_store = _profiling(settings, redis.Redis.from_url(settings.redis_dsn()))
+    jobs = auto_jobs if jobs is _AUTO else jobs
+    head_map_store = auto_store if head_map_store is _AUTO else head_map_store
+    head_maps = head_maps or resolve_head_maps(settings, loaded, head_map_store)
+    spill = Spill(settings.redis_dsn(), settings.session_ttl_s)
+    store = SessionStore(spill, loaded.fingerprint.id, loaded.device, settings.kv_budget_bytes, settings.max_sessions)
+    try:
+        log.info("indexed %d sessions spilled earlier", store.adopt_spilled())
+    except SpillUnavailable as exc:
+        log.warning("Redis unreachable at start (%s); spilled sessions are found on first use", exc)
+    return RazorServer(settings, Runtime(loaded, head_maps, store), jobs, head_map_store)
+
+
+def main() -> None:
+    settings = get_settings()
+    observability = _optional("services.observability")
+    if observability:
+        observability.setup_logging(settings)
+        if settings.metrics_port:
+            observability.start_metrics_server(settings.metrics_port)
+    else:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = build_server(settings).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
+    server.wait()
+    server.stop()  # waits for a signal-driven stop to finish spilling
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The RazorServe servicer: translates proto <-> runtime calls, nothing more.
+
+Every handler goes through ``_grpc_errors``, the one place where exceptions become status
+codes (bad input -> INVALID_ARGUMENT, unknown session -> NOT_FOUND, busy session or another
+model's session -> FAILED_PRECONDITION, full budget with Redis down -> RESOURCE_EXHAUSTED, ...).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import uuid
+from datetime import datetime
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.api import ensure_generated
+
+ensure_generated()  # a fresh checkout has no generated code yet
+from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
+from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
+from services.engine import SamplingParams  # noqa: E402
+
+from .errors import (BudgetExhausted, Cancelled, NotConfigured, SessionBusy, SessionLost, SessionModelMismatch,
+                     SessionNotFound, ShuttingDown, StoreUnavailable)
+from .runtime import Finished, Runtime, Turn
+
+log = logging.getLogger(__name__)
+SERVER_VERSION = "0.1.0"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RazorServe"].full_name
+
+
+# Most specific first: the first match decides.
+_STATUS = (
+    (SessionBusy, grpc.StatusCode.FAILED_PRECONDITION),
+    (SessionModelMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (SessionLost, grpc.StatusCode.DATA_LOSS),
+    (BudgetExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (NotConfigured, grpc.StatusCode.UNAVAILABLE),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (KeyError, grpc.StatusCode.NOT_FOUND),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    # The profiling worker's BrokerUnavailable is matched by name: the service never imports the worker.
+    if any(cls.__name__ == "BrokerUnavailable" for cls in type(exc).__mro__):
+        return grpc.StatusCode.UNAVAILABLE, f"profiling broker unavailable: {exc}"
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            return code, str(message)
+    incident = uuid.uuid4().hex[:12]
+    log.exception("internal error %s", incident, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the server log)"
+
+
+def _grpc_errors(handler):
+    """Wrap a unary or server-streaming handler so exceptions abort with the mapped status."""
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def streaming(self, request, context):
+            try:
+                yield from handler(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
+                context.abort(*status_for(exc))
+        return streaming
+
+    @functools.wraps(handler)
+    def unary(self, request, context):
+        try:
+            return handler(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            context.abort(*status_for(exc))
+    return unary
+
+
+class RazorServeServicer(pb_grpc.RazorServeServicer):
+    def __init__(self, runtime: Runtime, jobs=None, head_map_store=None):
+        self.runtime, self.jobs, self.head_map_store = runtime, jobs, head_map_store
+
+    # ---- generation -------------------------------------------------------------------------
+    @_grpc_errors
+    def Generate(self, request: pb.GenerateRequest, context):
+        keep = request.keep_session if request.HasField("keep_session") else True
+        turn = Turn(params=sampling_params(request), keep_session=keep, **_input(request, "prompt"))
+        yield from self._stream(turn, context)
+
+    @_grpc_errors
+    def ContinueSession(self, request: pb.ContinueSessionRequest, context):
+        turn = Turn(params=sampling_params(request), session_id=request.session_id, **_input(request, "text"))
+        yield from self._stream(turn, context)
+
+    def _stream(self, turn: Turn, context):
+        cancel = threading.Event()
+        context.add_callback(cancel.set)  # fires on client cancel, deadline and server stop
+        try:
+            stream = self.runtime.start_turn(turn, cancel)
+            for item in stream:
+                yield _response(stream.session_id, item)
+        finally:
+            cancel.set()  # the stream is gone: stop generating within one step
+
+    # ---- sessions ---------------------------------------------------------------------------
+    @_grpc_errors
+    def GetSession(self, request: pb.GetSessionRequest, context):
+        return session_pb(self.runtime.store.info(_session_id(request.session_id)))
+
+    @_grpc_errors
+    def ListSessions(self, request: pb.ListSessionsRequest, context):
+        page, next_token = self.runtime.list_sessions(request.page_size, request.page_token)
+        return pb.ListSessionsResponse(sessions=[session_pb(e) for e in page], next_page_token=next_token)
+
+    @_grpc_errors
+    def DeleteSession(self, request: pb.DeleteSessionRequest, context):
+        sid = _session_id(request.session_id)
+        if not self.runtime.store.delete(sid):
+            raise SessionNotFound(f"no session {sid} to delete")
+        return pb.DeleteSessionResponse(deleted=True)
+
+    @_grpc_errors
+    def GetServerInfo(self, request, context):
+        return server_info_pb(self.runtime)
+
+    # ---- profiling (delegated) -----------------------------------------------------------------
+    @_grpc_errors
+    def ProfileModel(self, request: pb.ProfileModelRequest, context):
+        params = {field.name: value for field, value in request.params.ListFields()}
+        calibrate = {"calibrate": params.pop("calibrate")} if "calibrate" in params else {}
+        job_id = self._jobs().submit(request.model_ref, params, **calibrate)
+        return pb.ProfileJob(job_id=job_id, state=pb.JOB_STATE_QUEUED)
+
+    @_grpc_errors
+    def GetProfileJob(self, request: pb.GetProfileJobRequest, context):
+        if not request.job_id:
+            raise ValueError("job_id is empty; pass the id ProfileModel returned")
+        try:
+            status = self._jobs().status(request.job_id)
+        except KeyError:
+            raise KeyError(f"no profiling job {request.job_id}; check the id ProfileModel returned") from None
+        return profile_job_pb(request.job_id, status)
+
+    @_grpc_errors
+    def ListHeadMaps(self, request: pb.ListHeadMapsRequest, context):
+        if self.head_map_store is None:
+            raise NotConfigured("head-map store not configured")
+        fingerprint = request.fingerprint_id or self.runtime.loaded.fingerprint.id
+        versions = self.head_map_store.list_versions(fingerprint)
+        return pb.ListHeadMapsResponse(versions=[head_map_version_pb(v) for v in versions])
+
+    def _jobs(self):
+        if self.jobs is None:
+            raise NotConfigured("profiling worker not configured")
+        return self.jobs
+
+
+# ---- proto -> domain --------------------------------------------------------------------------
+def sampling_params(request) -> SamplingParams:
+    s = request.sampling
+    kwargs = {name: getattr(s, name) for name in ("temperature", "top_p", "top_k", "seed") if s.HasField(name)}
+    if kwargs.get("seed", 0) < 0:
+        raise ValueError(f"seed must be >= 0, got {kwargs['seed']}")
+    if request.HasField("max_new_tokens"):
+        kwargs["max_new_tokens"] = request.max_new_tokens
+    return SamplingParams(**kwargs, stop_token_ids=tuple(request.stop.stop_token_ids),
+                          stop_strings=tuple(request.stop.stop_strings), logprobs=request.logprobs)
+
+
+def _input(request, text_field: str) -> dict:
+    which = request.WhichOneof("input")
+    if which is None:
+        raise ValueError(f"send `{text_field}` text or `chat` messages; the request has neither")
+    if which == "chat":
+        return {"messages": tuple({"role": m.role, "content": m.content} for m in request.chat.messages)}
+    return {"text": getattr(request, text_field)}
+
+
+def _session_id(sid: str) -> str:
+    if not sid:
+        raise ValueError("session_id is empty; pass the id a Generate stream returned")
+    return sid
+
+
+# ---- domain -> proto --------------------------------------------------------------------------
+_FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "cancelled": pb.FINISH_REASON_CANCELLED}
+_LOCATION = {"device": pb.SESSION_LOCATION_DEVICE, "redis": pb.SESSION_LOCATION_REDIS, "lost": pb.SESSION_LOCATION_LOST}
+_JOB_STATE = {"queued": pb.JOB_STATE_QUEUED, "running": pb.JOB_STATE_RUNNING,
+              "succeeded": pb.JOB_STATE_SUCCEEDED, "failed": pb.JOB_STATE_FAILED}
+
+
+def _response(session_id: str, item) -> pb.GenerateResponse:
+    if isinstance(item, Finished):
+        r = item.result
+        usage = pb.Usage(prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens,
+                         cached_tokens=r.cached_tokens)
+        completion = pb.Completion(finish_reason=_FINISH[r.finish_reason], usage=usage, text=r.text)
+        return pb.GenerateResponse(session_id=session_id, completion=completion)
+    chunk = pb.TokenChunk(text=item.text, token_ids=[item.token_id],
+                          logprobs=[] if item.logprob is None else [item.logprob])
+    return pb.GenerateResponse(session_id=session_id, chunk=chunk)
+
+
+def timestamp(value) -> Timestamp | None:
+    """A Timestamp from epoch seconds or an ISO-8601 string (None when unset)."""
+    if value in (None, "", 0, 0.0):
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value).timestamp()
+    ts = Timestamp()
+    ts.FromNanoseconds(int(float(value) * 1e9))
+    return ts
+
+
+def session_pb(e) -> pb.Session:
+    return pb.Session(session_id=e.session_id, length=e.length, kv_bytes=e.nbytes, kv_bytes_full=e.full_nbytes,
+                      location=_LOCATION[e.location], head_map_version=e.head_map_version,
+                      model_fingerprint=e.fingerprint_id, created_at=timestamp(e.created_at),
+                      last_used_at=timestamp(e.last_used), busy=e.busy, lost_reason=e.lost_reason)
+
+
+def server_info_pb(runtime: Runtime) -> pb.ServerInfo:
+    loaded, hm = runtime.loaded, runtime.head_maps.active
+    resident_bytes, resident, spilled = runtime.store.usage()
+    c = hm.compression
+    return pb.ServerInfo(
+        model_ref=loaded.ref, fingerprint=pb.ModelFingerprint(id=loaded.fingerprint.id, **loaded.fingerprint.to_dict()),
+        device=str(loaded.device), max_context=loaded.max_context, server_version=SERVER_VERSION,
+        head_map=pb.HeadMapInfo(version=hm.version, method=hm.method, kv_fraction=hm.kv_fraction,
+                                retrieval_q_heads=len(hm.retrieval_q_heads),
+                                compression=pb.CompressionParams(sink=c.sink, min_window=c.min_window, ratio=c.ratio)),
+        memory=pb.MemoryInfo(kv_budget_bytes=runtime.store.budget_bytes, kv_resident_bytes=resident_bytes,
+                             resident_sessions=resident, spilled_sessions=spilled,
+                             kv_bytes_per_token_full=runtime.full_bytes_per_token,
+                             redis_reachable=runtime.store.spill.reachable()),
+    )
+
+
+def profile_job_pb(job_id: str, status: dict) -> pb.ProfileJob:
+    return pb.ProfileJob(
+        job_id=job_id, state=_JOB_STATE.get(status.get("state"), pb.JOB_STATE_UNSPECIFIED),
+        done=int(status.get("done") or 0), total=int(status.get("total") or 0), stage=status.get("stage") or "",
+        timings={k: float(v) for k, v in (status.get("timings") or {}).items()},
+        head_map_version=status.get("head_map_version") or "", error=status.get("error") or "")
+
+
+def head_map_version_pb(v: dict) -> pb.HeadMapVersion:
+    return pb.HeadMapVersion(version=v["version"], created_at=timestamp(v.get("created_at")),
+                             active=bool(v.get("active")), kv_fraction=float(v.get("kv_fraction") or 0.0))

@@ -1,0 +1,341 @@
+"""SessionStore: session id -> compressed KV state, within a device-byte budget.
+
+Resident sessions hold a live ``SessionState``; when room is needed, the least-recently-used
+idle ones spill to Redis (codec header + chunks) and leave device memory; ``load`` restores a
+spilled one. Concurrency model:
+
+* Handler threads call the fast bookkeeping methods (``create``, ``acquire``, ``release``,
+  ``info``, ``list``, ``delete``); a mutex guards the table.
+* The engine thread calls the ones that touch tensors (``load``, ``put``, ``make_room``,
+  ``settle``, ``spill_all``), so device memory is only ever touched from one thread.
+* One request per session: ``acquire`` marks a session busy and a second ``acquire`` raises
+  ``SessionBusy`` (the service answers FAILED_PRECONDITION) until ``release``.
+
+Redis down: resident sessions keep working; a spill that is needed to make room raises
+``BudgetExhausted`` and nothing is dropped. A blob that fails its checksum or comes from
+another model is refused and the session is remembered as lost with the reason.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import codec
+from .errors import (BudgetExhausted, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
+                     SessionNotFound, StoreUnavailable)
+from .spill import Spill, SpillUnavailable
+
+log = logging.getLogger(__name__)
+_LOST_REMEMBERED = 1000
+
+
+@dataclass
+class SessionEntry:
+    session_id: str
+    created_at: float
+    last_used: float
+    state: object | None = None  # SessionState while resident
+    location: str = "device"     # "device" | "redis" | "lost"
+    busy: bool = False
+    length: int = 0
+    nbytes: int = 0
+    full_nbytes: int = 0
+    head_map_version: str = ""
+    fingerprint_id: str = ""
+    n_chunks: int = 0
+    lost_reason: str = ""
+
+    def snapshot(self) -> "SessionEntry":
+        return replace(self, state=None)
+
+
+class SessionStore:
+    def __init__(self, spill: Spill, fingerprint_id: str, device: torch.device | str,
+                 budget_bytes: int, max_sessions: int = 10_000, clock=time.time):
+        if budget_bytes < 0 or max_sessions < 1:
+            raise ValueError("budget_bytes must be >= 0 and max_sessions >= 1")
+        self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
+        self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
+        self._mu = threading.Lock()
+        self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
+        self._lost: OrderedDict[str, tuple[type[SessionError], str]] = OrderedDict()  # id -> (error, reason)
+
+    # ---- handler threads -----------------------------------------------------------------
+    def create(self) -> str:
+        """Register a new, busy, still-empty session and return its id."""
+        with self._mu:
+            if len(self._entries) >= self.max_sessions:
+                raise BudgetExhausted(f"the service holds {self.max_sessions} sessions (its limit): delete some "
+                                      "with DeleteSession or generate with keep_session=false")
+            sid, now = uuid.uuid4().hex, self._clock()
+            self._entries[sid] = SessionEntry(sid, now, now, busy=True, fingerprint_id=self.fingerprint_id)
+            return sid
+
+    def acquire(self, sid: str) -> SessionEntry:
+        """Mark ``sid`` busy for one request; finds sessions spilled by an earlier process."""
+        with self._mu:
+            entry = self._entries.get(sid)
+        if entry is None:
+            self._adopt(sid)
+        with self._mu:
+            entry = self._entries[sid]
+            if entry.busy:
+                raise SessionBusy(f"session {sid} is busy with another request; retry when that stream ends")
+            entry.busy = True
+            return entry.snapshot()
+
+    def release(self, sid: str) -> None:
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is not None:
+                entry.busy, entry.last_used = False, self._clock()
+                self._entries.move_to_end(sid)
+
+    def discard(self, sid: str) -> None:
+        """Forget a session created by ``create`` whose first turn failed."""
+        with self._mu:
+            self._entries.pop(sid, None)
+
+    def info(self, sid: str) -> SessionEntry:
+        """A snapshot of the session; a lost one comes back with location "lost" and its reason."""
+        with self._mu:
+            entry = self._entries.get(sid)
+            lost = self._lost.get(sid)
+        if lost is not None and entry is None:
+            return SessionEntry(sid, 0.0, 0.0, location="lost", lost_reason=lost[1])
+        if entry is None:
+            self._adopt(sid)
+        with self._mu:
+            return self._entries[sid].snapshot()
+
+    def lost_reason(self, sid: str) -> str | None:
+        with self._mu:
+            lost = self._lost.get(sid)
+        return None if lost is None else lost[1]
+
+    def list(self) -> list[SessionEntry]:
+        with self._mu:
+            return [e.snapshot() for e in self._entries.values()]
+
+    def delete(self, sid: str) -> bool:
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is not None and entry.busy:
+                raise SessionBusy(f"session {sid} is busy; delete it when its stream ends")
+            self._entries.pop(sid, None)
+            was_lost = self._lost.pop(sid, None) is not None
+        in_redis = self.spill.delete(sid) if entry is None or entry.location == "redis" else False
+        return entry is not None or in_redis or was_lost
+
+    def adopt_spilled(self, limit: int | None = None) -> int:
+        """Index sessions a previous process spilled (headers only); returns how many."""
+        n = 0
+        for sid in list(self.spill.session_ids(limit or self.max_sessions)):
+            try:
+                n += self._adopt(sid, other_models="skip")
+            except SessionError as exc:
+                log.info("not adopting spilled session %s: %s", sid, exc)
+        return n
+
+    def usage(self) -> tuple[int, int, int]:
+        """(resident bytes, resident sessions, spilled sessions)."""
+        with self._mu:
+            resident = [e for e in self._entries.values() if e.location == "device"]
+            return sum(e.nbytes for e in resident), len(resident), len(self._entries) - len(resident)
+
+    # ---- engine thread -------------------------------------------------------------------
+    def load(self, sid: str, make_room) -> object:
+        """The live state of an acquired session, restored from Redis if it was spilled.
+
+        ``make_room(nbytes)`` is called before a restore so the budget holds.
+        """
+        with self._mu:
+            entry = self._entries[sid]
+            if entry.state is not None:
+                return entry.state
+            n_chunks, nbytes = entry.n_chunks, entry.nbytes
+        make_room(nbytes)
+        state = self._restore(sid, n_chunks)
+        with self._mu:
+            entry.state, entry.location = state, "device"
+        self._forget_spilled_copy(sid)
+        return state
+
+    def put(self, sid: str, state) -> None:
+        """Record the (new or grown) state of a session after a turn."""
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is None:  # deleted meanwhile: nothing to keep
+                return
+            entry.state, entry.location = state, "device"
+            entry.length, entry.head_map_version = len(state.token_ids), state.head_map_version
+            entry.nbytes, entry.full_nbytes = state.nbytes(), state.full_nbytes()
+
+    def make_room(self, need_bytes: int, keep: str | None = None) -> None:
+        """Spill LRU idle sessions until ``need_bytes`` more fit the budget.
+
+        Raises ``BudgetExhausted`` when a needed spill fails because Redis is unreachable.
+        Busy sessions are never spilled, so a full budget of busy sessions is overrun briefly.
+        """
+        while True:
+            victim = self._victim(need_bytes, keep)
+            if victim is None:
+                return
+            try:
+                self._spill_one(victim)
+            except SpillUnavailable as exc:
+                used, _, _ = self.usage()
+                raise BudgetExhausted(
+                    f"KV budget is full ({used} of {self.budget_bytes} bytes resident, {need_bytes} more needed) "
+                    f"and idle sessions cannot be spilled because Redis is unreachable ({exc}); retry later, "
+                    "or free memory with DeleteSession") from exc
+
+    def settle(self) -> None:
+        """After a turn: spill LRU idle sessions while over budget; Redis failures only log."""
+        try:
+            self.make_room(0)
+        except BudgetExhausted as exc:
+            log.warning("over KV budget, keeping sessions resident: %s", exc)
+
+    def spill_all(self) -> int:
+        """Spill every resident session (graceful shutdown); returns how many were spilled."""
+        n = 0
+        for sid in [e.session_id for e in self.list() if e.location == "device" and e.length]:
+            try:
+                self._spill_one(sid)
+                n += 1
+            except (SpillUnavailable, KeyError) as exc:
+                log.error("could not spill session %s at shutdown, it is lost: %s", sid, exc)
+        return n
+
+    def mark_lost(self, sid: str, reason: str) -> None:
+        """Forget a session whose state can no longer be trusted, remembering why."""
+        self._lose(sid, SessionLost, reason)
+
+    # ---- internals -----------------------------------------------------------------------
+    def _victim(self, need_bytes: int, keep: str | None) -> str | None:
+        with self._mu:
+            used = sum(e.nbytes for e in self._entries.values() if e.location == "device")
+            if used + need_bytes <= self.budget_bytes:
+                return None
+            for e in self._entries.values():  # least recently used first
+                if e.location == "device" and e.state is not None and not e.busy and e.session_id != keep:
+                    return e.session_id
+            return None
+
+    def _spill_one(self, sid: str) -> None:
+        with self._mu:
+            entry = self._entries[sid]
+            state, meta = entry.state, self._spill_meta(entry)
+        tensors, state_meta = state.to_tensors()
+        encoded = codec.encode(tensors, {**meta, "state": state_meta})
+        self.spill.write(sid, encoded)
+        with self._mu:
+            if self._entries.get(sid) is not entry:  # deleted while we wrote it
+                gone = True
+            else:
+                gone = False
+                entry.state, entry.location, entry.n_chunks = None, "redis", len(encoded.chunks)
+        if gone:
+            self.spill.delete(sid)
+        log.info("spilled session %s (%d bytes, %d tokens)", sid, meta["nbytes"], meta["token_count"])
+
+    @staticmethod
+    def _spill_meta(entry: SessionEntry) -> dict:
+        return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
+                "head_map_version": entry.head_map_version, "token_count": entry.length,
+                "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes,
+                "created_at": entry.created_at, "last_used": entry.last_used}
+
+    def _restore(self, sid: str, n_chunks: int):
+        from services.engine import SessionState
+
+        try:
+            header = self.spill.read_header(sid)
+            if header is None:
+                raise self._lose(sid, SessionNotFound, "it expired from Redis (RAZOR_SESSION_TTL_S) or was deleted")
+            chunks = self.spill.read_chunks(sid, n_chunks)
+        except SpillUnavailable as exc:
+            raise StoreUnavailable(f"session {sid} is spilled to Redis, which is unreachable ({exc}); "
+                                   "retry when Redis is back") from exc
+        try:
+            tensors, meta = codec.decode(header, chunks, device=self.device)
+            self._check_model(sid, meta)
+            state = SessionState.from_tensors(tensors, meta["state"], self.device)
+        except (codec.CodecError, KeyError, ValueError) as exc:
+            if isinstance(exc, SessionLost):
+                raise
+            self._drop_corrupt(sid)
+            raise self._lose(sid, SessionLost, f"its spilled copy is corrupt ({exc})") from exc
+        log.info("restored session %s (%d tokens)", sid, len(state.token_ids))
+        return state
+
+    def _adopt(self, sid: str, other_models: str = "refuse") -> bool:
+        """Index a session found only in Redis (spilled by this or an earlier process).
+
+        Another model's session is refused and reported lost, or with ``other_models="skip"``
+        (the start-up scan of a Redis shared by several services) silently left alone.
+        """
+        with self._mu:
+            lost = self._lost.get(sid)
+        if lost is not None:
+            raise lost[0](f"session {sid} cannot be continued: {lost[1]}")
+        try:
+            header = self.spill.read_header(sid)
+        except SpillUnavailable as exc:
+            raise StoreUnavailable(f"session {sid} is not in device memory and Redis is unreachable "
+                                   f"({exc}); retry when Redis is back") from exc
+        if header is None:
+            raise SessionNotFound(f"no session {sid}: check the id (sessions expire "
+                                  "RAZOR_SESSION_TTL_S seconds after they spill)")
+        try:
+            parsed = codec.read_header(header)
+            meta = parsed["meta"]
+            if other_models == "skip" and meta["fingerprint_id"] != self.fingerprint_id:
+                return False
+            self._check_model(sid, meta)
+        except (codec.CodecError, KeyError, TypeError) as exc:
+            self._drop_corrupt(sid)
+            raise self._lose(sid, SessionLost, f"its spilled header is corrupt ({exc})") from exc
+        entry = SessionEntry(sid, meta["created_at"], meta["last_used"], location="redis",
+                             length=meta["token_count"], nbytes=meta["nbytes"], full_nbytes=meta["full_nbytes"],
+                             head_map_version=meta["head_map_version"], fingerprint_id=meta["fingerprint_id"],
+                             n_chunks=parsed["n_chunks"])
+        with self._mu:
+            self._entries.setdefault(sid, entry)
+            self._entries.move_to_end(sid, last=False)  # idle: first in line to stay spilled
+        return True
+
+    def _check_model(self, sid: str, meta: dict) -> None:
+        if meta["fingerprint_id"] != self.fingerprint_id:
+            raise self._lose(sid, SessionModelMismatch, (
+                f"it was made under another model (fingerprint {meta['fingerprint_id']}) and this service runs "
+                f"{self.fingerprint_id}; continue it on a service running that model, or start a new session"))
+
+    def _lose(self, sid: str, cls: type[SessionError], reason: str) -> SessionError:
+        log.error("session %s lost: %s", sid, reason)
+        with self._mu:
+            self._entries.pop(sid, None)
+            self._lost[sid] = (cls, reason)
+            while len(self._lost) > _LOST_REMEMBERED:
+                self._lost.popitem(last=False)
+        return cls(f"session {sid} cannot be continued: {reason}")
+
+    def _drop_corrupt(self, sid: str) -> None:
+        try:
+            self.spill.delete(sid)
+        except SpillUnavailable:
+            pass
+
+    def _forget_spilled_copy(self, sid: str) -> None:
+        # The resident state is now the only truth; a stale copy must not outlive it.
+        try:
+            self.spill.delete(sid)
+        except SpillUnavailable as exc:
+            log.warning("restored session %s but could not delete its Redis copy: %s", sid, exc)

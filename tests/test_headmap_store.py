@@ -1,0 +1,163 @@
+"""HeadMapStore and HeadMapRegistry against a real redis-server (no worker, no model load)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from conftest import RedisServer
+from services.engine import CompressionParams, HeadMap, HeadMapError, ModelFingerprint
+from services.headmap_store import CHANNEL, HeadMapStore, map_key, params_digest, parse_profile_params
+from services.inference.headmaps import HeadMapRegistry
+
+FP = ModelFingerprint("llama", 4, 4, 2, 16, "a" * 64)
+OTHER_FP = ModelFingerprint("llama", 4, 4, 2, 16, "b" * 64)
+
+
+def make_map(fp: ModelFingerprint = FP, kept: int = 1) -> HeadMap:
+    """A valid map keeping `kept` KV heads per layer in full."""
+    scores = [[0.1 * h for h in range(fp.n_heads)] for _ in range(fp.n_layers)]
+    return HeadMap(fp, scores, scores, [(layer, 0) for layer in range(fp.n_layers)],
+                   [list(range(kept)) for _ in range(fp.n_layers)], CompressionParams())
+
+
+@pytest.fixture
+def store(redis_url):
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/5")
+    client.flushdb()
+    yield HeadMapStore(client)
+    client.close()
+
+
+@pytest.fixture
+def registry(store):
+    reg = HeadMapRegistry(store, FP, initial=make_map(kept=2), poll_s=0.1).start()
+    yield reg
+    reg.stop()
+
+
+def test_publish_get_activate_list(store):
+    first, second = make_map(kept=1), make_map(kept=2)
+    v1 = store.publish(first, b"\x89PNG fake")
+    v2 = store.publish(second, None)
+    assert v1 != v2 and store.active(FP) is None
+    store.activate(FP, v1)
+    assert store.active(FP).version == v1 and store.get(FP.id, v2).kv_fraction == 1.0
+    assert store.png(FP, v1) == b"\x89PNG fake" and store.png(FP, v2) is None
+    rows = store.list_versions(FP)
+    assert [r["version"] for r in rows] == [v1, v2]
+    assert [r["active"] for r in rows] == [True, False]
+    assert rows[0]["kv_fraction"] == pytest.approx(0.5)
+
+
+def test_publish_is_idempotent(store):
+    assert store.publish(make_map(), None) == store.publish(make_map(), None)
+    assert len(store.list_versions(FP)) == 1
+
+
+def test_unknown_version_is_a_key_error(store):
+    with pytest.raises(KeyError):
+        store.get(FP, "nope")
+    with pytest.raises(KeyError):
+        store.activate(FP, "nope")
+
+
+def test_get_refuses_another_models_map_stored_under_ours(store):
+    other = make_map(OTHER_FP)
+    store.client.set(map_key(FP.id, other.version), other.to_json())
+    with pytest.raises(HeadMapError, match="is for model"):
+        store.get(FP, other.version)
+
+
+def test_params_digest_and_lookup(store):
+    pp, cp = parse_profile_params({"seq_len": 32, "sink": 2})
+    assert pp.seq_len == 32 and cp.sink == 2 and cp.min_window == CompressionParams().min_window
+    digest = params_digest(pp, cp, calibrate=False)
+    assert digest == params_digest(*parse_profile_params({"sink": 2, "seq_len": 32}), calibrate=False)
+    version = store.publish(make_map(), None, params_digest=digest)
+    assert store.version_for_params(FP, digest) == version
+    assert store.version_for_params(FP, "other") is None
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"induction_fraction": 1.5}, "induction_fraction"),
+    ({"echo_fraction": -0.1}, "echo_fraction"),
+    ({"seq_len": 0}, "seq_len"),
+    ({"n_samples": 0}, "n_samples"),
+    ({"seq_len": "long"}, "must be a number"),
+    ({"bogus": 1}, "unknown profiling parameter"),
+    ({"ratio": 0.5}, "ratio"),
+])
+def test_bad_profile_params_are_value_errors(params, words):
+    with pytest.raises(ValueError, match=words):
+        parse_profile_params(params)
+
+
+# --- registry ---------------------------------------------------------------------------------
+def test_registry_finds_map_activated_while_it_was_down(store):
+    version = store.publish(make_map(kept=1), None)
+    store.activate(FP, version)   # nobody listening: the notification is lost
+    reg = HeadMapRegistry(store, FP, initial=make_map(kept=2)).start()
+    try:
+        assert reg.active.version == version
+    finally:
+        reg.stop()
+
+
+def test_registry_hot_loads_and_keeps_old_maps_reachable(store, registry):
+    old = registry.active.version
+    new = store.publish(make_map(kept=1), None)
+    store.activate(FP, new)
+    assert registry.wait_processed(new) == "activated"
+    assert registry.active.version == new
+    assert registry.get(old).version == old   # sessions made under the old map still find it
+
+
+@pytest.mark.parametrize("corrupt", ["not json", "other model", "wrong shapes"])
+def test_registry_refuses_bad_map_and_keeps_the_old(store, registry, corrupt):
+    good = registry.active.version
+    text = json.loads(make_map(kept=1).to_json())
+    if corrupt == "other model":
+        text = json.loads(make_map(OTHER_FP, kept=1).to_json())
+    elif corrupt == "wrong shapes":
+        text["induction"] = [[0.0] * 3] * 4
+    version = f"bad-{corrupt.replace(' ', '-')}"
+    store.client.set(map_key(FP.id, version), "{{{" if corrupt == "not json" else json.dumps(text))
+    store.activate(FP, version)
+    assert registry.wait_processed(version).startswith("rejected")
+    assert registry.active.version == good
+
+
+def test_registry_ignores_other_models_and_junk_notifications(store, registry):
+    good = registry.active.version
+    other = store.publish(make_map(OTHER_FP), None)
+    store.activate(OTHER_FP, other)
+    store.client.publish(CHANNEL, "junk")
+    mine = store.publish(make_map(kept=1), None)
+    store.activate(FP, mine)   # processed after the two above: they changed nothing
+    assert registry.wait_processed(mine) == "activated"
+    assert other not in registry._outcomes and good != mine
+
+
+def test_registry_without_initial_map_keeps_every_head(store):
+    reg = HeadMapRegistry(store, FP)
+    assert reg.active.kv_fraction == 1.0
+
+
+def test_registry_reconnects_after_redis_restart():
+    server = RedisServer().start()
+    try:
+        store = HeadMapStore(redis.Redis.from_url(server.url, socket_connect_timeout=0.5))
+        reg = HeadMapRegistry(store, FP, initial=make_map(kept=2), poll_s=0.1).start()
+        try:
+            server.stop()
+            server.start()   # same port, empty data
+            version = store.publish(make_map(kept=1), None)
+            store.activate(FP, version)   # may be published before the registry resubscribed:
+            assert reg.wait_processed(version) == "activated"   # then its catch-up read finds it
+            assert reg.active.version == version
+        finally:
+            reg.stop()
+    finally:
+        server.stop()

@@ -1,0 +1,130 @@
+"""SessionStore against a real Redis server and real engine states (tiny random model)."""
+from __future__ import annotations
+
+import pytest
+import redis
+import torch
+
+from services.engine import Engine, SamplingParams
+from services.inference.sessions import (BudgetExhausted, SessionBusy, SessionLost, SessionModelMismatch,
+                                         SessionNotFound, SessionStore, StoreUnavailable)
+from services.inference.spill import Spill
+
+
+@pytest.fixture
+def engine(tiny_loaded, tiny_head_map):
+    return Engine(tiny_loaded, tiny_head_map)
+
+
+def new_state(engine, text="The fox and the river and the hills at sunset", n=4):
+    state, _ = engine.generate(engine.encode(text=text), SamplingParams(max_new_tokens=n))
+    return state
+
+
+def make_store(url, engine, budget=10**9, ttl=3600, max_sessions=100, fingerprint=None):
+    spill = Spill(url, ttl_s=ttl)
+    return SessionStore(spill, fingerprint or engine.loaded.fingerprint.id, "cpu", budget, max_sessions)
+
+
+def add(store, state) -> str:
+    sid = store.create()
+    store.put(sid, state)
+    store.release(sid)
+    return sid
+
+
+def same_tensors(a, b) -> bool:
+    (ta, ma), (tb, mb) = a.to_tensors(), b.to_tensors()
+    return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_lru_idle_sessions_spill_first_and_restore_bit_exact(service_redis_url, engine):
+    state = new_state(engine)
+    store = make_store(service_redis_url, engine, budget=int(state.nbytes() * 2.5))
+    old, mid, new = (add(store, new_state(engine)) for _ in range(3))
+    store.settle()
+    assert [store.info(s).location for s in (old, mid, new)] == ["redis", "device", "device"]
+    key_ttl = redis.Redis.from_url(service_redis_url).ttl(Spill.key(old))
+    assert 0 < key_ttl <= 3600
+    store.acquire(old)
+    restored = store.load(old, lambda n: store.make_room(n, keep=old))
+    assert same_tensors(restored, state), "restore gives back exactly what was spilled"
+    assert store.info(mid).location == "redis", "restoring made room by spilling the next LRU session"
+    assert not redis.Redis.from_url(service_redis_url).exists(Spill.key(old)), "no stale copy stays behind"
+
+
+def test_one_request_per_session_and_busy_sessions_never_spill(service_redis_url, engine):
+    store = make_store(service_redis_url, engine, budget=0)
+    sid = add(store, new_state(engine))
+    store.acquire(sid)
+    with pytest.raises(SessionBusy, match="busy"):
+        store.acquire(sid)
+    store.settle()
+    assert store.info(sid).location == "device"
+    store.release(sid)
+    store.settle()
+    assert store.info(sid).location == "redis"
+
+
+def test_corrupt_blob_is_refused_and_reported_lost(service_redis_url, engine):
+    store = make_store(service_redis_url, engine, budget=0)
+    sid = add(store, new_state(engine))
+    store.settle()
+    r = redis.Redis.from_url(service_redis_url)
+    r.hset(Spill.key(sid), "c0", b"garbage")
+    store.acquire(sid)
+    with pytest.raises(SessionLost, match="corrupt"):
+        store.load(sid, lambda n: None)
+    assert store.info(sid).location == "lost" and "corrupt" in store.lost_reason(sid)
+    assert not r.exists(Spill.key(sid))
+    with pytest.raises(SessionLost):
+        store.acquire(sid)
+
+
+def test_another_models_session_is_refused_but_left_in_redis(service_redis_url, engine):
+    theirs = make_store(service_redis_url, engine, budget=0, fingerprint=engine.loaded.fingerprint.id)
+    sid = add(theirs, new_state(engine))
+    theirs.settle()
+    ours = make_store(service_redis_url, engine, fingerprint="llama-other-model")
+    assert ours.adopt_spilled() == 0
+    with pytest.raises(SessionModelMismatch, match="another model"):
+        ours.acquire(sid)
+    assert redis.Redis.from_url(service_redis_url).exists(Spill.key(sid)), "it may belong to another service"
+
+
+def test_expired_session_is_not_found_with_a_hint(service_redis_url, engine):
+    store = make_store(service_redis_url, engine, budget=0)
+    sid = add(store, new_state(engine))
+    store.settle()
+    redis.Redis.from_url(service_redis_url).delete(Spill.key(sid))  # what the TTL does
+    store.acquire(sid)
+    with pytest.raises(SessionNotFound, match="RAZOR_SESSION_TTL_S"):
+        store.load(sid, lambda n: None)
+
+
+def test_redis_down_refuses_needed_spill_without_dropping_and_reconnects(engine, make_redis):
+    server = make_redis().start()
+    store = make_store(server.url, engine, budget=10**9)
+    a, b = add(store, new_state(engine)), add(store, new_state(engine))
+    store.budget_bytes = 0
+    server.stop()
+    with pytest.raises(BudgetExhausted, match="Redis is unreachable"):
+        store.make_room(1)
+    assert [store.info(s).location for s in (a, b)] == ["device", "device"]
+    with pytest.raises(StoreUnavailable):
+        store.acquire("0" * 32)  # an unknown id needs Redis to look it up
+    server.start()
+    store.make_room(1)
+    assert [store.info(s).location for s in (a, b)] == ["redis", "redis"]
+    server.stop()
+
+
+def test_session_limit_and_delete(service_redis_url, engine):
+    store = make_store(service_redis_url, engine, max_sessions=2, budget=0)
+    a, b = add(store, new_state(engine)), add(store, new_state(engine))
+    with pytest.raises(BudgetExhausted, match="limit"):
+        store.create()
+    store.settle()
+    assert store.delete(a) and not redis.Redis.from_url(service_redis_url).exists(Spill.key(a))
+    assert not store.delete(a)
+    assert store.create() and store.info(b).location == "redis"

@@ -1,0 +1,162 @@
+"""`profile_model`: load → profile (progress states) → validate → store map + PNG → activate → notify.
+
+Job-state shape (read by the service through the result backend):
+  while running: state PROGRESS, meta {done, total, stage, attempt, heartbeat (unix seconds)}
+  on success:    {head_map_version, fingerprint, kv_fraction, reused, timings}
+  on failure:    the exception (type + message), e.g. a model that cannot be loaded.
+The heartbeat is refreshed every `profile_heartbeat_s` by a thread, so a reader can tell a running job
+from one whose worker died.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+
+import services.engine as engine
+from services.headmap_store import HeadMapStore, params_digest, parse_profile_params
+from services.settings import get_settings
+from worker.app import TASK_NAME, app
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+
+class Heartbeat:
+    """Publishes progress meta; a background thread re-sends it so the heartbeat stays fresh."""
+
+    def __init__(self, task, attempt: int, every_s: float):
+        self.task, self.every_s = task, every_s
+        self.task_id = task.request.id   # the request is thread-local: the beat thread cannot read it
+        self.meta = {"done": 0, "total": 1, "stage": "starting", "attempt": attempt}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last_sent = 0.0
+        self._thread = threading.Thread(target=self._beat, name="profile-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._send()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def update(self, done: int, total: int, stage: str) -> None:
+        """The engine's progress callback; writes are throttled except on a stage change."""
+        with self._lock:
+            stage_changed = stage != self.meta["stage"]
+            self.meta.update(done=int(done), total=int(total), stage=str(stage))
+        if stage_changed or time.time() - self._last_sent > 0.1:
+            self._send()
+
+    def _send(self) -> None:
+        with self._lock:
+            meta = dict(self.meta, heartbeat=time.time())
+            try:
+                self.task.update_state(task_id=self.task_id, state="PROGRESS", meta=meta)
+                self._last_sent = meta["heartbeat"]
+            except Exception as e:  # a missed beat must not kill the job; the next one may get through
+                log.warning("profile job %s: progress update failed: %s", self.task_id, e)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._send()
+
+
+@functools.lru_cache(maxsize=1)   # one connection pool per (pool child) process
+def _store() -> HeadMapStore:
+    return HeadMapStore(redis.Redis.from_url(settings.redis_dsn(), socket_connect_timeout=2, socket_timeout=10))
+
+
+def _attempt(task) -> int:
+    """This delivery's attempt number; raises Ignore for a stale redelivery of a finished job."""
+    meta = task.backend.get_task_meta(task.request.id)
+    if meta.get("status") in ("SUCCESS", "FAILURE"):
+        log.info("profile job %s already %s; dropping its redelivered message", task.request.id, meta["status"])
+        raise Ignore()
+    previous = meta.get("result") if meta.get("status") == "PROGRESS" else None
+    earlier = previous.get("attempt", 1) if isinstance(previous, dict) else 0
+    return max(earlier, task.request.retries) + 1
+
+
+def _load(model_ref: str) -> engine.LoadedModel:
+    try:
+        return engine.load_model(model_ref or None)
+    except engine.ModelLoadError as e:
+        raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
+
+
+def _calibration_supported() -> bool:
+    """Head-set calibration (issue 7) is passed through once the engine's profile_model takes it."""
+    return "calibrate" in inspect.signature(engine.profile_model).parameters
+
+
+def _profile(loaded, profile_params, compression, calibrate: bool, progress) -> engine.HeadMap:
+    kwargs = {"calibrate": calibrate} if _calibration_supported() else {}
+    return engine.profile_model(loaded, profile_params, compression, progress=progress, **kwargs)
+
+
+def _png(head_map: engine.HeadMap) -> bytes | None:
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "headmap.png"
+            head_map.render_png(path)
+            return path.read_bytes()
+    except Exception as e:  # the picture is a nicety; the map is what matters
+        log.warning("head map %s: heatmap PNG failed: %s", head_map.version, e)
+        return None
+
+
+@app.task(bind=True, name=TASK_NAME, max_retries=settings.profile_max_retries,
+          default_retry_delay=1)   # a lost worker's job is retried at once (task_retry_on_worker_lost)
+def profile_model(self, model_ref: str, params: dict | None = None, calibrate: bool | None = None) -> dict:
+    attempt = _attempt(self)
+    if attempt > settings.profile_max_retries + 1:
+        raise RuntimeError(f"profiling gave up after {attempt - 1} attempts: the worker was lost each time "
+                           f"(out of memory or killed?)")
+    compression_defaults = engine.CompressionParams(settings.sink, settings.min_window, settings.ratio)
+    profile_params, compression = parse_profile_params(params or {}, compression_defaults)
+    calibrate = (settings.calibrate if calibrate is None else bool(calibrate)) and _calibration_supported()
+    t0 = time.perf_counter()
+    try:
+        with Heartbeat(self, attempt, settings.profile_heartbeat_s) as beat:
+            return _run(beat, model_ref, profile_params, compression, calibrate, t0)
+    except SoftTimeLimitExceeded:
+        raise RuntimeError(f"profiling exceeded the time limit of {settings.profile_time_limit_s}s; "
+                           f"use smaller seq_len / repeats / n_samples or raise RAZOR_PROFILE_TIME_LIMIT_S") from None
+
+
+def _run(beat: Heartbeat, model_ref, profile_params, compression, calibrate, t0) -> dict:
+    beat.update(0, 1, "loading model")
+    loaded = _load(model_ref)
+    t_load = time.perf_counter()
+    store = _store()
+    digest = params_digest(profile_params, compression, calibrate)
+    version = store.version_for_params(loaded.fingerprint, digest)
+    reused = version is not None
+    if not reused:   # idempotency: the same model and parameters are profiled once
+        head_map = _profile(loaded, profile_params, compression, calibrate, beat.update)
+        beat.update(1, 1, "validating")
+        engine.HeadMap.from_json(head_map.to_json(), expect=loaded.fingerprint)
+        beat.update(1, 1, "storing")
+        version = store.publish(head_map, _png(head_map), params_digest=digest)
+    t_profile = time.perf_counter()
+    store.activate(loaded.fingerprint, version)
+    kv_fraction = store.get(loaded.fingerprint, version).kv_fraction
+    t_end = time.perf_counter()
+    log.info("profile job: model %s map %s active (reused=%s)", loaded.fingerprint.id, version, reused)
+    return {"head_map_version": version, "fingerprint": loaded.fingerprint.id, "kv_fraction": kv_fraction,
+            "reused": reused,
+            "timings": {"load_s": round(t_load - t0, 3), "profile_s": round(t_profile - t_load, 3),
+                        "publish_s": round(t_end - t_profile, 3), "total_s": round(t_end - t0, 3)}}
