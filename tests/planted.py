@@ -10,6 +10,8 @@ overwritten. They talk through reserved residual slots that no random weight wri
 - ``prev``: the code of the previous token, written by a previous-token head (layer 0, head 0).
 - ``count`` / ``clock`` (only with an echo head): how many earlier copies of this token
   there are, as 1/(copies + 2) and as a unit vector at angle ``CLOCK_STEP * copies``.
+- ``out`` (only with ``copy_output``): the token code the induction head copied; the (untied)
+  ``lm_head`` reads it, so the prediction is that token (logit ``COPY_LOGIT`` x cosine).
 
 RoPE (Llama's ``rotate_half`` layout: pair p is head dims ``p`` and ``p + head_dim/2``, angle
 ``pos * theta**(-2p/head_dim)``) makes constant q/k a function of ``delta = q_pos - k_pos``: per
@@ -20,7 +22,9 @@ content matching survives any distance up to ``MAX_LEN``.
 - previous-token head: fast pairs with a trigonometric profile that peaks at ``delta == 1``;
   its value copies ``token`` into ``prev``.
 - induction head: q = code(token[m]), k = code(token[n-1]) in the static pairs, so it attends
-  to the token after an earlier copy; a linear recency penalty picks the latest copy.
+  to the token after an earlier copy; a linear recency penalty picks the latest copy. Its
+  value/output circuit is zero unless ``copy_output``: then v = code(token[n]) and o writes it
+  into ``out``, so after a repeated token the model predicts what followed it last time.
 - echo head: q = code(token[m]), k = code(token[n]) matches itself and every earlier copy, so
   it adds a clock term that peaks where the key has exactly one copy fewer: the previous copy.
   The clock comes from a copy-counting head in layer 0 (it attends equally to BOS and to every
@@ -48,6 +52,10 @@ RECENCY = 0.12  # induction logits lost per position of distance
 COUNT_LOGIT = 60.0  # the copy counter's match (and BOS) logit
 CLOCK_LOGIT = 60.0  # the echo head's bonus for "one copy fewer than me"
 CLOCK_STEP = 2 * math.pi / (MAX_COPIES + 2)
+COPY_LOGIT = 60.0  # lm_head logit of a perfectly copied code (nearest other codes: ~0.7 of this)
+# With copy_output the induction head matches harder: a copy ~1000 tokens back (recency -120)
+# must still beat near-miss codes (cosine ~0.75) close by, or the copied answer is wrong.
+COPY_CONTENT_LOGIT = 320.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ def build_planted_llama(
     vocab_size: int = 256,
     seed: int = 0,
     bos_token_id: int = 0,
+    copy_output: bool = False,
 ) -> LlamaForCausalLM:
     """A float32 eval-mode Llama (GQA) with a planted induction head and optionally an echo head.
 
@@ -116,10 +125,13 @@ def build_planted_llama(
     previous-token head and, with an echo head, the first query head of KV head 1 counts
     copies. So the induction and echo heads sit in layers >= 1 on distinct KV heads.
     Deterministic for a given seed; works with "eager" and "sdpa" (the default).
+    With ``copy_output`` the induction head also drives the logits (a copy task's greedy answer
+    is the token that followed the earlier copy); without it the head changes nothing downstream.
     """
     roles = PairRoles.of(head_dim)
     _check_heads(induction_head, echo_head, n_layers, n_heads, n_kv_heads)
-    hidden = max(n_heads * head_dim, _round_up(2 * roles.code_dim + 16, n_heads))
+    code_slots = 3 if copy_output else 2  # token, prev (, out)
+    hidden = max(n_heads * head_dim, _round_up(code_slots * roles.code_dim + 16, n_heads))
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
@@ -134,9 +146,12 @@ def build_planted_llama(
         model = LlamaForCausalLM(config).float().eval()
     codes = _token_codes(vocab_size, roles.code_dim, seed, bos_token_id)
     with torch.no_grad():
-        planter = _Planter(model, roles, codes, echo=echo_head is not None)
+        copy_layer = induction_head[0] if copy_output else None
+        planter = _Planter(model, roles, codes, echo=echo_head is not None, copy_layer=copy_layer)
         planter.previous_token_head(*PREV_HEAD)
-        planter.induction_head(*induction_head)
+        planter.induction_head(*induction_head, COPY_CONTENT_LOGIT if copy_output else CONTENT_LOGIT)
+        if copy_output:
+            planter.copy_circuit(*induction_head)
         if echo_head is not None:
             planter.copy_counter(0, n_heads // n_kv_heads)
             planter.echo_head(*echo_head)
@@ -173,16 +188,19 @@ def _token_codes(vocab_size: int, dim: int, seed: int, bos: int) -> torch.Tensor
 class _Planter:
     """Writes the planted weights into a freshly initialised model (call inside no_grad)."""
 
-    def __init__(self, model: LlamaForCausalLM, roles: PairRoles, codes: torch.Tensor, echo: bool):
+    def __init__(self, model: LlamaForCausalLM, roles: PairRoles, codes: torch.Tensor, echo: bool,
+                 copy_layer: int | None = None):
         cfg = model.config
-        self.model, self.roles, self.echo = model, roles, echo
+        self.model, self.roles, self.echo, self.codes = model, roles, echo, codes
+        self.copy_layer = copy_layer  # the layer whose induction head writes `out`, if any
         self.hd, self.hidden = cfg.head_dim, cfg.hidden_size
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         e = roles.code_dim
         self.one, self.bos, self.count = 0, 1, 2
         self.clock = slice(3, 5)
         self.token, self.prev = slice(5, 5 + e), slice(5 + e, 5 + 2 * e)
-        reserved = slice(0, self.prev.stop)
+        self.out = slice(5 + 2 * e, 5 + 3 * e) if copy_layer is not None else slice(self.prev.stop, self.prev.stop)
+        reserved = slice(0, self.out.stop)
         for layer in model.model.layers:  # random parts never write into reserved slots
             layer.self_attn.o_proj.weight[reserved] = 0
             layer.mlp.down_proj.weight[reserved] = 0
@@ -202,6 +220,8 @@ class _Planter:
             norm2 += 1.0 + (0.1 if self.echo else 0.0)  # prev; count is 1/(copies + 2)
         if layer >= 1 and self.echo:
             norm2 += 1.0  # clock
+        if self.copy_layer is not None and layer > self.copy_layer:
+            norm2 += 1.0  # out: a copied unit code
         return (self.hidden / norm2) ** 0.5
 
     def _attn(self, layer: int):
@@ -250,12 +270,26 @@ class _Planter:
         attn.o_proj.weight[:, q0:q0 + self.hd] = 0
         attn.o_proj.weight[self.prev, q0:q0 + e] = torch.eye(e)
 
-    def induction_head(self, layer: int, head: int) -> None:
+    def induction_head(self, layer: int, head: int, content_logit: float = CONTENT_LOGIT) -> None:
         q0, k0 = self._clear(layer, head)
-        self._content(layer, q0, k0, self.prev, CONTENT_LOGIT)
+        self._content(layer, q0, k0, self.prev, content_logit)
         w = self.roles.omega[self.roles.recency]  # -(RECENCY / w) sin(w delta) ~ -RECENCY * delta
         self._pair(layer, q0, k0, self.roles.recency, {self.one: (1.0, 0.0)}, {self.one: (0.0, -1.0)},
                    RECENCY / w)
+
+    def copy_circuit(self, layer: int, head: int) -> None:
+        """v = code(token) of the attended key, o writes it into `out`; lm_head reads `out` only
+        (plus its small random part on free slots), so logits are COPY_LOGIT x code cosine."""
+        attn, e, g = self._attn(layer), self.roles.code_dim, self._gain(layer)
+        kv = head // self.group
+        q0, k0 = head * self.hd, kv * self.hd
+        attn.v_proj.weight[k0:k0 + e, self.token] = torch.eye(e) / g
+        for sib in range(kv * self.group, (kv + 1) * self.group):
+            attn.o_proj.weight[:, sib * self.hd:(sib + 1) * self.hd] = 0  # siblings share this v: mute them
+        attn.o_proj.weight[self.out, q0:q0 + e] = torch.eye(e)
+        lm_head, g_final = self.model.lm_head.weight, self._gain(self.model.config.num_hidden_layers)
+        lm_head[:, :self.out.stop] = 0
+        lm_head[:, self.out] = self.codes * (COPY_LOGIT / g_final)
 
     def copy_counter(self, layer: int, head: int) -> None:
         """Attends equally to BOS and to each copy of its token; writes its BOS weight to count."""

@@ -116,3 +116,69 @@ def test_engine_profiler_selects_the_planted_heads():
     assert echo.flatten().argmax().item() == ECHO[0] * 4 + ECHO[1]
     assert sorted(head_map.retrieval_q_heads) == sorted([INDUCTION, ECHO])
     assert head_map.retrieval_kv_heads == [[], [0, 1]]
+
+
+# --- copy_output: the induction head drives the predictions ---------------------------------------
+
+COPY_BLOCK, COPY_FILLER = 24, 200
+
+
+def copy_task(seed: int, vocab: int = VOCAB, bos: int = 0) -> tuple[list[int], list[int]]:
+    """(document, block): BOS + a block of distinct random ids + random filler. The filler avoids the
+    block's ids: an induction head rightly copies from the *latest* earlier copy of a token."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = (torch.randperm(vocab - 1, generator=gen) + 1).tolist()
+    block, pool = ids[:COPY_BLOCK], ids[COPY_BLOCK:]
+    filler = [pool[i] for i in torch.randint(len(pool), (COPY_FILLER,), generator=gen).tolist()]
+    return [bos] + block + filler, block
+
+
+def copy_accuracy(logits: torch.Tensor, block: list[int], skip: int = 2) -> float:
+    """logits [len(block), V] over the repeated block -> share of positions (after `skip`) whose
+    argmax is the block's next token."""
+    pred = logits[skip:-1].argmax(-1)
+    return (pred == torch.tensor(block[skip + 1:])).float().mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_copy_output_predicts_the_block_again(seed):
+    m = build_planted_llama(induction_head=(1, 2), copy_output=True, vocab_size=VOCAB, seed=seed)
+    document, block = copy_task(seed + 10)
+    with torch.no_grad():
+        logits = m(torch.tensor([document + block])).logits[0, len(document):]
+    assert copy_accuracy(logits, block) >= 0.9
+
+
+def test_without_copy_output_the_induction_head_does_not_drive_predictions():
+    m = build_planted_llama(induction_head=(1, 2), vocab_size=VOCAB)
+    document, block = copy_task(10)
+    with torch.no_grad():
+        logits = m(torch.tensor([document + block])).logits[0, len(document):]
+    assert copy_accuracy(logits, block) < 0.2
+
+
+def test_copy_output_needs_the_planted_heads_kv_in_the_compressed_cache():
+    engine_mod = pytest.importorskip("services.engine")
+    from services.engine.evaluation import full_prefill
+    from planted_loaded import planted_loaded
+
+    loaded = planted_loaded(induction_head=(1, 2), copy_output=True, vocab_size=VOCAB)
+    engine = engine_mod.Engine(loaded)
+    fp = loaded.fingerprint
+    document, block = copy_task(11)
+    keys, values = full_prefill(engine, document)
+    params = engine_mod.CompressionParams(sink=2, min_window=16, ratio=1e9)  # local heads: 2 + 16 tokens
+    planted_kv = (1, 2 // fp.group_size)
+    every = [[h for h in range(fp.n_kv_heads)] for _ in range(fp.n_layers)]
+
+    def accuracy(retrieval_kv_heads) -> float:
+        cache = engine_mod.CompressedKVCache.from_full(keys, values, retrieval_kv_heads, params)
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([block]), cache=cache, use_cache=True, razor_cache=cache).logits
+        return copy_accuracy(logits[0], block)
+
+    only_planted = [[planted_kv[1]] if layer == planted_kv[0] else [] for layer in range(fp.n_layers)]
+    all_but_planted = [[h for h in heads if (layer, h) != planted_kv] for layer, heads in enumerate(every)]
+    assert accuracy(only_planted) >= 0.9
+    assert accuracy([[] for _ in range(fp.n_layers)]) < 0.5
+    assert accuracy(all_but_planted) < 0.5

@@ -3,6 +3,7 @@
 A plain library (torch + transformers); it imports no gRPC, Redis or Celery. See docs/engine-api.md.
 """
 from .cache import CompressedKVCache, CompressionParams
+from .calibration import CalibrationParams, calibrate, variant_at
 from .generation import (ContextLengthError, Engine, GenerationResult, SessionMismatchError, SessionState,
                          TokenEvent, forward)
 from .headmap import HeadMap, HeadMapError
@@ -10,7 +11,7 @@ from .models import LoadedModel, ModelFingerprint, ModelLoadError, load_model
 from .profiling import ProfileParams, profile_model
 from .sampling import SamplingParams
 
-__all__ = ["CompressedKVCache", "CompressionParams", "ContextLengthError", "Engine", "GenerationResult",
+__all__ = ["CalibrationParams", "CompressedKVCache", "CompressionParams", "calibrate", "variant_at", "ContextLengthError", "Engine", "GenerationResult",
            "HeadMap", "HeadMapError", "LoadedModel", "ModelFingerprint", "ModelLoadError", "ProfileParams",
            "SamplingParams", "SessionMismatchError", "SessionState", "TokenEvent", "forward", "load_model",
            "profile_model"]

@@ -14,6 +14,7 @@ import time
 from tqdm import tqdm
 
 from .cache import CompressionParams
+from .calibration import CalibrationParams
 from .generation import Engine
 from .headmap import HeadMap, shipped_head_map
 from .models import load_model
@@ -33,11 +34,14 @@ def cmd_profile(args) -> int:
     bar = tqdm(total=1, desc="profiling", unit="layer")
 
     def progress(done: int, total: int, stage: str) -> None:
-        bar.total = total
-        bar.set_postfix_str(stage)
+        if bar.total != total or bar.desc != stage:  # a new stage restarts the bar
+            bar.reset(total=total)
+            bar.set_description(stage)
         bar.update(done - bar.n)
 
-    head_map = profile_model(loaded, params, compression, progress)
+    calibration = CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy") \
+        if args.calibrate else None
+    head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
     with open(args.out, "w") as f:
         f.write(head_map.to_json())
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--sink", type=int, default=c.sink)
     prof.add_argument("--min-window", type=int, default=c.min_window)
     prof.add_argument("--ratio", type=float, default=c.ratio)
+    prof.add_argument("--calibrate", action="store_true",
+                      help="refine the selection with measured passkey retrieval (see calibration.py)")
     prof.add_argument("--out", default="headmap.json")
     prof.add_argument("--png", default="", help="also write the score heatmap here")
     gen = sub.add_parser("generate", help="generate with the full cache and with compression")

@@ -24,15 +24,16 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 @dataclass(frozen=True)
-class PasskeyTask:
-    document: list[int]      # BOS + intro + filler with the needle at `depth`
+class RetrievalTask:
+    document: list[int]      # cached first
     question: list[int]      # asked in a continued turn
-    answer: str              # five digits
-    depth: float
-    length: int
+    answer: list[int]        # the tokens a correct model produces next
+    answer_text: str         # what generated text must contain (passkey)
+    depth: float             # where the needle sits in the document
+    kind: str                # "passkey" | "copy"
 
 
-def make_passkey_task(tokenizer, length: int, depth: float, rng: random.Random) -> PasskeyTask:
+def make_passkey_task(tokenizer, length: int, depth: float, rng: random.Random) -> RetrievalTask:
     """A document of about `length` tokens with a random 5-digit key at relative `depth`."""
     key = str(rng.randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
@@ -43,14 +44,35 @@ def make_passkey_task(tokenizer, length: int, depth: float, rng: random.Random) 
     text = INTRO + FILLER * before + needle + FILLER * (n_fill - before)
     document = tokenizer(text, add_special_tokens=True).input_ids
     question = tokenizer(QUESTION, add_special_tokens=False).input_ids
-    return PasskeyTask(document, question, key, depth, len(document))
+    answer = tokenizer(" " + key, add_special_tokens=False).input_ids
+    return RetrievalTask(document, question, answer, key, depth, "passkey")
 
 
-def passkey_tasks(tokenizer, length: int, n: int, seed: int) -> list[PasskeyTask]:
+def make_copy_task(vocab: tuple[int, int], bos: int, length: int, depth: float,
+                   rng: random.Random, block: int = 16, prompt: int = 4) -> RetrievalTask:
+    """Random ids with a random block at `depth`; the question repeats the block's start and the answer is
+    the rest of it. Needs no tokenizer: an induction (copy) task for any model."""
+    needle = rng.sample(range(*vocab), block)
+    taken = set(needle)  # the needle must be the only earlier occurrence of its tokens
+    filler = [t for t in (rng.randrange(*vocab) for _ in range(2 * length)) if t not in taken]
+    filler = filler[:max(0, length - block - 1)]
+    at = round(len(filler) * depth)
+    document = [bos] + filler[:at] + needle + filler[at:]
+    return RetrievalTask(document, needle[:prompt], needle[prompt:], "", depth, "copy")
+
+
+def retrieval_tasks(kind: str, length: int, n: int, seed: int, tokenizer=None,
+                    vocab: tuple[int, int] = (1000, 20000), bos: int = 1) -> list[RetrievalTask]:
     """`n` tasks at depths spread evenly over 10%..90%."""
     rng = random.Random(seed)
     depths = [0.1 + 0.8 * i / max(1, n - 1) for i in range(n)]
-    return [make_passkey_task(tokenizer, length, d, rng) for d in depths]
+    if kind == "passkey":
+        if tokenizer is None:
+            raise ValueError("passkey tasks need a tokenizer; use kind='copy' for models without one")
+        return [make_passkey_task(tokenizer, length, d, rng) for d in depths]
+    if kind == "copy":
+        return [make_copy_task(vocab, bos, length, d, rng) for d in depths]
+    raise ValueError(f"unknown task kind {kind!r}; use 'passkey' or 'copy'")
 
 
 @torch.no_grad()
@@ -68,23 +90,25 @@ def session_from_full(engine: Engine, ids: list[int], full_kv, head_map: HeadMap
     return SessionState(list(ids), cache, head_map.version, engine.loaded.fingerprint.id)
 
 
-def answer_passkey(engine: Engine, task: PasskeyTask, full_kv, head_map: HeadMap) -> tuple[bool, int]:
-    """Ask the question over the compressed document -> (correct, KV bytes held)."""
+def answer_generated(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap) -> tuple[bool, int]:
+    """Greedy generation over the compressed document -> (answer found, KV bytes held)."""
     state = session_from_full(engine, task.document, full_kv, head_map)
     nbytes = state.nbytes()
-    result = engine.continue_session(state, task.question, SamplingParams(max_new_tokens=8))
-    return task.answer in result.text, nbytes
+    result = engine.continue_session(state, task.question, SamplingParams(max_new_tokens=len(task.answer) + 3))
+    if task.answer_text:
+        return task.answer_text in result.text, nbytes
+    return result.token_ids[:len(task.answer)] == task.answer, nbytes
 
 
 @torch.no_grad()
-def answer_logprob(engine: Engine, task: PasskeyTask, full_kv, head_map: HeadMap) -> float:
-    """Mean log-probability of the answer's tokens given the question (teacher forced; a smooth score)."""
+def score_answer(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap) -> tuple[float, bool]:
+    """Teacher-forced question + answer in one forward -> (mean answer log-prob, every answer token argmax)."""
     state = session_from_full(engine, task.document, full_kv, head_map)
-    answer = engine.tokenizer(" " + task.answer, add_special_tokens=False).input_ids
-    ids = torch.tensor([task.question + answer], device=engine.model.device)
+    ids = torch.tensor([task.question + task.answer], device=engine.model.device)
     logits = engine.model(ids, cache=state.cache, use_cache=True, razor_cache=state.cache).logits[0]
     logp = torch.log_softmax(logits[len(task.question) - 1: -1].float(), dim=-1)    # [A, V]
-    return float(logp.gather(1, torch.tensor(answer, device=logp.device)[:, None]).mean())
+    answer = torch.tensor(task.answer, device=logp.device)
+    return float(logp.gather(1, answer[:, None]).mean()), bool((logp.argmax(-1) == answer).all())
 
 
 @torch.no_grad()

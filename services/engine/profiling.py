@@ -21,6 +21,8 @@ import torch
 
 from . import attention
 from .cache import CompressionParams
+from .calibration import CalibrationParams, calibrate as run_calibration
+from .generation import Engine
 from .headmap import HeadMap
 from .models import LoadedModel, ModelFingerprint
 
@@ -145,13 +147,19 @@ def kv_heads_of(q_heads: list[tuple[int, int]], fp: ModelFingerprint) -> list[li
 
 def profile_model(loaded: LoadedModel, params: ProfileParams = ProfileParams(),
                   compression: CompressionParams = CompressionParams(),
-                  progress: Progress | None = None) -> HeadMap:
+                  progress: Progress | None = None, calibrate=None) -> HeadMap:
+    """The paper's selection; with `calibrate` (True or CalibrationParams) refined by measured retrieval."""
     start = time.perf_counter()
     induction, echo = score_heads(loaded.model, params, progress)
     q_heads, kv_heads = select_heads(induction, echo, params, loaded.fingerprint)
-    return HeadMap(loaded.fingerprint, _rounded(induction), _rounded(echo), q_heads, kv_heads, compression,
-                   method="razor", method_params=params.to_dict(),
-                   timings={"profile_s": round(time.perf_counter() - start, 3)})
+    head_map = HeadMap(loaded.fingerprint, _rounded(induction), _rounded(echo), q_heads, kv_heads, compression,
+                       method="razor", method_params=params.to_dict(),
+                       timings={"profile_s": round(time.perf_counter() - start, 3)})
+    if not calibrate:
+        return head_map
+    if calibrate is True:
+        calibrate = CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy")
+    return run_calibration(Engine(loaded, head_map), head_map, calibrate, progress)
 
 
 def _rounded(scores: torch.Tensor) -> list[list[float]]:
