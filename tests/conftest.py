@@ -6,6 +6,12 @@ stop and restart Redis build their own ``RedisServer``.
 """
 from __future__ import annotations
 
+import os
+
+# The test process, the servers and the workers it starts share 2 cores: one torch thread each keeps
+# them from oversubscribing the CPU (OpenMP spin-waits made small ops 1000x slower under contention).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import socket
 import subprocess
 import sys

@@ -31,10 +31,13 @@ def cmd_profile(args) -> int:
     params = ProfileParams(seq_len=args.seq_len, repeats=args.repeats, n_samples=args.samples, seed=args.seed,
                            induction_fraction=args.induction_fraction, echo_fraction=args.echo_fraction)
     compression = CompressionParams(args.sink, args.min_window, args.ratio)
-    bar = tqdm(total=1, desc="profiling", unit="layer")
+    bar = tqdm(total=1, desc="profiling", unit="step")
+
+    current = {"stage": None}
 
     def progress(done: int, total: int, stage: str) -> None:
-        if bar.total != total or bar.desc != stage:  # a new stage restarts the bar
+        if stage != current["stage"]:  # a new stage restarts the bar
+            current["stage"] = stage
             bar.reset(total=total)
             bar.set_description(stage)
         bar.update(done - bar.n)
