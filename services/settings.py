@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     # --- model and engine -------------------------------------------------------------
     model: str = Field("", description="model reference: empty = embedded SmolLM2, a HF directory or a .gguf file")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where model and resident caches live")
+    torch_threads: int = Field(0, ge=0, description="torch CPU threads per process (0 = torch's default)")
     head_map_path: str = Field("", description="JSON head map to activate at start when Redis has none")
     sink: int = Field(4, ge=0, description="sink tokens kept by local heads (paper N0)")
     min_window: int = Field(256, ge=1, description="smallest recent window of local heads (paper S0)")

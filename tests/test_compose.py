@@ -1,8 +1,8 @@
 """The Docker deployment, checked without Docker.
 
 - docker-compose.yml and the GPU override validate against the Compose Specification's JSON
-  schema, vendored unchanged at tests/data/compose-spec.json (compose-spec/compose-spec,
-  schema/compose-spec.json; Apache-2.0).
+  schema as shipped in the pinned docker-compose wheel (compose/config/compose_spec.json),
+  installed without its dependencies only for this file: nothing imports the package.
 - The Dockerfiles install through the same pinned deploy/requirements.txt as the Makefile.
 - Every environment variable the compose file sets is a Settings field, and the values it sets
   (defaults substituted) pass Settings' validation.
@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -22,7 +24,18 @@ import yaml
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
+SCHEMA_DIST = ("docker-compose", "1.29.2")   # pinned in deploy/requirements-test.txt (# no-deps)
+
+
+def _compose_spec_schema() -> dict:
+    # find_spec locates the package without running it: its modules need docker-py, not installed.
+    assert importlib.metadata.version(SCHEMA_DIST[0]) == SCHEMA_DIST[1], "run `make test` to install the test pins"
+    spec = importlib.util.find_spec("compose")
+    path = Path(spec.submodule_search_locations[0]) / "config" / "compose_spec.json"
+    return json.loads(path.read_text())
+
+
+SCHEMA = _compose_spec_schema()
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.gpu.yml"]
 APP_SERVICES = ["inference", "worker"]
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
@@ -32,9 +45,11 @@ def _load(name: str) -> dict:
     return yaml.safe_load((ROOT / name).read_text())
 
 
-def _validator() -> jsonschema.Draft7Validator:
-    jsonschema.Draft7Validator.check_schema(SCHEMA)
-    return jsonschema.Draft7Validator(SCHEMA)
+def _validator() -> jsonschema.Draft201909Validator:
+    # The schema names draft 2019-09 by a URI jsonschema does not map, so the draft is chosen here.
+    assert "2019-09" in SCHEMA["$schema"]
+    jsonschema.Draft201909Validator.check_schema(SCHEMA)
+    return jsonschema.Draft201909Validator(SCHEMA)
 
 
 def _errors(document: dict) -> list[str]:

@@ -100,3 +100,57 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def _sample(body: str, name: str, **labels) -> float:
+    """The value of one scraped sample (0 when the series is absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def test_running_server_exports_its_metrics(service_redis_url, tiny_loaded, tiny_head_map):
+    from services.inference.client import RazorClient
+    from services.inference.profile_jobs import ProfileJobs
+    from services.inference.runtime import FixedHeadMaps
+    from services.inference.server import build_server
+
+    fp = tiny_loaded.fingerprint
+    per_token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 4
+    port = _free_port()
+    settings = Settings(host="127.0.0.1", port=0, redis_url=service_redis_url, grace_s=2.0, auth_token="",
+                        tls_cert="", tls_key="", metrics_port=port, kv_budget_bytes=per_token * 40)
+    # No worker listens: a submitted job stays queued, which is all this test counts.
+    server = build_server(settings, loaded=tiny_loaded, head_maps=FixedHeadMaps(tiny_head_map),
+                          jobs=ProfileJobs(service_redis_url), head_map_store=None).start()
+    try:
+        before = _scrape(port)
+        with RazorClient(server.target) as client:
+            client.generate(prompt="Hello there, my friend", max_new_tokens=8)
+            # Longer than the local window (sink 4 + 16), so compressed; the first session spills for it.
+            second = client.generate(prompt=" ".join(["fox"] * 22), max_new_tokens=8)
+            job = client.profile_model("tiny-random", seq_len=16, repeats=2)
+            client.get_profile_job(job.job_id)   # still queued: counted once
+            assert client.get_session(second.session_id).kv_bytes < client.get_session(second.session_id).kv_bytes_full
+        after = _scrape(port)
+    finally:
+        server.stop(0)
+
+    def moved(name: str, **labels) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert moved("razor_requests_total", rpc="Generate", code="OK") == 2
+    assert moved("razor_requests_total", rpc="ProfileModel", code="OK") == 1
+    assert moved("razor_generated_tokens_total") == 16
+    assert moved("razor_tokens_per_second_count") == 2
+    assert _sample(after, "razor_resident_sessions") == 1 and _sample(after, "razor_spilled_sessions") == 1
+    assert _sample(after, "razor_resident_kv_bytes") > 0 and _sample(after, "razor_kv_bytes_saved") > 0
+    assert moved("razor_profiling_jobs_total", state="queued") == 1

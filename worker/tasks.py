@@ -10,7 +10,6 @@ from one whose worker died.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import tempfile
 import threading
@@ -34,7 +33,10 @@ class Heartbeat:
 
     def __init__(self, task, attempt: int, every_s: float):
         self.task, self.every_s = task, every_s
-        self.task_id = task.request.id   # the request is thread-local: the beat thread cannot read it
+        # The request is thread-local: the beat thread would see an empty one (no id, no name), so
+        # this delivery's request is captured here and passed to every write.
+        self.request = task.request
+        self.task_id = self.request.id
         self.meta = {"done": 0, "total": 1, "stage": "starting", "attempt": attempt}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -62,7 +64,7 @@ class Heartbeat:
         with self._lock:
             meta = dict(self.meta, heartbeat=time.time())
             try:
-                self.task.update_state(task_id=self.task_id, state="PROGRESS", meta=meta)
+                self.task.backend.store_result(self.task_id, meta, "PROGRESS", request=self.request)
                 self._last_sent = meta["heartbeat"]
             except Exception as e:  # a missed beat must not kill the job; the next one may get through
                 log.warning("profile job %s: progress update failed: %s", self.task_id, e)
@@ -90,21 +92,16 @@ def _attempt(task) -> int:
 
 def _load(model_ref: str) -> engine.LoadedModel:
     try:
-        return engine.load_model(model_ref or None)
+        return engine.load_model(model_ref or None, settings.device, threads=settings.torch_threads)
     except engine.ModelLoadError as e:
         raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
     except OSError as e:
         raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
 
 
-def _calibration_supported() -> bool:
-    """Head-set calibration (issue 7) is passed through once the engine's profile_model takes it."""
-    return "calibrate" in inspect.signature(engine.profile_model).parameters
-
-
 def _profile(loaded, profile_params, compression, calibrate: bool, progress) -> engine.HeadMap:
-    kwargs = {"calibrate": calibrate} if _calibration_supported() else {}
-    return engine.profile_model(loaded, profile_params, compression, progress=progress, **kwargs)
+    # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
+    return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibrate)
 
 
 def _png(head_map: engine.HeadMap) -> bytes | None:
@@ -127,7 +124,7 @@ def profile_model(self, model_ref: str, params: dict | None = None, calibrate: b
                            f"(out of memory or killed?)")
     compression_defaults = engine.CompressionParams(settings.sink, settings.min_window, settings.ratio)
     profile_params, compression = parse_profile_params(params or {}, compression_defaults)
-    calibrate = (settings.calibrate if calibrate is None else bool(calibrate)) and _calibration_supported()
+    calibrate = settings.calibrate if calibrate is None else bool(calibrate)
     t0 = time.perf_counter()
     try:
         with Heartbeat(self, attempt, settings.profile_heartbeat_s) as beat:

@@ -89,7 +89,11 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(ref: str | None = None, device: str | None = None) -> LoadedModel:
+def load_model(ref: str | None = None, device: str | None = None, threads: int = 0) -> LoadedModel:
+    """`threads` > 0 sets torch's CPU threads for the process: several model processes sharing few cores
+    (service + worker) otherwise oversubscribe them, and OpenMP spin-waits make small ops very slow."""
+    if threads:
+        torch.set_num_threads(threads)
     ref = (ref or "").strip()
     dev = pick_device(device)
     if ref.lower() in EMBEDDED_NAMES:

@@ -79,14 +79,49 @@ class FallbackHeadMaps:
         return self.registry.get(version)
 
 
-def _metrics_hook(metrics, runtime: Runtime):
-    def on_turn(result, seconds: float) -> None:
-        metrics.observe_generation(result.generated_tokens, seconds)
-        resident_bytes, resident, spilled = runtime.store.usage()
-        metrics.resident_sessions.set(resident)
-        metrics.spilled_sessions.set(spilled)
-        metrics.resident_kv_bytes.set(resident_bytes)
-    return on_turn
+def wire_metrics(metrics, runtime: Runtime) -> None:
+    """Tokens are counted as turns finish; session gauges are read from the store at scrape time, so
+    spills, restores and deletes show without a turn. (One process-wide registry: the last runtime
+    wired is the one reported, which only matters to tests that build several servers.)"""
+    runtime.on_turn = lambda result, seconds: metrics.observe_generation(result.generated_tokens, seconds)
+    store = runtime.store
+    metrics.resident_sessions.set_function(lambda: store.usage()[1])
+    metrics.spilled_sessions.set_function(lambda: store.usage()[2])
+    metrics.resident_kv_bytes.set_function(lambda: store.usage()[0])
+    metrics.kv_bytes_saved.set_function(
+        lambda: sum(e.full_nbytes - e.nbytes for e in store.list() if e.location == "device"))
+
+
+class CountedJobs:
+    """ProfileJobs that count each job once per state the service sees it in (queued at submit;
+    running / succeeded / failed when GetProfileJob first reads them)."""
+
+    _REMEMBERED = 10_000   # job ids whose last counted state is kept, oldest forgotten first
+
+    def __init__(self, jobs, counter):
+        self.jobs, self.counter = jobs, counter
+        self._seen: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, *args, **kwargs) -> str:
+        job_id = self.jobs.submit(*args, **kwargs)
+        self._count(job_id, "queued")
+        return job_id
+
+    def status(self, job_id: str) -> dict:
+        status = self.jobs.status(job_id)
+        self._count(job_id, status["state"])
+        return status
+
+    def _count(self, job_id: str, state: str) -> None:
+        with self._lock:
+            if self._seen.get(job_id) == state:
+                return
+            self._seen.pop(job_id, None)
+            self._seen[job_id] = state
+            while len(self._seen) > self._REMEMBERED:
+                self._seen.pop(next(iter(self._seen)))
+        self.counter.labels(state=state).inc()
 
 
 def initial_head_map(settings: Settings, loaded: LoadedModel) -> HeadMap:
@@ -145,9 +180,11 @@ class RazorServer:
         auth = _optional("services.inference.auth")
         observability = _optional("services.observability")
         interceptors = list(auth.server_interceptors(settings)) if auth else []
+        self._observability, self._metrics_http = observability, None
         if observability:
             interceptors.append(observability.MetricsInterceptor())
-            runtime.on_turn = _metrics_hook(observability.METRICS, runtime)
+            wire_metrics(observability.METRICS, runtime)
+            jobs = CountedJobs(jobs, observability.METRICS.profiling_jobs) if jobs is not None else None
         self.server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="grpc"),
                                   interceptors=interceptors)
         pb_grpc.add_RazorServeServicer_to_server(RazorServeServicer(runtime, jobs, head_map_store), self.server)
@@ -169,6 +206,9 @@ class RazorServer:
         return f"{self.settings.host}:{self.port}"
 
     def start(self) -> "RazorServer":
+        if self._observability and self.settings.metrics_port:
+            self._metrics_http = self._observability.start_metrics_server(self.settings.metrics_port,
+                                                                          host=self.settings.host)
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -198,6 +238,9 @@ class RazorServer:
         stop_registry = getattr(self.runtime.head_maps, "stop", None)
         if stop_registry:
             stop_registry()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -210,7 +253,8 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
                  jobs=_AUTO, head_map_store=_AUTO) -> RazorServer:
     """Everything but start(). Tests pass a loaded model and head maps to skip loading/profiling,
     and ``jobs=None`` / ``head_map_store=None`` to run without the profiling worker."""
-    loaded = loaded or load_model(settings.model or None, device=settings.device)
+    loaded = loaded or load_model(settings.model or None, device=settings.device,
+                                 threads=settings.torch_threads)
     auto_jobs, auto_store = _profiling(settings, redis.Redis.from_url(settings.redis_dsn()))
     jobs = auto_jobs if jobs is _AUTO else jobs
     head_map_store = auto_store if head_map_store is _AUTO else head_map_store
@@ -228,9 +272,7 @@ def main() -> None:
     settings = get_settings()
     observability = _optional("services.observability")
     if observability:
-        observability.setup_logging(settings)
-        if settings.metrics_port:
-            observability.start_metrics_server(settings.metrics_port)
+        observability.setup_logging(settings)   # the metrics endpoint starts with the server
     else:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_server(settings).start()
