@@ -9,7 +9,6 @@ Redis so a restarted service continues it.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import threading
@@ -23,25 +22,20 @@ from grpc_reflection.v1alpha import reflection
 
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc
 from services.engine import CompressionParams, HeadMap, HeadMapError, LoadedModel, ProfileParams, load_model, profile_model
+from services import observability
 from services.engine.headmap import shipped_head_map
+from services.headmap_store import HeadMapStore
 from services.settings import Settings, get_settings
 
+from . import auth
+from .headmaps import HeadMapRegistry
+from .profile_jobs import ProfileJobs
 from .runtime import FixedHeadMaps, Runtime
 from .servicer import SERVICE_NAME, RazorServeServicer
 from .sessions import SessionStore
 from .spill import Spill, SpillUnavailable
 
 log = logging.getLogger(__name__)
-
-
-def _optional(module: str):
-    """Import a module other helpers own, or None while it does not exist."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return None
 
 
 class RuntimeHealth(health.HealthServicer):
@@ -151,8 +145,7 @@ def resolve_head_maps(settings: Settings, loaded: LoadedModel, store=None):
 
     Redis's active map wins; else RAZOR_HEAD_MAP_PATH; else a map profiled now.
     """
-    module = _optional("services.inference.headmaps")
-    if module is None or store is None:
+    if store is None:
         return FixedHeadMaps(initial_head_map(settings, loaded))
     try:
         in_redis = store.active_version(loaded.fingerprint) is not None
@@ -160,16 +153,12 @@ def resolve_head_maps(settings: Settings, loaded: LoadedModel, store=None):
         log.warning("head maps: Redis unreachable at start (%s)", exc)
         in_redis = False
     initial = None if in_redis and not settings.head_map_path else initial_head_map(settings, loaded)
-    return module.HeadMapRegistry(store, loaded.fingerprint, initial=initial).start()
+    return HeadMapRegistry(store, loaded.fingerprint, initial=initial).start()
 
 
-def _profiling(settings: Settings, redis_client):
-    """The profiling-job client and head-map store when their modules exist, else (None, None)."""
-    store_module = _optional("services.headmap_store")
-    jobs_module = _optional("services.inference.profile_jobs")
-    store = store_module.HeadMapStore(redis_client) if store_module else None
-    jobs = jobs_module.ProfileJobs(settings.redis_dsn()) if jobs_module else None
-    return jobs, store
+def _profiling(settings: Settings, redis_client) -> tuple[ProfileJobs, HeadMapStore]:
+    """The profiling-job client and the head-map store, both over Redis."""
+    return ProfileJobs(settings.redis_dsn()), HeadMapStore(redis_client)
 
 
 class RazorServer:
@@ -177,14 +166,10 @@ class RazorServer:
 
     def __init__(self, settings: Settings, runtime: Runtime, jobs=None, head_map_store=None):
         self.settings, self.runtime = settings, runtime
-        auth = _optional("services.inference.auth")
-        observability = _optional("services.observability")
-        interceptors = list(auth.server_interceptors(settings)) if auth else []
-        self._observability, self._metrics_http = observability, None
-        if observability:
-            interceptors.append(observability.MetricsInterceptor())
-            wire_metrics(observability.METRICS, runtime)
-            jobs = CountedJobs(jobs, observability.METRICS.profiling_jobs) if jobs is not None else None
+        interceptors = [*auth.server_interceptors(settings), observability.MetricsInterceptor()]
+        self._metrics_http = None
+        wire_metrics(observability.METRICS, runtime)
+        jobs = CountedJobs(jobs, observability.METRICS.profiling_jobs) if jobs is not None else None
         self.server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="grpc"),
                                   interceptors=interceptors)
         pb_grpc.add_RazorServeServicer_to_server(RazorServeServicer(runtime, jobs, head_map_store), self.server)
@@ -193,7 +178,7 @@ class RazorServer:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         address = f"{settings.host}:{settings.port}"
-        credentials = auth.server_credentials(settings) if auth else None
+        credentials = auth.server_credentials(settings)
         if credentials is None:
             self.port = self.server.add_insecure_port(address)
         else:
@@ -206,9 +191,9 @@ class RazorServer:
         return f"{self.settings.host}:{self.port}"
 
     def start(self) -> "RazorServer":
-        if self._observability and self.settings.metrics_port:
-            self._metrics_http = self._observability.start_metrics_server(self.settings.metrics_port,
-                                                                          host=self.settings.host)
+        if self.settings.metrics_port:
+            self._metrics_http = observability.start_metrics_server(self.settings.metrics_port,
+                                                                    host=self.settings.host)
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -270,11 +255,7 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
 
 def main() -> None:
     settings = get_settings()
-    observability = _optional("services.observability")
-    if observability:
-        observability.setup_logging(settings)   # the metrics endpoint starts with the server
-    else:
-        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    observability.setup_logging(settings)   # the metrics endpoint starts with the server
     server = build_server(settings).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())

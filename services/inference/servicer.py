@@ -25,6 +25,7 @@ from services.engine import SamplingParams  # noqa: E402
 
 from .errors import (BudgetExhausted, Cancelled, NotConfigured, SessionBusy, SessionLost, SessionModelMismatch,
                      SessionNotFound, ShuttingDown, StoreUnavailable)
+from .profile_jobs import BrokerUnavailable
 from .runtime import Finished, Runtime, Turn
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ _STATUS = (
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (NotConfigured, grpc.StatusCode.UNAVAILABLE),
+    (BrokerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (KeyError, grpc.StatusCode.NOT_FOUND),
@@ -49,9 +51,6 @@ _STATUS = (
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    # The profiling worker's BrokerUnavailable is matched by name: the service never imports the worker.
-    if any(cls.__name__ == "BrokerUnavailable" for cls in type(exc).__mro__):
-        return grpc.StatusCode.UNAVAILABLE, f"profiling broker unavailable: {exc}"
     for cls, code in _STATUS:
         if isinstance(exc, cls):
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
