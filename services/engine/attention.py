@@ -11,6 +11,7 @@ the probabilities to the profiler.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -113,6 +114,12 @@ def split_cache_attention(query: torch.Tensor, layer, scale: float) -> torch.Ten
 
 
 def _query_heads(kv_heads: list[int], group: int, device) -> torch.Tensor:
+    return _query_heads_cached(tuple(kv_heads), group, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _query_heads_cached(kv_heads: tuple[int, ...], group: int, device) -> torch.Tensor:
+    # Built once per (layer layout, device), not on every decode step.
     return torch.tensor([h * group + g for h in kv_heads for g in range(group)], device=device)
 
 
