@@ -7,7 +7,7 @@ passkey retrieval entirely. Calibration replaces "top fraction by induction scor
    tokenizer); each document is prefilled once with full attention and every variant derived from that cache.
 2. Ablation scores: for each KV head, how much the answers' log-probability drops when only that head is
    compressed (everything else full). Ties fall back to the profiler's induction/echo scores.
-3. For each candidate window, a binary search over "the top-k heads by ablation score" for the smallest k
+3. For each candidate window and sink size, a binary search over "the top-k heads by ablation score" for the smallest k
    whose accuracy is within `max_accuracy_drop` of the full cache (accuracy is monotone enough in k in practice;
    the search records every point it tried).
 4. The cheapest (fewest KV bytes) candidate that meets the target wins. Every candidate is recorded in
@@ -35,19 +35,20 @@ class CalibrationParams:
     seed: int = 1234                   # calibration keys and depths; evaluate on other seeds
     max_accuracy_drop: float = 0.02    # target: accuracy >= full-cache accuracy - this
     windows: tuple[int, ...] = (32, 64, 128)
-    sink: int = 4
+    sinks: tuple[int, ...] = (1, 4)    # sink sizes tried with every window
     ratio: float | None = None         # C of the calibrated map (None: the base map's); 1e9 = fixed window
 
     def __post_init__(self):
         object.__setattr__(self, "windows", tuple(sorted(set(self.windows))))
+        object.__setattr__(self, "sinks", tuple(sorted(set(self.sinks))))
         if self.task not in ("passkey", "copy"):
             raise ValueError(f"task must be 'passkey' or 'copy', got {self.task!r}")
         if self.length < 32 or self.n_tasks < 1:
             raise ValueError("length must be >= 32 tokens and n_tasks >= 1")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(f"max_accuracy_drop must be within 0..1, got {self.max_accuracy_drop}")
-        if not self.windows or min(self.windows) < 1 or self.sink < 0:
-            raise ValueError("windows must be positive token counts and sink >= 0")
+        if not self.windows or min(self.windows) < 1 or not self.sinks or min(self.sinks) < 0:
+            raise ValueError("windows must be positive token counts and sinks non-negative")
 
 
 class _Bench:
@@ -88,18 +89,20 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
     report = progress or (lambda done, total, stage: None)
     bench = _Bench(engine, base, params, report)
     window0 = params.windows[len(params.windows) // 2]
-    full = bench.score(set(bench.all_heads), window0, params.sink)
+    sink0 = params.sinks[-1]
+    full = bench.score(set(bench.all_heads), window0, sink0)
     target = full["accuracy"] - params.max_accuracy_drop
-    order = _ablation_order(bench, base, full["logprob"], window0, params.sink, report)
+    order = _ablation_order(bench, base, full["logprob"], window0, sink0, report)
     candidates = []
-    for i, window in enumerate(params.windows):
-        _search_smallest(bench, order, window, params.sink, target, candidates)
-        report(i + 1, len(params.windows), f"searching head sets (window {window})")
+    shapes = [(w, s) for w in params.windows for s in params.sinks]
+    for i, (window, sink) in enumerate(shapes):
+        _search_smallest(bench, order, window, sink, target, candidates)
+        report(i + 1, len(shapes), "searching head sets per window and sink")
     meeting = [c for c in candidates if c["accuracy"] >= target]
-    # Equal bytes at the calibration length: prefer the wider window, safer for shorter sessions.
-    best = min(meeting, key=lambda c: (c["bytes_fraction"], c["k"], -c["window"]))
-    chosen = bench.head_map(set(map(tuple, order[:best["k"]])), best["window"], params.sink)
-    record = {"params": {**asdict(params), "windows": list(params.windows)}, "full_accuracy": full["accuracy"], "full_logprob": full["logprob"],
+    # Equal bytes at the calibration length: prefer the wider window and more sinks, safer for short sessions.
+    best = min(meeting, key=lambda c: (c["bytes_fraction"], c["k"], -c["window"], -c["sink"]))
+    chosen = bench.head_map(set(map(tuple, order[:best["k"]])), best["window"], best["sink"])
+    record = {"params": {**asdict(params), "windows": list(params.windows), "sinks": list(params.sinks)}, "full_accuracy": full["accuracy"], "full_logprob": full["logprob"],
               "target_accuracy": target, "order": order, "candidates": candidates, "chosen": best,
               "base_version": base.version}
     return replace(chosen, calibration=record, method="razor+calibrated", version="",
@@ -132,20 +135,22 @@ def _search_smallest(bench: _Bench, order: list[list[int]], window: int, sink: i
     lo, hi = 0, len(order)               # hi always meets the target (all heads full)
     while lo < hi:
         k = (lo + hi) // 2
-        point = {"k": k, "window": window, **bench.score(set(map(tuple, order[:k])), window, sink)}
+        point = {"k": k, "window": window, "sink": sink, **bench.score(set(map(tuple, order[:k])), window, sink)}
         candidates.append(point)
         if point["accuracy"] >= target:
             hi = k
         else:
             lo = k + 1
-    if not any(c["k"] == hi and c["window"] == window for c in candidates):
-        candidates.append({"k": hi, "window": window, **bench.score(set(map(tuple, order[:hi])), window, sink)})
+    if not any((c["k"], c["window"], c["sink"]) == (hi, window, sink) for c in candidates):
+        candidates.append({"k": hi, "window": window, "sink": sink,
+                           **bench.score(set(map(tuple, order[:hi])), window, sink)})
     for c in candidates:
         c.update({key: round(c[key], 5) for key in ("logprob", "accuracy", "bytes_fraction")})
 
 
-def variant_at(head_map: HeadMap, k: int, window: int) -> HeadMap:
-    """Another point of a calibrated map's curve: its top-k KV heads with another window, no re-profiling."""
+def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None) -> HeadMap:
+    """Another point of a calibrated map's curve: its top-k KV heads with another window (and sink size),
+    without re-profiling."""
     if not head_map.calibration:
         raise ValueError("this head map was not calibrated; it has no recorded head order")
     order = [tuple(h) for h in head_map.calibration["order"]]
@@ -155,4 +160,5 @@ def variant_at(head_map: HeadMap, k: int, window: int) -> HeadMap:
     heads = set(order[:k])
     kv = [[h for h in range(fp.n_kv_heads) if (layer, h) in heads] for layer in range(fp.n_layers)]
     return replace(head_map, retrieval_kv_heads=kv, version="", calibration=None, method="razor+calibrated-variant",
-                   compression=replace(head_map.compression, min_window=window))
+                   compression=replace(head_map.compression, min_window=window,
+                                       sink=head_map.compression.sink if sink is None else sink))
