@@ -49,12 +49,12 @@ proto: $(STAMP)
 $(GENERATED): $(STAMP) $(PROTOS)
 	$(BIN)/python -m services.api.generate
 
-# Runs every bench/*.py that exists, in name order; stops at the first failure.
+# Runs every bench/bench_*.py, in name order; stops at the first failure.
 bench: $(STAMP) $(GENERATED)
-	@set -e; found=0; for script in bench/*.py; do \
+	@set -e; found=0; for script in bench/bench_*.py; do \
 	  [ -f "$$script" ] || continue; found=1; \
 	  echo "== $$script"; $(BIN)/python "$$script"; \
-	done; [ $$found -eq 1 ] || echo "no bench/*.py scripts yet"
+	done; [ $$found -eq 1 ] || echo "no bench/bench_*.py scripts yet"
 
 clean:
 	rm -rf services/api/razorserve .run .pytest_cache build dist *.egg-info

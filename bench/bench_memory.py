@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common  # first: puts the repository root on sys.path
 import torch
 
 from services.engine import CompressedKVCache, CompressionParams, HeadMap

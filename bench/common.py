@@ -1,6 +1,6 @@
 """Helpers shared by the bench scripts: the machine header, markdown tables, a private Redis.
 
-Not a bench itself: `make bench` runs every bench/*.py, so running this file only prints the header.
+Not a bench itself: `make bench` runs bench/bench_*.py only.
 """
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from .cache import CompressionParams
 from .evaluation import full_prefill, retrieval_tasks, score_answer, session_from_full
 from .generation import Engine
 from .headmap import HeadMap

