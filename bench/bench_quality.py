@@ -76,7 +76,7 @@ def calibrated_map(engine: Engine, shipped: HeadMap, paper: HeadMap, path: str,
     if shipped.calibration:
         return shipped, "the shipped map"
     # Calibration prefills its own tasks (seed 1234, never the bench's keys); a smoke run uses a tiny one.
-    params = CalibrationParams(ratio=1e9, windows=(64,), **(dict(length=400, n_tasks=2) if quick else {}))
+    params = CalibrationParams(ratio=1e9, windows=(64,), **(dict(lengths=(400,), n_tasks=2) if quick else {}))
     start = time.perf_counter()
     hm = calibrate(engine, paper, params)
     return hm, (f"calibrated in this run with {params} in {time.perf_counter() - start:.0f} s "

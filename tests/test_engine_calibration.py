@@ -14,7 +14,7 @@ def test_calibration_recovers_exactly_the_planted_head():
     loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
     base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
     seen = []
-    params = CalibrationParams(task="copy", length=300, n_tasks=4, windows=(16, 32), sinks=(2,), ratio=1e9)
+    params = CalibrationParams(task="copy", lengths=(300,), n_tasks=4, windows=(16, 32), sinks=(2,), ratio=1e9)
     head_map = calibrate(Engine(loaded, base), base, params, lambda d, t, stage: seen.append(stage))
     assert head_map.retrieval_kv_heads == [[], [1]]            # layer 1, KV head 2 // group 2
     record = head_map.calibration

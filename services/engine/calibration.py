@@ -29,8 +29,8 @@ Progress = Callable[[int, int, str], None]
 @dataclass(frozen=True)
 class CalibrationParams:
     task: str = "passkey"              # "passkey" (needs a tokenizer) or "copy"
-    length: int = 800                  # document tokens
-    n_tasks: int = 8
+    lengths: tuple[int, ...] = (400, 800)   # document tokens: calibrate at the lengths you serve
+    n_tasks: int = 6                   # per length
     seed: int = 1234                   # calibration keys and depths; evaluate on other seeds
     max_accuracy_drop: float = 0.02    # target: accuracy >= full-cache accuracy - this
     windows: tuple[int, ...] = (32, 64, 128)
@@ -40,10 +40,11 @@ class CalibrationParams:
     def __post_init__(self):
         object.__setattr__(self, "windows", tuple(sorted(set(self.windows))))
         object.__setattr__(self, "sinks", tuple(sorted(set(self.sinks))))
+        object.__setattr__(self, "lengths", tuple(sorted(set(self.lengths))))
         if self.task not in ("passkey", "copy"):
             raise ValueError(f"task must be 'passkey' or 'copy', got {self.task!r}")
-        if self.length < 32 or self.n_tasks < 1:
-            raise ValueError("length must be >= 32 tokens and n_tasks >= 1")
+        if not self.lengths or min(self.lengths) < 32 or self.n_tasks < 1:
+            raise ValueError("lengths must be >= 32 tokens and n_tasks >= 1")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(f"max_accuracy_drop must be within 0..1, got {self.max_accuracy_drop}")
         if not self.windows or min(self.windows) < 1 or not self.sinks or min(self.sinks) < 0:
@@ -57,9 +58,10 @@ class _Bench:
         fp = engine.loaded.fingerprint
         self.engine, self.base, self.fp, self.ratio = engine, base, fp, params.ratio
         cfg = engine.model.config
-        self.tasks = retrieval_tasks(params.task, params.length, params.n_tasks, params.seed, engine.tokenizer,
-                                     vocab=(min(1000, cfg.vocab_size // 2), min(20000, cfg.vocab_size)),
-                                     bos=cfg.bos_token_id or 0)
+        vocab = (min(1000, cfg.vocab_size // 2), min(20000, cfg.vocab_size))
+        self.tasks = [task for i, length in enumerate(params.lengths)
+                      for task in retrieval_tasks(params.task, length, params.n_tasks, params.seed + i,
+                                                  engine.tokenizer, vocab=vocab, bos=cfg.bos_token_id or 0)]
         self.kvs = []
         for i, task in enumerate(self.tasks):
             self.kvs.append(full_prefill(engine, task.document))
@@ -75,7 +77,8 @@ class _Bench:
     def score(self, heads: set, window: int, sink: int) -> dict:
         hm = self.head_map(heads, window, sink)
         results = [score_answer(self.engine, t, kv, hm) for t, kv in zip(self.tasks, self.kvs)]
-        state = session_from_full(self.engine, self.tasks[0].document, self.kvs[0], hm)
+        # Bytes are reported at the longest calibration length (tasks are ordered by length).
+        state = session_from_full(self.engine, self.tasks[-1].document, self.kvs[-1], hm)
         return {"logprob": sum(r[0] for r in results) / len(results),
                 "accuracy": sum(r[1] for r in results) / len(results),
                 "bytes_fraction": state.nbytes() / state.full_nbytes()}
@@ -98,10 +101,10 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
         _search_smallest(bench, order, window, sink, target, candidates)
         report(i + 1, len(shapes), "searching head sets per window and sink")
     meeting = [c for c in candidates if c["accuracy"] >= target]
-    # Equal bytes at the calibration length: prefer the wider window and more sinks, safer for short sessions.
+    # Equal bytes at the longest calibration length: prefer the wider window and more sinks, safer for short sessions.
     best = min(meeting, key=lambda c: (c["bytes_fraction"], c["k"], -c["window"], -c["sink"]))
     chosen = bench.head_map(set(map(tuple, order[:best["k"]])), best["window"], best["sink"])
-    record = {"params": {**asdict(params), "windows": list(params.windows), "sinks": list(params.sinks)}, "full_accuracy": full["accuracy"], "full_logprob": full["logprob"],
+    record = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()}, "full_accuracy": full["accuracy"], "full_logprob": full["logprob"],
               "target_accuracy": target, "order": order, "candidates": candidates, "chosen": best,
               "base_version": base.version}
     return replace(chosen, calibration=record, method="razor+calibrated", version="",
