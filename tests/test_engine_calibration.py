@@ -21,7 +21,8 @@ def test_calibration_recovers_exactly_the_planted_head():
     assert record["full_accuracy"] == 1.0 and record["chosen"]["accuracy"] == 1.0
     assert record["chosen"]["window"] == 16                     # the cheapest window that meets the target
     assert any(c["k"] == 0 and c["accuracy"] < 1.0 for c in record["candidates"])
-    assert {"prefilling calibration tasks", "ablating KV heads"} <= set(seen)
+    assert {"prefilling calibration tasks", "ablating KV heads", "prefilling validation tasks"} <= set(seen)
+    assert record["validation"][-1]["accuracy"] == 1.0  # confirmed on held-out copy tasks
     # another point on the recorded curve, without re-profiling
     wider = variant_at(head_map, 2, 32)
     assert sum(map(len, wider.retrieval_kv_heads)) == 2 and wider.compression.min_window == 32
