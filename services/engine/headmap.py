@@ -122,11 +122,16 @@ class HeadMap:
         for ax, name, scores in ((axes[0], "induction", self.induction), (axes[1], "echo", self.echo)):
             im = ax.imshow(scores, aspect="auto", cmap="viridis", origin="lower")
             for layer, head in self.retrieval_q_heads:
-                ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1.2))
+                ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1.0))
+            group = self.fingerprint.group_size
+            for layer, kv_heads in enumerate(self.retrieval_kv_heads):
+                for kv in kv_heads:  # the query heads that read a KV head kept in full
+                    ax.add_patch(plt.Rectangle((kv * group - 0.5, layer - 0.5), group, 1, fill=False,
+                                               ec="white", lw=2.0, ls="--"))
             ax.set(title=f"{name} score", xlabel="query head", ylabel="layer")
             fig.colorbar(im, ax=ax, shrink=0.8)
-        fig.suptitle(f"{self.fingerprint.id} — {len(self.retrieval_q_heads)} selected query heads, "
-                     f"{self.kv_fraction:.0%} of KV heads full (red boxes: selected)", fontsize=9)
+        fig.suptitle(f"{self.fingerprint.id} ({self.method}): red = {len(self.retrieval_q_heads)} query heads "
+                     f"selected by score, white dashed = KV heads kept full ({self.kv_fraction:.0%})", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
