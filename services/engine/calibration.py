@@ -32,9 +32,9 @@ Progress = Callable[[int, int, str], None]
 @dataclass(frozen=True)
 class CalibrationParams:
     task: str = "passkey"              # "passkey" (needs a tokenizer) or "copy"
-    lengths: tuple[int, ...] = (400, 800)   # document tokens: calibrate at the lengths you serve
+    lengths: tuple[int, ...] = (400, 800, 1200)   # document tokens: calibrate at the lengths you serve
     n_tasks: int = 6                   # per length
-    n_validation: int = 4              # held-out tasks per length that confirm the choice (0 = skip)
+    n_validation: int = 6              # held-out tasks per length that confirm the choice (0 = skip)
     seed: int = 1234                   # calibration keys and depths; evaluate on other seeds
     max_accuracy_drop: float = 0.02    # target: accuracy >= full-cache accuracy - this
     windows: tuple[int, ...] = (32, 64, 128)
