@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from services.engine import CompressedKVCache, CompressionParams, Engine, SamplingParams, SessionState
-from services.engine.attention import attend_with_lse, merge_compensation
+from services.engine.attention import attend_with_lse, attend_with_lse_math, merge_compensation
 from services.engine.cache import RazorLayer
 from services.engine.headmap import shipped_head_map
 from tests.engine_models import smollm2, tiny
@@ -33,6 +33,15 @@ def test_compensation_equals_materialised_copies():
     visible = torch.cat([torch.ones(q_len, count, dtype=torch.bool), causal], dim=1)
     ref = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1) @ v_ref
     torch.testing.assert_close(merged, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_lse_attention_equals_matmul_reference():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 6, 4, 16), torch.randn(1, 2, 11, 16), torch.randn(1, 2, 11, 16)
+    out, lse = attend_with_lse(q, k, v, 0.25)
+    ref_out, ref_lse = attend_with_lse_math(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), 0.25)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_incremental_running_mean_equals_batch_mean():

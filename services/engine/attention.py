@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - no flash-attn on CPU machines
     flash_attn_func = None
 
 ATTN_NAME = "razor"
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -47,6 +48,19 @@ def attend_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         return out.transpose(1, 2), lse
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        # PyTorch's fused CPU flash kernel also returns the LSE (a private op: guarded, with a fallback).
+        mask = None
+        if q.shape[-2] > 1:
+            allowed = causal_mask(q.shape[-2], k.shape[-2], q.device)
+            mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse
+    return attend_with_lse_math(q, k, v, scale)
+
+
+def attend_with_lse_math(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in plain matmuls (any device); k, v already expanded to the query heads."""
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale          # [B, Hq, Q, S]
     if q.shape[-2] > 1:
         logits = logits.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
