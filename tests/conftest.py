@@ -149,3 +149,12 @@ def start_server(service_redis_url, tiny_loaded, tiny_head_map):
     yield start
     for server in servers:
         server.stop(0)
+
+
+def flushed_db(redis_url: str, db: int) -> str:
+    """The URL of database `db` on the test Redis, emptied: one module's private keyspace."""
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import redis
 
+from conftest import flushed_db
 from services.api.razorserve.v1 import razorserve_pb2 as pb
 from services.engine import HeadMap, load_model
 from services.headmap_store import HeadMapStore, map_key
@@ -33,9 +34,7 @@ FINISHED = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED)
 
 @pytest.fixture(scope="module")
 def url(redis_url) -> str:
-    url = redis_url.rsplit("/", 1)[0] + "/8"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    return flushed_db(redis_url, 8)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import psutil
 import pytest
 import redis
 
+from conftest import flushed_db
 from services.engine import load_model
 from services.headmap_store import HeadMapStore
 from services.inference.headmaps import HeadMapRegistry
@@ -64,9 +65,7 @@ def finished(status: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def url(redis_url) -> str:
-    url = redis_url.rsplit("/", 1)[0] + "/6"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    return flushed_db(redis_url, 6)
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,15 @@ Its own Redis database and workers, so the module-wide worker of test_worker.py 
 from __future__ import annotations
 
 import pytest
-import redis
 
+from conftest import flushed_db
 from services.inference.profile_jobs import ProfileJobs
 from test_worker import SLOW, finished, start_worker, stop_worker, wait_for
 
 
 @pytest.fixture(scope="module")
 def url(redis_url) -> str:
-    url = redis_url.rsplit("/", 1)[0] + "/7"
-    redis.Redis.from_url(url).flushdb()
-    return url
+    return flushed_db(redis_url, 7)
 
 
 @pytest.fixture(scope="module")
