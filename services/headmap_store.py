@@ -22,39 +22,50 @@ from dataclasses import asdict, fields
 
 import redis
 
-from services.engine import CompressionParams, HeadMap, HeadMapError, ModelFingerprint, ProfileParams
+from services.engine import CalibrationParams, CompressionParams, HeadMap, HeadMapError, ModelFingerprint, ProfileParams
 
 CHANNEL = "razor:headmaps"
 
 
-def parse_profile_params(params: dict, compression: CompressionParams | None = None
-                         ) -> tuple[ProfileParams, CompressionParams]:
-    """Split a job's flat parameter dict into profiling and compression parameters.
+CALIBRATION_TARGETS = ("max_accuracy_drop", "max_kl")   # the CalibrationParams a job may set
 
-    Keys are the fields of `ProfileParams` and `CompressionParams`; absent ones keep their defaults
-    (`compression` gives the compression defaults). ValueError names an unknown key or a bad value."""
+
+def parse_profile_params(params: dict, compression: CompressionParams | None = None
+                         ) -> tuple[ProfileParams, CompressionParams, dict]:
+    """Split a job's flat parameter dict into profiling parameters, compression parameters and calibration
+    targets.
+
+    Keys are the fields of `ProfileParams` and `CompressionParams` plus `CALIBRATION_TARGETS`; absent ones keep
+    their defaults (`compression` gives the compression defaults). ValueError names an unknown key or a bad
+    value."""
     if not isinstance(params, dict):
         raise ValueError(f"profiling parameters must be a mapping, got {type(params).__name__}")
     profile_keys = {f.name for f in fields(ProfileParams)}
     compression_keys = {f.name for f in fields(CompressionParams)}
-    unknown = sorted(set(params) - profile_keys - compression_keys)
+    known = profile_keys | compression_keys | set(CALIBRATION_TARGETS)
+    unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(f"unknown profiling parameter(s) {unknown}; "
-                         f"known: {sorted(profile_keys | compression_keys)}")
+        raise ValueError(f"unknown profiling parameter(s) {unknown}; known: {sorted(known)}")
     for key, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"profiling parameter {key} must be a number, got {value!r}")
     base = asdict(compression or CompressionParams())
+    targets = {k: float(v) for k, v in params.items() if k in CALIBRATION_TARGETS}
     try:
+        CalibrationParams(**targets)   # validates the targets' ranges
         return (ProfileParams(**{k: v for k, v in params.items() if k in profile_keys}),
-                CompressionParams(**{**base, **{k: v for k, v in params.items() if k in compression_keys}}))
+                CompressionParams(**{**base, **{k: v for k, v in params.items() if k in compression_keys}}),
+                targets)
     except TypeError as e:
         raise ValueError(f"bad profiling parameters: {e}") from None
 
 
-def params_digest(profile: ProfileParams, compression: CompressionParams, calibrate: bool) -> str:
+def params_digest(profile: ProfileParams, compression: CompressionParams, calibrate: bool,
+                  targets: dict | None = None) -> str:
     """Names one set of profiling parameters (the store remembers which version it produced)."""
     body = {"profile": asdict(profile), "compression": asdict(compression), "calibrate": bool(calibrate)}
+    if calibrate and targets:
+        body["targets"] = targets
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

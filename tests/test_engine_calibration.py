@@ -29,11 +29,31 @@ def test_calibration_recovers_exactly_the_planted_head():
     assert HeadMap.from_json(head_map.to_json(), expect=loaded.fingerprint).calibration == record
 
 
+def test_kl_target_alone_recovers_the_planted_head():
+    """With the accuracy target switched off (any accuracy passes), the KL bound alone must keep the planted
+    induction head: compressing it makes the continuations of repetitive text diverge from the full cache."""
+    loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
+    base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
+    shape = dict(task="copy", lengths=(300,), n_tasks=2, n_validation=2, windows=(16,), sinks=(2,), ratio=1e9,
+                 max_accuracy_drop=1.0)
+    loose = calibrate(Engine(loaded, base), base, CalibrationParams(**shape))
+    assert loose.retrieval_kv_heads == [[], []]                # nothing needed: no target binds
+    bounded = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, max_kl=0.5))
+    assert bounded.retrieval_kv_heads == [[], [1]]
+    record = bounded.calibration
+    assert record["params"]["max_kl"] == 0.5
+    assert all(("kl" in c) and c["meets"] == (c["kl"] <= 0.5) for c in record["candidates"])
+    assert any(c["k"] == 0 and c["kl"] > 0.5 for c in record["candidates"])
+    assert record["chosen"]["kl"] <= 0.5 and record["validation"][-1]["kl"] <= 0.5
+
+
 def test_calibration_params_validation():
     with pytest.raises(ValueError, match="task"):
         CalibrationParams(task="trivia")
     with pytest.raises(ValueError, match="max_accuracy_drop"):
         CalibrationParams(max_accuracy_drop=2)
+    with pytest.raises(ValueError, match="max_kl"):
+        CalibrationParams(max_kl=0.0)
 
 
 @pytest.mark.slow

@@ -71,10 +71,15 @@ def test_get_refuses_another_models_map_stored_under_ours(store):
 
 
 def test_params_digest_and_lookup(store):
-    pp, cp = parse_profile_params({"seq_len": 32, "sink": 2})
-    assert pp.seq_len == 32 and cp.sink == 2 and cp.min_window == CompressionParams().min_window
+    pp, cp, targets = parse_profile_params({"seq_len": 32, "sink": 2})
+    assert pp.seq_len == 32 and cp.sink == 2 and cp.min_window == CompressionParams().min_window and targets == {}
     digest = params_digest(pp, cp, calibrate=False)
-    assert digest == params_digest(*parse_profile_params({"sink": 2, "seq_len": 32}), calibrate=False)
+    assert digest == params_digest(*parse_profile_params({"sink": 2, "seq_len": 32})[:2], calibrate=False)
+    # calibration targets name another job only when it calibrates
+    _, _, targets = parse_profile_params({"max_kl": 0.2, "max_accuracy_drop": 0.05})
+    assert targets == {"max_kl": 0.2, "max_accuracy_drop": 0.05}
+    assert params_digest(pp, cp, True, targets) != params_digest(pp, cp, True)
+    assert params_digest(pp, cp, False, targets) == params_digest(pp, cp, False)
     version = store.publish(make_map(), None, params_digest=digest)
     assert store.version_for_params(FP, digest) == version
     assert store.version_for_params(FP, "other") is None
@@ -88,6 +93,8 @@ def test_params_digest_and_lookup(store):
     ({"seq_len": "long"}, "must be a number"),
     ({"bogus": 1}, "unknown profiling parameter"),
     ({"ratio": 0.5}, "ratio"),
+    ({"max_kl": 0}, "max_kl"),
+    ({"max_accuracy_drop": 1.5}, "max_accuracy_drop"),
 ])
 def test_bad_profile_params_are_value_errors(params, words):
     with pytest.raises(ValueError, match=words):

@@ -84,7 +84,7 @@ def test_profile_job_hot_loads_while_old_sessions_keep_their_map(worker, service
         with RazorClient(server.target) as client:
             old = client.generate(prompt=PROMPT, max_new_tokens=8)
             assert client.get_session(old.session_id).head_map_version == tiny_head_map.version
-            job = client.profile_model("tiny-random", **FAST)
+            job = client.profile_model("tiny-random", **FAST, max_kl=5.0)   # a KL target reaches the worker
             assert job.state == pb.JOB_STATE_QUEUED and job.job_id
             statuses = _poll_job(client, job.job_id)
             final = statuses[-1]
@@ -115,7 +115,9 @@ def test_profile_job_hot_loads_while_old_sessions_keep_their_map(worker, service
     finally:
         recorder.close()
     assert old_outs == engine_turns(tiny_loaded, tiny_head_map)
-    assert new_outs == engine_turns(tiny_loaded, store.get(tiny_loaded.fingerprint, version))
+    published = store.get(tiny_loaded.fingerprint, version)
+    assert new_outs == engine_turns(tiny_loaded, published)
+    assert published.calibration["params"]["max_kl"] == 5.0 and published.calibration["chosen"]["kl"] <= 5.0
     # the worker reported progress across every stage, calibration's included (RAZOR_CALIBRATE defaults on)
     stages = {s["result"]["stage"] for s in recorder.states
               if s["task_id"] == job.job_id and s["status"] == "PROGRESS"}
@@ -159,7 +161,9 @@ def test_invalid_profile_params_are_refused_before_queueing(service, url):
     queued, records = r.llen("profiling"), len(r.keys("razor:profile:job:*"))
     with RazorClient(server.target) as client:
         for params, hint in (({"induction_fraction": 2.0}, "induction_fraction"), ({"seq_len": 0}, "seq_len"),
-                             ({"echo_fraction": -0.1}, "echo_fraction"), ({"repeats": 1}, "repeats")):
+                             ({"echo_fraction": -0.1}, "echo_fraction"), ({"repeats": 1}, "repeats"),
+                             ({"max_kl": -1.0}, "max_kl"),
+                             ({"max_kl": 0.5, "calibrate": False}, "calibration targets")):
             error = rpc_error(lambda: client.profile_model("tiny-random", **params))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and hint in error.details(), error.details()
     assert (r.llen("profiling"), len(r.keys("razor:profile:job:*"))) == (queued, records)

@@ -99,9 +99,11 @@ def _load(model_ref: str) -> engine.LoadedModel:
         raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
 
 
-def _profile(loaded, profile_params, compression, calibrate: bool, progress) -> engine.HeadMap:
+def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
-    return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibrate)
+    calibration = engine.CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy",
+                                           **targets) if calibrate else None
+    return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 
 
 def _png(head_map: engine.HeadMap) -> bytes | None:
@@ -123,27 +125,27 @@ def profile_model(self, model_ref: str, params: dict | None = None, calibrate: b
         raise RuntimeError(f"profiling gave up after {attempt - 1} attempts: the worker was lost each time "
                            f"(out of memory or killed?)")
     compression_defaults = engine.CompressionParams(settings.sink, settings.min_window, settings.ratio)
-    profile_params, compression = parse_profile_params(params or {}, compression_defaults)
+    profile_params, compression, targets = parse_profile_params(params or {}, compression_defaults)
     calibrate = settings.calibrate if calibrate is None else bool(calibrate)
     t0 = time.perf_counter()
     try:
         with Heartbeat(self, attempt, settings.profile_heartbeat_s) as beat:
-            return _run(beat, model_ref, profile_params, compression, calibrate, t0)
+            return _run(beat, model_ref, profile_params, compression, calibrate, targets, t0)
     except SoftTimeLimitExceeded:
         raise RuntimeError(f"profiling exceeded the time limit of {settings.profile_time_limit_s}s; "
                            f"use smaller seq_len / repeats / n_samples or raise RAZOR_PROFILE_TIME_LIMIT_S") from None
 
 
-def _run(beat: Heartbeat, model_ref, profile_params, compression, calibrate, t0) -> dict:
+def _run(beat: Heartbeat, model_ref, profile_params, compression, calibrate, targets, t0) -> dict:
     beat.update(0, 1, "loading model")
     loaded = _load(model_ref)
     t_load = time.perf_counter()
     store = _store()
-    digest = params_digest(profile_params, compression, calibrate)
+    digest = params_digest(profile_params, compression, calibrate, targets)
     version = store.version_for_params(loaded.fingerprint, digest)
     reused = version is not None
     if not reused:   # idempotency: the same model and parameters are profiled once
-        head_map = _profile(loaded, profile_params, compression, calibrate, beat.update)
+        head_map = _profile(loaded, profile_params, compression, calibrate, targets, beat.update)
         beat.update(1, 1, "validating")
         engine.HeadMap.from_json(head_map.to_json(), expect=loaded.fingerprint)
         beat.update(1, 1, "storing")

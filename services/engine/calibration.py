@@ -5,11 +5,13 @@ passkey retrieval entirely. Calibration replaces "top fraction by induction scor
 
 1. Synthetic retrieval tasks generated on the fly (passkey documents, or copy tasks for models without a
    tokenizer); each document is prefilled once with full attention and every variant derived from that cache.
+   The target holds at EVERY calibration length (accuracy within `max_accuracy_drop` of the full cache),
+   and, when `max_kl` is set, the mean KL(full || variant) over real-text continuations stays below it.
 2. Ablation scores: for each KV head, how much the answers' log-probability drops when only that head is
    compressed (everything else full). Ties fall back to the profiler's induction/echo scores.
-3. For each candidate window and sink size, a binary search over "the top-k heads by ablation score" for the smallest k
-   whose accuracy is within `max_accuracy_drop` of the full cache (accuracy is monotone enough in k in practice;
-   the search records every point it tried).
+3. For each candidate window and sink size, a binary search over "the top-k heads by ablation score" for the
+   smallest k that meets the target (accuracy and KL are monotone enough in k in practice; the search records
+   every point it tried, with its accuracy per length, KL and bytes).
 4. The cheapest (fewest KV bytes) candidate that meets the target wins, then is confirmed on held-out
    tasks (other keys and depths): while it misses the target there, ~3% more KV heads are added, the
    authors' own fallback. Every point tried is recorded in `HeadMap.calibration` so a user can pick
@@ -18,11 +20,14 @@ passkey retrieval entirely. Calibration replaces "top fraction by induction scor
 from __future__ import annotations
 
 import math
+import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from .evaluation import full_prefill, retrieval_tasks, score_answer, session_from_full
+from .evaluation import (continuation_logprobs, full_prefill, kl_divergence, real_text, retrieval_tasks,
+                         score_answer, session_from_full)
 from .generation import Engine
 from .headmap import HeadMap
 
@@ -34,9 +39,11 @@ class CalibrationParams:
     task: str = "passkey"              # "passkey" (needs a tokenizer) or "copy"
     lengths: tuple[int, ...] = (400, 800, 1200)   # document tokens: calibrate at the lengths you serve
     n_tasks: int = 6                   # per length
-    n_validation: int = 6              # held-out tasks per length that confirm the choice (0 = skip)
+    n_validation: int = 10             # held-out tasks per length that confirm the choice (0 = skip)
     seed: int = 1234                   # calibration keys and depths; evaluate on other seeds
-    max_accuracy_drop: float = 0.02    # target: accuracy >= full-cache accuracy - this
+    max_accuracy_drop: float = 0.02    # target: at every length, accuracy >= full-cache accuracy - this
+    max_kl: float | None = None        # and/or: mean KL(full || variant) on real-text continuations <= this
+    kl_tokens: int = 32                # continuation tokens per KL document (one document per length)
     windows: tuple[int, ...] = (32, 64, 128)
     sinks: tuple[int, ...] = (1, 4)    # sink sizes tried with every window
     ratio: float | None = None         # C of the calibrated map (None: the base map's); 1e9 = fixed window
@@ -51,26 +58,39 @@ class CalibrationParams:
             raise ValueError("lengths must be >= 32 tokens, n_tasks >= 1 and n_validation >= 0")
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(f"max_accuracy_drop must be within 0..1, got {self.max_accuracy_drop}")
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise ValueError(f"max_kl must be a positive number of nats (or None), got {self.max_kl}")
+        if self.kl_tokens < 1:
+            raise ValueError(f"kl_tokens must be >= 1, got {self.kl_tokens}")
         if not self.windows or min(self.windows) < 1 or not self.sinks or min(self.sinks) < 0:
             raise ValueError("windows must be positive token counts and sinks non-negative")
 
 
 class _Bench:
-    """Tasks with their full prefill, scored under any set of full KV heads."""
+    """Tasks (and KL documents) with their full prefill, scored under any set of full KV heads."""
 
     def __init__(self, engine: Engine, base: HeadMap, params: CalibrationParams, seed: int, n_tasks: int,
-                 progress: Progress, stage: str):
+                 text_offset: int, progress: Progress, stage: str):
         fp = engine.loaded.fingerprint
         self.engine, self.base, self.fp, self.ratio = engine, base, fp, params.ratio
+        self.lengths = params.lengths
         cfg = engine.model.config
         vocab = (min(1000, cfg.vocab_size // 2), min(20000, cfg.vocab_size))
         self.tasks = [task for i, length in enumerate(params.lengths)
                       for task in retrieval_tasks(params.task, length, n_tasks, seed + i,
                                                   engine.tokenizer, vocab=vocab, bos=cfg.bos_token_id or 0)]
+        self.kl_docs = _kl_documents(engine, params, seed, text_offset, vocab)
+        total = len(self.tasks) + len(self.kl_docs)
         self.kvs = []
         for i, task in enumerate(self.tasks):
             self.kvs.append(full_prefill(engine, task.document))
-            progress(i + 1, len(self.tasks), stage)
+            progress(i + 1, total, stage)
+        self.kl_kvs, self.kl_full = [], []   # full-cache next-token log-probs [T, V] per KL document
+        full_map = HeadMap.full(fp, base.compression)
+        for i, (context, continuation) in enumerate(self.kl_docs):
+            self.kl_kvs.append(full_prefill(engine, context))
+            self.kl_full.append(continuation_logprobs(engine, context, continuation, self.kl_kvs[-1], full_map))
+            progress(len(self.tasks) + i + 1, total, stage)
         self.all_heads = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
 
     def head_map(self, heads: set, window: int, sink: int) -> HeadMap:
@@ -79,41 +99,82 @@ class _Bench:
                               ratio=self.ratio or self.base.compression.ratio)
         return HeadMap(self.fp, self.base.induction, self.base.echo, [], kv, compression, method="calibrated")
 
-    def score(self, heads: set, window: int, sink: int) -> dict:
+    def score(self, heads: set, window: int, sink: int, kl: bool = True) -> dict:
+        """Mean answer log-prob, accuracy (overall and per length), KV bytes and, with `kl`, mean KL."""
         hm = self.head_map(heads, window, sink)
         results = [score_answer(self.engine, t, kv, hm) for t, kv in zip(self.tasks, self.kvs)]
-        # Bytes are reported at the longest calibration length (tasks are ordered by length).
+        per_length = len(self.tasks) // len(self.lengths)        # tasks are ordered by length
+        hits = [r[1] for r in results]
+        # Bytes are reported at the longest calibration length.
         state = session_from_full(self.engine, self.tasks[-1].document, self.kvs[-1], hm)
-        return {"logprob": sum(r[0] for r in results) / len(results),
-                "accuracy": sum(r[1] for r in results) / len(results),
-                "bytes_fraction": state.nbytes() / state.full_nbytes()}
+        point = {"logprob": statistics.mean(r[0] for r in results), "accuracy": statistics.mean(hits),
+                 "accuracy_by_length": [statistics.mean(hits[i:i + per_length])
+                                        for i in range(0, len(hits), per_length)],
+                 "bytes_fraction": state.nbytes() / state.full_nbytes()}
+        if kl:
+            point["kl"] = statistics.mean(
+                kl_divergence(full, continuation_logprobs(self.engine, context, continuation, kv, hm))
+                for (context, continuation), kv, full in zip(self.kl_docs, self.kl_kvs, self.kl_full))
+        return point
+
+
+def _kl_documents(engine: Engine, params: CalibrationParams, seed: int, text_offset: int,
+                  vocab) -> list[tuple[list, list]]:
+    """One (context, continuation) per calibration length: real prose when there is a tokenizer (from
+    `text_offset` on; the quality benchmark reads the first few thousand tokens), random ids otherwise."""
+    docs, rng = [], random.Random(seed)
+    for i, length in enumerate(params.lengths):
+        if params.task == "passkey":
+            ids = real_text(engine.tokenizer, length + params.kl_tokens, offset=text_offset + i * 2_000)
+        else:
+            ids = [rng.randrange(*vocab) for _ in range(length + params.kl_tokens)]
+        docs.append((ids[:length], ids[length:]))
+    return docs
+
+
+def _meets(point: dict, full: dict, params: CalibrationParams) -> bool:
+    """The target: within `max_accuracy_drop` of the full cache at every length, and KL under `max_kl`."""
+    accurate = all(a >= f - params.max_accuracy_drop - 1e-9
+                   for a, f in zip(point["accuracy_by_length"], full["accuracy_by_length"]))
+    return accurate and (params.max_kl is None or point["kl"] <= params.max_kl)
+
+
+def _rounded(point: dict) -> dict:
+    def r(x):  # + 0.0 turns -0.0 into 0.0
+        return round(x, 5) + 0.0 if isinstance(x, float) else x
+
+    return {key: [r(x) for x in v] if isinstance(v, list) else r(v) for key, v in point.items()}
 
 
 def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = CalibrationParams(),
               progress: Progress | None = None) -> HeadMap:
-    """A head map with the smallest measured set of full KV heads meeting the accuracy target."""
+    """A head map with the smallest measured set of full KV heads meeting the target."""
     start = time.perf_counter()
     report = progress or (lambda done, total, stage: None)
-    bench = _Bench(engine, base, params, params.seed, params.n_tasks, report, "prefilling calibration tasks")
+    bench = _Bench(engine, base, params, params.seed, params.n_tasks, 20_000, report,
+                   "prefilling calibration tasks")
     window0 = params.windows[len(params.windows) // 2]
     sink0 = params.sinks[-1]
     full = bench.score(set(bench.all_heads), window0, sink0)
-    target = full["accuracy"] - params.max_accuracy_drop
     order = _ablation_order(bench, base, full["logprob"], window0, sink0, report)
     candidates = []
     shapes = [(w, s) for w in params.windows for s in params.sinks]
     for i, (window, sink) in enumerate(shapes):
-        _search_smallest(bench, order, window, sink, target, candidates)
+        _search_smallest(bench, order, window, sink, lambda p: _meets(p, full, params), candidates)
         report(i + 1, len(shapes), "searching head sets per window and sink")
-    best = _pick([c for c in candidates if c["accuracy"] >= target])
+    best = _pick([c for c in candidates if c["meets"]])
     checks = []
     if params.n_validation:
-        held_out = _Bench(engine, base, params, params.seed + 1000, params.n_validation, report,
+        held_out = _Bench(engine, base, params, params.seed + 1000, params.n_validation, 30_000, report,
                           "prefilling validation tasks")
-        best = _validate(held_out, order, best, target, checks)
+        held_out_full = held_out.score(set(held_out.all_heads), best["window"], best["sink"])
+        checks.append({"k": len(order), **_rounded(held_out_full)})
+        best = _validate(held_out, order, best, lambda p: _meets(p, held_out_full, params), checks)
     chosen = bench.head_map(set(map(tuple, order[:best["k"]])), best["window"], best["sink"])
     record = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()},
-              "full_accuracy": full["accuracy"], "full_logprob": full["logprob"], "target_accuracy": target,
+              "full_accuracy": full["accuracy"], "full_accuracy_by_length": full["accuracy_by_length"],
+              "full_logprob": full["logprob"],
+              "target_accuracy_by_length": [a - params.max_accuracy_drop for a in full["accuracy_by_length"]],
               "order": order, "candidates": candidates, "validation": checks, "chosen": best,
               "base_version": base.version}
     return replace(chosen, calibration=record, method="razor+calibrated", version="",
@@ -128,17 +189,22 @@ def _pick(meeting: list[dict]) -> dict:
     return min(near, key=lambda c: (-c["sink"], -c["window"], c["k"]))
 
 
-def _validate(held_out: _Bench, order: list[list[int]], best: dict, target: float, checks: list[dict]) -> dict:
-    """Confirm the choice on held-out tasks; while it misses the target, add ~3% of KV heads (the paper
+def _validate(held_out: _Bench, order: list[list[int]], best: dict, meets: Callable[[dict], bool],
+              checks: list[dict]) -> dict:
+    """Confirm the choice on held-out tasks; while it misses the target there, add ~3% of KV heads (the paper
     authors' own fallback) from the ablation order."""
     step = max(1, math.ceil(0.03 * len(order)))
     k = best["k"]
     while True:
         point = {"k": k, "window": best["window"], "sink": best["sink"],
                  **held_out.score(set(map(tuple, order[:k])), best["window"], best["sink"])}
-        checks.append({key: round(v, 5) if isinstance(v, float) else v for key, v in point.items()})
-        if point["accuracy"] >= target or k >= len(order):
-            return {**best, "k": k, "validation_accuracy": point["accuracy"]}
+        point["meets"] = meets(point) or k >= len(order)
+        checks.append(_rounded(point))
+        if point["meets"]:
+            checked = _rounded(point)
+            return {**best, "k": k, "validation_accuracy": checked["accuracy"],
+                    "validation_accuracy_by_length": checked["accuracy_by_length"],
+                    "validation_kl": checked["kl"]}
         k = min(len(order), k + step)
 
 
@@ -149,7 +215,7 @@ def _ablation_order(bench: _Bench, base: HeadMap, full_logprob: float, window: i
     group = bench.fp.group_size
     damage = {}
     for i, head in enumerate(bench.all_heads):
-        damage[head] = full_logprob - bench.score(everything - {head}, window, sink)["logprob"]
+        damage[head] = full_logprob - bench.score(everything - {head}, window, sink, kl=False)["logprob"]
         report(i + 1, len(bench.all_heads), "ablating KV heads")
 
     def profile_score(head):
@@ -161,23 +227,24 @@ def _ablation_order(bench: _Bench, base: HeadMap, full_logprob: float, window: i
     return [list(h) for h in ranked]
 
 
-def _search_smallest(bench: _Bench, order: list[list[int]], window: int, sink: int, target: float,
-                     candidates: list[dict]) -> None:
-    """Binary search the smallest k whose top-k heads meet `target`; appends every point tried."""
-    lo, hi = 0, len(order)               # hi always meets the target (all heads full)
+def _search_smallest(bench: _Bench, order: list[list[int]], window: int, sink: int,
+                     meets: Callable[[dict], bool], candidates: list[dict]) -> None:
+    """Binary search the smallest k whose top-k heads meet the target; appends every point tried."""
+    def tried(k: int) -> dict:
+        point = {"k": k, "window": window, "sink": sink, **bench.score(set(map(tuple, order[:k])), window, sink)}
+        point = _rounded({**point, "meets": meets(point) or k == len(order)})   # all heads full = the full cache
+        candidates.append(point)
+        return point
+
+    lo, hi = 0, len(order)
     while lo < hi:
         k = (lo + hi) // 2
-        point = {"k": k, "window": window, "sink": sink, **bench.score(set(map(tuple, order[:k])), window, sink)}
-        candidates.append(point)
-        if point["accuracy"] >= target:
+        if tried(k)["meets"]:
             hi = k
         else:
             lo = k + 1
     if not any((c["k"], c["window"], c["sink"]) == (hi, window, sink) for c in candidates):
-        candidates.append({"k": hi, "window": window, "sink": sink,
-                           **bench.score(set(map(tuple, order[:hi])), window, sink)})
-    for c in candidates:
-        c.update({key: round(c[key], 5) for key in ("logprob", "accuracy", "bytes_fraction")})
+        tried(hi)
 
 
 def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None) -> HeadMap:

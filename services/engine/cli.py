@@ -41,7 +41,8 @@ def cmd_profile(args) -> int:
             bar.set_description(stage)
         bar.update(done - bar.n)
 
-    calibration = CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy") \
+    calibration = CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy",
+                                    max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl) \
         if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
@@ -103,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--ratio", type=float, default=c.ratio)
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured passkey retrieval (see calibration.py)")
+    cal = CalibrationParams()
+    prof.add_argument("--max-accuracy-drop", type=float, default=cal.max_accuracy_drop,
+                      help="calibration target: accuracy within this of the full cache at every length")
+    prof.add_argument("--max-kl", type=float, default=cal.max_kl,
+                      help="calibration target (also): mean KL to the full cache on real text below this (nats)")
     prof.add_argument("--out", default="headmap.json")
     prof.add_argument("--png", default="", help="also write the score heatmap here")
     gen = sub.add_parser("generate", help="generate with the full cache and with compression")

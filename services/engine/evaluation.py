@@ -112,17 +112,26 @@ def score_answer(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap
 
 
 @torch.no_grad()
+def continuation_logprobs(engine: Engine, context: list[int], continuation: list[int], full_kv,
+                          head_map: HeadMap) -> torch.Tensor:
+    """Next-token log-probabilities [T, V] over a teacher-forced continuation of a cached context."""
+    state = session_from_full(engine, context, full_kv, head_map)
+    ids = torch.tensor([continuation], device=engine.model.device)
+    logits = engine.model(ids, cache=state.cache, use_cache=True, razor_cache=state.cache).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def kl_divergence(full: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(full || other) of two [T, V] log-probability tensors."""
+    return float((full.exp() * (full - other)).sum(-1).mean())
+
+
 def continuation_kl(engine: Engine, context: list[int], continuation: list[int], full_kv,
                     head_map: HeadMap) -> float:
     """Mean KL(full || compressed) of next-token distributions over a teacher-forced continuation."""
-    dists = []
-    for hm in (HeadMap.full(engine.loaded.fingerprint, head_map.compression), head_map):
-        state = session_from_full(engine, context, full_kv, hm)
-        ids = torch.tensor([continuation], device=engine.model.device)
-        logits = engine.model(ids, cache=state.cache, use_cache=True, razor_cache=state.cache).logits[0]
-        dists.append(torch.log_softmax(logits.float(), dim=-1))
-    full, comp = dists
-    return float((full.exp() * (full - comp)).sum(-1).mean())
+    full = continuation_logprobs(engine, context, continuation, full_kv,
+                                 HeadMap.full(engine.loaded.fingerprint, head_map.compression))
+    return kl_divergence(full, continuation_logprobs(engine, context, continuation, full_kv, head_map))
 
 
 def real_text(tokenizer, n_tokens: int, offset: int = 0) -> list[int]:

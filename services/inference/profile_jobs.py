@@ -58,7 +58,9 @@ class ProfileJobs:
         params = dict(params or {})
         if not isinstance(model_ref, str):
             raise ValueError("model reference must be a string (empty = the embedded SmolLM2)")
-        parse_profile_params(params)   # raises ValueError with what to fix
+        targets = parse_profile_params(params)[2]   # raises ValueError with what to fix
+        if targets and calibrate is False:
+            raise ValueError(f"{sorted(targets)} are calibration targets; drop them or set calibrate=true")
         job_id = uuid.uuid4().hex
         record = {"model_ref": model_ref, "params": json.dumps(params), "submitted_at": time.time()}
         try:
