@@ -125,10 +125,10 @@ class HeadMapStore:
         return version
 
     def activate(self, fingerprint: ModelFingerprint | str, version: str) -> None:
-        """Mark `version` active and notify subscribers. KeyError if it was never published."""
+        """Mark `version` active and notify subscribers. KeyError if it was never published, HeadMapError if
+        the stored map is unusable (then nothing changes: a map no reader would load never becomes active)."""
         fp = _fp_id(fingerprint)
-        if not self.client.exists(map_key(fp, version)):
-            raise KeyError(f"no head map version {version!r} for model {fp}")
+        self.get(fingerprint, version)
         pipe = self.client.pipeline(transaction=True)
         pipe.set(_active_key(fp), version)
         pipe.publish(CHANNEL, json.dumps({"fingerprint": fp, "version": version}))

@@ -158,3 +158,14 @@ def flushed_db(redis_url: str, db: int) -> str:
     url = redis_url.rsplit("/", 1)[0] + f"/{db}"
     redis.Redis.from_url(url).flushdb()
     return url
+
+
+def announce_raw(client, fp_id: str, version: str) -> None:
+    """What a publisher bypassing `HeadMapStore.activate` (which refuses unusable maps) could do: mark a
+    version active in Redis and notify the services."""
+    import json
+
+    from services.headmap_store import CHANNEL
+
+    client.set(f"razor:headmaps:{fp_id}:active", version)
+    client.publish(CHANNEL, json.dumps({"fingerprint": fp_id, "version": version}))

@@ -6,7 +6,7 @@ import json
 import pytest
 import redis
 
-from conftest import RedisServer
+from conftest import RedisServer, announce_raw
 from services.engine import CompressionParams, HeadMap, HeadMapError, ModelFingerprint
 from services.headmap_store import CHANNEL, HeadMapStore, map_key, params_digest, parse_profile_params
 from services.inference.headmaps import HeadMapRegistry
@@ -131,7 +131,10 @@ def test_registry_refuses_bad_map_and_keeps_the_old(store, registry, corrupt):
         text["induction"] = [[0.0] * 3] * 4
     version = f"bad-{corrupt.replace(' ', '-')}"
     store.client.set(map_key(FP.id, version), "{{{" if corrupt == "not json" else json.dumps(text))
-    store.activate(FP, version)
+    with pytest.raises(HeadMapError):
+        store.activate(FP, version)               # the store refuses to activate it ...
+    assert store.active_version(FP) != version
+    announce_raw(store.client, FP.id, version)    # ... a raw writer announces it anyway
     assert registry.wait_processed(version).startswith("rejected")
     assert registry.active.version == good
 

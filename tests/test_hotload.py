@@ -7,15 +7,16 @@ Outputs are compared with the engine run in-process with the map each session wa
 """
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
 import pytest
 import redis
 
-from conftest import flushed_db
+from conftest import announce_raw, flushed_db
 from services.api.razorserve.v1 import razorserve_pb2 as pb
-from services.engine import HeadMap, load_model
+from services.engine import HeadMap, HeadMapError, load_model
 from services.headmap_store import HeadMapStore, map_key
 from services.inference.client import RazorClient
 from services.inference.headmaps import HeadMapRegistry
@@ -128,8 +129,6 @@ def test_profile_job_hot_loads_while_old_sessions_keep_their_map(worker, service
 
 def _wrong_shapes(head_map: HeadMap) -> str:
     """The map's JSON with one layer's KV heads dropped, still claiming the map's version."""
-    import json
-
     doc = json.loads(head_map.to_json())
     doc["retrieval_kv_heads"] = doc["retrieval_kv_heads"][:-1]
     return json.dumps(doc)
@@ -146,7 +145,9 @@ def test_bad_maps_are_refused_and_the_active_map_stays(service, store, tiny_load
         active = client.server_info().head_map.version
         for version, (text, reason) in bad.items():
             store.client.set(map_key(fp.id, version), text)   # what a faulty publisher could leave
-            store.activate(fp, version)                        # ... and announce
+            with pytest.raises(HeadMapError, match=reason):    # the store will not activate it ...
+                store.activate(fp, version)
+            announce_raw(store.client, fp.id, version)         # ... but a raw writer can still announce it
             outcome = registry.wait_processed(version)
             assert outcome and outcome.startswith("rejected") and reason in outcome, (version, outcome)
             assert client.server_info().head_map.version == active, "the previous map stays active"
