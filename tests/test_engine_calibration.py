@@ -23,6 +23,7 @@ def test_calibration_recovers_exactly_the_planted_head():
     assert any(c["k"] == 0 and c["accuracy"] < 1.0 for c in record["candidates"])
     assert {"prefilling calibration tasks", "ablating KV heads", "prefilling validation tasks"} <= set(seen)
     assert record["validation"][-1]["accuracy"] == 1.0  # confirmed on held-out copy tasks
+    assert record["chosen"]["measured_on"] == "held-out" and record["validation_full"]["accuracy"] == 1.0
     # another point on the recorded curve, without re-profiling
     wider = variant_at(head_map, 2, 32)
     assert sum(map(len, wider.retrieval_kv_heads)) == 2 and wider.compression.min_window == 32

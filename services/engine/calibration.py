@@ -162,20 +162,20 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
     for i, (window, sink) in enumerate(shapes):
         _search_smallest(bench, order, window, sink, lambda p: _meets(p, full, params), candidates)
         report(i + 1, len(shapes), "searching head sets per window and sink")
-    best = _pick([c for c in candidates if c["meets"]])
-    checks = []
+    best = {**_pick([c for c in candidates if c["meets"]]), "measured_on": "calibration"}
+    checks, held_out_full = [], None
     if params.n_validation:
         held_out = _Bench(engine, base, params, params.seed + 1000, params.n_validation, 30_000, report,
                           "prefilling validation tasks")
-        held_out_full = held_out.score(set(held_out.all_heads), best["window"], best["sink"])
-        checks.append({"k": len(order), **_rounded(held_out_full)})
+        held_out_full = _rounded(held_out.score(set(held_out.all_heads), best["window"], best["sink"]))
         best = _validate(held_out, order, best, lambda p: _meets(p, held_out_full, params), checks)
     chosen = bench.head_map(set(map(tuple, order[:best["k"]])), best["window"], best["sink"])
     record = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()},
               "full_accuracy": full["accuracy"], "full_accuracy_by_length": full["accuracy_by_length"],
               "full_logprob": full["logprob"],
               "target_accuracy_by_length": [a - params.max_accuracy_drop for a in full["accuracy_by_length"]],
-              "order": order, "candidates": candidates, "validation": checks, "chosen": best,
+              "order": order, "candidates": candidates, "validation_full": held_out_full, "validation": checks,
+              "chosen": best,
               "base_version": base.version}
     return replace(chosen, calibration=record, method="razor+calibrated", version="",
                    retrieval_q_heads=base.retrieval_q_heads, method_params=base.method_params,
@@ -200,11 +200,8 @@ def _validate(held_out: _Bench, order: list[list[int]], best: dict, meets: Calla
                  **held_out.score(set(map(tuple, order[:k])), best["window"], best["sink"])}
         point["meets"] = meets(point) or k >= len(order)
         checks.append(_rounded(point))
-        if point["meets"]:
-            checked = _rounded(point)
-            return {**best, "k": k, "validation_accuracy": checked["accuracy"],
-                    "validation_accuracy_by_length": checked["accuracy_by_length"],
-                    "validation_kl": checked["kl"]}
+        if point["meets"]:   # the chosen point, as measured on the held-out documents
+            return {**checks[-1], "measured_on": "held-out", "searched_k": best["k"]}
         k = min(len(order), k + step)
 
 
