@@ -44,6 +44,19 @@ def test_fused_lse_attention_equals_matmul_reference():
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_len, kv_len", [(11, 11), (4, 11), (1, 11)])   # prefill, continued turn, decode
+def test_chunked_matmul_attention_equals_one_chunk_and_the_fused_kernel(q_len, kv_len):
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 6, q_len, 16), torch.randn(1, 2, kv_len, 16), torch.randn(1, 2, kv_len, 16)
+    k6, v6 = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    whole = attend_with_lse_math(q, k6, v6, 0.25)
+    chunked = attend_with_lse_math(q, k6, v6, 0.25, chunk_elements=6 * kv_len * 2)   # two query rows at a time
+    fused = attend_with_lse(q, k, v, 0.25)
+    for got in (chunked, fused):
+        torch.testing.assert_close(got[0], whole[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], whole[1], atol=1e-5, rtol=1e-5)
+
+
 def test_incremental_running_mean_equals_batch_mean():
     torch.manual_seed(1)
     params = CompressionParams(sink=2, min_window=3, ratio=1000.0)

@@ -35,6 +35,10 @@ def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     # q: [B, Hq, Q, D]; k, v: [B, Hkv, S, D] with Hq a multiple of Hkv -> [B, Hq, Q, D]
     q_len, kv_len = q.shape[-2], k.shape[-2]
+    if q_len == kv_len and q_len > 1:
+        # A fresh prefill: is_causal keeps the fused (flash) kernels and builds no [Q, S] mask, which at 32k
+        # tokens would be a gigabyte on its own.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     mask = None if q_len == 1 else causal_mask(q_len, kv_len, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
@@ -50,23 +54,40 @@ def attend_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
         # PyTorch's fused CPU flash kernel also returns the LSE (a private op: guarded, with a fallback).
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        if q_len == kv_len and q_len > 1:   # top-left and bottom-right causality agree: no mask needed
+            return _CPU_FLASH(q, k, v, 0.0, True, scale=scale)
         mask = None
-        if q.shape[-2] > 1:
-            allowed = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        if q_len > 1:
+            allowed = causal_mask(q_len, kv_len, q.device)
             mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
         out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
         return out, lse
     return attend_with_lse_math(q, k, v, scale)
 
 
-def attend_with_lse_math(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same in plain matmuls (any device); k, v already expanded to the query heads."""
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale          # [B, Hq, Q, S]
-    if q.shape[-2] > 1:
-        logits = logits.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)                                           # [B, Hq, Q]
-    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.float())
-    return out.to(q.dtype), lse
+MATH_CHUNK_ELEMENTS = 1 << 26   # logits per query chunk in the matmul path: 256 MiB of float32
+
+
+def attend_with_lse_math(q, k, v, scale: float, chunk_elements: int = MATH_CHUNK_ELEMENTS
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in plain matmuls (any device); k, v already expanded to the query heads.
+
+    Queries go in chunks so the [B, Hq, chunk, S] logits stay under `chunk_elements`: a long new turn
+    over a long window (e.g. on a GPU without flash-attn) would otherwise materialise Q x S logits at once."""
+    bsz, n_heads, q_len, _ = q.shape
+    kv_len = k.shape[-2]
+    rows = max(1, chunk_elements // max(1, bsz * n_heads * kv_len))
+    mask = causal_mask(q_len, kv_len, q.device) if q_len > 1 else None              # [Q, S]
+    outs, lses = [], []
+    for start in range(0, q_len, rows):
+        logits = torch.matmul(q[:, :, start:start + rows].float(), k.float().transpose(-1, -2)) * scale
+        if mask is not None:                                                        # [B, Hq, rows, S]
+            logits = logits.masked_fill(~mask[start:start + rows], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)                                       # [B, Hq, rows]
+        outs.append(torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.float()))
+        lses.append(lse)
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
 def merge_compensation(out, lse, q, comp_k, comp_v, count: int, scale: float) -> torch.Tensor:
