@@ -13,8 +13,8 @@ passkey retrieval entirely. Calibration replaces "top fraction by induction scor
    smallest k that meets the target (accuracy and KL are monotone enough in k in practice; the search records
    every point it tried, with its accuracy per length, KL and bytes).
 4. The cheapest (fewest KV bytes) candidate that meets the target wins, then is confirmed on held-out
-   tasks (other keys and depths): while it misses the target there, ~3% more KV heads are added, the
-   authors' own fallback. Every point tried is recorded in `HeadMap.calibration` so a user can pick
+   tasks (other keys, depths and text), against the full cache on those same tasks: while it misses the
+   target there, ~3% more KV heads are added, the authors' own fallback. Every point tried is recorded in `HeadMap.calibration` so a user can pick
    another point of the curve with `variant_at(...)`.
 """
 from __future__ import annotations
