@@ -22,11 +22,10 @@ from dataclasses import asdict, fields
 
 import redis
 
-from services.engine import CalibrationParams, CompressionParams, HeadMap, HeadMapError, ModelFingerprint, ProfileParams
+from services.engine import (CalibrationParams, CompressionParams, HeadMap, HeadMapError, ModelFingerprint,
+                             ProfileParams)
 
 CHANNEL = "razor:headmaps"
-
-
 CALIBRATION_TARGETS = ("max_accuracy_drop", "max_kl")   # the CalibrationParams a job may set
 
 

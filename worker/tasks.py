@@ -101,8 +101,7 @@ def _load(model_ref: str) -> engine.LoadedModel:
 
 def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
-    calibration = engine.CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy",
-                                           **targets) if calibrate else None
+    calibration = engine.CalibrationParams.for_model(loaded, **targets) if calibrate else None
     return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 
 

@@ -48,6 +48,11 @@ class CalibrationParams:
     sinks: tuple[int, ...] = (1, 4)    # sink sizes tried with every window
     ratio: float | None = None         # C of the calibrated map (None: the base map's); 1e9 = fixed window
 
+    @classmethod
+    def for_model(cls, loaded, **overrides) -> "CalibrationParams":
+        """Passkey tasks for a model with a tokenizer, copy tasks for one without."""
+        return cls(task="passkey" if loaded.tokenizer is not None else "copy", **overrides)
+
     def __post_init__(self):
         object.__setattr__(self, "windows", tuple(sorted(set(self.windows))))
         object.__setattr__(self, "sinks", tuple(sorted(set(self.sinks))))

@@ -1,7 +1,7 @@
 """razor-engine: profile a model, and generate with and without compression, printing KV bytes.
 
-  python -m services.engine.cli profile  [--model REF] [--out map.json] [--png map.png]
-  python -m services.engine.cli generate [--model REF] [--head-map map.json] --prompt TEXT
+  python -m services.engine.cli [--model REF] profile [--calibrate [--max-kl X]] [--out map.json] [--png map.png]
+  python -m services.engine.cli [--model REF] generate [--head-map map.json] --prompt TEXT
 """
 from __future__ import annotations
 
@@ -41,9 +41,8 @@ def cmd_profile(args) -> int:
             bar.set_description(stage)
         bar.update(done - bar.n)
 
-    calibration = CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy",
-                                    max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl) \
-        if args.calibrate else None
+    calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop,
+                                              max_kl=args.max_kl) if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
     with open(args.out, "w") as f:

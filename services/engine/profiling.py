@@ -158,7 +158,7 @@ def profile_model(loaded: LoadedModel, params: ProfileParams = ProfileParams(),
     if not calibrate:
         return head_map
     if calibrate is True:
-        calibrate = CalibrationParams(task="passkey" if loaded.tokenizer is not None else "copy")
+        calibrate = CalibrationParams.for_model(loaded)
     return run_calibration(Engine(loaded, head_map), head_map, calibrate, progress)
 
 
