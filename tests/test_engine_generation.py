@@ -88,7 +88,7 @@ def test_chat_turn_appends_exactly_the_template_delta():
     first = [{"role": "user", "content": "Name a colour."}]
     state, reply = engine.generate(engine.encode(messages=first), SamplingParams(max_new_tokens=12), chat=True)
     second = {"role": "user", "content": "And a fruit?"}
-    turn = engine.encode_turn(state, messages=[second])
+    turn = engine.encode_turn(state.last_token, messages=[second])
     history = first + [{"role": "assistant", "content": reply.text}, second]
     expected = loaded.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     rendered = loaded.tokenizer.decode(state.token_ids + turn)

@@ -173,9 +173,7 @@ def test_copy_output_needs_the_planted_heads_kv_in_the_compressed_cache():
 
     def accuracy(retrieval_kv_heads) -> float:
         cache = engine_mod.CompressedKVCache.from_full(keys, values, retrieval_kv_heads, params)
-        with torch.no_grad():
-            logits = engine.model(torch.tensor([block]), cache=cache, use_cache=True, razor_cache=cache).logits
-        return copy_accuracy(logits[0], block)
+        return copy_accuracy(engine_mod.forward_all(engine.model, block, cache), block)
 
     only_planted = [[planted_kv[1]] if layer == planted_kv[0] else [] for layer in range(fp.n_layers)]
     all_but_planted = [[h for h in heads if (layer, h) != planted_kv] for layer, heads in enumerate(every)]

@@ -31,7 +31,7 @@ def engine_turns(loaded, head_map, prompt=PROMPT, turns=TURNS, params=GREEDY) ->
     state, first = engine.generate(engine.encode(text=prompt), params)
     outs = [first.token_ids]
     for text in turns:
-        outs.append(engine.continue_session(state, engine.encode_turn(state, text=text), params).token_ids)
+        outs.append(engine.continue_session(state, engine.encode_turn(state.last_token, text=text), params).token_ids)
     return outs
 
 
@@ -267,7 +267,7 @@ def test_cancellation_leaves_session_consistent(start_server, tiny_loaded, tiny_
     n_generated = length - len(prompt_ids)
     assert 3 <= n_generated < 4000, "generation stopped early, within a step of the cancel"
     state, _ = engine.generate(prompt_ids, SamplingParams(max_new_tokens=n_generated))
-    expected = engine.continue_session(state, engine.encode_turn(state, text=TURNS[0]), SamplingParams(max_new_tokens=6))
+    expected = engine.continue_session(state, engine.encode_turn(state.last_token, text=TURNS[0]), SamplingParams(max_new_tokens=6))
     assert turn.token_ids == expected.token_ids
 
 

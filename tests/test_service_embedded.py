@@ -23,7 +23,7 @@ def test_chat_turns_over_grpc_equal_the_engine(start_server):
         second = client.continue_session(first.session_id, messages=FOLLOW_UP, max_new_tokens=16)
     engine, params = Engine(loaded, head_map), SamplingParams(max_new_tokens=24)
     state, expected_first = engine.generate(engine.encode(messages=CHAT), params, chat=True)
-    expected_second = engine.continue_session(state, engine.encode_turn(state, messages=FOLLOW_UP),
+    expected_second = engine.continue_session(state, engine.encode_turn(state.last_token, messages=FOLLOW_UP),
                                               SamplingParams(max_new_tokens=16))
     assert first.token_ids == expected_first.token_ids and first.text.strip()
     assert second.token_ids == expected_second.token_ids

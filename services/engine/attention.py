@@ -1,13 +1,14 @@
-"""Attention over the split cache, registered once with transformers as attn_implementation="razor".
+"""Attention over split caches: the kernels, and `razor_attention`, the function `hf.install` registers.
 
-The one place the engine plugs into transformers' attention: `razor_attention` is called by every Llama-family
-attention module after `cache.update(...)`. It reads the module's layer of the `CompressedKVCache` (passed as the
-`razor_cache` forward kwarg) and runs two dense attentions:
-  retrieval heads: SDPA over the full group (what `update` returned)
-  local heads:     attention over sink + window, then the compensation token merged through log-sum-exp
+`razor_attention` is called by every Llama-family attention module after the step cache has appended the new
+tokens. It asks the step target (`batch.StepBatch`) for the output; the target calls the functions here:
+  split_cache_attention   one session's queries against its layer: retrieval heads SDPA over the full group,
+                          local heads over sink + window with the compensation token merged through log-sum-exp
+  padded_decode_attention one decode token for each of several sessions with the same head layout, their
+                          different cache lengths padded and masked, in one kernel call per head group
 The local group's kernel never sees the compensation token, so it stays FlashAttention-compatible (eq. 5 is
-recovered exactly by the LSE merge). With a `razor_probe` kwarg it instead computes eager attention and hands
-the probabilities to the profiler.
+recovered exactly by the LSE merge). With a probe kwarg it instead computes eager attention and hands the
+probabilities to the profiler.
 """
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+
+from . import hf
 
 try:  # optional: only used for CUDA tensors
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - no flash-attn on CPU machines
     flash_attn_func = None
 
-ATTN_NAME = "razor"
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -90,14 +91,16 @@ def attend_with_lse_math(q, k, v, scale: float, chunk_elements: int = MATH_CHUNK
     return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
-def merge_compensation(out, lse, q, comp_k, comp_v, count: int, scale: float) -> torch.Tensor:
+def merge_compensation(out, lse, q, comp_k, comp_v, count, scale: float) -> torch.Tensor:
     """Add the compensation token as `count` copies of (k̂, v̂) to an attention result (paper eq. 5).
 
-    out: [B, Hq, Q, D], lse: [B, Hq, Q], q: [B, Hq, Q, D], comp_k/comp_v: [B, Hkv, 1, D] (float32)
+    out: [B, Hq, Q, D], lse: [B, Hq, Q], q: [B, Hq, Q, D], comp_k/comp_v: [B, Hkv, 1, D] (float32);
+    count: an int, or a float tensor broadcastable to [B, Hq, Q] (0 = no compensation for that row)
     """
     group = q.shape[1] // comp_k.shape[1]
     comp_k, comp_v = comp_k.repeat_interleave(group, dim=1), comp_v.repeat_interleave(group, dim=1)
-    comp_logit = (q.float() * comp_k).sum(-1) * scale + math.log(count)            # [B, Hq, Q]
+    log_count = math.log(count) if isinstance(count, int) else torch.log(count)   # log(0) = -inf: weight 0
+    comp_logit = (q.float() * comp_k).sum(-1) * scale + log_count                   # [B, Hq, Q]
     total = torch.logaddexp(lse.float(), comp_logit)
     w_local = torch.exp(lse.float() - total).unsqueeze(-1)
     w_comp = torch.exp(comp_logit - total).unsqueeze(-1)
@@ -113,18 +116,18 @@ def eager_probs(q, k, scale: float) -> torch.Tensor:
 
 
 def razor_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention interface. query: [B, Hq, Q, D] -> ([B, Q, Hq, D], None)."""
+    """transformers attention interface. query: [1, Hq, T, D] -> ([1, T, Hq, D], None)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    probe, cache = kwargs.get("razor_probe"), kwargs.get("razor_cache")
+    step, probe = hf.step_kwargs(kwargs)
     if probe is not None:
         probs = eager_probs(query, key, scale)
         probe.record(module.layer_idx, probs)
         group = query.shape[1] // key.shape[1]
         out = torch.matmul(probs.to(value.dtype), value.repeat_interleave(group, dim=1))
-    elif cache is None:
+    elif step is None:
         out = sdpa(query, key, value, scale)
     else:
-        out = split_cache_attention(query, cache.layers[module.layer_idx], scale)
+        out = step.attend(module.layer_idx, query, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -158,7 +161,49 @@ def _query_heads_cached(kv_heads: tuple[int, ...], group: int, device) -> torch.
     return torch.tensor([h * group + g for h in kv_heads for g in range(group)], device=device)
 
 
-def install(model) -> None:
-    """Register the razor attention function (idempotent) and switch `model` to it."""
-    AttentionInterface.register(ATTN_NAME, razor_attention)
-    model.set_attn_implementation(ATTN_NAME)
+def padded_decode_attention(q: torch.Tensor, layers: list, masks, scale: float) -> torch.Tensor:
+    """One decode query per session, sessions sharing a head layout. q: [B, Hq, 1, D] -> [B, Hq, 1, D].
+
+    `layers`: each session's RazorLayer for this layer index; `masks`: a `DecodeMasks` for these sessions
+    (key-padding masks of both groups and the compensation counts, built once per step)."""
+    first = layers[0]
+    group = q.shape[1] // first.n_kv_heads
+    out = torch.empty_like(q)
+    if first.retrieval_heads:
+        q_idx = _query_heads(first.retrieval_heads, group, q.device)
+        keys, values = _padded([l.keys for l in layers]), _padded([l.values for l in layers])   # [B, r, S, D]
+        out[:, q_idx] = F.scaled_dot_product_attention(q[:, q_idx], keys, values, attn_mask=masks.retrieval,
+                                                       scale=scale, enable_gqa=True)
+    if first.local_heads:
+        q_idx = _query_heads(first.local_heads, group, q.device)
+        q_local = q[:, q_idx]
+        keys, values = _padded([l.local_keys for l in layers]), _padded([l.local_values for l in layers])
+        o, lse = attend_with_lse_masked(q_local, keys, values, masks.local_bias, scale)
+        comp_k, comp_v = _stacked_comp(layers, keys)
+        out[:, q_idx] = merge_compensation(o, lse, q_local, comp_k, comp_v, masks.comp_count, scale)
+    return out
+
+
+def _padded(views: list[torch.Tensor]) -> torch.Tensor:
+    """[1, h, S_i, D] views -> [B, h, max S_i, D], zero padded after each session's rows."""
+    rows = [v[0].transpose(0, 1) for v in views]                                          # [S_i, h, D]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).transpose(1, 2)       # [B, h, S, D]
+
+
+def _stacked_comp(layers: list, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compensation means [B, l, 1, D] float32; zeros for sessions with none yet (their count is 0)."""
+    zero = torch.zeros(like.shape[1], 1, like.shape[3], dtype=torch.float32, device=like.device)
+    keys = torch.stack([zero if l.comp_keys is None else l.comp_keys[0] for l in layers])
+    values = torch.stack([zero if l.comp_values is None else l.comp_values[0] for l in layers])
+    return keys, values
+
+
+def attend_with_lse_masked(q, k, v, bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention with an additive key bias (0 or -inf, [B, 1, 1, S]) -> ([B, Hq, Q, D], [B, Hq, Q])."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        return _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias           # [B, Hq, Q, S]
+    lse = torch.logsumexp(logits, dim=-1)
+    return torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.float()).to(q.dtype), lse

@@ -1,13 +1,14 @@
-"""CompressedKVCache: RazorAttention's split KV cache as a transformers `Cache`.
+"""CompressedKVCache: RazorAttention's split KV cache, one session's, in growable storage.
 
-Per decoder layer the KV heads split in two dense groups:
-  retrieval group  [B, r, N, D]       every token, as a normal cache (grows with the session)
-  local group      [B, l, S, D]       the first `sink` tokens + the most recent L_h tokens, S <= sink + L_h
-  compensation     [B, l, 1, D] x 2   running means of every dropped key and value, plus their count
+Per decoder layer the KV heads split in two groups, each a `KVBuffer` (preallocated, grows in place):
+  retrieval group  [1, r, N, D]       every token, as a normal cache (grows with the session)
+  local group      [1, l, S, D]       the first `sink` tokens + the most recent L_h tokens, S <= sink + L_h
+  compensation     [1, l, 1, D] x 2   running means of every dropped key and value (float32), plus their count
 
 L_h = max(S0, ceil(N / C)) as in the paper's Algorithm 1 (S0 = `min_window`, C = `ratio`, N0 = `sink`).
-Dropped tokens are *removed* from the tensors (memory is freed, not masked); `compress()` folds them into
-the compensation token after every forward, so its mean is exact (eq. 4) and grows incrementally in decode.
+Dropped tokens leave the live rows (the store's headroom is bounded and reported by `nbytes()`); `compress()`
+folds them into the compensation token after every forward, so its mean is exact (eq. 4). This module is
+plain torch: `hf.py` is what plugs a batch of these caches into a transformers forward.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .kvbuffer import KVBuffer, capacity_for
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,10 @@ class CompressionParams:
                 "compensation": self.compensation}
 
 
-def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    return new if old is None else torch.cat([old, new], dim=-2)
-
-
-class RazorLayer(CacheLayerMixin):
-    """One layer's split cache. `keys`/`values` (the mixin's fields) hold the retrieval group."""
+class RazorLayer:
+    """One layer's split cache: `retrieval` and `local` KVBuffers plus the compensation token."""
 
     def __init__(self, retrieval_heads: list[int], n_kv_heads: int, params: CompressionParams):
-        super().__init__()
         if any(not 0 <= h < n_kv_heads for h in retrieval_heads):
             raise ValueError(f"retrieval heads {retrieval_heads} out of range for {n_kv_heads} KV heads")
         self.retrieval_heads = sorted(set(retrieval_heads))
@@ -61,96 +58,136 @@ class RazorLayer(CacheLayerMixin):
         self.n_kv_heads = n_kv_heads
         self.params = params
         self.seq_len = 0                               # N: tokens seen, not tokens stored
-        self.local_keys = self.local_values = None     # [B, l, S, D]
-        self.comp_keys = self.comp_values = None       # [B, l, 1, D] float32 running means
+        self.retrieval: KVBuffer | None = None
+        self.local: KVBuffer | None = None
+        self.comp_keys = self.comp_values = None       # [1, l, 1, D] float32 running means
         self.comp_count = 0                            # |D|: tokens folded into the compensation token
 
-    # --- transformers Cache layer API -----------------------------------------------------------
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
-        self._r_idx = torch.tensor(self.retrieval_heads, dtype=torch.long, device=self.device)
-        self._l_idx = torch.tensor(self.local_heads, dtype=torch.long, device=self.device)
-        self.is_initialized = True
+    # --- views ------------------------------------------------------------------------------------
+    keys = property(lambda self: None if self.retrieval is None else self.retrieval.keys)          # [1, r, N, D]
+    values = property(lambda self: None if self.retrieval is None else self.retrieval.values)
+    local_keys = property(lambda self: None if self.local is None else self.local.keys)            # [1, l, S, D]
+    local_values = property(lambda self: None if self.local is None else self.local.values)
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        # key_states, value_states: [B, n_kv_heads, Q, D], after RoPE
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        assert key_states.shape[1] == self.n_kv_heads, key_states.shape
+    def local_length(self) -> int:
+        return 0 if self.local is None else len(self.local)
+
+    def retrieval_length(self) -> int:
+        return 0 if self.retrieval is None else len(self.retrieval)
+
+    # --- growth -----------------------------------------------------------------------------------
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Add new tokens' keys and values ([1, n_kv_heads, Q, D], after RoPE) to both groups."""
+        assert key_states.shape[0] == 1 and key_states.shape[1] == self.n_kv_heads, key_states.shape
+        self.append_split(self.split(key_states), self.split(value_states))
+
+    def split(self, states: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """[B, n_kv_heads, Q, D] -> (retrieval heads' rows, local heads' rows); a batch splits once for all."""
+        if not hasattr(self, "_r_idx"):
+            self._index(states.device)
+        pick = lambda idx: states.index_select(1, idx) if len(idx) else None   # noqa: E731
+        return pick(self._r_idx), pick(self._l_idx)
+
+    def append_split(self, keys: tuple, values: tuple) -> None:
+        """Append (retrieval, local) pairs as `split` returns them, each [1, h, Q, D]."""
+        (k_r, k_l), (v_r, v_l) = keys, values
+        like = k_r if k_r is not None else k_l
+        if self.retrieval is None and self.local is None:
+            self._allocate(like)
+        if self.retrieval is not None:
+            self.retrieval.append(k_r, v_r)
+        if self.local is not None:
+            self.local.append(k_l, v_l)
+        self.seq_len += like.shape[-2]
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        _, _, q_len, head_dim = like.shape
+        self._index(like.device)
         if self.retrieval_heads:
-            self.keys = _cat(self.keys, key_states.index_select(1, self._r_idx))
-            self.values = _cat(self.values, value_states.index_select(1, self._r_idx))
+            self.retrieval = KVBuffer(len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
         if self.local_heads:
-            self.local_keys = _cat(self.local_keys, key_states.index_select(1, self._l_idx))
-            self.local_values = _cat(self.local_values, value_states.index_select(1, self._l_idx))
-        self.seq_len += key_states.shape[-2]
-        return self.keys, self.values
+            self.local = KVBuffer(len(self.local_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seq_len + query_length, 0
+    def _index(self, device) -> None:
+        self._r_idx = torch.tensor(self.retrieval_heads, dtype=torch.long, device=device)
+        self._l_idx = torch.tensor(self.local_heads, dtype=torch.long, device=device)
 
-    def get_seq_length(self) -> int:
-        return self.seq_len
-
-    def get_max_length(self) -> int:
-        return -1
-
-    # --- compression ----------------------------------------------------------------------------
+    # --- compression ------------------------------------------------------------------------------
     def compress(self) -> None:
         """Fold local tokens outside sink + window into the compensation token (eq. 4, running mean)."""
-        if self.local_keys is None:
+        if self.local is None:
             return
-        stored = self.local_keys.shape[-2]
+        stored = len(self.local)
         n_sink = min(self.params.sink, stored)
-        keep_recent = self.params.window(self.seq_len)
-        n_drop = stored - n_sink - keep_recent
+        n_drop = stored - n_sink - self.params.window(self.seq_len)
         if n_drop <= 0:
             return
-        drop = slice(n_sink, n_sink + n_drop)
         if self.params.compensation:
-            self._fold(self.local_keys[..., drop, :], self.local_values[..., drop, :])
-        kept = lambda t: torch.cat([t[..., :n_sink, :], t[..., n_sink + n_drop:, :]], dim=-2)  # noqa: E731
-        # torch.cat copies, so the dropped rows' storage is released here.
-        self.local_keys, self.local_values = kept(self.local_keys), kept(self.local_values)
+            drop = slice(n_sink, n_sink + n_drop)
+            self._fold(self.local.keys[..., drop, :], self.local.values[..., drop, :])
+        self.local.evict(n_sink, n_drop)
+        self.local.shrink()
 
     def _fold(self, k_drop: torch.Tensor, v_drop: torch.Tensor) -> None:
-        # k_drop, v_drop: [B, l, d, D]; mean_new = mean_old + (sum - d * mean_old) / (count + d)
+        # k_drop, v_drop: [1, l, d, D]. Running mean: mean += (mean(dropped) - mean) * d / (count + d), in place.
         d = k_drop.shape[-2]
-        k_sum = k_drop.float().sum(dim=-2, keepdim=True)
-        v_sum = v_drop.float().sum(dim=-2, keepdim=True)
-        if self.comp_count == 0:
-            self.comp_keys, self.comp_values = k_sum / d, v_sum / d
-        else:
-            total = self.comp_count + d
-            self.comp_keys = self.comp_keys + (k_sum - d * self.comp_keys) / total
-            self.comp_values = self.comp_values + (v_sum - d * self.comp_values) / total
+        k_mean = k_drop.mean(dim=-2, keepdim=True, dtype=torch.float32)
+        v_mean = v_drop.mean(dim=-2, keepdim=True, dtype=torch.float32)
         self.comp_count += d
+        if self.comp_count == d:
+            self.comp_keys, self.comp_values = k_mean, v_mean
+        else:
+            self.comp_keys.lerp_(k_mean, d / self.comp_count)
+            self.comp_values.lerp_(v_mean, d / self.comp_count)
 
-    # --- accounting -----------------------------------------------------------------------------
+    # --- accounting -------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        tensors = (self.keys, self.values, self.local_keys, self.local_values, self.comp_keys, self.comp_values)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes allocated on the device for this layer (storage headroom included)."""
+        buffers = sum(b.nbytes() for b in (self.retrieval, self.local) if b is not None)
+        comp = sum(t.numel() * t.element_size() for t in (self.comp_keys, self.comp_values) if t is not None)
+        return buffers + comp
 
     def full_nbytes(self) -> int:
         """Bytes a full cache of the same length would hold for this layer."""
-        ref = self.keys if self.keys is not None else self.local_keys
+        ref = self.retrieval if self.retrieval is not None else self.local
         if ref is None:
             return 0
-        bsz, _, _, head_dim = ref.shape
-        return 2 * bsz * self.n_kv_heads * self.seq_len * head_dim * ref.element_size()
+        return 2 * self.n_kv_heads * self.seq_len * ref.head_dim * ref.k_store.element_size()
 
-    def local_length(self) -> int:
-        return 0 if self.local_keys is None else self.local_keys.shape[-2]
+    def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
+        """Most bytes this layer can hold while it grows to `seq_len` tokens fed `chunk` at a time."""
+        r_rows = capacity_for(seq_len) if self.retrieval_heads else 0
+        l_rows = capacity_for(self.params.sink + self.params.window(seq_len) + chunk) if self.local_heads else 0
+        comp = 2 * len(self.local_heads) * head_dim * 4
+        return 2 * head_dim * itemsize * (len(self.retrieval_heads) * r_rows + len(self.local_heads) * l_rows) + comp
+
+    # --- spilling ---------------------------------------------------------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        named = {"keys": self.keys, "values": self.values, "local_keys": self.local_keys,
+                 "local_values": self.local_values, "comp_keys": self.comp_keys, "comp_values": self.comp_values}
+        return {name: t.contiguous() for name, t in named.items() if t is not None}
+
+    def load_tensors(self, present: dict[str, torch.Tensor], seq_len: int, comp_count: int) -> None:
+        any_kv = present.get("keys", present.get("local_keys"))
+        self._index(any_kv.device)
+        if "keys" in present:
+            self.retrieval = KVBuffer.holding(present["keys"], present["values"])
+        if "local_keys" in present:
+            self.local = KVBuffer.holding(present["local_keys"], present["local_values"])
+        self.comp_keys, self.comp_values = present.get("comp_keys"), present.get("comp_values")
+        self.seq_len, self.comp_count = seq_len, comp_count
 
 
-class CompressedKVCache(Cache):
-    """A `Cache` of `RazorLayer`s. `retrieval_kv_heads[layer]` lists the KV heads kept in full."""
+class CompressedKVCache:
+    """One session's `RazorLayer`s. `retrieval_kv_heads[layer]` lists the KV heads kept in full."""
 
     def __init__(self, retrieval_kv_heads: list[list[int]], n_kv_heads: int, params: CompressionParams):
-        super().__init__(layers=[RazorLayer(heads, n_kv_heads, params) for heads in retrieval_kv_heads])
+        self.layers = [RazorLayer(heads, n_kv_heads, params) for heads in retrieval_kv_heads]
         self.params = params
         self.retrieval_kv_heads = [layer.retrieval_heads for layer in self.layers]
         self.n_kv_heads = n_kv_heads
+        # Sessions with equal layouts split every layer the same way, so a batch attends to them together.
+        self.layout = (tuple(tuple(h) for h in self.retrieval_kv_heads), params)
 
     @property
     def seq_length(self) -> int:
@@ -159,16 +196,19 @@ class CompressedKVCache(Cache):
     @classmethod
     def from_full(cls, keys: list[torch.Tensor], values: list[torch.Tensor], retrieval_kv_heads: list[list[int]],
                   params: CompressionParams) -> "CompressedKVCache":
-        """Compress a full cache (per layer [B, n_kv_heads, N, D]) after the fact.
+        """Compress a full cache (per layer [1, n_kv_heads, N, D]) after the fact.
 
         Prefill attention is exact whatever the head map, so this equals prefilling with the map: evaluations
         prefill a document once and derive every compressed variant from it.
         """
         cache = cls(retrieval_kv_heads, keys[0].shape[1], params)
         for layer, k, v in zip(cache.layers, keys, values):
-            layer.update(k, v)
+            layer.append(k, v)
         cache.compress()
         return cache
+
+    def append(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.layers[layer_idx].append(key_states, value_states)
 
     def compress(self) -> None:
         for layer in self.layers:
@@ -183,32 +223,26 @@ class CompressedKVCache(Cache):
     def layer_nbytes(self) -> list[int]:
         return [layer.nbytes() for layer in self.layers]
 
-    # --- spilling: a flat dict of tensors plus JSON-safe metadata ----------------------------------
-    _TENSORS = ("keys", "values", "local_keys", "local_values", "comp_keys", "comp_values")
+    def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
+        """Most bytes the cache can hold once it has grown to `seq_len` tokens (for admission budgets)."""
+        return sum(layer.bytes_bound(seq_len, chunk, head_dim, itemsize) for layer in self.layers)
 
+    # --- spilling: a flat dict of tensors plus JSON-safe metadata ----------------------------------
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {}
-        for i, layer in enumerate(self.layers):
-            for name in self._TENSORS:
-                t = getattr(layer, name)
-                if t is not None:
-                    tensors[f"{i}.{name}"] = t
+        tensors = {f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.to_tensors().items()}
         meta = {"n_kv_heads": self.n_kv_heads, "params": self.params.to_dict(),
                 "retrieval_kv_heads": self.retrieval_kv_heads,
                 "seq_len": [layer.seq_len for layer in self.layers],
                 "comp_count": [layer.comp_count for layer in self.layers]}
         return tensors, meta
 
+    _TENSORS = ("keys", "values", "local_keys", "local_values", "comp_keys", "comp_values")
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, device) -> "CompressedKVCache":
         cache = cls(meta["retrieval_kv_heads"], meta["n_kv_heads"], CompressionParams(**meta["params"]))
         for i, layer in enumerate(cache.layers):
             present = {n: tensors[f"{i}.{n}"].to(device) for n in cls._TENSORS if f"{i}.{n}" in tensors}
-            if not present:
-                continue
-            any_kv = present.get("keys", present.get("local_keys"))
-            layer.lazy_initialization(any_kv, any_kv)
-            for name, t in present.items():
-                setattr(layer, name, t)
-            layer.seq_len, layer.comp_count = meta["seq_len"][i], meta["comp_count"][i]
+            if present:
+                layer.load_tensors(present, meta["seq_len"][i], meta["comp_count"][i])
         return cache

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import CompressedKVCache, CompressionParams
-from .generation import Engine, SessionState
+from .generation import Engine, SessionState, forward, forward_all
 from .headmap import HeadMap
 from .sampling import SamplingParams
 
@@ -80,8 +80,7 @@ def full_prefill(engine: Engine, ids: list[int]) -> tuple[list[torch.Tensor], li
     """Run `ids` once with a full cache -> per-layer keys and values [1, n_kv_heads, N, D]."""
     fp = engine.loaded.fingerprint
     cache = CompressedKVCache([list(range(fp.n_kv_heads))] * fp.n_layers, fp.n_kv_heads, CompressionParams())
-    engine.model(torch.tensor([ids], device=engine.model.device), cache=cache, use_cache=True,
-                 razor_cache=cache, logits_to_keep=1)
+    forward(engine.model, ids, cache)
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 
@@ -104,8 +103,7 @@ def answer_generated(engine: Engine, task: RetrievalTask, full_kv, head_map: Hea
 def score_answer(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap) -> tuple[float, bool]:
     """Teacher-forced question + answer in one forward -> (mean answer log-prob, every answer token argmax)."""
     state = session_from_full(engine, task.document, full_kv, head_map)
-    ids = torch.tensor([task.question + task.answer], device=engine.model.device)
-    logits = engine.model(ids, cache=state.cache, use_cache=True, razor_cache=state.cache).logits[0]
+    logits = forward_all(engine.model, task.question + task.answer, state.cache)            # [Q + A, V]
     logp = torch.log_softmax(logits[len(task.question) - 1: -1].float(), dim=-1)    # [A, V]
     answer = torch.tensor(task.answer, device=logp.device)
     return float(logp.gather(1, answer[:, None]).mean()), bool((logp.argmax(-1) == answer).all())
@@ -116,8 +114,7 @@ def continuation_logprobs(engine: Engine, context: list[int], continuation: list
                           head_map: HeadMap) -> torch.Tensor:
     """Next-token log-probabilities [T, V] over a teacher-forced continuation of a cached context."""
     state = session_from_full(engine, context, full_kv, head_map)
-    ids = torch.tensor([continuation], device=engine.model.device)
-    logits = engine.model(ids, cache=state.cache, use_cache=True, razor_cache=state.cache).logits[0]
+    logits = forward_all(engine.model, continuation, state.cache)                            # [T, V]
     return torch.log_softmax(logits.float(), dim=-1)
 
 

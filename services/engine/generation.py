@@ -11,11 +11,12 @@ from typing import Callable
 
 import torch
 
-from . import attention, chat
+from . import attention, chat, hf
+from .batch import StepBatch
 from .cache import CompressedKVCache
 from .headmap import HeadMap
 from .models import LoadedModel
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams
 
 
 class ContextLengthError(ValueError):
@@ -56,6 +57,10 @@ class SessionState:
     def seq_length(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def last_token(self) -> int | None:
+        return self.token_ids[-1] if self.token_ids else None
+
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
@@ -77,13 +82,20 @@ class SessionState:
 OnToken = Callable[[TokenEvent], "bool | None"]
 
 
-@torch.no_grad()
 def forward(model, ids: list[int], cache: CompressedKVCache) -> torch.Tensor:
-    """Run new tokens against the cache, then compress it. -> logits [V] of the last position."""
-    input_ids = torch.tensor([ids], device=model.device)                  # [1, Q]
-    out = model(input_ids, cache=cache, use_cache=True, razor_cache=cache, logits_to_keep=1)
-    cache.compress()
-    return out.logits[0, -1]
+    """Run new tokens of one session against its cache, then compress it. -> logits [V] of the last position."""
+    batch = StepBatch([(cache, ids)], model.device)
+    logits = hf.forward_step(model, batch.input_ids(), batch.position_ids(), batch, batch.last_positions())
+    batch.compress()
+    return logits[-1]
+
+
+def forward_all(model, ids: list[int], cache: CompressedKVCache) -> torch.Tensor:
+    """The same, teacher-forced: logits [Q, V] at every new position."""
+    batch = StepBatch([(cache, ids)], model.device)
+    logits = hf.forward_step(model, batch.input_ids(), batch.position_ids(), batch)
+    batch.compress()
+    return logits
 
 
 class TextStream:
@@ -119,16 +131,19 @@ class TextStream:
 
 
 class Engine:
-    """One model on one device. Not thread-safe: the service runs every call on one thread."""
+    """One model on one device. Not thread-safe: the service steps it on one thread.
+
+    `generate` / `continue_session` run one turn to the end (a one-turn `Scheduler`); a server batches many
+    turns by submitting them to its own `Scheduler(engine)` and stepping it."""
 
     def __init__(self, loaded: LoadedModel, head_map: HeadMap | None = None):
         self.loaded = loaded
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        attention.install(self.model)
+        self.model, self.tokenizer, self.device = loaded.model, loaded.tokenizer, loaded.device
+        hf.install(self.model, attention.razor_attention)
+        self.dims = hf.model_dims(self.model.config)
+        self.eos_ids = self.dims.eos_ids
         self.head_map = head_map or HeadMap.full(loaded.fingerprint)
         self.set_head_map(self.head_map)
-        eos = self.model.config.eos_token_id
-        self.eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
 
     def set_head_map(self, head_map: HeadMap) -> None:
         head_map.validate(self.loaded.fingerprint)
@@ -138,6 +153,10 @@ class Engine:
         hm = head_map or self.head_map
         return CompressedKVCache(hm.retrieval_kv_heads, self.loaded.fingerprint.n_kv_heads, hm.compression)
 
+    def new_session(self, chat: bool = False, head_map: HeadMap | None = None) -> SessionState:
+        hm = head_map or self.head_map
+        return SessionState([], self.new_cache(hm), hm.version, self.loaded.fingerprint.id, chat)
+
     # --- prompts ----------------------------------------------------------------------------------
     def encode(self, text: str | None = None, messages: list[dict] | None = None) -> list[int]:
         if messages:
@@ -146,10 +165,11 @@ class Engine:
             raise ValueError("the prompt is empty; send `prompt` text or chat `messages`")
         return chat.encode_text(self.tokenizer, text, first=True)
 
-    def encode_turn(self, state: SessionState, text: str | None = None,
+    def encode_turn(self, last_token: int | None, text: str | None = None,
                     messages: list[dict] | None = None) -> list[int]:
+        """The tokens a continued turn adds after a session whose last token is `last_token`."""
         if messages:
-            return chat.encode_chat_turn(self.tokenizer, messages, state.token_ids[-1] if state.token_ids else None)
+            return chat.encode_chat_turn(self.tokenizer, messages, last_token)
         if not text:
             raise ValueError("the new turn is empty; send `text` or chat `messages`")
         return chat.encode_text(self.tokenizer, text, first=False)
@@ -157,48 +177,42 @@ class Engine:
     # --- generation -------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams, on_token: OnToken | None = None,
                  chat: bool = False, head_map: HeadMap | None = None) -> tuple[SessionState, GenerationResult]:
-        hm = head_map or self.head_map
-        state = SessionState([], self.new_cache(hm), hm.version, self.loaded.fingerprint.id, chat)
+        state = self.new_session(chat, head_map)
         return state, self.continue_session(state, prompt_ids, params, on_token)
 
     def continue_session(self, state: SessionState, new_ids: list[int], params: SamplingParams,
                          on_token: OnToken | None = None) -> GenerationResult:
-        self._check(state, new_ids, params)
-        cached = state.cache.seq_length
-        pending = state.token_ids[cached:] + list(new_ids)
-        state.token_ids.extend(new_ids)
-        logits = forward(self.model, pending, state.cache)
-        gen = make_generator(params, self.model.device)
-        stops = set(params.stop_token_ids) | set(self.eos_ids)
-        stream = TextStream(self.tokenizer, params.stop_strings)
-        generated: list[int] = []
-        finish = "length"
-        while True:
-            token, logprob = sample(logits, params, gen)
-            generated.append(token)
-            state.token_ids.append(token)
-            is_stop = token in stops
-            at_limit = len(generated) >= params.max_new_tokens
-            delta = stream.push(None if is_stop else token, flush=is_stop or at_limit)
-            keep_going = on_token(TokenEvent(token, delta, logprob)) if on_token else True
-            if is_stop or stream.stopped:
-                finish = "stop"
-                break
-            if keep_going is False:
-                finish = "cancelled"
-                break
-            if at_limit:
-                break
-            logits = forward(self.model, [token], state.cache)
-        return GenerationResult(generated, stream.text, finish, len(new_ids), len(generated), cached)
+        # Imported here: the scheduler builds on this module's SessionState and TextStream.
+        from .scheduler import Scheduler, SchedulerConfig, TurnRequest
 
-    def _check(self, state: SessionState, new_ids: list[int], params: SamplingParams) -> None:
+        one = Scheduler(self, SchedulerConfig(max_running=1, step_tokens=self.loaded.max_context + 1))
+        outcome: list = []
+        one.submit(TurnRequest(state, list(new_ids), params, on_token, on_done=outcome.append))
+        one.run_until_idle()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    # --- what the scheduler asks of the engine ----------------------------------------------------
+    def text_stream(self, params: SamplingParams) -> "TextStream":
+        return TextStream(self.tokenizer, params.stop_strings)
+
+    @staticmethod
+    def token_event(token: int, text: str, logprob: float | None) -> TokenEvent:
+        return TokenEvent(token, text, logprob)
+
+    @staticmethod
+    def result(turn, finish: str) -> GenerationResult:
+        return GenerationResult(list(turn.generated), turn.stream.text, finish, len(turn.request.new_ids),
+                                len(turn.generated), turn.cached)
+
+    def check_turn(self, state: SessionState, new_ids: list[int], params: SamplingParams) -> None:
         if state.fingerprint_id != self.loaded.fingerprint.id:
             raise SessionMismatchError(f"session was made with model {state.fingerprint_id}; this server runs "
                                        f"{self.loaded.fingerprint.id}: start a new session")
         if not new_ids and state.cache.seq_length == len(state.token_ids):
             raise ValueError("nothing to run: the new turn has no tokens")
-        vocab = self.model.config.vocab_size
+        vocab = self.dims.vocab_size
         if any(not 0 <= t < vocab for t in new_ids):
             raise ValueError(f"token ids must be within 0..{vocab - 1}")
         need = len(state.token_ids) + len(new_ids) + params.max_new_tokens

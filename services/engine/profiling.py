@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from . import attention
+from . import attention, hf
 from .cache import CompressionParams
 from .calibration import CalibrationParams, calibrate as run_calibration
 from .generation import Engine
@@ -99,7 +99,7 @@ def score_heads(model, params: ProfileParams, progress: Progress | None = None) 
     cfg = model.config
     n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
     total = params.n_samples * n_layers
-    attention.install(model)
+    hf.install(model, attention.razor_attention)
     induction, echo = torch.zeros(n_layers, n_heads), torch.zeros(n_layers, n_heads)
     for s in range(params.n_samples):
         done_before = s * n_layers
@@ -110,7 +110,7 @@ def score_heads(model, params: ProfileParams, progress: Progress | None = None) 
 
         probe = HeadScoreProbe(n_layers, n_heads, params.seq_len, params.repeats, on_layer)
         ids = random_repeats(params, cfg.vocab_size, cfg.bos_token_id, s).to(model.device)
-        model(ids, use_cache=False, razor_probe=probe)
+        hf.probe_forward(model, ids, probe)
         induction += probe.induction / params.n_samples
         echo += probe.echo / params.n_samples
     return induction, echo

@@ -1,0 +1,205 @@
+"""Scheduler: iteration-level (continuous) batching of turns over per-session compressed caches.
+
+Every `step()` is one forward over a packed batch: one decode token for every turn that is generating, plus
+prefill chunks of new or continued turns, oldest first, up to `step_tokens` in all (chunked prefill: a long
+prompt never stalls the others' decoding). Turns join at the next step and leave the moment they finish,
+stop, are cancelled or pass their deadline. Admission is first come, first served (nobody is overtaken, so
+nobody starves) and bounded: at most `max_running` turns, and each one only once the `admit` hook (the
+service's KV-byte budget) accepts it. Not thread-safe except `submit` and `cancel_all`: one thread steps.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import hf
+from .batch import StepBatch
+from .sampling import SamplingParams, make_generator, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running: int = 32      # turns in the running batch
+    step_tokens: int = 256     # tokens per forward: one per decoding turn, the rest for prefill chunks
+
+    def __post_init__(self):
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.step_tokens <= self.max_running:
+            raise ValueError(f"step_tokens ({self.step_tokens}) must exceed max_running ({self.max_running}) so a "
+                             "step always has room for prefill after every running turn's decode token")
+
+
+@dataclass
+class TurnRequest:
+    """One turn of one session. `on_token` runs on the stepping thread: keep it cheap (a queue put)."""
+
+    state: "SessionState"                                       # noqa: F821 - generation.SessionState
+    new_ids: list[int]
+    params: SamplingParams
+    on_token: Callable[["TokenEvent"], "bool | None"] | None = None   # return False to cancel
+    on_done: Callable[[object], None] | None = None             # GenerationResult, or the exception
+    cancelled: Callable[[], bool] | None = None                 # polled before every step
+    deadline: float | None = None                               # time.monotonic() at which the turn stops
+    tag: object = None                                          # the caller's (e.g. the session id)
+
+
+@dataclass
+class _Turn:
+    request: TurnRequest
+    pending: list[int]         # tokens still to feed (history lag + new tokens, then the last sample)
+    cached: int                # history tokens reused from the cache
+    stream: "TextStream"       # noqa: F821
+    generator: torch.Generator | None
+    stops: frozenset[int]
+    generated: list[int] = field(default_factory=list)
+    result: object = None
+
+    @property
+    def prefilling(self) -> bool:
+        return len(self.pending) > 1 or not self.generated
+
+
+class Scheduler:
+    def __init__(self, engine, config: SchedulerConfig = SchedulerConfig(),
+                 admit: Callable[[TurnRequest], bool] | None = None):
+        self.engine, self.config, self.admit = engine, config, admit
+        self._inbox: collections.deque[TurnRequest] = collections.deque()   # appends are thread-safe
+        self.waiting: collections.deque[TurnRequest] = collections.deque()
+        self.running: list[_Turn] = []
+
+    def submit(self, request: TurnRequest) -> None:
+        """Queue a turn (any thread); it joins the batch at a coming step."""
+        self.engine.check_turn(request.state, request.new_ids, request.params)
+        self._inbox.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.running)
+
+    # --- one step ---------------------------------------------------------------------------------
+    def step(self) -> int:
+        """Admit, run one forward over the batch, sample and stream. Returns the tokens it ran."""
+        while self._inbox:
+            self.waiting.append(self._inbox.popleft())
+        self._drop_cancelled()
+        self._admit()
+        plan = self._plan()
+        if not plan:
+            return 0
+        batch = StepBatch([(t.request.state.cache, ids) for t, ids in plan], self.engine.device)
+        sampling = [i for i, (t, ids) in enumerate(plan) if len(ids) == len(t.pending)]
+        try:
+            logits = hf.forward_step(self.engine.model, batch.input_ids(), batch.position_ids(), batch,
+                                     batch.last_positions()[sampling])                         # [n, V]
+            batch.compress()
+        except Exception as exc:  # noqa: BLE001 - these sessions' caches are now half-updated
+            log.exception("a step over %d turns failed", len(plan))
+            for turn, _ in plan:
+                self._finish(turn, error=exc)
+            return 0
+        for turn, ids in plan:
+            del turn.pending[:len(ids)]
+        for row, i in enumerate(sampling):
+            self._advance(plan[i][0], logits[row])
+        return batch.n_tokens
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for turn in list(self.running):
+            if _stopped(turn.request, now):
+                self._finish(turn, "cancelled")
+        for request in list(self.waiting):
+            if _stopped(request, now):
+                self.waiting.remove(request)
+                self._finish(self._start(request), "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.config.max_running:
+            request = self.waiting[0]
+            if self.admit is not None and not self.admit(request):
+                return   # first come, first served: later turns wait behind this one
+            self.waiting.popleft()
+            self.running.append(self._start(request))
+
+    def _start(self, request: TurnRequest) -> _Turn:
+        state, params = request.state, request.params
+        cached = state.cache.seq_length
+        pending = state.token_ids[cached:] + list(request.new_ids)
+        state.token_ids.extend(request.new_ids)
+        stops = frozenset(params.stop_token_ids) | frozenset(self.engine.eos_ids)
+        return _Turn(request, pending, cached, self.engine.text_stream(params),
+                     make_generator(params, self.engine.device), stops)
+
+    def _plan(self) -> list[tuple[_Turn, list[int]]]:
+        """Decode tokens first (one per generating turn), then prefill chunks in arrival order."""
+        plan = [(t, t.pending[:1]) for t in self.running if not t.prefilling]
+        budget = self.config.step_tokens - len(plan)
+        for turn in self.running:
+            if turn.prefilling and budget > 0:
+                chunk = turn.pending[:budget]
+                plan.append((turn, chunk))
+                budget -= len(chunk)
+        return plan
+
+    # --- sampling and streaming -------------------------------------------------------------------
+    def _advance(self, turn: _Turn, logits: torch.Tensor) -> None:
+        """Sample the turn's next token from logits [V], stream it, and decide whether the turn goes on."""
+        params, state = turn.request.params, turn.request.state
+        token, logprob = sample(logits, params, turn.generator)
+        turn.generated.append(token)
+        state.token_ids.append(token)
+        is_stop = token in turn.stops
+        at_limit = len(turn.generated) >= params.max_new_tokens
+        delta = turn.stream.push(None if is_stop else token, flush=is_stop or at_limit)
+        keep_going = _call(turn.request.on_token, self.engine.token_event(token, delta, logprob))
+        if is_stop or turn.stream.stopped:
+            self._finish(turn, "stop")
+        elif keep_going is False:
+            self._finish(turn, "cancelled")
+        elif at_limit:
+            self._finish(turn, "length")
+        else:
+            turn.pending = [token]
+
+    def _finish(self, turn: _Turn, reason: str = "", error: BaseException | None = None) -> None:
+        if turn in self.running:
+            self.running.remove(turn)
+        outcome = error if error is not None else self.engine.result(turn, reason)
+        turn.result = outcome
+        _call(turn.request.on_done, outcome)
+
+    def run_until_idle(self) -> None:
+        while self.has_work:
+            if not self.step() and not self.running and self.waiting:
+                raise RuntimeError("waiting turns cannot be admitted: the admit hook refuses them all")
+
+    def cancel_all(self) -> None:
+        """Cancel every turn (any thread): they finish with reason "cancelled" at the next step."""
+        for turn in list(self.running):
+            turn.request.deadline = 0.0
+        for request in list(self.waiting) + list(self._inbox):
+            request.deadline = 0.0
+
+
+def _stopped(request: TurnRequest, now: float) -> bool:
+    return (request.cancelled is not None and request.cancelled()) or (
+        request.deadline is not None and now >= request.deadline)
+
+
+def _call(callback, arg):
+    """Run a caller's callback; one that raises must not take down the other sessions' step."""
+    if callback is None:
+        return None
+    try:
+        return callback(arg)
+    except Exception:  # noqa: BLE001
+        log.exception("turn callback failed")
+        return False
