@@ -5,7 +5,7 @@ prefill chunks of new or continued turns, oldest first, up to `step_tokens` in a
 prompt never stalls the others' decoding). Turns join at the next step and leave the moment they finish,
 stop, are cancelled or pass their deadline. Admission is first come, first served (nobody is overtaken, so
 nobody starves) and bounded: at most `max_running` turns, and each one only once the `admit` hook (the
-service's KV-byte budget) accepts it. Not thread-safe except `submit` and `cancel_all`: one thread steps.
+service's KV-byte budget) accepts it; a hook that raises refuses the turn with that error. Not thread-safe except `submit` and `cancel_all`: one thread steps.
 """
 from __future__ import annotations
 
@@ -119,13 +119,18 @@ class Scheduler:
         for request in list(self.waiting):
             if _stopped(request, now):
                 self.waiting.remove(request)
-                self._finish(self._start(request), "cancelled")
+                self._finish(self._unstarted(request), "cancelled")
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_running:
             request = self.waiting[0]
-            if self.admit is not None and not self.admit(request):
-                return   # first come, first served: later turns wait behind this one
+            try:
+                if self.admit is not None and not self.admit(request):
+                    return   # first come, first served: later turns wait behind this one
+            except Exception as exc:  # noqa: BLE001 - the hook refuses this turn for good
+                self.waiting.popleft()
+                self._finish(self._unstarted(request), error=exc)
+                continue
             self.waiting.popleft()
             self.running.append(self._start(request))
 
@@ -137,6 +142,11 @@ class Scheduler:
         stops = frozenset(params.stop_token_ids) | frozenset(self.engine.eos_ids)
         return _Turn(request, pending, cached, self.engine.text_stream(params),
                      make_generator(params, self.engine.device), stops)
+
+    def _unstarted(self, request: TurnRequest) -> _Turn:
+        """A turn that leaves before it ran: the session is left exactly as it was."""
+        return _Turn(request, [], request.state.cache.seq_length, self.engine.text_stream(request.params), None,
+                     frozenset())
 
     def _plan(self) -> list[tuple[_Turn, list[int]]]:
         """Decode tokens first (one per generating turn), then prefill chunks in arrival order."""

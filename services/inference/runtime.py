@@ -1,11 +1,11 @@
-"""The runtime: owns the Engine and runs every model step on ONE dedicated thread.
+"""The runtime: gRPC handler threads prepare turns, one model loop batches them, one I/O thread talks to Redis.
 
-gRPC handler threads validate a request, register it with the session store, enqueue a job
-on the engine thread and stream its tokens back through a queue. The job's ``on_token``
-callback returns False as soon as the request's cancel flag is set (client cancel, deadline,
-shutdown), so generation stops within one decode step and the session stays consistent.
-Jobs take whole turns today; passing session states (not globals) keeps the door open for a
-scheduler that batches decode steps across sessions.
+A handler thread validates and tokenizes a request (with a size cap first), registers it with the session
+store and submits it; the `EngineLoop` thread advances every admitted turn one token per step (continuous
+batching, `services.engine.Scheduler`) and streams each turn's tokens to its own queue. A spilled session is
+restored — fetched, checksum-verified and rebuilt — on the I/O thread before it joins the batch, and room in the
+KV budget is made there too, so Redis never stalls the decoding of other sessions. Cancellation (client cancel,
+deadline, shutdown) sets the turn's event, and the scheduler drops the turn before its next step.
 """
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine import Engine, GenerationResult, HeadMap, LoadedModel, SamplingParams, TokenEvent
+from services.engine import (Engine, GenerationResult, HeadMap, LoadedModel, SamplingParams, SchedulerConfig,
+                             Scheduler, TokenEvent, TurnRequest)
 
+from .admission import Admission
+from .engine_loop import EngineLoop
 from .errors import Cancelled, SessionError, ShuttingDown
 from .sessions import SessionStore
 
@@ -91,56 +94,110 @@ class FixedHeadMaps:
 
 
 class Runtime:
-    def __init__(self, loaded: LoadedModel, head_maps, store: SessionStore):
+    def __init__(self, loaded: LoadedModel, head_maps, store: SessionStore,
+                 scheduler: SchedulerConfig = SchedulerConfig(), max_input_chars: int = 0):
         self.loaded, self.head_maps, self.store = loaded, head_maps, store
         self.engine = Engine(loaded, head_maps.active)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="razor-engine")
+        fp, itemsize = loaded.fingerprint, self._dtype_size()
+        # Upper bound of the cache a token adds (keys + values of every KV head), for reporting.
+        self.full_bytes_per_token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * itemsize
+        # No real tokenizer averages 32 characters per token: longer input is refused before tokenizing.
+        self.max_input_chars = max_input_chars or 32 * loaded.max_context
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="razor-io")
+        self.scheduler = Scheduler(self.engine, scheduler, admit=self._admit)
+        self.loop = EngineLoop(self.scheduler)
+        self.admission = Admission(store, self.io, self.loop.wake, fp.head_dim, itemsize, scheduler.step_tokens)
+        store.reserved_bytes = self.admission.reserved_bytes
+        self._tokenizer = threading.Lock()   # a fast tokenizer is not safe to share between threads
         self._mu = threading.Condition()
         self._cancels: set[threading.Event] = set()
         self._closed = False
         self.on_turn = None  # optional hook(result, seconds), e.g. metrics
-        self._engine_thread: threading.Thread = self._executor.submit(threading.current_thread).result()
-        fp = loaded.fingerprint
-        # Upper bound of the cache a token adds (keys + values of every KV head), for budgeting.
-        self.full_bytes_per_token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * self._dtype_size()
 
-    # ---- turns -----------------------------------------------------------------------------
+    # ---- turns (handler threads) -----------------------------------------------------------
     def start_turn(self, turn: Turn, cancel: threading.Event) -> TurnStream:
-        """Open (or create) the turn's session and queue the turn on the engine thread."""
-        if turn.session_id is not None:
-            sid = turn.session_id
-            self.store.acquire(sid)
-        else:
-            sid = self.store.create() if turn.keep_session else ""
+        """Open (or create) the turn's session, tokenize, and queue the turn for the model loop."""
+        entry = self.store.acquire(turn.session_id) if turn.session_id is not None else None
+        sid = turn.session_id if entry is not None else (self.store.create() if turn.keep_session else "")
         events: queue.SimpleQueue = queue.SimpleQueue()
-        with self._mu:
-            if self._closed:
-                self._abandon(turn, sid)
-                raise ShuttingDown("the service is shutting down; retry on another replica or after restart")
-            self._cancels.add(cancel)
-            # Submitted under the lock, so close() queues its final spill after every turn.
-            self._executor.submit(self._job, turn, sid, events, cancel)
+        try:
+            with self._mu:
+                if self._closed:
+                    raise ShuttingDown("the service is shutting down; retry on another replica or after restart")
+                self._cancels.add(cancel)
+            request = self._request(turn, sid, entry, events, cancel)
+            if request.state is None:
+                self.io.submit(self._restore_then_submit, request, sid)
+            else:
+                self._submit(request)
+        except BaseException as exc:
+            self._forget(cancel)
+            self._abandon(turn, sid, exc)
+            raise
         return TurnStream(sid, events)
 
-    def _job(self, turn: Turn, sid: str, events, cancel: threading.Event) -> None:
+    def _request(self, turn: Turn, sid: str, entry, events, cancel: threading.Event) -> TurnRequest:
+        history = entry.length if entry is not None else 0
+        ids = self._encode(turn, sid if entry is not None else None)
+        self._check_fits(history, len(ids), turn.params)
+        if entry is None:
+            state = self.engine.new_session(chat=turn.messages is not None, head_map=self.head_maps.active)
+        else:
+            state = self.store.resident_state(sid)   # None while spilled: the I/O thread restores it
+        started = time.perf_counter()
+        request = TurnRequest(state, ids, turn.params, on_token=lambda event: events.put(event) or True,
+                              cancelled=cancel.is_set, tag=sid)
+        request.on_done = lambda outcome: self._done(turn, request, events, cancel, outcome, started)
+        return request
+
+    def _encode(self, turn: Turn, continued_sid: str | None) -> list[int]:
+        chars = len(turn.text) if turn.text is not None else sum(len(m.get("content") or "") for m in turn.messages)
+        if chars > self.max_input_chars:
+            raise ValueError(f"the input has {chars} characters, over the limit of {self.max_input_chars} "
+                             f"(32 per token of the model's {self.loaded.max_context}-token context); shorten it")
+        with self._tokenizer:
+            if continued_sid is None:
+                return self.engine.encode(text=turn.text, messages=_messages(turn))
+            ids = self.engine.encode_turn(self.store.last_token(continued_sid), text=turn.text,
+                                          messages=_messages(turn))
+        if not ids:
+            raise ValueError("the new turn adds no tokens; send some text")
+        return ids
+
+    def _submit(self, request: TurnRequest) -> None:
+        self.loop.submit(request)   # the engine's own checks (token ids, context) raise here, synchronously
+
+    def _restore_then_submit(self, request: TurnRequest, sid: str) -> None:
+        """I/O thread: restore a spilled session (making room first), then hand the turn to the model loop."""
         try:
-            if cancel.is_set():
-                raise Cancelled("the request was cancelled before it started")
-            started = time.perf_counter()
-            result = self._run(turn, sid, cancel, events)
-        except BaseException as exc:  # every failure reaches the waiting handler
-            self._abandon(turn, sid, exc)
-            events.put(_Failed(exc))
+            request.state = self.store.load(sid, lambda n: self.store.make_room(n, keep=sid))
+            self._submit(request)
+        except BaseException as exc:  # noqa: BLE001 - reaches the waiting handler through on_done
+            request.on_done(exc)
+
+    def _admit(self, request: TurnRequest) -> bool:
+        return self.admission.admit(request, running=len(self.scheduler.running))
+
+    # ---- turn outcomes (model loop) --------------------------------------------------------
+    def _done(self, turn: Turn, request: TurnRequest, events, cancel, outcome, started: float) -> None:
+        sid = request.tag
+        self.admission.release(request)
+        if isinstance(outcome, BaseException):
+            self._abandon(turn, sid, outcome)
+            events.put(_Failed(outcome))
         else:
             if sid:
+                self.store.put(sid, request.state)
                 self.store.release(sid)
-            events.put(Finished(result))
-            self._notify(result, time.perf_counter() - started)
-            self.store.settle()  # spill over-budget idle sessions once the client has its answer
-        finally:
-            with self._mu:
-                self._cancels.discard(cancel)
-                self._mu.notify_all()
+            events.put(Finished(outcome))
+            self._notify(outcome, time.perf_counter() - started)
+            self.io.submit(self.store.settle)  # spill over-budget idle sessions, off the model loop
+        self._forget(cancel)
+
+    def _forget(self, cancel: threading.Event) -> None:
+        with self._mu:
+            self._cancels.discard(cancel)
+            self._mu.notify_all()
 
     def _notify(self, result: GenerationResult, seconds: float) -> None:
         try:
@@ -149,37 +206,12 @@ class Runtime:
         except Exception:  # noqa: BLE001 - a metrics hook must never break serving
             log.exception("on_turn hook failed")
 
-    def _run(self, turn: Turn, sid: str, cancel, events) -> GenerationResult:
-        def on_token(event: TokenEvent) -> bool:
-            events.put(event)
-            return not cancel.is_set()
-
-        if turn.session_id is None:
-            ids = self.engine.encode(text=turn.text, messages=_messages(turn))
-            self._check_fits(0, len(ids), turn.params)
-            if sid:
-                self.store.make_room(self.full_bytes_per_token * (len(ids) + turn.params.max_new_tokens), keep=sid)
-            state, result = self.engine.generate(ids, turn.params, on_token=on_token,
-                                                 chat=turn.messages is not None, head_map=self.head_maps.active)
-        else:
-            state = self.store.load(sid, lambda n: self.store.make_room(n, keep=sid))
-            ids = self.engine.encode_turn(state, text=turn.text, messages=_messages(turn))
-            if not ids:
-                raise ValueError("the new turn adds no tokens; send some text")
-            self._check_fits(len(state.token_ids), len(ids), turn.params)
-            self.store.make_room(self.full_bytes_per_token * (len(ids) + turn.params.max_new_tokens), keep=sid)
-            # The cache carries its own head layout, so a session keeps the map it was made with.
-            result = self.engine.continue_session(state, ids, turn.params, on_token=on_token)
-        if sid:
-            self.store.put(sid, state)
-        return result
-
     def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None) -> None:
         if not sid:
             return
         if turn.session_id is None:
             self.store.discard(sid)  # a new session whose first turn failed never existed
-        elif exc is None or isinstance(exc, (ValueError, SessionError, Cancelled)):
+        elif exc is None or isinstance(exc, (ValueError, SessionError, Cancelled, ShuttingDown)):
             self.store.release(sid)  # refused before the cache was touched
         else:
             self.store.mark_lost(sid, f"an internal error interrupted a turn ({exc!r})")
@@ -195,15 +227,11 @@ class Runtime:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def healthy(self, timeout_s: float = 5.0) -> bool:
-        """Touch the engine thread and the device: True when both answer."""
-        if self._closed or not self._engine_thread.is_alive():
+        """Touch the model loop and the device: True when both answer."""
+        if self._closed or not self.loop.thread.is_alive():
             return False
-        with self._mu:
-            busy = bool(self._cancels)
-        if busy:  # a turn is running on the engine thread, so it is alive
-            return True
         try:
-            return self._executor.submit(self._probe_device).result(timeout=timeout_s)
+            return self.loop.call(self._probe_device).result(timeout=timeout_s)
         except Exception:  # noqa: BLE001 - any failure means not serving
             log.exception("health probe failed")
             return False
@@ -219,13 +247,15 @@ class Runtime:
         with self._mu:
             for cancel in self._cancels:
                 cancel.set()
+        self.loop.wake()
 
     def close(self) -> int:
         """Refuse new turns, let queued ones end, spill resident sessions; returns how many spilled."""
         with self._mu:
             self._closed = True
-        spilled = self._executor.submit(self.store.spill_all).result()
-        self._executor.shutdown(wait=True)
+        self.loop.stop()
+        spilled = self.io.submit(self.store.spill_all).result()
+        self.io.shutdown(wait=True)
         self.store.spill.close()
         log.info("runtime closed; %d sessions spilled to Redis", spilled)
         return spilled

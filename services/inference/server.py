@@ -21,7 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc
-from services.engine import CompressionParams, HeadMap, HeadMapError, LoadedModel, ProfileParams, load_model, profile_model
+from services.engine import (CompressionParams, HeadMap, HeadMapError, LoadedModel, ProfileParams, SchedulerConfig,
+                             load_model, profile_model)
 from services import observability
 from services.engine.headmap import shipped_head_map
 from services.headmap_store import HeadMapStore
@@ -250,7 +251,9 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
         log.info("indexed %d sessions spilled earlier", store.adopt_spilled())
     except SpillUnavailable as exc:
         log.warning("Redis unreachable at start (%s); spilled sessions are found on first use", exc)
-    return RazorServer(settings, Runtime(loaded, head_maps, store), jobs, head_map_store)
+    scheduler = SchedulerConfig(max_running=settings.max_running, step_tokens=settings.step_tokens)
+    runtime = Runtime(loaded, head_maps, store, scheduler, max_input_chars=settings.max_input_chars)
+    return RazorServer(settings, runtime, jobs, head_map_store)
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ spilled one. Concurrency model:
 
 * Handler threads call the fast bookkeeping methods (``create``, ``acquire``, ``release``,
   ``info``, ``list``, ``delete``); a mutex guards the table.
-* The engine thread calls the ones that touch tensors (``load``, ``put``, ``make_room``,
-  ``settle``, ``spill_all``), so device memory is only ever touched from one thread.
+* The runtime's I/O thread calls the ones that move tensors to and from Redis (``load``,
+  ``make_room``, ``settle``, ``spill_all``), so Redis never stalls the model loop; the model loop
+  calls ``put`` after a turn. A session being spilled that a request acquires meanwhile stays
+  resident (its fresh Redis copy is deleted), so a running session is never spilled.
 * One request per session: ``acquire`` marks a session busy and a second ``acquire`` raises
   ``SessionBusy`` (the service answers FAILED_PRECONDITION) until ``release``.
 
@@ -50,6 +52,7 @@ class SessionEntry:
     fingerprint_id: str = ""
     n_chunks: int = 0
     lost_reason: str = ""
+    last_token: int | None = None   # what a continued chat turn's template delta depends on
 
     def snapshot(self) -> "SessionEntry":
         return replace(self, state=None)
@@ -57,11 +60,13 @@ class SessionEntry:
 
 class SessionStore:
     def __init__(self, spill: Spill, fingerprint_id: str, device: torch.device | str,
-                 budget_bytes: int, max_sessions: int = 10_000, clock=time.time):
+                 budget_bytes: int, max_sessions: int = 10_000, clock=time.time, reserved_bytes=None):
         if budget_bytes < 0 or max_sessions < 1:
             raise ValueError("budget_bytes must be >= 0 and max_sessions >= 1")
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
+        # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
+        self.reserved_bytes = reserved_bytes or (lambda: 0)
         self._mu = threading.Lock()
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
         self._lost: OrderedDict[str, tuple[type[SessionError], str]] = OrderedDict()  # id -> (error, reason)
@@ -143,6 +148,26 @@ class SessionStore:
                 log.info("not adopting spilled session %s: %s", sid, exc)
         return n
 
+    def resident_state(self, sid: str):
+        """The live state of a resident session, or None when it is spilled."""
+        with self._mu:
+            entry = self._entries.get(sid)
+            return None if entry is None else entry.state
+
+    def last_token(self, sid: str) -> int | None:
+        with self._mu:
+            entry = self._entries.get(sid)
+            return None if entry is None else entry.last_token
+
+    def counted_bytes(self, sid: str) -> int:
+        """The bytes the budget counts for ``sid`` now (0 when spilled or unknown)."""
+        with self._mu:
+            entry = self._entries.get(sid) if sid else None
+            return entry.nbytes if entry is not None and entry.location == "device" else 0
+
+    def resident_bytes(self) -> int:
+        return self.usage()[0]
+
     def usage(self) -> tuple[int, int, int]:
         """(resident bytes, resident sessions, spilled sessions)."""
         with self._mu:
@@ -163,7 +188,7 @@ class SessionStore:
         make_room(nbytes)
         state = self._restore(sid, n_chunks)
         with self._mu:
-            entry.state, entry.location = state, "device"
+            entry.state, entry.location, entry.nbytes = state, "device", state.nbytes()
         self._forget_spilled_copy(sid)
         return state
 
@@ -176,6 +201,7 @@ class SessionStore:
             entry.state, entry.location = state, "device"
             entry.length, entry.head_map_version = len(state.token_ids), state.head_map_version
             entry.nbytes, entry.full_nbytes = state.nbytes(), state.full_nbytes()
+            entry.last_token = state.last_token
 
     def make_room(self, need_bytes: int, keep: str | None = None) -> None:
         """Spill LRU idle sessions until ``need_bytes`` more fit the budget.
@@ -222,7 +248,7 @@ class SessionStore:
     def _victim(self, need_bytes: int, keep: str | None) -> str | None:
         with self._mu:
             used = sum(e.nbytes for e in self._entries.values() if e.location == "device")
-            if used + need_bytes <= self.budget_bytes:
+            if used + self.reserved_bytes() + need_bytes <= self.budget_bytes:
                 return None
             for e in self._entries.values():  # least recently used first
                 if e.location == "device" and e.state is not None and not e.busy and e.session_id != keep:
@@ -237,13 +263,13 @@ class SessionStore:
         encoded = codec.encode(tensors, {**meta, "state": state_meta})
         self.spill.write(sid, encoded)
         with self._mu:
-            if self._entries.get(sid) is not entry:  # deleted while we wrote it
-                gone = True
-            else:
-                gone = False
+            # Deleted while we wrote it, or acquired by a request that is running on the resident state.
+            stale = self._entries.get(sid) is not entry or entry.busy
+            if not stale:
                 entry.state, entry.location, entry.n_chunks = None, "redis", len(encoded.chunks)
-        if gone:
+        if stale:
             self.spill.delete(sid)
+            return
         log.info("spilled session %s (%d bytes, %d tokens)", sid, meta["nbytes"], meta["token_count"])
 
     @staticmethod
@@ -303,10 +329,11 @@ class SessionStore:
         except (codec.CodecError, KeyError, TypeError) as exc:
             self._drop_corrupt(sid)
             raise self._lose(sid, SessionLost, f"its spilled header is corrupt ({exc})") from exc
+        token_ids = meta["state"]["token_ids"]
         entry = SessionEntry(sid, meta["created_at"], meta["last_used"], location="redis",
                              length=meta["token_count"], nbytes=meta["nbytes"], full_nbytes=meta["full_nbytes"],
                              head_map_version=meta["head_map_version"], fingerprint_id=meta["fingerprint_id"],
-                             n_chunks=parsed["n_chunks"])
+                             n_chunks=parsed["n_chunks"], last_token=token_ids[-1] if token_ids else None)
         with self._mu:
             self._entries.setdefault(sid, entry)
             self._entries.move_to_end(sid, last=False)  # idle: first in line to stay spilled
