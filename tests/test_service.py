@@ -108,8 +108,8 @@ def test_all_retrieval_heads_equal_full_cache_generation(start_server, tiny_load
     server = start_server(head_map=full)
     with RazorClient(server.target) as client:
         sid, outs = service_turns(client)
-        session = client.get_session(sid)   # allocated bytes: the full cache plus the store's bounded headroom
-        assert session.kv_bytes_full <= session.kv_bytes < 1.5 * session.kv_bytes_full
+        session = client.get_session(sid)   # allocated: the full cache plus the store's bounded headroom
+        assert session.kv_bytes == session.kv_bytes_full <= session.kv_bytes_allocated < 1.5 * session.kv_bytes_full
     assert outs == full_cache_turns(tiny_loaded, Engine(tiny_loaded, full))
 
 

@@ -4,7 +4,7 @@
 tokens. It asks the step target (`batch.StepBatch`) for the output; the target calls the functions here:
   split_cache_attention   one session's queries against its layer: retrieval heads SDPA over the full group,
                           local heads over sink + window with the compensation token merged through log-sum-exp
-  padded_decode_attention one decode token for each of several sessions with the same head layout, their
+  decode_attention        one decode token for each of several sessions with the same head layout, their
                           different cache lengths padded and masked, in one kernel call per head group
 The local group's kernel never sees the compensation token, so it stays FlashAttention-compatible (eq. 5 is
 recovered exactly by the LSE merge). With a probe kwarg it instead computes eager attention and hands the
@@ -134,6 +134,8 @@ def razor_attention(module, query, key, value, attention_mask=None, dropout=0.0,
 def split_cache_attention(query: torch.Tensor, layer, scale: float) -> torch.Tensor:
     # query: [B, Hq, Q, D]; query heads h*G .. h*G+G-1 read KV head h (GQA, as repeat_kv lays them out)
     bsz, n_heads, q_len, head_dim = query.shape
+    if q_len == 1 and bsz == 1:
+        return decode_attention(query, [layer], None, scale)
     group = n_heads // layer.n_kv_heads
     out = query.new_empty(bsz, n_heads, q_len, head_dim)
     if layer.retrieval_heads:
@@ -161,31 +163,40 @@ def _query_heads_cached(kv_heads: tuple[int, ...], group: int, device) -> torch.
     return torch.tensor([h * group + g for h in kv_heads for g in range(group)], device=device)
 
 
-def padded_decode_attention(q: torch.Tensor, layers: list, masks, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, layers: list, masks, scale: float) -> torch.Tensor:
     """One decode query per session, sessions sharing a head layout. q: [B, Hq, 1, D] -> [B, Hq, 1, D].
 
-    `layers`: each session's RazorLayer for this layer index; `masks`: a `DecodeMasks` for these sessions
-    (key-padding masks of both groups and the compensation counts, built once per step)."""
+    `layers`: each session's RazorLayer for this layer index. One session (`masks` None) attends to its cache
+    views directly; several are zero padded to the longest and masked by `masks` (a `batch.DecodeMasks`).
+    With one query per session there is no causal mask, so each KV head's G query heads ride as G query rows
+    of that head: GQA without repeating keys and values."""
     first = layers[0]
-    group = q.shape[1] // first.n_kv_heads
-    out = torch.empty_like(q)
+    bsz, n_heads, _, head_dim = q.shape
+    q_kv = q.view(bsz, first.n_kv_heads, n_heads // first.n_kv_heads, head_dim)          # [B, Hkv, G, D]
+    out = torch.empty_like(q_kv)
     if first.retrieval_heads:
-        q_idx = _query_heads(first.retrieval_heads, group, q.device)
-        keys, values = _padded([l.keys for l in layers]), _padded([l.values for l in layers])   # [B, r, S, D]
-        out[:, q_idx] = F.scaled_dot_product_attention(q[:, q_idx], keys, values, attn_mask=masks.retrieval,
-                                                       scale=scale, enable_gqa=True)
+        keys, values = _gathered([l.keys for l in layers]), _gathered([l.values for l in layers])   # [B, r, S, D]
+        mask = None if masks is None else masks.retrieval
+        out[:, first._r_idx] = F.scaled_dot_product_attention(q_kv[:, first._r_idx], keys, values,
+                                                               attn_mask=mask, scale=scale)
     if first.local_heads:
-        q_idx = _query_heads(first.local_heads, group, q.device)
-        q_local = q[:, q_idx]
-        keys, values = _padded([l.local_keys for l in layers]), _padded([l.local_values for l in layers])
-        o, lse = attend_with_lse_masked(q_local, keys, values, masks.local_bias, scale)
-        comp_k, comp_v = _stacked_comp(layers, keys)
-        out[:, q_idx] = merge_compensation(o, lse, q_local, comp_k, comp_v, masks.comp_count, scale)
-    return out
+        q_local = q_kv[:, first._l_idx]                                                    # [B, l, G, D]
+        keys, values = _gathered([l.local_keys for l in layers]), _gathered([l.local_values for l in layers])
+        if masks is None:
+            o, lse = attend_with_lse_masked(q_local, keys, values, None, scale)
+            comp_k, comp_v, count = first.comp_keys, first.comp_values, first.comp_count
+        else:
+            o, lse = attend_with_lse_masked(q_local, keys, values, masks.local_bias, scale)
+            (comp_k, comp_v), count = _stacked_comp(layers, keys), masks.comp_count
+        no_comp = isinstance(count, int) and count == 0
+        out[:, first._l_idx] = o if no_comp else merge_compensation(o, lse, q_local, comp_k, comp_v, count, scale)
+    return out.view(bsz, n_heads, 1, head_dim)
 
 
-def _padded(views: list[torch.Tensor]) -> torch.Tensor:
-    """[1, h, S_i, D] views -> [B, h, max S_i, D], zero padded after each session's rows."""
+def _gathered(views: list[torch.Tensor]) -> torch.Tensor:
+    """[1, h, S_i, D] views -> [B, h, max S_i, D], zero padded after each session's rows (one: the view)."""
+    if len(views) == 1:
+        return views[0]
     rows = [v[0].transpose(0, 1) for v in views]                                          # [S_i, h, D]
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).transpose(1, 2)       # [B, h, S, D]
 
@@ -199,11 +210,14 @@ def _stacked_comp(layers: list, like: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def attend_with_lse_masked(q, k, v, bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention with an additive key bias (0 or -inf, [B, 1, 1, S]) -> ([B, Hq, Q, D], [B, Hq, Q])."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    """Non-causal attention with an additive key bias (0 or -inf, [B, 1, 1, S], or None) -> ([B, H, Q, D], [B, H, Q]).
+
+    q, k, v have the same heads (decode folds a GQA group into query rows)."""
+    assert q.shape[1] == k.shape[1], (q.shape, k.shape)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
-        return _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias.to(q.dtype), scale=scale)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias           # [B, Hq, Q, S]
+        return _CPU_FLASH(q, k, v, 0.0, False, attn_mask=None if bias is None else bias.to(q.dtype), scale=scale)
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale                  # [B, H, Q, S]
+    if bias is not None:
+        logits = logits + bias
     lse = torch.logsumexp(logits, dim=-1)
     return torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), v.float()).to(q.dtype), lse

@@ -5,7 +5,7 @@ keeps its own `CompressedKVCache`. The batch is the step target `hf.forward_step
   append   splits each layer's new K/V by segment into the sessions' caches (no copy of the caches)
   attend   chunk segments: per session (`split_cache_attention`, causal within the chunk);
            decode segments: grouped by head layout (sessions under different head maps differ per layer),
-           each group in one padded, masked call (`padded_decode_attention`), or per session when alone.
+           each group in one padded, masked call (`decode_attention`), or per session when alone.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class StepBatch:
         masks = group.masks.get(lengths)
         if masks is None:   # layers of one layout mostly share lengths: built once or twice per step
             masks = group.masks[lengths] = decode_masks(lengths, self.device)
-        return attention.padded_decode_attention(q, layers, masks, scale)[:, :, 0].transpose(0, 1)
+        return attention.decode_attention(q, layers, masks, scale)[:, :, 0].transpose(0, 1)
 
     def compress(self) -> None:
         for seg in self.segments:

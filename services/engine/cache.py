@@ -147,6 +147,12 @@ class RazorLayer:
         comp = sum(t.numel() * t.element_size() for t in (self.comp_keys, self.comp_values) if t is not None)
         return buffers + comp
 
+    def stored_nbytes(self) -> int:
+        """Bytes of what the layer keeps (live rows and the compensation token), headroom excluded."""
+        rows = sum(len(b) * b.nbytes() // max(1, b.capacity) for b in (self.retrieval, self.local) if b is not None)
+        comp = sum(t.numel() * t.element_size() for t in (self.comp_keys, self.comp_values) if t is not None)
+        return rows + comp
+
     def full_nbytes(self) -> int:
         """Bytes a full cache of the same length would hold for this layer."""
         ref = self.retrieval if self.retrieval is not None else self.local
@@ -216,6 +222,9 @@ class CompressedKVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def stored_nbytes(self) -> int:
+        return sum(layer.stored_nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
         return sum(layer.full_nbytes() for layer in self.layers)

@@ -64,6 +64,9 @@ class SessionState:
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
+    def stored_nbytes(self) -> int:
+        return self.cache.stored_nbytes()
+
     def full_nbytes(self) -> int:
         return self.cache.full_nbytes()
 

@@ -217,7 +217,8 @@ def timestamp(value) -> Timestamp | None:
 
 
 def session_pb(e) -> pb.Session:
-    return pb.Session(session_id=e.session_id, length=e.length, kv_bytes=e.nbytes, kv_bytes_full=e.full_nbytes,
+    return pb.Session(session_id=e.session_id, length=e.length, kv_bytes=e.stored_nbytes, kv_bytes_full=e.full_nbytes,
+                      kv_bytes_allocated=e.nbytes,
                       location=_LOCATION[e.location], head_map_version=e.head_map_version,
                       model_fingerprint=e.fingerprint_id, created_at=timestamp(e.created_at),
                       last_used_at=timestamp(e.last_used), busy=e.busy, lost_reason=e.lost_reason)

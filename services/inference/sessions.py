@@ -46,7 +46,8 @@ class SessionEntry:
     location: str = "device"     # "device" | "redis" | "lost"
     busy: bool = False
     length: int = 0
-    nbytes: int = 0
+    nbytes: int = 0                 # allocated on the device (what the budget counts)
+    stored_nbytes: int = 0          # what the compressed cache keeps
     full_nbytes: int = 0
     head_map_version: str = ""
     fingerprint_id: str = ""
@@ -201,6 +202,7 @@ class SessionStore:
             entry.state, entry.location = state, "device"
             entry.length, entry.head_map_version = len(state.token_ids), state.head_map_version
             entry.nbytes, entry.full_nbytes = state.nbytes(), state.full_nbytes()
+            entry.stored_nbytes = state.stored_nbytes()
             entry.last_token = state.last_token
 
     def make_room(self, need_bytes: int, keep: str | None = None) -> None:
@@ -276,7 +278,7 @@ class SessionStore:
     def _spill_meta(entry: SessionEntry) -> dict:
         return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
                 "head_map_version": entry.head_map_version, "token_count": entry.length,
-                "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes,
+                "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
                 "created_at": entry.created_at, "last_used": entry.last_used}
 
     def _restore(self, sid: str, n_chunks: int):
@@ -332,6 +334,7 @@ class SessionStore:
         token_ids = meta["state"]["token_ids"]
         entry = SessionEntry(sid, meta["created_at"], meta["last_used"], location="redis",
                              length=meta["token_count"], nbytes=meta["nbytes"], full_nbytes=meta["full_nbytes"],
+                             stored_nbytes=meta.get("stored_nbytes", meta["nbytes"]),
                              head_map_version=meta["head_map_version"], fingerprint_id=meta["fingerprint_id"],
                              n_chunks=parsed["n_chunks"], last_token=token_ids[-1] if token_ids else None)
         with self._mu:
