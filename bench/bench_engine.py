@@ -27,7 +27,7 @@ def measure(engine: Engine, prompt: list[int], decode_steps: int) -> dict:
         logits = forward(engine.model, [int(logits.argmax())], cache)
     sync()
     decode_s = time.perf_counter() - start
-    return {"bytes": cache.nbytes(), "prefill_tps": len(prompt) / prefill_s, "decode_tps": decode_steps / decode_s}
+    return {"bytes": cache.stored_nbytes(), "prefill_tps": len(prompt) / prefill_s, "decode_tps": decode_steps / decode_s}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """KV bytes per session, full cache vs RazorServe, and how many sessions fit in a byte budget.
 
 Only shapes matter for bytes, so no model runs: each cache is a real `CompressedKVCache` filled with
-`update` + `compress` from zero K/V tensors of the model's shapes (one shared [1, n_kv_heads, N, D] tensor per
+`append` + `compress` from zero K/V tensors of the model's shapes (one shared [1, n_kv_heads, N, D] tensor per
 length; the cache copies only what it keeps). The full-cache baseline is the same cache's `full_nbytes()`,
 checked once against a real all-heads-full cache.
 
@@ -40,13 +40,14 @@ class Variant:
 
 
 def cache_bytes(shapes: Shapes, variant: Variant, seq_len: int) -> tuple[int, int]:
-    """(bytes held, bytes a full cache would hold) after a prefill of `seq_len` tokens."""
+    """(bytes kept, bytes a full cache would hold) after a prefill of `seq_len` tokens. Kept bytes exclude the
+    storage headroom (at most a quarter + 16 rows per group, reported by `nbytes()` and counted by the budget)."""
     kv = torch.zeros(1, shapes.n_kv_heads, seq_len, shapes.head_dim, dtype=shapes.dtype)
     cache = CompressedKVCache(variant.retrieval_kv_heads, shapes.n_kv_heads, variant.compression)
     for layer_idx in range(shapes.n_layers):
-        cache.update(kv, kv, layer_idx)
+        cache.append(layer_idx, kv, kv)
     cache.compress()
-    return cache.nbytes(), cache.full_nbytes()
+    return cache.stored_nbytes(), cache.full_nbytes()
 
 
 def check_full_baseline(shapes: Shapes) -> None:

@@ -131,7 +131,7 @@ def run(engine: Engine, rows: dict, sweep: list, args) -> tuple[dict, dict]:
     for length in args.lengths:
         for task in retrieval_tasks("passkey", length, args.keys, args.seed + length, tok):
             kv = full_prefill(engine, task.document)
-            full_bytes = session_from_full(engine, task.document, kv, rows["full cache"]).nbytes()
+            full_bytes = session_from_full(engine, task.document, kv, rows["full cache"]).stored_nbytes()
             for name, hm in rows.items():
                 hit, nbytes = answer_generated(engine, task, kv, hm)
                 table[name].setdefault(length, []).append((hit, nbytes / full_bytes))
@@ -139,7 +139,7 @@ def run(engine: Engine, rows: dict, sweep: list, args) -> tuple[dict, dict]:
                 continue
             for _, _, _, hm in sweep:
                 if len(memo.setdefault(hm.version, [])) < len(table["full cache"][length]):
-                    nbytes = session_from_full(engine, task.document, kv, hm).nbytes()
+                    nbytes = session_from_full(engine, task.document, kv, hm).stored_nbytes()
                     memo[hm.version].append((*score_answer(engine, task, kv, hm), nbytes / full_bytes))
         print(f"  passkey at {length} tokens done ({args.keys} keys, {args.clock})", flush=True)
     return table, memo

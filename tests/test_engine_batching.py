@@ -494,8 +494,6 @@ def test_200_decode_steps_append_in_place_without_copying_the_cache(engine, maps
                 assert layer.local.capacity <= 2 * capacity_for(len(layer.local))
 
 
-@pytest.mark.xfail(strict=True, reason="KVBuffer._make_room compacts in place whenever the live rows still fit, "
-                   "even with almost no headroom left, so a nearly full store compacts on every append")
 def test_kvbuffer_compacts_at_most_every_min_slack_appends():
     """kvbuffer.MIN_SLACK's contract: "a compaction moves the live rows at most every 16 appends". A local group
     whose window grew until its live rows nearly fill the store (as in decoding with a ratio-based window) is

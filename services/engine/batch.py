@@ -108,9 +108,11 @@ class StepBatch:
             masks = group.masks[lengths] = decode_masks(lengths, self.device)
         return attention.decode_attention(q, layers, masks, scale)[:, :, 0].transpose(0, 1)
 
-    def compress(self) -> None:
-        for seg in self.segments:
-            seg.cache.compress()
+    def compress(self, caches: list[CompressedKVCache] | None = None) -> None:
+        """Compress `caches` (default: every segment's). A session midway through a chunked prefill is left
+        uncompressed until its last chunk, so chunking never changes what its prompt's tokens attend to."""
+        for cache in (caches if caches is not None else [s.cache for s in self.segments]):
+            cache.compress()
 
 
 def _rows(pair: tuple, rows: slice) -> tuple:

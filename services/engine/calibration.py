@@ -115,7 +115,7 @@ class _Bench:
         point = {"logprob": statistics.mean(r[0] for r in results), "accuracy": statistics.mean(hits),
                  "accuracy_by_length": [statistics.mean(hits[i:i + per_length])
                                         for i in range(0, len(hits), per_length)],
-                 "bytes_fraction": state.nbytes() / state.full_nbytes()}
+                 "bytes_fraction": state.stored_nbytes() / state.full_nbytes()}
         if kl:
             point["kl"] = statistics.mean(
                 kl_divergence(full, continuation_logprobs(self.engine, context, continuation, kv, hm))

@@ -75,7 +75,7 @@ def cmd_generate(args) -> int:
             engine.encode(text=args.prompt)
         start = time.perf_counter()
         state, result = engine.generate(ids, params, chat=args.chat)
-        rows.append((name, state.nbytes(), time.perf_counter() - start, result.text))
+        rows.append((name, state.stored_nbytes(), time.perf_counter() - start, result.text))
     full_bytes = rows[0][1]
     for name, nbytes, secs, text in rows:
         print(f"--- {name}: KV {_mib(nbytes)} ({nbytes / full_bytes:.1%} of full), {secs:.2f} s")

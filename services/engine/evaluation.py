@@ -92,7 +92,7 @@ def session_from_full(engine: Engine, ids: list[int], full_kv, head_map: HeadMap
 def answer_generated(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap) -> tuple[bool, int]:
     """Greedy generation over the compressed document -> (answer found, KV bytes held)."""
     state = session_from_full(engine, task.document, full_kv, head_map)
-    nbytes = state.nbytes()
+    nbytes = state.stored_nbytes()
     result = engine.continue_session(state, task.question, SamplingParams(max_new_tokens=len(task.answer) + 3))
     if task.answer_text:
         return task.answer_text in result.text, nbytes

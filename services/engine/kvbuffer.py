@@ -73,7 +73,9 @@ class KVBuffer:
         if self.hi + q <= self.capacity:
             return
         live = len(self)
-        capacity = self.capacity if live + q <= self.capacity else capacity_for(live + q)
+        # Compact in place only while that leaves the usual headroom; else regrow (a store grown to just fit
+        # would otherwise compact, copying every live row, on each append).
+        capacity = self.capacity if capacity_for(live + q) <= self.capacity else capacity_for(live + q)
         self._relocate(capacity)
 
     def _relocate(self, capacity: int) -> None:

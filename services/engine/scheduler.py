@@ -99,7 +99,7 @@ class Scheduler:
         try:
             logits = hf.forward_step(self.engine.model, batch.input_ids(), batch.position_ids(), batch,
                                      batch.last_positions()[sampling])                         # [n, V]
-            batch.compress()
+            batch.compress([plan[i][0].request.state.cache for i in sampling])
         except Exception as exc:  # noqa: BLE001 - these sessions' caches are now half-updated
             log.exception("a step over %d turns failed", len(plan))
             for turn, _ in plan:

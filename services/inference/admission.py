@@ -22,10 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class Admission:
-    def __init__(self, store: SessionStore, io: ThreadPoolExecutor, wake, head_dim: int, itemsize: int,
-                 step_tokens: int):
+    def __init__(self, store: SessionStore, io: ThreadPoolExecutor, wake, head_dim: int, itemsize: int):
         self.store, self.io, self.wake = store, io, wake
-        self.head_dim, self.itemsize, self.step_tokens = head_dim, itemsize, step_tokens
+        self.head_dim, self.itemsize = head_dim, itemsize
         self._mu = threading.Lock()
         self._reserved: dict[int, int] = {}       # id(request) -> bytes reserved beyond the store's count
         self._spilling = False
@@ -39,7 +38,8 @@ class Admission:
         """Bytes beyond what the store already counts that this turn's cache may grow to."""
         state = request.state
         final = len(state.token_ids) + len(request.new_ids) + request.params.max_new_tokens
-        chunk = min(self.step_tokens, final - state.cache.seq_length)   # the most tokens one step feeds it
+        # Compression waits for a prompt's last chunk, so the local group may briefly hold all of the new input.
+        chunk = final - state.cache.seq_length
         bound = state.cache.bytes_bound(final, chunk, self.head_dim, self.itemsize)
         return max(0, bound - self.store.counted_bytes(request.tag))
 

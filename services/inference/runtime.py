@@ -106,7 +106,7 @@ class Runtime:
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="razor-io")
         self.scheduler = Scheduler(self.engine, scheduler, admit=self._admit)
         self.loop = EngineLoop(self.scheduler)
-        self.admission = Admission(store, self.io, self.loop.wake, fp.head_dim, itemsize, scheduler.step_tokens)
+        self.admission = Admission(store, self.io, self.loop.wake, fp.head_dim, itemsize)
         store.reserved_bytes = self.admission.reserved_bytes
         self._tokenizer = threading.Lock()   # a fast tokenizer is not safe to share between threads
         self._mu = threading.Condition()
