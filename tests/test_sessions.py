@@ -53,17 +53,28 @@ def test_lru_idle_sessions_spill_first_and_restore_bit_exact(service_redis_url, 
     assert not redis.Redis.from_url(service_redis_url).exists(Spill.key(old)), "no stale copy stays behind"
 
 
-def test_one_request_per_session_and_busy_sessions_never_spill(service_redis_url, engine):
+def test_one_request_per_session_and_pinned_sessions_never_spill(service_redis_url, engine):
     store = make_store(service_redis_url, engine, budget=0)
     sid = add(store, new_state(engine))
     store.acquire(sid)
     with pytest.raises(SessionBusy, match="busy"):
         store.acquire(sid)
+    assert store.pin(sid) is not None   # its turn joined the running batch
     store.settle()
     assert store.info(sid).location == "device"
-    store.release(sid)
+    store.release(sid)                   # the turn ended: unpinned and idle
     store.settle()
     assert store.info(sid).location == "redis"
+    assert store.pin(sid) is None        # spilled: the runtime restores it before pinning
+
+
+def test_a_busy_session_whose_turn_still_waits_may_spill(service_redis_url, engine):
+    """A queued turn must not hold the budget hostage: only the running batch is pinned."""
+    store = make_store(service_redis_url, engine, budget=0)
+    sid = add(store, new_state(engine))
+    store.acquire(sid)
+    store.settle()
+    assert store.info(sid).location == "redis" and store.info(sid).busy
 
 
 def test_corrupt_blob_is_refused_and_reported_lost(service_redis_url, engine):

@@ -76,8 +76,10 @@ class Scheduler:
         self.running: list[_Turn] = []
 
     def submit(self, request: TurnRequest) -> None:
-        """Queue a turn (any thread); it joins the batch at a coming step."""
-        self.engine.check_turn(request.state, request.new_ids, request.params)
+        """Queue a turn (any thread); it joins the batch at a coming step. A turn may come without its state
+        (`state=None`): then the admit hook must provide it, and the engine checks it at admission."""
+        if request.state is not None:
+            self.engine.check_turn(request.state, request.new_ids, request.params)
         self._inbox.append(request)
 
     @property
@@ -127,6 +129,7 @@ class Scheduler:
             try:
                 if self.admit is not None and not self.admit(request):
                     return   # first come, first served: later turns wait behind this one
+                self.engine.check_turn(request.state, request.new_ids, request.params)
             except Exception as exc:  # noqa: BLE001 - the hook refuses this turn for good
                 self.waiting.popleft()
                 self._finish(self._unstarted(request), error=exc)
@@ -145,8 +148,8 @@ class Scheduler:
 
     def _unstarted(self, request: TurnRequest) -> _Turn:
         """A turn that leaves before it ran: the session is left exactly as it was."""
-        return _Turn(request, [], request.state.cache.seq_length, self.engine.text_stream(request.params), None,
-                     frozenset())
+        cached = 0 if request.state is None else request.state.cache.seq_length
+        return _Turn(request, [], cached, self.engine.text_stream(request.params), None, frozenset())
 
     def _plan(self) -> list[tuple[_Turn, list[int]]]:
         """Decode tokens first (one per generating turn), then prefill chunks in arrival order."""

@@ -3,7 +3,8 @@
 Each admitted turn reserves the most bytes its cache can reach by the end of the turn (`bytes_bound`) minus
 what the store already counts for its session; resident idle sessions plus reservations never exceed the
 budget, so resident KV bytes never do either. When a turn does not fit, the I/O thread spills least recently
-used idle sessions (never a running one) and wakes the model loop; the turn waits in order meanwhile. The one
+used sessions that are not in the running batch (idle ones, or ones whose turn still waits) and wakes the model
+loop; the turn waits in order meanwhile. The one
 exception is a turn larger than the whole budget: it runs alone, once every other session has been spilled
 (refusing it would make a small budget unusable; the overrun lasts that turn only).
 """
@@ -78,11 +79,7 @@ class Admission:
         """I/O thread: spill idle sessions until `need` more bytes fit (as far as idle sessions allow)."""
         try:
             self.store.make_room(need, keep=request.tag or None)
-            if not self.fits(request, need, running=0):
-                raise BudgetExhausted(
-                    f"the KV budget ({self.store.budget_bytes} bytes) is held by sessions busy with other requests; "
-                    "retry when they finish, or raise RAZOR_KV_BUDGET_BYTES")
-        except BudgetExhausted as exc:
+        except BudgetExhausted as exc:   # Redis is unreachable: nothing can be spilled
             with self._mu:
                 self._spill_error = exc
         except Exception:  # noqa: BLE001 - never leave the model loop waiting on a dead spill

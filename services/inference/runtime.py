@@ -109,6 +109,9 @@ class Runtime:
         self.admission = Admission(store, self.io, self.loop.wake, fp.head_dim, itemsize)
         store.reserved_bytes = self.admission.reserved_bytes
         self._tokenizer = threading.Lock()   # a fast tokenizer is not safe to share between threads
+        self._continued: set[int] = set()    # model loop: continued turns whose session it pinned
+        self._restoring: set[int] = set()    # turns whose session the I/O thread is restoring
+        self._restore_errors: dict[int, BaseException] = {}
         self._mu = threading.Condition()
         self._cancels: set[threading.Event] = set()
         self._closed = False
@@ -126,10 +129,7 @@ class Runtime:
                     raise ShuttingDown("the service is shutting down; retry on another replica or after restart")
                 self._cancels.add(cancel)
             request = self._request(turn, sid, entry, events, cancel)
-            if request.state is None:
-                self.io.submit(self._restore_then_submit, request, sid)
-            else:
-                self._submit(request)
+            self.loop.submit(request)   # the engine's own checks raise here, synchronously
         except BaseException as exc:
             self._forget(cancel)
             self._abandon(turn, sid, exc)
@@ -140,10 +140,9 @@ class Runtime:
         history = entry.length if entry is not None else 0
         ids = self._encode(turn, sid if entry is not None else None)
         self._check_fits(history, len(ids), turn.params)
-        if entry is None:
-            state = self.engine.new_session(chat=turn.messages is not None, head_map=self.head_maps.active)
-        else:
-            state = self.store.resident_state(sid)   # None while spilled: the I/O thread restores it
+        # A continued session's state is resolved when its turn is admitted (pinned, or restored first).
+        state = None if entry is not None else self.engine.new_session(chat=turn.messages is not None,
+                                                                       head_map=self.head_maps.active)
         started = time.perf_counter()
         request = TurnRequest(state, ids, turn.params, on_token=lambda event: events.put(event) or True,
                               cancelled=cancel.is_set, tag=sid)
@@ -164,24 +163,48 @@ class Runtime:
             raise ValueError("the new turn adds no tokens; send some text")
         return ids
 
-    def _submit(self, request: TurnRequest) -> None:
-        self.loop.submit(request)   # the engine's own checks (token ids, context) raise here, synchronously
-
-    def _restore_then_submit(self, request: TurnRequest, sid: str) -> None:
-        """I/O thread: restore a spilled session (making room first), then hand the turn to the model loop."""
-        try:
-            request.state = self.store.load(sid, lambda n: self.store.make_room(n, keep=sid))
-            self._submit(request)
-        except BaseException as exc:  # noqa: BLE001 - reaches the waiting handler through on_done
-            request.on_done(exc)
-
     def _admit(self, request: TurnRequest) -> bool:
-        return self.admission.admit(request, running=len(self.scheduler.running))
+        """Scheduler hook (model loop). A continued session is pinned (restored first when spilled) and
+        unpinned again while its turn cannot fit yet, so a queued turn never keeps others from the budget."""
+        continued = request.state is None or id(request) in self._continued
+        if request.state is None:
+            error = self._restore_errors.pop(id(request), None)
+            if error is not None:
+                raise error
+            request.state = self.store.pin(request.tag)
+            if request.state is None:
+                self._restore(request)
+                return False
+            self._continued.add(id(request))
+        if self.admission.admit(request, running=len(self.scheduler.running)):
+            return True
+        if continued:
+            self.store.unpin(request.tag)
+            request.state = None
+        return False
+
+    def _restore(self, request: TurnRequest) -> None:
+        """Restore a spilled session on the I/O thread (making room first), then wake the model loop."""
+        if id(request) in self._restoring:
+            return
+        self._restoring.add(id(request))
+        sid = request.tag
+
+        def job() -> None:
+            try:
+                self.store.load(sid, lambda n: self.store.make_room(n, keep=sid))
+            except BaseException as exc:  # noqa: BLE001 - the turn is refused with it at its next admission
+                self._restore_errors[id(request)] = exc
+            finally:
+                self._restoring.discard(id(request))
+                self.loop.wake()
+        self.io.submit(job)
 
     # ---- turn outcomes (model loop) --------------------------------------------------------
     def _done(self, turn: Turn, request: TurnRequest, events, cancel, outcome, started: float) -> None:
         sid = request.tag
         self.admission.release(request)
+        self._continued.discard(id(request))
         if isinstance(outcome, BaseException):
             self._abandon(turn, sid, outcome)
             events.put(_Failed(outcome))

@@ -8,8 +8,9 @@ spilled one. Concurrency model:
   ``info``, ``list``, ``delete``); a mutex guards the table.
 * The runtime's I/O thread calls the ones that move tensors to and from Redis (``load``,
   ``make_room``, ``settle``, ``spill_all``), so Redis never stalls the model loop; the model loop
-  calls ``put`` after a turn. A session being spilled that a request acquires meanwhile stays
-  resident (its fresh Redis copy is deleted), so a running session is never spilled.
+  ``pin``s a session when its turn joins the running batch and ``put``s it after the turn. A pinned
+  session is never spilled; a busy one whose turn still waits may be (it is restored on admission),
+  so queued turns never hold the budget hostage. ``pin`` refuses a session while it is being spilled.
 * One request per session: ``acquire`` marks a session busy and a second ``acquire`` raises
   ``SessionBusy`` (the service answers FAILED_PRECONDITION) until ``release``.
 
@@ -45,6 +46,8 @@ class SessionEntry:
     state: object | None = None  # SessionState while resident
     location: str = "device"     # "device" | "redis" | "lost"
     busy: bool = False
+    pinned: bool = False            # its turn is in the running batch: never spilled
+    spilling: bool = False          # a spill of it is being written
     length: int = 0
     nbytes: int = 0                 # allocated on the device (what the budget counts)
     stored_nbytes: int = 0          # what the compressed cache keeps
@@ -100,7 +103,7 @@ class SessionStore:
         with self._mu:
             entry = self._entries.get(sid)
             if entry is not None:
-                entry.busy, entry.last_used = False, self._clock()
+                entry.busy, entry.pinned, entry.last_used = False, False, self._clock()
                 self._entries.move_to_end(sid)
 
     def discard(self, sid: str) -> None:
@@ -148,6 +151,21 @@ class SessionStore:
             except SessionError as exc:
                 log.info("not adopting spilled session %s: %s", sid, exc)
         return n
+
+    def pin(self, sid: str):
+        """Model loop, when a turn joins the batch: the resident state, pinned; None while spilled or spilling."""
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is None or entry.state is None or entry.spilling:
+                return None
+            entry.pinned = True
+            return entry.state
+
+    def unpin(self, sid: str) -> None:
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is not None:
+                entry.pinned = False
 
     def resident_state(self, sid: str):
         """The live state of a resident session, or None when it is spilled."""
@@ -209,7 +227,7 @@ class SessionStore:
         """Spill LRU idle sessions until ``need_bytes`` more fit the budget.
 
         Raises ``BudgetExhausted`` when a needed spill fails because Redis is unreachable.
-        Busy sessions are never spilled, so a full budget of busy sessions is overrun briefly.
+        Pinned sessions (in the running batch) are never spilled.
         """
         while True:
             victim = self._victim(need_bytes, keep)
@@ -253,23 +271,29 @@ class SessionStore:
             if used + self.reserved_bytes() + need_bytes <= self.budget_bytes:
                 return None
             for e in self._entries.values():  # least recently used first
-                if e.location == "device" and e.state is not None and not e.busy and e.session_id != keep:
+                if (e.location == "device" and e.state is not None and not e.pinned and not e.spilling
+                        and e.session_id != keep):
+                    e.spilling = True
                     return e.session_id
             return None
 
     def _spill_one(self, sid: str) -> None:
         with self._mu:
             entry = self._entries[sid]
+            entry.spilling = True
             state, meta = entry.state, self._spill_meta(entry)
-        tensors, state_meta = state.to_tensors()
-        encoded = codec.encode(tensors, {**meta, "state": state_meta})
-        self.spill.write(sid, encoded)
+        try:
+            tensors, state_meta = state.to_tensors()
+            encoded = codec.encode(tensors, {**meta, "state": state_meta})
+            self.spill.write(sid, encoded)
+        finally:
+            with self._mu:
+                entry.spilling = False
         with self._mu:
-            # Deleted while we wrote it, or acquired by a request that is running on the resident state.
-            stale = self._entries.get(sid) is not entry or entry.busy
-            if not stale:
+            gone = self._entries.get(sid) is not entry   # deleted while we wrote it
+            if not gone:
                 entry.state, entry.location, entry.n_chunks = None, "redis", len(encoded.chunks)
-        if stale:
+        if gone:
             self.spill.delete(sid)
             return
         log.info("spilled session %s (%d bytes, %d tokens)", sid, meta["nbytes"], meta["token_count"])

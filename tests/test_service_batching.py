@@ -1,0 +1,105 @@
+"""The service under load: many streams decode together inside a KV budget made for fewer.
+
+A real gRPC server on loopback with real Redis and the tiny GQA model. A watcher thread samples the runtime
+while 32 clients hold two-turn conversations: the device bytes of resident caches never exceed the budget,
+a session decoding in the running batch is never spilled, and every conversation equals the same conversation
+run alone in-process on the engine.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from services.engine import Engine, SamplingParams
+from services.inference.client import RazorClient
+
+N_CLIENTS = 32
+NEW_TOKENS = 6
+
+
+def prompt(i: int) -> str:
+    return f"Conversation {i}: " + " ".join(["fox", "river", "hill", "bird", "song"][j % 5] for j in range(8 + 3 * i))
+
+
+def turn(i: int) -> str:
+    return f" And then, number {i}, what happened?"
+
+
+def alone(loaded, head_map, i: int) -> list[list[int]]:
+    engine, params = Engine(loaded, head_map), SamplingParams(max_new_tokens=NEW_TOKENS)
+    state, first = engine.generate(engine.encode(text=prompt(i)), params)
+    second = engine.continue_session(state, engine.encode_turn(state.last_token, text=turn(i)), params)
+    return [first.token_ids, second.token_ids]
+
+
+class Watcher(threading.Thread):
+    """Samples resident device bytes and the running batch until stopped; records every violation."""
+
+    def __init__(self, runtime):
+        super().__init__(daemon=True)
+        self.runtime, self.stop_flag, self.violations = runtime, threading.Event(), []
+        self.max_running = self.max_resident = 0
+
+    def run(self) -> None:
+        store = self.runtime.store
+        while not self.stop_flag.is_set():
+            running = [t.request for t in list(self.runtime.scheduler.running)]
+            entries = {e.session_id: e for e in store.list()}
+            # Every cache on the device: resident sessions' and running turns' (a new session joins the store
+            # only when its first turn ends).
+            states = [store.resident_state(sid) for sid in entries] + [r.state for r in running]
+            resident = sum(s.nbytes() for s in {id(s): s for s in states if s is not None}.values())
+            self.max_resident = max(self.max_resident, resident)
+            if resident > store.budget_bytes:
+                self.violations.append(f"resident {resident} > budget {store.budget_bytes}")
+            self.max_running = max(self.max_running, len(running))
+            for request in running:
+                entry = entries.get(request.tag)
+                if entry is not None and entry.location != "device":
+                    self.violations.append(f"session {request.tag} was spilled while it decoded")
+            time.sleep(0.002)
+
+
+def converse(target: str, i: int) -> list[list[int]]:
+    with RazorClient(target, timeout_s=300) as client:
+        first = client.generate(prompt=prompt(i), max_new_tokens=NEW_TOKENS)
+        second = client.continue_session(first.session_id, text=turn(i), max_new_tokens=NEW_TOKENS)
+    return [first.token_ids, second.token_ids]
+
+
+def test_32_streams_within_a_budget_for_fewer_equal_their_sequential_controls(start_server, tiny_loaded,
+                                                                               tiny_head_map):
+    fp = tiny_loaded.fingerprint
+    per_session = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 4 * 160   # ~160 tokens of full cache each
+    server = start_server(kv_budget_bytes=8 * per_session, max_workers=N_CLIENTS + 8, max_running=32)
+    watcher = Watcher(server.runtime)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(N_CLIENTS) as pool:
+            outs = list(pool.map(lambda i: converse(server.target, i), range(N_CLIENTS)))
+    finally:
+        watcher.stop_flag.set()
+        watcher.join()
+    assert watcher.violations == []
+    assert watcher.max_running > 1, "turns never ran together"
+    assert watcher.max_resident > 0.5 * 8 * per_session, "the budget was meant to be the constraint"
+    _, resident, spilled = server.runtime.store.usage()
+    assert spilled > 0, "the budget was meant to force spills"
+    for i, out in enumerate(outs):
+        assert out == alone(tiny_loaded, tiny_head_map, i), f"conversation {i} differs from its control"
+
+
+def test_oversized_input_is_refused_before_tokenizing_and_others_keep_streaming(start_server):
+    server = start_server(max_input_chars=2_000)
+    with RazorClient(server.target) as client:
+        stream = client.stream_generate(prompt=prompt(1), max_new_tokens=40)
+        first = next(stream)
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(prompt="x" * 2_001, max_new_tokens=4)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2001 characters" in info.value.details()
+        rest = list(stream)
+    assert first.session_id and rest[-1].HasField("completion") and rest[-1].completion.usage.generated_tokens == 40
