@@ -79,11 +79,11 @@ class _Bench:
         fp = engine.loaded.fingerprint
         self.engine, self.base, self.fp, self.ratio = engine, base, fp, params.ratio
         self.lengths = params.lengths
-        cfg = engine.model.config
-        vocab = (min(1000, cfg.vocab_size // 2), min(20000, cfg.vocab_size))
+        dims = engine.dims
+        vocab = (min(1000, dims.vocab_size // 2), min(20000, dims.vocab_size))
         self.tasks = [task for i, length in enumerate(params.lengths)
                       for task in retrieval_tasks(params.task, length, n_tasks, seed + i,
-                                                  engine.tokenizer, vocab=vocab, bos=cfg.bos_token_id or 0)]
+                                                  engine.tokenizer, vocab=vocab, bos=dims.bos_id or 0)]
         self.kl_docs = _kl_documents(engine, params, seed, text_offset, vocab)
         total = len(self.tasks) + len(self.kl_docs)
         self.kvs = []

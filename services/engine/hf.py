@@ -33,6 +33,7 @@ class ModelDims:
     vocab_size: int
     max_context: int
     eos_ids: tuple[int, ...]
+    bos_id: int | None
 
 
 def model_dims(config) -> ModelDims:
@@ -41,7 +42,7 @@ def model_dims(config) -> ModelDims:
     eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     return ModelDims(config.model_type, config.num_hidden_layers, n_heads, config.num_key_value_heads,
                      getattr(config, "head_dim", None) or config.hidden_size // n_heads, config.vocab_size,
-                     int(config.max_position_embeddings), eos_ids)
+                     int(config.max_position_embeddings), eos_ids, config.bos_token_id)
 
 
 class _StepLayer(CacheLayerMixin):

@@ -96,8 +96,8 @@ def random_repeats(params: ProfileParams, vocab_size: int, bos_id: int | None, s
 @torch.no_grad()
 def score_heads(model, params: ProfileParams, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Induction and echo scores, each [n_layers, n_heads]."""
-    cfg = model.config
-    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    dims = hf.model_dims(model.config)
+    n_layers, n_heads = dims.n_layers, dims.n_heads
     total = params.n_samples * n_layers
     hf.install(model, attention.razor_attention)
     induction, echo = torch.zeros(n_layers, n_heads), torch.zeros(n_layers, n_heads)
@@ -109,7 +109,7 @@ def score_heads(model, params: ProfileParams, progress: Progress | None = None) 
                 progress(_base + layer_idx + 1, total, "scoring heads")
 
         probe = HeadScoreProbe(n_layers, n_heads, params.seq_len, params.repeats, on_layer)
-        ids = random_repeats(params, cfg.vocab_size, cfg.bos_token_id, s).to(model.device)
+        ids = random_repeats(params, dims.vocab_size, dims.bos_id, s).to(model.device)
         hf.probe_forward(model, ids, probe)
         induction += probe.induction / params.n_samples
         echo += probe.echo / params.n_samples
