@@ -85,24 +85,18 @@ def step_ms(engine: Engine, state: SessionState, steps: int) -> float:
 
 def storage_ms(state: SessionState, repeats: int = 20) -> tuple[float, float]:
     """(ms per step appending one token in place, ms per step the old per-step torch.cat would copy)."""
-    layers = state.cache.layers
-    row = lambda buf: buf.keys[:, :, -1:].clone()   # noqa: E731 - one token's K of that group
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for layer in layers:
-            for buf in (layer.retrieval, layer.local):
-                if buf is not None:
-                    new = row(buf)
-                    torch.cat([buf.keys, new], dim=-2), torch.cat([buf.values, new], dim=-2)
-    cat_ms = (time.perf_counter() - start) / repeats * 1e3
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for layer in layers:
-            for buf in (layer.retrieval, layer.local):
-                if buf is not None:
-                    new = row(buf)
-                    buf.append(new, new)
-    return (time.perf_counter() - start) / repeats * 1e3, cat_ms
+    buffers = [b for layer in state.cache.layers for b in (layer.retrieval, layer.local) if b is not None]
+    rows = [b.keys[:, :, -1:].clone() for b in buffers]            # one token's keys for each group
+
+    def per_step_ms(work) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for buf, new in zip(buffers, rows):
+                work(buf, new)
+        return (time.perf_counter() - start) / repeats * 1e3
+
+    cat_ms = per_step_ms(lambda b, new: (torch.cat([b.keys, new], dim=-2), torch.cat([b.values, new], dim=-2)))
+    return per_step_ms(lambda b, new: b.append(new, new)), cat_ms
 
 
 def length_rows(engine: Engine, full_kv, ids, maps: dict, args) -> list[list]:
