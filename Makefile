@@ -19,7 +19,19 @@ TEST_PINS := $(shell sed -e '/\# no-deps/d' -e 's/[[:space:]]*\#.*//' deploy/req
 NO_DEPS_TEST_PINS := $(shell sed -n 's/[[:space:]]*\# no-deps.*//p' deploy/requirements-test.txt)
 ARGS ?=
 
-.PHONY: run test proto bench venv clean distclean
+# --- CUDA only: flash-attn, the fused attention kernel for bfloat16/float16 on the GPU (PyTorch SDPA is the
+# fallback without it). Not part of `venv`, `run` or `test`, and refused with a CPU torch. On a CUDA machine:
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu130 && make flash-attn
+# PyPI ships only flash-attn's source (its build needs nvcc and about an hour), so this installs a prebuilt
+# wheel from a pinned release of github.com/mjun0812/flash-attention-prebuild-wheels, named for the venv's
+# torch, CUDA and Python, as deploy/Dockerfile.gpu does (torch 2.13: cu126, cu130 and cu132 builds, no cu128).
+# FLASH_ATTN_WHEEL=<url or file> installs another wheel. --no-deps keeps the CUDA torch in place.
+FLASH_ATTN_VERSION ?= 2.8.3
+FLASH_ATTN_RELEASE ?= v0.9.47
+FLASH_ATTN_WHEEL ?=
+FLASH_ATTN_URL := https://github.com/mjun0812/flash-attention-prebuild-wheels/releases/download/$(FLASH_ATTN_RELEASE)
+
+.PHONY: run test proto bench venv clean distclean flash-attn
 
 run: $(STAMP) $(GENERATED)
 	$(BIN)/python -m services.stack $(ARGS)
@@ -55,6 +67,19 @@ bench: $(STAMP) $(GENERATED)
 	  [ -f "$$script" ] || continue; found=1; \
 	  echo "== $$script"; $(BIN)/python "$$script"; \
 	done; [ $$found -eq 1 ] || echo "no bench/bench_*.py scripts yet"
+
+flash-attn: $(STAMP)
+	@tags="$$($(BIN)/python -c 'import sys, torch; print((torch.version.cuda or "cpu").replace(".", ""), \
+	  ".".join(torch.__version__.split("+")[0].split(".")[:2]), "cp%d%d" % sys.version_info[:2])')" || exit 1; \
+	set -- $$tags; \
+	if [ -z "$(FLASH_ATTN_WHEEL)" ] && [ "$$1" = cpu ]; then \
+	  echo "make flash-attn: $(VENV) has the CPU build of torch; flash-attn needs the CUDA one:" >&2; \
+	  echo "  make distclean && make venv TORCH_INDEX=https://download.pytorch.org/whl/cu130" >&2; exit 1; fi; \
+	wheel="$(FLASH_ATTN_WHEEL)"; \
+	wheel="$${wheel:-$(FLASH_ATTN_URL)/flash_attn-$(FLASH_ATTN_VERSION)%2Bcu$${1}torch$${2}-$${3}-$${3}-linux_x86_64.whl}"; \
+	echo "flash-attn wheel: $$wheel"; \
+	$(BIN)/python -m pip install --no-deps "$$wheel" einops==0.8.2 && \
+	$(BIN)/python -c "import flash_attn; print('flash-attn', flash_attn.__version__)"
 
 clean:
 	rm -rf services/api/razorserve .run .pytest_cache build dist *.egg-info

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     # --- model and engine -------------------------------------------------------------
     model: str = Field("", description="model reference: empty = embedded SmolLM2, a HF directory or a .gguf file")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where model and resident caches live")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV cache dtype: auto = bfloat16 on CUDA, float32 on CPU")
     torch_threads: int = Field(0, ge=0, description="torch CPU threads per process (0 = torch's default)")
     head_map_path: str = Field("", description="JSON head map to activate at start when Redis has none")
     sink: int = Field(4, ge=0, description="sink tokens kept by local heads (paper N0)")
@@ -63,6 +65,14 @@ class Settings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {v!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _known_dtype(cls, v):
+        name = v.strip().lower() if isinstance(v, str) else v
+        if name not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"RAZOR_DTYPE {v!r} is not supported; use auto, float32, bfloat16 or float16")
+        return name
 
     @field_validator("redis_url")
     @classmethod

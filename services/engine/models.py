@@ -5,6 +5,11 @@ References understood by `load_model`:
   "/path/to/dir"           a transformers checkpoint directory
   "/path/to/model.gguf"    a GGUF file (transformers dequantises it)
   "tiny-random[:seed]"     a 4-layer random-weight Llama with GQA and the SmolLM2 tokenizer (tests)
+
+Weights load in the requested dtype (`RAZOR_DTYPE`: auto = bfloat16 on CUDA, float32 elsewhere). The
+fingerprint does not depend on it: it is always taken over float32-exact weights (see `load_model`), so a
+head map profiled in float32 stays valid for a bfloat16 service of the same checkpoint. What does differ
+between dtypes is the KV cache, so a spilled session names its dtype (`LoadedModel.dtype_name`).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import hashlib
 import importlib.util
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +30,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAMES = ("", "smollm2", "default")
+# Weight and KV-cache dtypes a model can be served in ("auto" picks one per device, see `resolve_dtype`).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 class ModelLoadError(ValueError):
@@ -69,6 +77,55 @@ class LoadedModel:
     ref: str
     device: torch.device
     max_context: int
+    # The weights' (and so the KV cache's) dtype; None = read it from the model's parameters.
+    dtype: torch.dtype = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.dtype is None:
+            first = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
+            self.dtype = first.dtype if first is not None else torch.float32
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype's name ("float32", "bfloat16" or "float16"): what a spill header records with the fingerprint."""
+        return dtype_name(self.dtype)
+
+    @property
+    def cache_id(self) -> str:
+        """The fingerprint id qualified by the dtype: what a spilled KV cache must match to be restored.
+
+        The fingerprint id alone keys head maps (valid in every dtype); a cache made in one dtype is not
+        the cache another dtype would compute, so it carries both."""
+        return f"{self.fingerprint.id}@{self.dtype_name}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (the names `RAZOR_DTYPE` and the codec use)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A `RAZOR_DTYPE` value (or a torch dtype) as the torch dtype to load in on `device`.
+
+    "auto" (or empty) is bfloat16 on CUDA (float16 on GPUs without bfloat16) and float32 elsewhere.
+    Raises `ModelLoadError` for anything but auto, float32, bfloat16 or float16."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelLoadError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+        resolved = dtype
+    else:
+        key = (dtype or "auto").strip().lower()
+        if key == "auto":
+            if device.type != "cuda":
+                return torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if key not in DTYPES:
+            raise ModelLoadError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+        resolved = DTYPES[key]
+    if resolved == torch.float16 and device.type == "cpu":
+        log.warning("float16 weights on the CPU are slow (few CPUs compute in float16); "
+                    "prefer RAZOR_DTYPE=bfloat16 or float32 there")
+    return resolved
 
 
 def embedded_model_dir() -> Path:
@@ -89,15 +146,25 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(ref: str | None = None, device: str | None = None, threads: int = 0) -> LoadedModel:
-    """`threads` > 0 sets torch's CPU threads for the process: several model processes sharing few cores
-    (service + worker) otherwise oversubscribe them, and OpenMP spin-waits make small ops very slow."""
+def load_model(ref: str | None = None, device: str | None = None, threads: int = 0,
+               dtype: str | torch.dtype | None = "auto") -> LoadedModel:
+    """Load `ref` on `device` with weights in `dtype` ("auto", "float32", "bfloat16" or "float16").
+
+    `threads` > 0 sets torch's CPU threads for the process: several model processes sharing few cores
+    (service + worker) otherwise oversubscribe them, and OpenMP spin-waits make small ops very slow.
+
+    The fingerprint is taken before the cast, over weights that are exactly their float32 values: a
+    checkpoint whose stored dtype the target dtype represents exactly (bfloat16 safetensors served in
+    bfloat16, anything served in float32) loads directly in the target dtype; any other (a GGUF, a
+    float32 checkpoint served in bfloat16) loads in float32 on the host, is fingerprinted, then cast.
+    """
     if threads:
         torch.set_num_threads(threads)
     ref = (ref or "").strip()
     dev = pick_device(device)
+    target = resolve_dtype(dtype, dev)
     if ref.lower() in EMBEDDED_NAMES:
-        model, tok = _load_pretrained(embedded_model_dir(), EMBEDDED_GGUF)
+        model, tok = _load_pretrained(embedded_model_dir(), EMBEDDED_GGUF, target)
         ref = "smollm2"
     elif ref.startswith("tiny-random"):
         seed = int(ref.partition(":")[2] or 0)
@@ -108,14 +175,17 @@ def load_model(ref: str | None = None, device: str | None = None, threads: int =
             raise ModelLoadError(f"model path {ref!r} does not exist; give a transformers checkpoint directory, "
                                  f"a .gguf file, or leave it empty for the embedded SmolLM2")
         if path.is_file():
-            model, tok = _load_pretrained(path.parent, path.name)
+            model, tok = _load_pretrained(path.parent, path.name, target)
         else:
-            model, tok = _load_pretrained(path, None)
-    model = model.to(dev).eval()
-    return LoadedModel(model, tok, fingerprint(model), ref, dev, int(model.config.max_position_embeddings))
+            model, tok = _load_pretrained(path, None, target)
+    fp = fingerprint(model)  # before the cast: the same id in every dtype
+    model = cast_weights(model, target).to(dev).eval()  # cast on the host: never a float32 copy on the GPU
+    log.info("loaded model %s (%s) on %s in %s", ref, fp.id, dev, dtype_name(target))
+    return LoadedModel(model, tok, fp, ref, dev, int(model.config.max_position_embeddings), target)
 
 
-def _load_pretrained(directory: Path, gguf_file: str | None):
+def _load_pretrained(directory: Path, gguf_file: str | None, dtype: torch.dtype = torch.float32):
+    """The model in `dtype` when that loses nothing against float32 (see `load_model`), else in float32."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
@@ -123,8 +193,51 @@ def _load_pretrained(directory: Path, gguf_file: str | None):
         raise ModelLoadError(f"cannot read a model config from {directory / (gguf_file or '')}: {e}") from None
     check_supported(config)
     tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32, **kwargs)
+    stored = None if gguf_file else stored_float_dtypes(directory)
+    load_dtype = dtype if dtype == torch.float32 or stored == {dtype} else torch.float32
+    if load_dtype != dtype:
+        log.info("loading %s in float32 to fingerprint it, then casting to %s (stored as %s)",
+                 directory / (gguf_file or ""), dtype_name(dtype),
+                 ", ".join(sorted(dtype_name(d) for d in stored)) if stored else "GGUF or unknown")
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=load_dtype, **kwargs)
     return model, tok
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)`, except for non-persistent float buffers (RoPE's `inv_freq`), which stay as they
+    are, as `from_pretrained(dtype=...)` leaves them: a bfloat16 inv_freq would turn every rotary angle
+    beyond a few hundred positions into noise."""
+    kept = [(module, name, buf) for module in model.modules() for name in module._non_persistent_buffers_set
+            if (buf := module._buffers.get(name)) is not None and buf.is_floating_point()]
+    model.to(dtype)
+    for module, name, buf in kept:
+        module._buffers[name] = buf
+    return model
+
+
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_float_dtypes(directory: Path) -> set[torch.dtype] | None:
+    """The floating dtypes of a checkpoint directory's safetensors tensors, read from their headers only;
+    None when there are no safetensors files or a header cannot be read."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        return None
+    found: set[torch.dtype] = set()
+    try:
+        for path in files:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 2**28:
+                    return None
+                header = json.loads(f.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_FLOATS:
+                    found.add(_SAFETENSORS_FLOATS[entry["dtype"]])
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found or None
 
 
 def check_supported(config) -> None:
