@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     kv_budget_bytes: int = Field(512 * 2**20, ge=0, description="device bytes for resident session caches")
     session_ttl_s: int = Field(7 * 86400, ge=1, description="TTL of spilled sessions in Redis")
     max_sessions: int = Field(10_000, ge=1, description="sessions known to one service")
+    max_running: int = Field(32, ge=1, description="turns decoding together in one batch")
+    step_tokens: int = Field(256, ge=2, description="tokens per model step: one per decoding turn + prefill chunks")
+    max_input_chars: int = Field(0, ge=0, description="longest prompt or turn in characters (0 = 32 per context token)")
 
     # --- Redis and the profiling worker ---------------------------------------------------
     redis_url: str = Field(
@@ -88,6 +91,13 @@ class Settings(BaseSettings):
         parts = urlsplit(self.redis_url)
         host = parts.netloc.rsplit("@", 1)[-1]
         return urlunsplit(parts._replace(netloc=f":{quote(self.redis_password, safe='')}@{host}"))
+
+    @model_validator(mode="after")
+    def _step_room(self) -> "Settings":
+        if self.step_tokens <= self.max_running:
+            raise ValueError(f"RAZOR_STEP_TOKENS ({self.step_tokens}) must exceed RAZOR_MAX_RUNNING "
+                             f"({self.max_running}): a step needs room for prefill after every decode token")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":
