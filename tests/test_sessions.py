@@ -21,9 +21,9 @@ def new_state(engine, text="The fox and the river and the hills at sunset", n=4)
     return state
 
 
-def make_store(url, engine, budget=10**9, ttl=3600, max_sessions=100, fingerprint=None):
+def make_store(url, engine, budget=10**9, ttl=3600, max_sessions=100, fingerprint=None, dtype="float32"):
     spill = Spill(url, ttl_s=ttl)
-    return SessionStore(spill, fingerprint or engine.loaded.fingerprint.id, "cpu", budget, max_sessions)
+    return SessionStore(spill, fingerprint or engine.loaded.fingerprint.id, "cpu", budget, max_sessions, dtype=dtype)
 
 
 def add(store, state) -> str:
@@ -139,3 +139,13 @@ def test_session_limit_and_delete(service_redis_url, engine):
     assert store.delete(a) and not redis.Redis.from_url(service_redis_url).exists(Spill.key(a))
     assert not store.delete(a)
     assert store.create() and store.info(b).location == "redis"
+
+
+def test_a_session_spilled_in_another_dtype_is_refused_clearly(service_redis_url, engine):
+    bf16 = make_store(service_redis_url, engine, budget=0, dtype="bfloat16")
+    sid = add(bf16, new_state(engine))
+    bf16.settle()
+    assert bf16.info(sid).location == "redis"
+    f32 = make_store(service_redis_url, engine, dtype="float32")
+    with pytest.raises(SessionModelMismatch, match="spilled in bfloat16 and this service runs float32.*RAZOR_DTYPE"):
+        f32.acquire(sid)

@@ -92,7 +92,8 @@ def _attempt(task) -> int:
 
 def _load(model_ref: str) -> engine.LoadedModel:
     try:
-        return engine.load_model(model_ref or None, settings.device, threads=settings.torch_threads)
+        return engine.load_model(model_ref or None, settings.device, threads=settings.torch_threads,
+                                 dtype=settings.dtype)
     except engine.ModelLoadError as e:
         raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
     except OSError as e:

@@ -240,13 +240,14 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
     """Everything but start(). Tests pass a loaded model and head maps to skip loading/profiling,
     and ``jobs=None`` / ``head_map_store=None`` to run without the profiling worker."""
     loaded = loaded or load_model(settings.model or None, device=settings.device,
-                                 threads=settings.torch_threads)
+                                 threads=settings.torch_threads, dtype=settings.dtype)
     auto_jobs, auto_store = _profiling(settings, redis.Redis.from_url(settings.redis_dsn()))
     jobs = auto_jobs if jobs is _AUTO else jobs
     head_map_store = auto_store if head_map_store is _AUTO else head_map_store
     head_maps = head_maps or resolve_head_maps(settings, loaded, head_map_store)
     spill = Spill(settings.redis_dsn(), settings.session_ttl_s)
-    store = SessionStore(spill, loaded.fingerprint.id, loaded.device, settings.kv_budget_bytes, settings.max_sessions)
+    store = SessionStore(spill, loaded.fingerprint.id, loaded.device, settings.kv_budget_bytes, settings.max_sessions,
+                         dtype=loaded.dtype_name)
     try:
         log.info("indexed %d sessions spilled earlier", store.adopt_spilled())
     except SpillUnavailable as exc:

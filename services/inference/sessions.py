@@ -64,10 +64,12 @@ class SessionEntry:
 
 class SessionStore:
     def __init__(self, spill: Spill, fingerprint_id: str, device: torch.device | str,
-                 budget_bytes: int, max_sessions: int = 10_000, clock=time.time, reserved_bytes=None):
+                 budget_bytes: int, max_sessions: int = 10_000, clock=time.time, reserved_bytes=None,
+                 dtype: str = "float32"):
         if budget_bytes < 0 or max_sessions < 1:
             raise ValueError("budget_bytes must be >= 0 and max_sessions >= 1")
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
+        self.dtype = dtype   # of the caches this service holds; a spill in another dtype is refused
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
         # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
         self.reserved_bytes = reserved_bytes or (lambda: 0)
@@ -298,9 +300,8 @@ class SessionStore:
             return
         log.info("spilled session %s (%d bytes, %d tokens)", sid, meta["nbytes"], meta["token_count"])
 
-    @staticmethod
-    def _spill_meta(entry: SessionEntry) -> dict:
-        return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
+    def _spill_meta(self, entry: SessionEntry) -> dict:
+        return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id, "dtype": self.dtype,
                 "head_map_version": entry.head_map_version, "token_count": entry.length,
                 "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
                 "created_at": entry.created_at, "last_used": entry.last_used}
@@ -309,10 +310,9 @@ class SessionStore:
         from services.engine import SessionState
 
         try:
-            header = self.spill.read_header(sid)
+            header, chunks = self.spill.read(sid, n_chunks)   # header and first chunks in one round trip
             if header is None:
                 raise self._lose(sid, SessionNotFound, "it expired from Redis (RAZOR_SESSION_TTL_S) or was deleted")
-            chunks = self.spill.read_chunks(sid, n_chunks)
         except SpillUnavailable as exc:
             raise StoreUnavailable(f"session {sid} is spilled to Redis, which is unreachable ({exc}); "
                                    "retry when Redis is back") from exc
@@ -371,6 +371,11 @@ class SessionStore:
             raise self._lose(sid, SessionModelMismatch, (
                 f"it was made under another model (fingerprint {meta['fingerprint_id']}) and this service runs "
                 f"{self.fingerprint_id}; continue it on a service running that model, or start a new session"))
+        spilled_in = meta.get("dtype", "float32")   # spills from before the dtype setting were float32
+        if spilled_in != self.dtype:
+            raise self._lose(sid, SessionModelMismatch, (
+                f"its cache was spilled in {spilled_in} and this service runs {self.dtype}; continue it on a service "
+                f"with RAZOR_DTYPE={spilled_in}, or start a new session"))
 
     def _lose(self, sid: str, cls: type[SessionError], reason: str) -> SessionError:
         log.error("session %s lost: %s", sid, reason)
