@@ -134,3 +134,16 @@ def test_spill_round_trip_continues_identically():
 def test_cache_layer_rejects_bad_heads():
     with pytest.raises(ValueError, match="out of range"):
         CompressedKVCache([[5]], n_kv_heads=2, params=CompressionParams())
+
+
+def test_running_mean_started_by_a_single_token_owns_its_storage():
+    """The first fold of one token must not alias the buffer row it came from: that row is reused."""
+    torch.manual_seed(4)
+    layer = RazorLayer([], n_kv_heads=1, params=CompressionParams(sink=1, min_window=3, ratio=1000.0))
+    keys, values = torch.randn(1, 1, 80, 8), torch.randn(1, 1, 80, 8)
+    for t in range(80):   # one token at a time from the first: every fold drops exactly one token
+        layer.append(keys[:, :, t:t + 1], values[:, :, t:t + 1])
+        layer.compress()
+    dropped = slice(1, 80 - 3)
+    torch.testing.assert_close(layer.comp_keys, keys[:, :, dropped].mean(2, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.comp_values, values[:, :, dropped].mean(2, keepdim=True), atol=1e-5, rtol=1e-5)

@@ -131,11 +131,14 @@ class RazorLayer:
     def _fold(self, k_drop: torch.Tensor, v_drop: torch.Tensor) -> None:
         # k_drop, v_drop: [1, l, d, D]. Running mean: mean += (mean(dropped) - mean) * d / (count + d), in place.
         d = k_drop.shape[-2]
-        k_mean = k_drop.mean(dim=-2, keepdim=True, dtype=torch.float32)
-        v_mean = v_drop.mean(dim=-2, keepdim=True, dtype=torch.float32)
+        if d == 1:   # the usual decode step: the row is its own mean (a reduction per layer costs more than it does)
+            k_mean, v_mean = k_drop.float(), v_drop.float()
+        else:
+            k_mean = k_drop.mean(dim=-2, keepdim=True, dtype=torch.float32)
+            v_mean = v_drop.mean(dim=-2, keepdim=True, dtype=torch.float32)
         self.comp_count += d
-        if self.comp_count == d:
-            self.comp_keys, self.comp_values = k_mean, v_mean
+        if self.comp_count == d:   # own storage: k_mean may be a view of a row the buffer will reuse
+            self.comp_keys, self.comp_values = k_mean.clone(), v_mean.clone()
         else:
             self.comp_keys.lerp_(k_mean, d / self.comp_count)
             self.comp_values.lerp_(v_mean, d / self.comp_count)
