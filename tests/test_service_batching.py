@@ -103,3 +103,25 @@ def test_oversized_input_is_refused_before_tokenizing_and_others_keep_streaming(
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2001 characters" in info.value.details()
         rest = list(stream)
     assert first.session_id and rest[-1].HasField("completion") and rest[-1].completion.usage.generated_tokens == 40
+
+
+def test_cancelling_a_queued_turn_of_a_spilled_session_leaves_it_intact(start_server, tiny_loaded, tiny_head_map):
+    """A continued turn cancelled while it waits (its session still in Redis) ends cleanly; the session then
+    continues exactly as its control does."""
+    server = start_server(kv_budget_bytes=1, max_running=1, step_tokens=64)   # one turn at a time, all spilled
+    with RazorClient(server.target, timeout_s=120) as client:
+        sid = client.generate(prompt=prompt(3), max_new_tokens=NEW_TOKENS).session_id
+        blocker = client.stream_generate(prompt=prompt(4), max_new_tokens=300, keep_session=False)
+        next(blocker)                                          # the one running slot is taken
+        queued = client.stream_continue(sid, text=turn(3), max_new_tokens=NEW_TOKENS)
+        time.sleep(0.3)
+        queued.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            list(queued)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        blocker.cancel()
+        deadline = time.monotonic() + 30
+        while client.get_session(sid).busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = client.continue_session(sid, text=turn(3), max_new_tokens=NEW_TOKENS)
+    assert second.token_ids == alone(tiny_loaded, tiny_head_map, 3)[1]

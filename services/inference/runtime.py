@@ -205,12 +205,14 @@ class Runtime:
         sid = request.tag
         self.admission.release(request)
         self._continued.discard(id(request))
+        self._restore_errors.pop(id(request), None)
         if isinstance(outcome, BaseException):
             self._abandon(turn, sid, outcome)
             events.put(_Failed(outcome))
         else:
-            if sid:
+            if sid and request.state is not None:   # None: cancelled before its spilled session came back
                 self.store.put(sid, request.state)
+            if sid:
                 self.store.release(sid)
             events.put(Finished(outcome))
             self._notify(outcome, time.perf_counter() - started)
