@@ -34,7 +34,7 @@ class DecodeGroup:
 
     segments: list[Segment]
     positions: torch.Tensor    # [B] offsets in the packed sequence
-    masks: dict = field(default_factory=dict)   # (retrieval lengths, local lengths) -> DecodeMasks
+    masks: dict = field(default_factory=dict)   # per-session (retrieval rows, local rows, comp count) -> DecodeMasks
 
 
 @dataclass(frozen=True)

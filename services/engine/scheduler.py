@@ -60,7 +60,6 @@ class _Turn:
     generator: torch.Generator | None
     stops: frozenset[int]
     generated: list[int] = field(default_factory=list)
-    result: object = None
 
     @property
     def prefilling(self) -> bool:
@@ -185,9 +184,7 @@ class Scheduler:
     def _finish(self, turn: _Turn, reason: str = "", error: BaseException | None = None) -> None:
         if turn in self.running:
             self.running.remove(turn)
-        outcome = error if error is not None else self.engine.result(turn, reason)
-        turn.result = outcome
-        _call(turn.request.on_done, outcome)
+        _call(turn.request.on_done, error if error is not None else self.engine.result(turn, reason))
 
     def run_until_idle(self) -> None:
         while self.has_work:
