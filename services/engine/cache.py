@@ -165,8 +165,11 @@ class RazorLayer:
 
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes this layer can hold while it grows to `seq_len` tokens fed `chunk` at a time."""
-        r_rows = capacity_for(seq_len) if self.retrieval_heads else 0
-        l_rows = capacity_for(self.params.sink + self.params.window(seq_len) + chunk) if self.local_heads else 0
+        # A store never shrinks below what it holds now (a larger earlier chunk may have left headroom).
+        r_rows = max(capacity_for(seq_len), self.retrieval.capacity if self.retrieval is not None else 0)
+        l_rows = max(capacity_for(self.params.sink + self.params.window(seq_len) + chunk),
+                      self.local.capacity if self.local is not None else 0)
+        r_rows, l_rows = (r_rows if self.retrieval_heads else 0), (l_rows if self.local_heads else 0)
         comp = 2 * len(self.local_heads) * head_dim * 4
         return 2 * head_dim * itemsize * (len(self.retrieval_heads) * r_rows + len(self.local_heads) * l_rows) + comp
 

@@ -4,9 +4,9 @@ Each admitted turn reserves the most bytes its cache can reach by the end of the
 what the store already counts for its session; resident idle sessions plus reservations never exceed the
 budget, so resident KV bytes never do either. When a turn does not fit, the I/O thread spills least recently
 used sessions that are not in the running batch (idle ones, or ones whose turn still waits) and wakes the model
-loop; the turn waits in order meanwhile. The one
-exception is a turn larger than the whole budget: it runs alone, once every other session has been spilled
-(refusing it would make a small budget unusable; the overrun lasts that turn only).
+loop; the turn waits in order meanwhile. The one exception is a turn larger than the whole budget: it runs
+alone, once every other session has been spilled (refusing it would make a small budget unusable; the overrun
+lasts that turn only).
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ class Admission:
         """Bytes beyond what the store already counts that this turn's cache may grow to."""
         state = request.state
         final = len(state.token_ids) + len(request.new_ids) + request.params.max_new_tokens
-        # Compression waits for a prompt's last chunk, so the local group may briefly hold all of the new input.
-        chunk = final - state.cache.seq_length
+        # Compression waits for a prompt's last chunk, so the local group may briefly hold all of the new input
+        # (in decoding, one token at a time).
+        chunk = max(1, len(state.token_ids) + len(request.new_ids) - state.cache.seq_length)
         bound = state.cache.bytes_bound(final, chunk, self.head_dim, self.itemsize)
         return max(0, bound - self.store.counted_bytes(request.tag))
 
