@@ -13,13 +13,16 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import hf
 from .batch import StepBatch
 from .sampling import SamplingParams, make_generator, sample
+
+if TYPE_CHECKING:   # generation imports the scheduler at call time; the scheduler needs its types only here
+    from .generation import SessionState, TextStream, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class SchedulerConfig:
 class TurnRequest:
     """One turn of one session. `on_token` runs on the stepping thread: keep it cheap (a queue put)."""
 
-    state: "SessionState"                                       # noqa: F821 - generation.SessionState
+    state: "SessionState | None"                                # None: the admit hook resolves it
     new_ids: list[int]
     params: SamplingParams
     on_token: Callable[["TokenEvent"], "bool | None"] | None = None   # return False to cancel
@@ -56,7 +59,7 @@ class _Turn:
     request: TurnRequest
     pending: list[int]         # tokens still to feed (history lag + new tokens, then the last sample)
     cached: int                # history tokens reused from the cache
-    stream: "TextStream"       # noqa: F821
+    stream: "TextStream"
     generator: torch.Generator | None
     stops: frozenset[int]
     generated: list[int] = field(default_factory=list)

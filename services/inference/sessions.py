@@ -29,10 +29,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import codec
 from .errors import (BudgetExhausted, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
                      SessionNotFound, StoreUnavailable)
 from .spill import Spill, SpillUnavailable
+from .spilled import Refused, SpilledCopies
 
 log = logging.getLogger(__name__)
 _LOST_REMEMBERED = 1000
@@ -70,6 +70,7 @@ class SessionStore:
             raise ValueError("budget_bytes must be >= 0 and max_sessions >= 1")
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
         self.dtype = dtype   # of the caches this service holds; a spill in another dtype is refused
+        self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device)
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
         # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
         self.reserved_bytes = reserved_bytes or (lambda: 0)
@@ -210,7 +211,7 @@ class SessionStore:
         state = self._restore(sid, n_chunks)
         with self._mu:
             entry.state, entry.location, entry.nbytes = state, "device", state.nbytes()
-        self._forget_spilled_copy(sid)
+        self.copies.forget(sid)
         return state
 
     def put(self, sid: str, state) -> None:
@@ -283,48 +284,26 @@ class SessionStore:
         with self._mu:
             entry = self._entries[sid]
             entry.spilling = True
-            state, meta = entry.state, self._spill_meta(entry)
+            state, meta = entry.state, _spill_meta(entry)
         try:
-            tensors, state_meta = state.to_tensors()
-            encoded = codec.encode(tensors, {**meta, "state": state_meta})
-            self.spill.write(sid, encoded)
+            n_chunks = self.copies.write(sid, state, meta)
         finally:
             with self._mu:
                 entry.spilling = False
         with self._mu:
             gone = self._entries.get(sid) is not entry   # deleted while we wrote it
             if not gone:
-                entry.state, entry.location, entry.n_chunks = None, "redis", len(encoded.chunks)
+                entry.state, entry.location, entry.n_chunks = None, "redis", n_chunks
         if gone:
             self.spill.delete(sid)
             return
         log.info("spilled session %s (%d bytes, %d tokens)", sid, meta["nbytes"], meta["token_count"])
 
-    def _spill_meta(self, entry: SessionEntry) -> dict:
-        return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id, "dtype": self.dtype,
-                "head_map_version": entry.head_map_version, "token_count": entry.length,
-                "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
-                "created_at": entry.created_at, "last_used": entry.last_used}
-
     def _restore(self, sid: str, n_chunks: int):
-        from services.engine import SessionState
-
         try:
-            header, chunks = self.spill.read(sid, n_chunks)   # header and first chunks in one round trip
-            if header is None:
-                raise self._lose(sid, SessionNotFound, "it expired from Redis (RAZOR_SESSION_TTL_S) or was deleted")
-        except SpillUnavailable as exc:
-            raise StoreUnavailable(f"session {sid} is spilled to Redis, which is unreachable ({exc}); "
-                                   "retry when Redis is back") from exc
-        try:
-            tensors, meta = codec.decode(header, chunks, device=self.device)
-            self._check_model(sid, meta)
-            state = SessionState.from_tensors(tensors, meta["state"], self.device)
-        except (codec.CodecError, KeyError, ValueError) as exc:
-            if isinstance(exc, SessionLost):
-                raise
-            self._drop_corrupt(sid)
-            raise self._lose(sid, SessionLost, f"its spilled copy is corrupt ({exc})") from exc
+            state = self.copies.read_state(sid, n_chunks)
+        except Refused as refused:
+            raise self._lose(sid, refused.error, refused.reason) from refused
         log.info("restored session %s (%d tokens)", sid, len(state.token_ids))
         return state
 
@@ -339,43 +318,20 @@ class SessionStore:
         if lost is not None:
             raise lost[0](f"session {sid} cannot be continued: {lost[1]}")
         try:
-            header = self.spill.read_header(sid)
-        except SpillUnavailable as exc:
-            raise StoreUnavailable(f"session {sid} is not in device memory and Redis is unreachable "
-                                   f"({exc}); retry when Redis is back") from exc
-        if header is None:
-            raise SessionNotFound(f"no session {sid}: check the id (sessions expire "
-                                  "RAZOR_SESSION_TTL_S seconds after they spill)")
-        try:
-            parsed = codec.read_header(header)
-            meta = parsed["meta"]
+            found = self.copies.read_meta(sid)
+            if found is None:
+                raise SessionNotFound(f"no session {sid}: check the id (sessions expire "
+                                      "RAZOR_SESSION_TTL_S seconds after they spill)")
+            meta, n_chunks = found
             if other_models == "skip" and meta["fingerprint_id"] != self.fingerprint_id:
                 return False
-            self._check_model(sid, meta)
-        except (codec.CodecError, KeyError, TypeError) as exc:
-            self._drop_corrupt(sid)
-            raise self._lose(sid, SessionLost, f"its spilled header is corrupt ({exc})") from exc
-        token_ids = meta["state"]["token_ids"]
-        entry = SessionEntry(sid, meta["created_at"], meta["last_used"], location="redis",
-                             length=meta["token_count"], nbytes=meta["nbytes"], full_nbytes=meta["full_nbytes"],
-                             stored_nbytes=meta.get("stored_nbytes", meta["nbytes"]),
-                             head_map_version=meta["head_map_version"], fingerprint_id=meta["fingerprint_id"],
-                             n_chunks=parsed["n_chunks"], last_token=token_ids[-1] if token_ids else None)
+            self.copies.check(meta)
+        except Refused as refused:
+            raise self._lose(sid, refused.error, refused.reason) from refused
         with self._mu:
-            self._entries.setdefault(sid, entry)
+            self._entries.setdefault(sid, _entry_from_meta(sid, meta, n_chunks))
             self._entries.move_to_end(sid, last=False)  # idle: first in line to stay spilled
         return True
-
-    def _check_model(self, sid: str, meta: dict) -> None:
-        if meta["fingerprint_id"] != self.fingerprint_id:
-            raise self._lose(sid, SessionModelMismatch, (
-                f"it was made under another model (fingerprint {meta['fingerprint_id']}) and this service runs "
-                f"{self.fingerprint_id}; continue it on a service running that model, or start a new session"))
-        spilled_in = meta.get("dtype", "float32")   # spills from before the dtype setting were float32
-        if spilled_in != self.dtype:
-            raise self._lose(sid, SessionModelMismatch, (
-                f"its cache was spilled in {spilled_in} and this service runs {self.dtype}; continue it on a service "
-                f"with RAZOR_DTYPE={spilled_in}, or start a new session"))
 
     def _lose(self, sid: str, cls: type[SessionError], reason: str) -> SessionError:
         log.error("session %s lost: %s", sid, reason)
@@ -386,15 +342,19 @@ class SessionStore:
                 self._lost.popitem(last=False)
         return cls(f"session {sid} cannot be continued: {reason}")
 
-    def _drop_corrupt(self, sid: str) -> None:
-        try:
-            self.spill.delete(sid)
-        except SpillUnavailable:
-            pass
 
-    def _forget_spilled_copy(self, sid: str) -> None:
-        # The resident state is now the only truth; a stale copy must not outlive it.
-        try:
-            self.spill.delete(sid)
-        except SpillUnavailable as exc:
-            log.warning("restored session %s but could not delete its Redis copy: %s", sid, exc)
+
+def _spill_meta(entry: SessionEntry) -> dict:
+    return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
+            "head_map_version": entry.head_map_version, "token_count": entry.length,
+            "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
+            "created_at": entry.created_at, "last_used": entry.last_used}
+
+
+def _entry_from_meta(sid: str, meta: dict, n_chunks: int) -> SessionEntry:
+    token_ids = meta["state"]["token_ids"]
+    return SessionEntry(sid, meta["created_at"], meta["last_used"], location="redis", length=meta["token_count"],
+                        nbytes=meta["nbytes"], full_nbytes=meta["full_nbytes"],
+                        stored_nbytes=meta.get("stored_nbytes", meta["nbytes"]),
+                        head_map_version=meta["head_map_version"], fingerprint_id=meta["fingerprint_id"],
+                        n_chunks=n_chunks, last_token=token_ids[-1] if token_ids else None)
