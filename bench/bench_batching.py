@@ -39,8 +39,7 @@ def derived(engine: Engine, full_kv, ids: list[int], head_map: HeadMap, n: int) 
 
 def turn_bound(engine: Engine, state: SessionState, new_tokens: int) -> int:
     fp = engine.loaded.fingerprint
-    itemsize = next(engine.model.parameters()).element_size()
-    return state.cache.bytes_bound(state.seq_length + new_tokens, 1, fp.head_dim, itemsize)
+    return state.cache.bytes_bound(state.seq_length + new_tokens, 1, fp.head_dim, engine.loaded.dtype.itemsize)
 
 
 def decode_together(engine: Engine, states: list[SessionState], steps: int) -> float:

@@ -62,6 +62,7 @@ class RazorLayer:
         self.local: KVBuffer | None = None
         self.comp_keys = self.comp_values = None       # [1, l, 1, D] float32 running means
         self.comp_count = 0                            # |D|: tokens folded into the compensation token
+        self._r_idx = self._l_idx = None               # head index tensors, built on the device of the first K/V
 
     # --- views ------------------------------------------------------------------------------------
     keys = property(lambda self: None if self.retrieval is None else self.retrieval.keys)          # [1, r, N, D]
@@ -83,7 +84,7 @@ class RazorLayer:
 
     def split(self, states: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """[B, n_kv_heads, Q, D] -> (retrieval heads' rows, local heads' rows); a batch splits once for all."""
-        if not hasattr(self, "_r_idx"):
+        if self._r_idx is None:
             self._index(states.device)
         pick = lambda idx: states.index_select(1, idx) if len(idx) else None   # noqa: E731
         return pick(self._r_idx), pick(self._l_idx)
@@ -102,7 +103,6 @@ class RazorLayer:
 
     def _allocate(self, like: torch.Tensor) -> None:
         _, _, q_len, head_dim = like.shape
-        self._index(like.device)
         if self.retrieval_heads:
             self.retrieval = KVBuffer(len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
         if self.local_heads:

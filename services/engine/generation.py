@@ -87,16 +87,14 @@ OnToken = Callable[[TokenEvent], "bool | None"]
 
 def forward(model, ids: list[int], cache: CompressedKVCache) -> torch.Tensor:
     """Run new tokens of one session against its cache, then compress it. -> logits [V] of the last position."""
-    batch = StepBatch([(cache, ids)], model.device)
-    logits = hf.forward_step(model, batch.input_ids(), batch.position_ids(), batch, batch.last_positions())
-    batch.compress()
-    return logits[-1]
+    return forward_all(model, ids, cache, last_only=True)[-1]
 
 
-def forward_all(model, ids: list[int], cache: CompressedKVCache) -> torch.Tensor:
-    """The same, teacher-forced: logits [Q, V] at every new position."""
+def forward_all(model, ids: list[int], cache: CompressedKVCache, last_only: bool = False) -> torch.Tensor:
+    """The same, teacher-forced: logits [Q, V] at every new position (or [1, V] with `last_only`)."""
     batch = StepBatch([(cache, ids)], model.device)
-    logits = hf.forward_step(model, batch.input_ids(), batch.position_ids(), batch)
+    logits = hf.forward_step(model, batch.input_ids(), batch.position_ids(), batch,
+                             batch.last_positions() if last_only else None)
     batch.compress()
     return logits
 

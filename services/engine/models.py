@@ -90,13 +90,6 @@ class LoadedModel:
         """The dtype's name ("float32", "bfloat16" or "float16"): what a spill header records with the fingerprint."""
         return dtype_name(self.dtype)
 
-    @property
-    def cache_id(self) -> str:
-        """The fingerprint id qualified by the dtype: what a spilled KV cache must match to be restored.
-
-        The fingerprint id alone keys head maps (valid in every dtype); a cache made in one dtype is not
-        the cache another dtype would compute, so it carries both."""
-        return f"{self.fingerprint.id}@{self.dtype_name}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

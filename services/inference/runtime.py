@@ -98,7 +98,7 @@ class Runtime:
                  scheduler: SchedulerConfig = SchedulerConfig(), max_input_chars: int = 0):
         self.loaded, self.head_maps, self.store = loaded, head_maps, store
         self.engine = Engine(loaded, head_maps.active)
-        fp, itemsize = loaded.fingerprint, self._dtype_size()
+        fp, itemsize = loaded.fingerprint, loaded.dtype.itemsize
         # Upper bound of the cache a token adds (keys + values of every KV head), for reporting.
         self.full_bytes_per_token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * itemsize
         # No real tokenizer averages 32 characters per token: longer input is refused before tokenizing.
@@ -284,9 +284,6 @@ class Runtime:
         self.store.spill.close()
         log.info("runtime closed; %d sessions spilled to Redis", spilled)
         return spilled
-
-    def _dtype_size(self) -> int:
-        return next(self.loaded.model.parameters()).dtype.itemsize
 
     # ---- queries ---------------------------------------------------------------------------
     def list_sessions(self, page_size: int, page_token: str):
