@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     step_tokens: int = Field(256, ge=2, description="tokens per model step: one per decoding turn + prefill chunks")
     max_input_chars: int = Field(0, ge=0, description="longest prompt or turn in characters (0 = 32 per context token)")
 
+    # --- replicas: session ownership through Redis ------------------------------------------
+    replica_id: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]*$",
+                            description="this replica's name in session leases (empty = a random one per process)")
+    lease_ttl_s: float = Field(10.0, gt=0, le=3600, description="session lease TTL; a dead replica's sessions free up after it")
+    handoff_timeout_s: float = Field(10.0, ge=0, description="how long a request waits for another replica to hand a session over")
+    local_spill_dir: str = Field("~/.cache/razorserve/spill",
+                                 description="where sessions go at shutdown while Redis is unreachable (empty = nowhere)")
+    sessions_redis_url: str = Field("", description="Redis (or a Redis Cluster node) for sessions (empty = RAZOR_REDIS_URL)")
+    sessions_redis_cluster: bool = Field(False, description="sessions_redis_url names a Redis Cluster")
+
     # --- Redis and the profiling worker ---------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",

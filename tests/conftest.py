@@ -129,7 +129,7 @@ def service_redis_url(redis_url) -> str:
 
 
 @pytest.fixture
-def start_server(service_redis_url, tiny_loaded, tiny_head_map):
+def start_server(service_redis_url, tiny_loaded, tiny_head_map, tmp_path):
     """start_server(loaded=..., head_map=..., redis_url=..., **settings) -> a started RazorServer."""
     from services.inference.runtime import FixedHeadMaps
     from services.inference.server import build_server
@@ -139,7 +139,8 @@ def start_server(service_redis_url, tiny_loaded, tiny_head_map):
 
     def start(loaded=None, head_map=None, redis_url=None, **overrides):
         fields = dict(host="127.0.0.1", port=0, redis_url=redis_url or service_redis_url, grace_s=2.0,
-                      auth_token="", tls_cert="", tls_key="", metrics_port=0)
+                      auth_token="", tls_cert="", tls_key="", metrics_port=0,
+                      local_spill_dir=str(tmp_path / "local-spill"))
         settings = Settings(**(fields | overrides))
         server = build_server(settings, loaded=loaded or tiny_loaded,
                               head_maps=FixedHeadMaps(head_map or tiny_head_map), jobs=None, head_map_store=None)

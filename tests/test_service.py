@@ -219,8 +219,9 @@ def test_session_made_under_another_model_is_refused(start_server, tiny_loaded):
         assert list(client.list_sessions()) == [], "another model's sessions are not adopted"
         error = rpc_error(lambda: client.stream_continue(sid, text="hi"))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "another model" in error.details()
-        lost = client.get_session(sid)
-    assert lost.location == 3 and "another model" in lost.lost_reason  # LOST, with the reason
+        kept = client.get_session(sid)
+    # Not lost: the session still belongs to the other model's services, and says which model it needs.
+    assert kept.location == 2 and kept.model_fingerprint == other.fingerprint.id and not kept.lost_reason
 
 
 def test_corrupt_spilled_blob_is_refused_and_reported_lost(start_server, service_redis_url):
@@ -299,6 +300,10 @@ def test_redis_down_keeps_resident_sessions_and_refuses_needed_spills(start_serv
             again = client.continue_session(first.session_id, text=" How are you?", max_new_tokens=4)
             assert again.generated_tokens == 4, "resident sessions keep working"
             error = rpc_error(lambda: client.stream_generate(prompt=second_prompt, max_new_tokens=8))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "Redis is unreachable" in error.details(), \
+                "a new session cannot be registered"
+            error = rpc_error(lambda: client.stream_generate(prompt=second_prompt, max_new_tokens=8,
+                                                             keep_session=False))
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Redis is unreachable" in error.details()
             assert client.get_session(first.session_id).location == 1, "nothing was dropped"
             own.start()  # same port: the service reconnects by itself

@@ -24,6 +24,7 @@ from services.engine import (Engine, GenerationResult, HeadMap, LoadedModel, Sam
 
 from .admission import Admission
 from .engine_loop import EngineLoop
+from .leases import LeaseKeeper
 from .errors import Cancelled, SessionError, ShuttingDown
 from .sessions import SessionStore
 
@@ -40,6 +41,7 @@ class Turn:
     messages: tuple[dict, ...] | None = None
     keep_session: bool = True
     session_id: str | None = None  # set for ContinueSession
+    tenant: str = ""               # the caller's tenant (from its API key; "" with auth off)
 
     def __post_init__(self):
         if (self.text is None) == (self.messages is None):
@@ -108,6 +110,8 @@ class Runtime:
         self.loop = EngineLoop(self.scheduler)
         self.admission = Admission(store, self.io, self.loop.wake, fp.head_dim, itemsize)
         store.reserved_bytes = self.admission.reserved_bytes
+        store.defer = self.io.submit   # Redis work the model loop asks for runs on the I/O thread
+        self.leases = LeaseKeeper(store, lambda sid: self.io.submit(store.hand_over, sid)).start()
         self._tokenizer = threading.Lock()   # a fast tokenizer is not safe to share between threads
         self._continued: set[int] = set()    # model loop: continued turns whose session it pinned
         self._restoring: set[int] = set()    # turns whose session the I/O thread is restoring
@@ -120,8 +124,8 @@ class Runtime:
     # ---- turns (handler threads) -----------------------------------------------------------
     def start_turn(self, turn: Turn, cancel: threading.Event) -> TurnStream:
         """Open (or create) the turn's session, tokenize, and queue the turn for the model loop."""
-        entry = self.store.acquire(turn.session_id) if turn.session_id is not None else None
-        sid = turn.session_id if entry is not None else (self.store.create() if turn.keep_session else "")
+        entry = self.store.acquire(turn.session_id, turn.tenant) if turn.session_id is not None else None
+        sid = turn.session_id if entry is not None else (self.store.create(turn.tenant) if turn.keep_session else "")
         events: queue.SimpleQueue = queue.SimpleQueue()
         try:
             with self._mu:
@@ -274,26 +278,28 @@ class Runtime:
                 cancel.set()
         self.loop.wake()
 
-    def close(self) -> int:
-        """Refuse new turns, let queued ones end, spill resident sessions; returns how many spilled."""
+    def close(self) -> dict:
+        """Refuse new turns, let queued ones end, spill resident sessions (to the local spill directory while
+        Redis is down); returns the counts: spilled, saved_locally, lost."""
         with self._mu:
             self._closed = True
         self.loop.stop()
-        spilled = self.io.submit(self.store.spill_all).result()
+        counts = self.io.submit(self.store.spill_all).result()
+        self.leases.stop()
         self.io.shutdown(wait=True)
         self.store.spill.close()
-        log.info("runtime closed; %d sessions spilled to Redis", spilled)
-        return spilled
+        log.info("runtime closed; sessions: %d spilled to Redis, %d saved locally, %d lost", counts["spilled"],
+                 counts["saved_locally"], counts["lost"])
+        return counts
 
     # ---- queries ---------------------------------------------------------------------------
-    def list_sessions(self, page_size: int, page_token: str):
-        """A page of sessions ordered by id, and the token of the next page ("" at the end)."""
+    def list_sessions(self, page_size: int, page_token: str, tenant: str = ""):
+        """A page of the tenant's sessions ordered by id (from Redis: every replica gives the same answer), and
+        the token of the next page ("" at the end)."""
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be within 0..{MAX_PAGE_SIZE} (0 = 50), got {page_size}")
-        size = page_size or 50
-        entries = sorted((e for e in self.store.list() if e.session_id > page_token), key=lambda e: e.session_id)
-        page = entries[:size]
-        return page, (page[-1].session_id if len(entries) > size else "")
+        page, more = self.store.page(tenant, page_token, page_size or 50)
+        return page, (page[-1].session_id if more and page else "")
 
 
 def _messages(turn: Turn) -> list[dict] | None:

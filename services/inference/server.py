@@ -34,7 +34,9 @@ from .profile_jobs import ProfileJobs
 from .runtime import FixedHeadMaps, Runtime
 from .servicer import SERVICE_NAME, RazorServeServicer
 from .sessions import SessionStore
-from .spill import Spill, SpillUnavailable
+from .errors import StoreUnavailable
+from .local_spill import LocalSpills
+from .spill import Spill
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,7 @@ class RazorServer:
         else:
             self.port = self.server.add_secure_port(address, credentials)
         self._stop_lock = threading.Lock()
+        self.shutdown_counts = {"spilled": 0, "saved_locally": 0, "lost": 0}
         self._stopped = False
 
     @property
@@ -220,7 +223,7 @@ class RazorServer:
             log.warning("cancelling turns still running after %.1f s", grace * 0.8)
             self.runtime.cancel_all()  # streams end with finish reason CANCELLED
         done.wait()
-        self.runtime.close()
+        self.shutdown_counts = self.runtime.close()
         stop_registry = getattr(self.runtime.head_maps, "stop", None)
         if stop_registry:
             stop_registry()
@@ -245,13 +248,19 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
     jobs = auto_jobs if jobs is _AUTO else jobs
     head_map_store = auto_store if head_map_store is _AUTO else head_map_store
     head_maps = head_maps or resolve_head_maps(settings, loaded, head_map_store)
-    spill = Spill(settings.redis_dsn(), settings.session_ttl_s)
+    spill = Spill(settings.sessions_redis_url or settings.redis_dsn(), settings.session_ttl_s,
+                  password=settings.redis_password, cluster=settings.sessions_redis_cluster)
+    local = LocalSpills(settings.local_spill_dir) if settings.local_spill_dir else None
     store = SessionStore(spill, loaded.fingerprint.id, loaded.device, settings.kv_budget_bytes, settings.max_sessions,
-                         dtype=loaded.dtype_name)
+                         dtype=loaded.dtype_name, replica_id=settings.replica_id, lease_ttl_s=settings.lease_ttl_s,
+                         handoff_timeout_s=settings.handoff_timeout_s, local_spills=local)
     try:
-        log.info("indexed %d sessions spilled earlier", store.adopt_spilled())
-    except SpillUnavailable as exc:
-        log.warning("Redis unreachable at start (%s); spilled sessions are found on first use", exc)
+        uploaded = store.upload_local_spills()
+        if uploaded:
+            log.info("uploaded %d sessions saved locally at the last shutdown", uploaded)
+    except StoreUnavailable as exc:
+        log.warning("Redis unreachable at start (%s); locally saved sessions stay in %s until the next start",
+                    exc, settings.local_spill_dir)
     scheduler = SchedulerConfig(max_running=settings.max_running, step_tokens=settings.step_tokens)
     runtime = Runtime(loaded, head_maps, store, scheduler, max_input_chars=settings.max_input_chars)
     return RazorServer(settings, runtime, jobs, head_map_store)
@@ -265,6 +274,13 @@ def main() -> None:
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
     server.wait()
     server.stop()  # waits for a signal-driven stop to finish spilling
+    raise SystemExit(exit_status(server.shutdown_counts))
+
+
+def exit_status(counts: dict) -> int:
+    """0: every session reached Redis; 75 (EX_TEMPFAIL): some were saved to the local spill directory and are
+    uploaded at the next start; 1: some were lost (Redis down and no local spill directory)."""
+    return 1 if counts["lost"] else (75 if counts["saved_locally"] else 0)
 
 
 if __name__ == "__main__":

@@ -88,12 +88,14 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     @_grpc_errors
     def Generate(self, request: pb.GenerateRequest, context):
         keep = request.keep_session if request.HasField("keep_session") else True
-        turn = Turn(params=sampling_params(request), keep_session=keep, **_input(request, "prompt"))
+        turn = Turn(params=sampling_params(request), keep_session=keep, tenant=tenant_of(context),
+                    **_input(request, "prompt"))
         yield from self._stream(turn, context)
 
     @_grpc_errors
     def ContinueSession(self, request: pb.ContinueSessionRequest, context):
-        turn = Turn(params=sampling_params(request), session_id=request.session_id, **_input(request, "text"))
+        turn = Turn(params=sampling_params(request), session_id=request.session_id, tenant=tenant_of(context),
+                    **_input(request, "text"))
         yield from self._stream(turn, context)
 
     def _stream(self, turn: Turn, context):
@@ -109,17 +111,17 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     # ---- sessions ---------------------------------------------------------------------------
     @_grpc_errors
     def GetSession(self, request: pb.GetSessionRequest, context):
-        return session_pb(self.runtime.store.info(_session_id(request.session_id)))
+        return session_pb(self.runtime.store.info(_session_id(request.session_id), tenant_of(context)))
 
     @_grpc_errors
     def ListSessions(self, request: pb.ListSessionsRequest, context):
-        page, next_token = self.runtime.list_sessions(request.page_size, request.page_token)
+        page, next_token = self.runtime.list_sessions(request.page_size, request.page_token, tenant_of(context))
         return pb.ListSessionsResponse(sessions=[session_pb(e) for e in page], next_page_token=next_token)
 
     @_grpc_errors
     def DeleteSession(self, request: pb.DeleteSessionRequest, context):
         sid = _session_id(request.session_id)
-        if not self.runtime.store.delete(sid):
+        if not self.runtime.store.delete(sid, tenant_of(context)):
             raise SessionNotFound(f"no session {sid} to delete")
         return pb.DeleteSessionResponse(deleted=True)
 
@@ -157,6 +159,11 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
         if self.jobs is None:
             raise NotConfigured("profiling worker not configured")
         return self.jobs
+
+
+def tenant_of(context) -> str:
+    """The caller's tenant: "" until API keys name tenants (the tenants change replaces this)."""
+    return ""
 
 
 # ---- proto -> domain --------------------------------------------------------------------------
@@ -221,7 +228,7 @@ def session_pb(e) -> pb.Session:
                       kv_bytes_allocated=e.nbytes,
                       location=_LOCATION[e.location], head_map_version=e.head_map_version,
                       model_fingerprint=e.fingerprint_id, created_at=timestamp(e.created_at),
-                      last_used_at=timestamp(e.last_used), busy=e.busy, lost_reason=e.lost_reason)
+                      last_used_at=timestamp(e.last_used), busy=e.busy, lost_reason=e.lost_reason, owner=e.owner)
 
 
 def server_info_pb(runtime: Runtime) -> pb.ServerInfo:

@@ -1,22 +1,24 @@
-"""SessionStore: session id -> compressed KV state, within a device-byte budget.
+"""SessionStore: the sessions this replica owns, their compressed caches within a device-byte budget.
 
-Resident sessions hold a live ``SessionState``; when room is needed, the least-recently-used
-idle ones spill to Redis (codec header + chunks) and leave device memory; ``load`` restores a
-spilled one. Concurrency model:
+Redis is the truth about which sessions exist, whose they are (tenant) and which replica owns each
+(`SessionDirectory`: a lease plus a fencing generation). This store keeps the sessions this replica owns:
+resident ones with a live ``SessionState``, and ones whose turn waits while their cache is in Redis. A session
+is owned here from the moment a request takes it (``create``, or ``acquire`` taking it over, after asking its
+owner to hand it over if another replica holds it) until it is spilled idle or handed over; spills are written
+under the lease, so a replica that lost a session can never overwrite a newer copy.
 
-* Handler threads call the fast bookkeeping methods (``create``, ``acquire``, ``release``,
-  ``info``, ``list``, ``delete``); a mutex guards the table.
-* The runtime's I/O thread calls the ones that move tensors to and from Redis (``load``,
-  ``make_room``, ``settle``, ``spill_all``), so Redis never stalls the model loop; the model loop
-  ``pin``s a session when its turn joins the running batch and ``put``s it after the turn. A pinned
-  session is never spilled; a busy one whose turn still waits may be (it is restored on admission),
-  so queued turns never hold the budget hostage. ``pin`` refuses a session while it is being spilled.
-* One request per session: ``acquire`` marks a session busy and a second ``acquire`` raises
-  ``SessionBusy`` (the service answers FAILED_PRECONDITION) until ``release``.
+Concurrency model:
+* Handler threads call ``create``, ``acquire``, ``release``, ``info``, ``page`` and ``delete``; a mutex guards
+  the table; Redis round trips happen outside it.
+* The runtime's I/O thread calls what moves tensors (``load``, ``make_room``, ``settle``, ``spill_all``,
+  ``hand_over``), so Redis never stalls the model loop; the model loop ``pin``s a session when its turn joins
+  the running batch and ``put``s it after the turn. A pinned session is never spilled; one whose turn still
+  waits may be (it keeps its lease and is restored on admission).
+* One request per session: a second ``acquire`` raises ``SessionBusy`` until ``release``.
+* `LeaseKeeper` renews the leases of every session here and passes on owners' hand-over requests.
 
-Redis down: resident sessions keep working; a spill that is needed to make room raises
-``BudgetExhausted`` and nothing is dropped. A blob that fails its checksum or comes from
-another model is refused and the session is remembered as lost with the reason.
+Redis down: resident sessions keep working while their lease is known to be valid; a spill that is needed to
+make room raises ``BudgetExhausted`` and nothing is dropped; at shutdown sessions go to `LocalSpills`.
 """
 from __future__ import annotations
 
@@ -29,13 +31,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .directory import Claimed, OwnedElsewhere, SessionDirectory, not_found_message, summary_fields
 from .errors import (BudgetExhausted, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
                      SessionNotFound, StoreUnavailable)
-from .spill import Spill, SpillUnavailable
+from .local_spill import LocalSpill, LocalSpills
+from .spill import Spill
 from .spilled import Refused, SpilledCopies
 
 log = logging.getLogger(__name__)
-_LOST_REMEMBERED = 1000
 
 
 @dataclass
@@ -54,9 +57,18 @@ class SessionEntry:
     full_nbytes: int = 0
     head_map_version: str = ""
     fingerprint_id: str = ""
-    n_chunks: int = 0
     lost_reason: str = ""
     last_token: int | None = None   # what a continued chat turn's template delta depends on
+    tenant: str = ""
+    owner: str = ""                 # the replica holding it ("" when only Redis has it)
+    # ---- ownership, for the sessions this replica owns --------------------------------------------
+    gen: int = 0                    # the fencing generation we own it at
+    spill_gen: int = 0              # the generation whose state Redis's spill holds
+    saved: bool = False             # the spill holds exactly the resident state
+    turn_recorded: bool = False     # Redis knows a turn changed the state since the spill (meta `dirty`)
+    lease_until: float = 0.0        # monotonic time until which our lease is surely valid
+    hand_over: bool = False         # another replica asked for it: hand it over once idle
+    fenced: bool = False            # another replica took it over: drop our copy once idle
 
     def snapshot(self) -> "SessionEntry":
         return replace(self, state=None)
@@ -65,96 +77,113 @@ class SessionEntry:
 class SessionStore:
     def __init__(self, spill: Spill, fingerprint_id: str, device: torch.device | str,
                  budget_bytes: int, max_sessions: int = 10_000, clock=time.time, reserved_bytes=None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", replica_id: str = "", lease_ttl_s: float = 10.0,
+                 handoff_timeout_s: float = 10.0, local_spills: LocalSpills | None = None):
         if budget_bytes < 0 or max_sessions < 1:
             raise ValueError("budget_bytes must be >= 0 and max_sessions >= 1")
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
         self.dtype = dtype   # of the caches this service holds; a spill in another dtype is refused
+        self.replica_id = replica_id or new_replica_id()
+        self.directory = SessionDirectory(spill.client, self.replica_id, lease_ttl_s, spill.ttl_s, fingerprint_id, dtype)
         self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device)
+        self.local_spills = local_spills
+        self.lease_ttl_s, self.handoff_timeout_s = lease_ttl_s, handoff_timeout_s
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
         # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
         self.reserved_bytes = reserved_bytes or (lambda: 0)
+        self.defer = lambda fn, *args: fn(*args)   # the runtime routes Redis work to its I/O thread
         self._mu = threading.Lock()
+        self._spilled = threading.Condition(self._mu)   # notified when a spill ends
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
-        self._lost: OrderedDict[str, tuple[type[SessionError], str]] = OrderedDict()  # id -> (error, reason)
 
     # ---- handler threads -----------------------------------------------------------------
-    def create(self) -> str:
-        """Register a new, busy, still-empty session and return its id."""
+    def create(self, tenant: str = "") -> str:
+        """Register a new, busy, still-empty session owned here and return its id."""
+        sid, now = uuid.uuid4().hex, self._clock()
         with self._mu:
             if len(self._entries) >= self.max_sessions:
                 raise BudgetExhausted(f"the service holds {self.max_sessions} sessions (its limit): delete some "
                                       "with DeleteSession or generate with keep_session=false")
-            sid, now = uuid.uuid4().hex, self._clock()
-            self._entries[sid] = SessionEntry(sid, now, now, busy=True, fingerprint_id=self.fingerprint_id)
-            return sid
+        lease_from = time.monotonic()
+        gen = self.directory.create(sid, tenant)
+        with self._mu:
+            self._entries[sid] = SessionEntry(sid, now, now, busy=True, fingerprint_id=self.fingerprint_id,
+                                              tenant=tenant, owner=self.replica_id, gen=gen, turn_recorded=True,
+                                              lease_until=lease_from + 0.8 * self.lease_ttl_s)
+        return sid
 
-    def acquire(self, sid: str) -> SessionEntry:
-        """Mark ``sid`` busy for one request; finds sessions spilled by an earlier process."""
-        with self._mu:
-            entry = self._entries.get(sid)
-        if entry is None:
-            self._adopt(sid)
-        with self._mu:
-            entry = self._entries[sid]
-            if entry.busy:
-                raise SessionBusy(f"session {sid} is busy with another request; retry when that stream ends")
-            entry.busy = True
+    def acquire(self, sid: str, tenant: str = "") -> SessionEntry:
+        """Take ``sid`` for one turn: from this replica's table, or from Redis (after asking its owner to hand it
+        over); raises SessionNotFound for an unknown id or another tenant's session."""
+        entry = self._mark_busy(sid, tenant)
+        try:
+            if entry.state is not None or entry.gen:
+                if self._begin_turn(entry):
+                    return entry.snapshot()
+                self._drop(sid)   # another replica took it over meanwhile: our copy is stale
+                entry = self._mark_busy(sid, tenant)
+            self._take_over(entry, tenant, for_turn=True)
             return entry.snapshot()
+        except BaseException:
+            self._unmark(sid, entry)
+            raise
 
     def release(self, sid: str) -> None:
         with self._mu:
             entry = self._entries.get(sid)
-            if entry is not None:
-                entry.busy, entry.pinned, entry.last_used = False, False, self._clock()
-                self._entries.move_to_end(sid)
+            if entry is None:
+                return
+            entry.busy, entry.pinned, entry.last_used = False, False, self._clock()
+            self._entries.move_to_end(sid)
+            # Not resident (its turn never ran): nothing to keep here, so the lease goes back at once.
+            hand_over, fenced = entry.hand_over or entry.state is None, entry.fenced
+        if fenced:
+            self._drop(sid)
+        elif hand_over:
+            self.defer(self.hand_over, sid)
 
     def discard(self, sid: str) -> None:
         """Forget a session created by ``create`` whose first turn failed."""
-        with self._mu:
-            self._entries.pop(sid, None)
+        self._drop(sid)
+        try:
+            self.directory.delete(sid, self._tenant_of(sid))
+        except (StoreUnavailable, OwnedElsewhere) as exc:
+            log.warning("could not remove the failed new session %s from Redis: %s", sid, exc)
 
-    def info(self, sid: str) -> SessionEntry:
-        """A snapshot of the session; a lost one comes back with location "lost" and its reason."""
+    def info(self, sid: str, tenant: str = "") -> SessionEntry:
+        """A snapshot of the session as every replica sees it (lost ones with their reason)."""
         with self._mu:
-            entry = self._entries.get(sid)
-            lost = self._lost.get(sid)
-        if lost is not None and entry is None:
-            return SessionEntry(sid, 0.0, 0.0, location="lost", lost_reason=lost[1])
-        if entry is None:
-            self._adopt(sid)
+            local = self._entries.get(sid)
+            local = local.snapshot() if local is not None and local.tenant == tenant else None
+        try:
+            described = self.directory.describe(sid, tenant)
+        except StoreUnavailable:
+            if local is None:
+                raise
+            return local   # Redis is down: what this replica holds is still right
+        if described is None:
+            raise SessionNotFound(not_found_message(sid))
+        return local if local is not None and local.gen and not described.get("lost") else _entry_from_meta(described)
+
+    def page(self, tenant: str, after: str, size: int) -> tuple[list[SessionEntry], bool]:
+        """A page of ``tenant``'s sessions in id order, as every replica sees them, and whether more follow."""
+        described, more = self.directory.page(tenant, after, size)
         with self._mu:
-            return self._entries[sid].snapshot()
+            local = {e.session_id: e.snapshot() for e in self._entries.values() if e.gen}
+        return [local.get(d["session_id"]) or _entry_from_meta(d) for d in described], more
 
-    def lost_reason(self, sid: str) -> str | None:
-        with self._mu:
-            lost = self._lost.get(sid)
-        return None if lost is None else lost[1]
+    def delete(self, sid: str, tenant: str = "") -> bool:
+        """Delete a session wherever it lives (its owner hands it over first); False when there was none."""
+        entry = self._mark_busy(sid, tenant)
+        try:
+            found = self._with_handover(sid, lambda: self.directory.delete(sid, tenant))
+        except BaseException:
+            self._unmark(sid, entry)
+            raise
+        self._drop(sid)
+        return found
 
-    def list(self) -> list[SessionEntry]:
-        with self._mu:
-            return [e.snapshot() for e in self._entries.values()]
-
-    def delete(self, sid: str) -> bool:
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is not None and entry.busy:
-                raise SessionBusy(f"session {sid} is busy; delete it when its stream ends")
-            self._entries.pop(sid, None)
-            was_lost = self._lost.pop(sid, None) is not None
-        in_redis = self.spill.delete(sid) if entry is None or entry.location == "redis" else False
-        return entry is not None or in_redis or was_lost
-
-    def adopt_spilled(self, limit: int | None = None) -> int:
-        """Index sessions a previous process spilled (headers only); returns how many."""
-        n = 0
-        for sid in list(self.spill.session_ids(limit or self.max_sessions)):
-            try:
-                n += self._adopt(sid, other_models="skip")
-            except SessionError as exc:
-                log.info("not adopting spilled session %s: %s", sid, exc)
-        return n
-
+    # ---- model loop ----------------------------------------------------------------------
     def pin(self, sid: str):
         """Model loop, when a turn joins the batch: the resident state, pinned; None while spilled or spilling."""
         with self._mu:
@@ -169,6 +198,19 @@ class SessionStore:
             entry = self._entries.get(sid)
             if entry is not None:
                 entry.pinned = False
+
+    def put(self, sid: str, state) -> None:
+        """Record the (new or grown) state of a session after a turn; its summary reaches Redis off the loop."""
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is None:  # deleted meanwhile: nothing to keep
+                return
+            entry.state, entry.location, entry.saved = state, "device", False
+            entry.length, entry.head_map_version = len(state.token_ids), state.head_map_version
+            entry.nbytes, entry.full_nbytes = state.nbytes(), state.full_nbytes()
+            entry.stored_nbytes, entry.last_token = state.stored_nbytes(), state.last_token
+            fields, gen, identity = summary_fields(entry), entry.gen, _identity(entry)
+        self.defer(self._note, sid, gen, fields, identity)
 
     def resident_state(self, sid: str):
         """The live state of a resident session, or None when it is spilled."""
@@ -191,14 +233,18 @@ class SessionStore:
         return self.usage()[0]
 
     def usage(self) -> tuple[int, int, int]:
-        """(resident bytes, resident sessions, spilled sessions)."""
+        """(resident bytes, resident sessions, sessions in Redis not resident here — 0 while Redis is down)."""
         with self._mu:
             resident = [e for e in self._entries.values() if e.location == "device"]
-            return sum(e.nbytes for e in resident), len(resident), len(self._entries) - len(resident)
+        try:
+            elsewhere = max(0, self.directory.count() - len(resident))
+        except StoreUnavailable:
+            elsewhere = 0
+        return sum(e.nbytes for e in resident), len(resident), elsewhere
 
-    # ---- engine thread -------------------------------------------------------------------
+    # ---- I/O thread ----------------------------------------------------------------------
     def load(self, sid: str, make_room) -> object:
-        """The live state of an acquired session, restored from Redis if it was spilled.
+        """The live state of an acquired session, restored from Redis if it is not resident.
 
         ``make_room(nbytes)`` is called before a restore so the budget holds.
         """
@@ -206,31 +252,17 @@ class SessionStore:
             entry = self._entries[sid]
             if entry.state is not None:
                 return entry.state
-            n_chunks, nbytes = entry.n_chunks, entry.nbytes
+            nbytes, spill_gen = entry.nbytes, entry.spill_gen
         make_room(nbytes)
-        state = self._restore(sid, n_chunks)
+        state = self._restore(sid, spill_gen)
         with self._mu:
             entry.state, entry.location, entry.nbytes = state, "device", state.nbytes()
-        self.copies.forget(sid)
         return state
 
-    def put(self, sid: str, state) -> None:
-        """Record the (new or grown) state of a session after a turn."""
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is None:  # deleted meanwhile: nothing to keep
-                return
-            entry.state, entry.location = state, "device"
-            entry.length, entry.head_map_version = len(state.token_ids), state.head_map_version
-            entry.nbytes, entry.full_nbytes = state.nbytes(), state.full_nbytes()
-            entry.stored_nbytes = state.stored_nbytes()
-            entry.last_token = state.last_token
-
     def make_room(self, need_bytes: int, keep: str | None = None) -> None:
-        """Spill LRU idle sessions until ``need_bytes`` more fit the budget.
+        """Spill LRU sessions that are not in the running batch until ``need_bytes`` more fit the budget.
 
         Raises ``BudgetExhausted`` when a needed spill fails because Redis is unreachable.
-        Pinned sessions (in the running batch) are never spilled.
         """
         while True:
             victim = self._victim(need_bytes, keep)
@@ -238,7 +270,7 @@ class SessionStore:
                 return
             try:
                 self._spill_one(victim)
-            except SpillUnavailable as exc:
+            except StoreUnavailable as exc:
                 used, _, _ = self.usage()
                 raise BudgetExhausted(
                     f"KV budget is full ({used} of {self.budget_bytes} bytes resident, {need_bytes} more needed) "
@@ -252,22 +284,174 @@ class SessionStore:
         except BudgetExhausted as exc:
             log.warning("over KV budget, keeping sessions resident: %s", exc)
 
-    def spill_all(self) -> int:
-        """Spill every resident session (graceful shutdown); returns how many were spilled."""
-        n = 0
-        for sid in [e.session_id for e in self.list() if e.location == "device" and e.length]:
+    def hand_over(self, sid: str) -> None:
+        """Another replica asked for ``sid``: spill it and drop our lease now, or once its turn ends."""
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is None:
+                return
+            if entry.busy or entry.pinned or entry.spilling:
+                entry.hand_over = True
+                return
+            entry.spilling = True
+        try:
+            self._spill_one(sid)
+        except StoreUnavailable as exc:
+            log.warning("could not hand session %s over: %s", sid, exc)
+
+    def spill_all(self) -> dict:
+        """Graceful shutdown: every session here to Redis, or to the local spill directory while Redis is down.
+        Returns counts: spilled, saved_locally, lost."""
+        counts = {"spilled": 0, "saved_locally": 0, "lost": 0}
+        for sid in [e.session_id for e in self._snapshot() if e.state is not None and e.length]:
             try:
                 self._spill_one(sid)
-                n += 1
-            except (SpillUnavailable, KeyError) as exc:
-                log.error("could not spill session %s at shutdown, it is lost: %s", sid, exc)
+                counts["spilled"] += 1
+            except StoreUnavailable as exc:
+                counts["saved_locally" if self._save_locally(sid) else "lost"] += 1
+                log.warning("Redis unreachable at shutdown for session %s: %s", sid, exc)
+        return counts
+
+    def upload_local_spills(self) -> int:
+        """At start: upload sessions a previous process saved locally while Redis was down; returns how many."""
+        if self.local_spills is None:
+            return 0
+        n = 0
+        for path in self.local_spills.paths():
+            try:
+                n += self._upload(self.local_spills.load(path))
+            except ValueError as exc:
+                log.error("local spill %s is unreadable, skipped: %s", path.name, exc)
+                continue
+            path.unlink(missing_ok=True)
         return n
 
-    def mark_lost(self, sid: str, reason: str) -> None:
-        """Forget a session whose state can no longer be trusted, remembering why."""
-        self._lose(sid, SessionLost, reason)
+    def renew_leases(self) -> None:
+        """LeaseKeeper: renew every lease here; a session another replica took over is dropped (once idle)."""
+        for entry in self._snapshot():
+            if not entry.gen:
+                continue
+            started = time.monotonic()
+            if self.directory.fenced(entry.session_id, entry.gen, "renew", **_identity(entry)):
+                self._extend(entry.session_id, started)
+            else:
+                self._fence(entry.session_id)
 
-    # ---- internals -----------------------------------------------------------------------
+    def mark_lost(self, sid: str, reason: str) -> None:
+        """Forget a session whose state can no longer be trusted, remembering why (in Redis, for every replica)."""
+        log.error("session %s lost: %s", sid, reason)
+        self._drop(sid)
+        try:
+            self.directory.mark_lost(sid, reason)
+        except StoreUnavailable as exc:
+            log.warning("could not record in Redis that session %s is lost: %s", sid, exc)
+
+    # ---- internals: ownership ----------------------------------------------------------------
+    def _mark_busy(self, sid: str, tenant: str) -> SessionEntry:
+        """The local entry of ``sid`` marked busy (a placeholder when it is not owned here)."""
+        with self._mu:
+            entry = self._entries.get(sid)
+            while entry is not None and entry.spilling and not entry.busy:   # an LRU spill: wait for it to end
+                self._spilled.wait(timeout=1.0)
+                entry = self._entries.get(sid)
+            if entry is not None and entry.tenant != tenant:
+                raise SessionNotFound(not_found_message(sid))
+            if entry is not None and entry.busy:
+                raise SessionBusy(f"session {sid} is busy with another request; retry when that stream ends")
+            if entry is None:
+                now = self._clock()
+                entry = self._entries[sid] = SessionEntry(sid, now, now, location="redis", tenant=tenant)
+                self._entries.move_to_end(sid, last=False)
+            entry.busy = True
+            return entry
+
+    def _unmark(self, sid: str, entry: SessionEntry) -> None:
+        with self._mu:
+            placeholder = self._entries.get(sid) is entry and not entry.gen
+            if placeholder:   # it never became ours
+                del self._entries[sid]
+        if not placeholder:
+            self.release(sid)
+
+    def _begin_turn(self, entry: SessionEntry) -> bool:
+        """A turn starts on a session owned here: make sure it is still ours, and that Redis knows the spill is
+        about to go stale (so a takeover after a crash reports it lost rather than continuing an old copy)."""
+        if entry.turn_recorded and time.monotonic() < entry.lease_until:
+            return True
+        started = time.monotonic()
+        if not self.directory.fenced(entry.session_id, entry.gen, "begin", **_identity(entry)):
+            return False
+        entry.turn_recorded = True
+        self._extend(entry.session_id, started)
+        return True
+
+    def _take_over(self, entry: SessionEntry, tenant: str, for_turn: bool) -> None:
+        sid = entry.session_id
+        started = time.monotonic()
+        claimed: Claimed = self._with_handover(sid, lambda: self.directory.claim(sid, tenant, for_turn))
+        described = _entry_from_meta({**(self.directory.describe(sid, tenant) or {}), "session_id": sid})
+        with self._mu:
+            for name in _SUMMARY:
+                setattr(entry, name, getattr(described, name))
+            entry.owner, entry.location, entry.gen, entry.spill_gen = self.replica_id, "redis", claimed.gen, claimed.spill_gen
+            entry.turn_recorded, entry.saved = for_turn, True
+            entry.lease_until = started + 0.8 * self.lease_ttl_s
+
+    def _with_handover(self, sid: str, attempt):
+        """``attempt()`` until no other replica holds ``sid``: ask the owner to hand it over, wait, retry."""
+        deadline, asked_at, pause = time.monotonic() + self.handoff_timeout_s, 0.0, 0.01
+        while True:
+            try:
+                return attempt()
+            except OwnedElsewhere as owned:
+                now = time.monotonic()
+                if now > deadline:
+                    raise SessionBusy(f"session {sid} is in use on replica {owned.owner}; retry when its current "
+                                      "stream ends") from None
+                if now - asked_at > 1.0:   # pub/sub is fire-and-forget: ask again now and then
+                    self.directory.request_release(owned.owner, sid)
+                    asked_at = now
+                time.sleep(pause)
+                pause = min(0.1, pause * 2)
+
+    def _extend(self, sid: str, renewed_at: float) -> None:
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is not None:
+                entry.lease_until = renewed_at + 0.8 * self.lease_ttl_s
+
+    def _fence(self, sid: str) -> None:
+        with self._mu:
+            entry = self._entries.get(sid)
+            if entry is None:
+                return
+            entry.fenced = True
+            idle = not (entry.busy or entry.pinned or entry.spilling)
+        log.warning("session %s was taken over by another replica; dropping this replica's copy", sid)
+        if idle:
+            self._drop(sid)
+
+    def _note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
+        try:
+            if not self.directory.fenced(sid, gen, "note", fields, **identity):
+                self._fence(sid)
+        except StoreUnavailable as exc:
+            log.info("session %s summary not updated in Redis: %s", sid, exc)
+
+    def _drop(self, sid: str) -> None:
+        with self._mu:
+            self._entries.pop(sid, None)
+
+    def _tenant_of(self, sid: str) -> str:
+        with self._mu:
+            entry = self._entries.get(sid)
+            return "" if entry is None else entry.tenant
+
+    def _snapshot(self) -> list[SessionEntry]:
+        with self._mu:
+            return list(self._entries.values())
+
+    # ---- internals: spilling -----------------------------------------------------------------
     def _victim(self, need_bytes: int, keep: str | None) -> str | None:
         with self._mu:
             used = sum(e.nbytes for e in self._entries.values() if e.location == "device")
@@ -281,80 +465,108 @@ class SessionStore:
             return None
 
     def _spill_one(self, sid: str) -> None:
+        """Spill one session under our lease. An idle one leaves this replica (its lease is dropped); one whose
+        turn waits stays ours, its state in Redis until admission restores it."""
         with self._mu:
             entry = self._entries[sid]
             entry.spilling = True
-            state, meta = entry.state, _spill_meta(entry)
+            release = not entry.busy
+            state, gen, saved, fields, identity = entry.state, entry.gen, entry.saved, summary_fields(entry), _identity(entry)
         try:
-            n_chunks = self.copies.write(sid, state, meta)
+            if saved:   # Redis already holds exactly this state: nothing to write
+                still_ours = self.directory.fenced(sid, gen, "release" if release else "renew", **identity)
+            else:
+                header, chunks = self.copies.encode(state, self._spill_meta(entry))
+                mode = "save_release" if release else "save"
+                still_ours = self.directory.fenced(sid, gen, mode, fields, blob=(header, chunks), **identity)
         finally:
             with self._mu:
                 entry.spilling = False
-        with self._mu:
-            gone = self._entries.get(sid) is not entry   # deleted while we wrote it
-            if not gone:
-                entry.state, entry.location, entry.n_chunks = None, "redis", n_chunks
-        if gone:
-            self.spill.delete(sid)
-            return
-        log.info("spilled session %s (%d bytes, %d tokens)", sid, meta["nbytes"], meta["token_count"])
+                self._spilled.notify_all()
+        self._after_spill(sid, entry, release, still_ours)
 
-    def _restore(self, sid: str, n_chunks: int):
+    def _after_spill(self, sid: str, entry: SessionEntry, released: bool, still_ours: bool) -> None:
+        with self._mu:
+            if self._entries.get(sid) is not entry:   # deleted while we wrote it
+                return
+            if not still_ours:
+                log.warning("session %s was taken over by another replica before it spilled; copy dropped", sid)
+                self._entries.pop(sid)
+            elif released:
+                self._entries.pop(sid)
+            else:
+                entry.state, entry.location, entry.saved, entry.spill_gen = None, "redis", True, entry.gen
+                entry.turn_recorded = False
+        if still_ours:
+            log.info("spilled session %s (%d bytes, %d tokens)", sid, entry.nbytes, entry.length)
+
+    def _spill_meta(self, entry: SessionEntry) -> dict:
+        return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
+                "head_map_version": entry.head_map_version, "token_count": entry.length,
+                "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
+                "created_at": entry.created_at, "last_used": entry.last_used, "tenant": entry.tenant,
+                "gen": entry.gen}
+
+    def _restore(self, sid: str, spill_gen: int):
         try:
-            state = self.copies.read_state(sid, n_chunks)
+            state, meta = self.copies.read_state(sid)
+            if meta.get("gen") != spill_gen:
+                raise Refused(SessionLost, f"its spill is from generation {meta.get('gen')}, Redis names {spill_gen}")
         except Refused as refused:
-            raise self._lose(sid, refused.error, refused.reason) from refused
+            self.mark_lost(sid, refused.reason)
+            raise refused.error(f"session {sid} cannot be continued: {refused.reason}") from refused
         log.info("restored session %s (%d tokens)", sid, len(state.token_ids))
         return state
 
-    def _adopt(self, sid: str, other_models: str = "refuse") -> bool:
-        """Index a session found only in Redis (spilled by this or an earlier process).
-
-        Another model's session is refused and reported lost, or with ``other_models="skip"``
-        (the start-up scan of a Redis shared by several services) silently left alone.
-        """
+    def _save_locally(self, sid: str) -> bool:
         with self._mu:
-            lost = self._lost.get(sid)
-        if lost is not None:
-            raise lost[0](f"session {sid} cannot be continued: {lost[1]}")
-        try:
-            found = self.copies.read_meta(sid)
-            if found is None:
-                raise SessionNotFound(f"no session {sid}: check the id (sessions expire "
-                                      "RAZOR_SESSION_TTL_S seconds after they spill)")
-            meta, n_chunks = found
-            if other_models == "skip" and meta["fingerprint_id"] != self.fingerprint_id:
-                return False
-            self.copies.check(meta)
-        except Refused as refused:
-            raise self._lose(sid, refused.error, refused.reason) from refused
-        with self._mu:
-            self._entries.setdefault(sid, _entry_from_meta(sid, meta, n_chunks))
-            self._entries.move_to_end(sid, last=False)  # idle: first in line to stay spilled
+            entry = self._entries.get(sid)
+        if self.local_spills is None or entry is None or entry.state is None:
+            return False
+        header, chunks = self.copies.encode(entry.state, self._spill_meta(entry))
+        spill = LocalSpill(sid, self.replica_id, entry.gen, entry.tenant, entry.created_at, summary_fields(entry),
+                           header, chunks)
+        log.warning("saved session %s to %s", sid, self.local_spills.save(spill))
         return True
 
-    def _lose(self, sid: str, cls: type[SessionError], reason: str) -> SessionError:
-        log.error("session %s lost: %s", sid, reason)
-        with self._mu:
-            self._entries.pop(sid, None)
-            self._lost[sid] = (cls, reason)
-            while len(self._lost) > _LOST_REMEMBERED:
-                self._lost.popitem(last=False)
-        return cls(f"session {sid} cannot be continued: {reason}")
+    def _upload(self, spill: LocalSpill) -> int:
+        """Fenced as a spill by the replica and generation that saved it: refused once the session moved on."""
+        uploader = SessionDirectory(self.spill.client, spill.owner, self.lease_ttl_s, self.spill.ttl_s,
+                                    self.fingerprint_id, self.dtype)
+        if uploader.fenced(spill.sid, spill.gen, "save_release", spill.fields, blob=(spill.header, spill.chunks),
+                           tenant=spill.tenant, created_at=spill.created_at):
+            log.info("uploaded session %s saved locally at the last shutdown", spill.sid)
+            return 1
+        log.warning("local copy of session %s is older than Redis's (it moved on); discarded", spill.sid)
+        return 0
 
 
-
-def _spill_meta(entry: SessionEntry) -> dict:
-    return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
-            "head_map_version": entry.head_map_version, "token_count": entry.length,
-            "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
-            "created_at": entry.created_at, "last_used": entry.last_used}
+_SUMMARY = ("created_at", "last_used", "length", "nbytes", "stored_nbytes", "full_nbytes", "head_map_version",
+            "fingerprint_id", "last_token")
 
 
-def _entry_from_meta(sid: str, meta: dict, n_chunks: int) -> SessionEntry:
-    token_ids = meta["state"]["token_ids"]
-    return SessionEntry(sid, meta["created_at"], meta["last_used"], location="redis", length=meta["token_count"],
-                        nbytes=meta["nbytes"], full_nbytes=meta["full_nbytes"],
-                        stored_nbytes=meta.get("stored_nbytes", meta["nbytes"]),
-                        head_map_version=meta["head_map_version"], fingerprint_id=meta["fingerprint_id"],
-                        n_chunks=n_chunks, last_token=token_ids[-1] if token_ids else None)
+def _identity(entry: SessionEntry) -> dict:
+    """What re-registers a session whose metadata Redis lost."""
+    return {"tenant": entry.tenant, "created_at": entry.created_at}
+
+
+def new_replica_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _entry_from_meta(d: dict) -> SessionEntry:
+    def number(key, kind=int, default=0):
+        try:
+            return kind(d.get(key) or default)
+        except ValueError:
+            return default
+
+    lost = d.get("lost") or ""
+    location = "lost" if lost else ("device" if d.get("holder") else "redis")
+    last_token = d.get("last_token")
+    return SessionEntry(d["session_id"], number("created_at", float), number("last_used", float), location=location,
+                        length=number("length"), nbytes=number("nbytes"), stored_nbytes=number("stored_nbytes"),
+                        full_nbytes=number("full_nbytes"), head_map_version=d.get("head_map_version") or "",
+                        fingerprint_id=d.get("fingerprint_id") or "", lost_reason=lost, tenant=d.get("tenant") or "",
+                        owner=d.get("holder") or "",
+                        last_token=int(last_token) if last_token not in (None, "", "None") else None)

@@ -1,7 +1,9 @@
 """Spilled sessions in Redis: one hash per session, written atomically, with a TTL.
 
-Key ``razor:session:<id>`` holds field ``header`` (the codec's JSON header) and fields
-``c0 .. c<n-1>`` (the blob's chunks). A write is one MULTI/EXEC (DEL, HSET, EXPIRE), so a
+Key ``razor:{<id>}:spill`` holds field ``header`` (the codec's JSON header) and fields
+``c0 .. c<n-1>`` (the blob's chunks). Every key of one session carries the session id as its hash tag
+(``{<id>}``), so its spill, metadata and lease share one Redis Cluster slot and one Lua script or MULTI
+can touch them together (`services.inference.directory` writes spills fenced by ownership). A write is one MULTI/EXEC (DEL, HSET, EXPIRE), so a
 reader sees the old spill or the new one, never a mix. Reads are batched: one HMGET per batch
 of chunks (at most ``READ_BATCH_BYTES`` of the codec's chunks per reply), so restoring N chunks takes
 about N / batch round trips, not N; ``read`` gets the header with the first batch. Every Redis failure
@@ -11,9 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-
 import redis
+import redis.cluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -21,7 +22,6 @@ from .codec import DEFAULT_CHUNK_BYTES, Encoded
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "razor:session:"
 # Most chunk bytes one read round trip asks for (two of the codec's 8 MiB chunks). It bounds the reply
 # that Redis buffers and the client holds at once, and it is small on purpose: redis-py's pure-Python
 # parser buffers a reply whole, and on the 2-core test machine replies of up to 16 MiB read at about
@@ -34,21 +34,38 @@ class SpillUnavailable(Exception):
     """Redis could not be reached (or answered with an error)."""
 
 
+def spill_key(session_id: str) -> str:
+    return f"razor:{{{session_id}}}:spill"
+
+
+def meta_key(session_id: str) -> str:
+    return f"razor:{{{session_id}}}:meta"
+
+
+def lease_key(session_id: str) -> str:
+    return f"razor:{{{session_id}}}:lease"
+
+
+def connect(redis_url: str, password: str = "", timeout_s: float = 2.0, cluster: bool = False):
+    """A redis-py client for the sessions' Redis: one server, or a Redis Cluster seeded from `redis_url`."""
+    # One quick retry on a fresh connection: a pooled connection that died while Redis
+    # restarted is replaced transparently; a Redis that is down fails within ms.
+    options = dict(password=password or None, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    if cluster:
+        return redis.cluster.RedisCluster.from_url(redis_url, **options)
+    return redis.Redis.from_url(redis_url, retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1), **options)
+
+
 class Spill:
-    def __init__(self, redis_url: str, ttl_s: int, password: str = "", timeout_s: float = 2.0):
+    def __init__(self, redis_url: str, ttl_s: int, password: str = "", timeout_s: float = 2.0,
+                 cluster: bool = False):
         if ttl_s < 1:
             raise ValueError(f"ttl_s must be >= 1, got {ttl_s}")
         self.ttl_s = ttl_s
-        # One quick retry on a fresh connection: a pooled connection that died while Redis
-        # restarted is replaced transparently; a Redis that is down fails within ms.
-        self._redis = redis.Redis.from_url(
-            redis_url, password=password or None, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1),
-        )
+        self.client = connect(redis_url, password, timeout_s, cluster)
+        self._redis = self.client
 
-    @staticmethod
-    def key(session_id: str) -> str:
-        return KEY_PREFIX + session_id
+    key = staticmethod(spill_key)
 
     def write(self, session_id: str, encoded: Encoded) -> None:
         fields = {"header": encoded.header, **{f"c{i}": c for i, c in enumerate(encoded.chunks)}}
@@ -107,13 +124,6 @@ class Spill:
     def delete(self, session_id: str) -> bool:
         with self._errors("delete"):
             return bool(self._redis.delete(self.key(session_id)))
-
-    def session_ids(self, limit: int) -> Iterator[str]:
-        with self._errors("scan"):
-            for n, key in enumerate(self._redis.scan_iter(match=KEY_PREFIX + "*", count=500)):
-                if n >= limit:
-                    return
-                yield key.decode()[len(KEY_PREFIX):]
 
     def reachable(self) -> bool:
         try:

@@ -32,15 +32,20 @@ class SpilledCopies:
     def __init__(self, spill: Spill, fingerprint_id: str, dtype: str, device):
         self.spill, self.fingerprint_id, self.dtype, self.device = spill, fingerprint_id, dtype, device
 
-    def write(self, sid: str, state, meta: dict) -> int:
-        """Spill `state` with JSON-safe `meta` in its header; returns the number of chunks written."""
+    def encode(self, state, meta: dict) -> tuple[bytes, list[bytes]]:
+        """(header, chunks) of `state` with JSON-safe `meta` in its header, as a spill stores them."""
         tensors, state_meta = state.to_tensors()
         encoded = codec.encode(tensors, {**meta, "dtype": self.dtype, "state": state_meta})
-        self.spill.write(sid, encoded)
-        return len(encoded.chunks)
+        return encoded.header, encoded.chunks
 
-    def read_state(self, sid: str, n_chunks: int):
-        """The verified `SessionState` of a spilled session."""
+    def write(self, sid: str, state, meta: dict) -> int:
+        """Spill `state` unfenced (tools and tests); returns the number of chunks written."""
+        header, chunks = self.encode(state, meta)
+        self.spill.write(sid, codec.Encoded(header, chunks))
+        return len(chunks)
+
+    def read_state(self, sid: str, n_chunks: int | None = None):
+        """(the verified `SessionState` of a spilled session, its header meta)."""
         from services.engine import SessionState
 
         try:
@@ -53,7 +58,7 @@ class SpilledCopies:
         try:
             tensors, meta = codec.decode(header, chunks, device=self.device)
             self.check(meta)
-            return SessionState.from_tensors(tensors, meta["state"], self.device)
+            return SessionState.from_tensors(tensors, meta["state"], self.device), meta
         except (codec.CodecError, KeyError, ValueError) as exc:
             self.drop(sid)
             raise Refused(SessionLost, f"its spilled copy is corrupt ({exc})") from exc
