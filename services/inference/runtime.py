@@ -40,6 +40,7 @@ class Turn:
     messages: tuple[dict, ...] | None = None
     keep_session: bool = True
     session_id: str | None = None  # set for ContinueSession
+    tenant: str = ""               # the caller's (auth.tenant_of): it owns a new session, and only its own continue
 
     def __post_init__(self):
         if (self.text is None) == (self.messages is None):
@@ -120,8 +121,9 @@ class Runtime:
     # ---- turns (handler threads) -----------------------------------------------------------
     def start_turn(self, turn: Turn, cancel: threading.Event) -> TurnStream:
         """Open (or create) the turn's session, tokenize, and queue the turn for the model loop."""
-        entry = self.store.acquire(turn.session_id) if turn.session_id is not None else None
-        sid = turn.session_id if entry is not None else (self.store.create() if turn.keep_session else "")
+        entry = self.store.acquire(turn.session_id, tenant=turn.tenant) if turn.session_id is not None else None
+        sid = turn.session_id if entry is not None else (self.store.create(tenant=turn.tenant) if turn.keep_session
+                                                         else "")
         events: queue.SimpleQueue = queue.SimpleQueue()
         try:
             with self._mu:
@@ -286,12 +288,13 @@ class Runtime:
         return spilled
 
     # ---- queries ---------------------------------------------------------------------------
-    def list_sessions(self, page_size: int, page_token: str):
-        """A page of sessions ordered by id, and the token of the next page ("" at the end)."""
+    def list_sessions(self, page_size: int, page_token: str, tenant: str = ""):
+        """A page of ``tenant``'s sessions ordered by id, and the token of the next page ("" at the end)."""
         if not 0 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be within 0..{MAX_PAGE_SIZE} (0 = 50), got {page_size}")
         size = page_size or 50
-        entries = sorted((e for e in self.store.list() if e.session_id > page_token), key=lambda e: e.session_id)
+        entries = sorted((e for e in self.store.list(tenant=tenant) if e.session_id > page_token),
+                         key=lambda e: e.session_id)
         page = entries[:size]
         return page, (page[-1].session_id if len(entries) > size else "")
 

@@ -23,6 +23,7 @@ from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 from services.engine import SamplingParams  # noqa: E402
 
+from .auth import tenant_of
 from .errors import (BudgetExhausted, Cancelled, NotConfigured, SessionBusy, SessionLost, SessionModelMismatch,
                      SessionNotFound, ShuttingDown, StoreUnavailable)
 from .profile_jobs import BrokerUnavailable
@@ -88,12 +89,14 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     @_grpc_errors
     def Generate(self, request: pb.GenerateRequest, context):
         keep = request.keep_session if request.HasField("keep_session") else True
-        turn = Turn(params=sampling_params(request), keep_session=keep, **_input(request, "prompt"))
+        turn = Turn(params=sampling_params(request), keep_session=keep, tenant=tenant_of(context),
+                    **_input(request, "prompt"))
         yield from self._stream(turn, context)
 
     @_grpc_errors
     def ContinueSession(self, request: pb.ContinueSessionRequest, context):
-        turn = Turn(params=sampling_params(request), session_id=request.session_id, **_input(request, "text"))
+        turn = Turn(params=sampling_params(request), session_id=request.session_id, tenant=tenant_of(context),
+                    **_input(request, "text"))
         yield from self._stream(turn, context)
 
     def _stream(self, turn: Turn, context):
@@ -109,17 +112,17 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     # ---- sessions ---------------------------------------------------------------------------
     @_grpc_errors
     def GetSession(self, request: pb.GetSessionRequest, context):
-        return session_pb(self.runtime.store.info(_session_id(request.session_id)))
+        return session_pb(self.runtime.store.info(_session_id(request.session_id), tenant=tenant_of(context)))
 
     @_grpc_errors
     def ListSessions(self, request: pb.ListSessionsRequest, context):
-        page, next_token = self.runtime.list_sessions(request.page_size, request.page_token)
+        page, next_token = self.runtime.list_sessions(request.page_size, request.page_token, tenant=tenant_of(context))
         return pb.ListSessionsResponse(sessions=[session_pb(e) for e in page], next_page_token=next_token)
 
     @_grpc_errors
     def DeleteSession(self, request: pb.DeleteSessionRequest, context):
         sid = _session_id(request.session_id)
-        if not self.runtime.store.delete(sid):
+        if not self.runtime.store.delete(sid, tenant=tenant_of(context)):
             raise SessionNotFound(f"no session {sid} to delete")
         return pb.DeleteSessionResponse(deleted=True)
 

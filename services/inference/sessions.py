@@ -17,6 +17,10 @@ spilled one. Concurrency model:
 Redis down: resident sessions keep working; a spill that is needed to make room raises
 ``BudgetExhausted`` and nothing is dropped. A blob that fails its checksum or comes from
 another model is refused and the session is remembered as lost with the reason.
+
+Tenants: a session belongs to the tenant that created it (recorded in its entry and its spill header). The
+handler-facing methods take the caller's ``tenant`` and treat another tenant's session exactly like an unknown
+id (``SessionNotFound``, same message; ``delete`` returns False), so nothing about it leaks.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ class SessionEntry:
     n_chunks: int = 0
     lost_reason: str = ""
     last_token: int | None = None   # what a continued chat turn's template delta depends on
+    tenant: str = ""                # who created it; other tenants never see it
 
     def snapshot(self) -> "SessionEntry":
         return replace(self, state=None)
@@ -76,27 +81,31 @@ class SessionStore:
         self.reserved_bytes = reserved_bytes or (lambda: 0)
         self._mu = threading.Lock()
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
-        self._lost: OrderedDict[str, tuple[type[SessionError], str]] = OrderedDict()  # id -> (error, reason)
+        # id -> (error, reason, tenant); tenant None when unknown (a header too corrupt to name it)
+        self._lost: OrderedDict[str, tuple[type[SessionError], str, str | None]] = OrderedDict()
 
     # ---- handler threads -----------------------------------------------------------------
-    def create(self) -> str:
-        """Register a new, busy, still-empty session and return its id."""
+    def create(self, tenant: str = "") -> str:
+        """Register a new, busy, still-empty session of ``tenant`` and return its id."""
         with self._mu:
             if len(self._entries) >= self.max_sessions:
                 raise BudgetExhausted(f"the service holds {self.max_sessions} sessions (its limit): delete some "
                                       "with DeleteSession or generate with keep_session=false")
             sid, now = uuid.uuid4().hex, self._clock()
-            self._entries[sid] = SessionEntry(sid, now, now, busy=True, fingerprint_id=self.fingerprint_id)
+            self._entries[sid] = SessionEntry(sid, now, now, busy=True, fingerprint_id=self.fingerprint_id,
+                                              tenant=tenant)
             return sid
 
-    def acquire(self, sid: str) -> SessionEntry:
+    def acquire(self, sid: str, tenant: str = "") -> SessionEntry:
         """Mark ``sid`` busy for one request; finds sessions spilled by an earlier process."""
         with self._mu:
             entry = self._entries.get(sid)
         if entry is None:
-            self._adopt(sid)
+            self._adopt(sid, tenant=tenant)
         with self._mu:
-            entry = self._entries[sid]
+            entry = self._entries.get(sid)
+            if entry is None or entry.tenant != tenant:
+                raise _not_found(sid)
             if entry.busy:
                 raise SessionBusy(f"session {sid} is busy with another request; retry when that stream ends")
             entry.busy = True
@@ -114,34 +123,46 @@ class SessionStore:
         with self._mu:
             self._entries.pop(sid, None)
 
-    def info(self, sid: str) -> SessionEntry:
+    def info(self, sid: str, tenant: str = "") -> SessionEntry:
         """A snapshot of the session; a lost one comes back with location "lost" and its reason."""
         with self._mu:
             entry = self._entries.get(sid)
             lost = self._lost.get(sid)
         if lost is not None and entry is None:
-            return SessionEntry(sid, 0.0, 0.0, location="lost", lost_reason=lost[1])
+            if not _visible(lost[2], tenant):
+                raise _not_found(sid)
+            return SessionEntry(sid, 0.0, 0.0, location="lost", lost_reason=lost[1], tenant=lost[2] or "")
         if entry is None:
-            self._adopt(sid)
+            self._adopt(sid, tenant=tenant)
         with self._mu:
-            return self._entries[sid].snapshot()
+            entry = self._entries.get(sid)
+            if entry is None or entry.tenant != tenant:
+                raise _not_found(sid)
+            return entry.snapshot()
 
     def lost_reason(self, sid: str) -> str | None:
         with self._mu:
             lost = self._lost.get(sid)
         return None if lost is None else lost[1]
 
-    def list(self) -> list[SessionEntry]:
+    def list(self, tenant: str | None = None) -> list[SessionEntry]:
+        """Snapshots of ``tenant``'s sessions (every tenant's with None: the service's own bookkeeping)."""
         with self._mu:
-            return [e.snapshot() for e in self._entries.values()]
+            return [e.snapshot() for e in self._entries.values() if tenant is None or e.tenant == tenant]
 
-    def delete(self, sid: str) -> bool:
+    def delete(self, sid: str, tenant: str = "") -> bool:
+        """Delete ``tenant``'s session ``sid``; False when it has none by that id."""
         with self._mu:
             entry = self._entries.get(sid)
+            lost = self._lost.get(sid)
+            if entry is not None and entry.tenant != tenant:
+                return False
             if entry is not None and entry.busy:
                 raise SessionBusy(f"session {sid} is busy; delete it when its stream ends")
             self._entries.pop(sid, None)
-            was_lost = self._lost.pop(sid, None) is not None
+            was_lost = lost is not None and _visible(lost[2], tenant) and self._lost.pop(sid, None) is not None
+        if entry is None and not was_lost and not self._spilled_by(sid, tenant):
+            return False
         in_redis = self.spill.delete(sid) if entry is None or entry.location == "redis" else False
         return entry is not None or in_redis or was_lost
 
@@ -206,9 +227,9 @@ class SessionStore:
             entry = self._entries[sid]
             if entry.state is not None:
                 return entry.state
-            n_chunks, nbytes = entry.n_chunks, entry.nbytes
+            n_chunks, nbytes, tenant = entry.n_chunks, entry.nbytes, entry.tenant
         make_room(nbytes)
-        state = self._restore(sid, n_chunks)
+        state = self._restore(sid, n_chunks, tenant)
         with self._mu:
             entry.state, entry.location, entry.nbytes = state, "device", state.nbytes()
         self.copies.forget(sid)
@@ -299,53 +320,86 @@ class SessionStore:
             return
         log.info("spilled session %s (%d bytes, %d tokens)", sid, meta["nbytes"], meta["token_count"])
 
-    def _restore(self, sid: str, n_chunks: int):
+    def _restore(self, sid: str, n_chunks: int, tenant: str):
         try:
-            state = self.copies.read_state(sid, n_chunks)
+            state = self.copies.read_state(sid, n_chunks, tenant=tenant)
         except Refused as refused:
             raise self._lose(sid, refused.error, refused.reason) from refused
         log.info("restored session %s (%d tokens)", sid, len(state.token_ids))
         return state
 
-    def _adopt(self, sid: str, other_models: str = "refuse") -> bool:
+    def _spilled_by(self, sid: str, tenant: str) -> bool:
+        """Whether Redis holds a copy of ``sid`` that ``tenant`` may see (a corrupt one: anyone may delete it)."""
+        try:
+            found = self.copies.read_meta(sid)
+            return found is not None and _meta_tenant(found[0]) == tenant
+        except Refused:
+            return True   # corrupt: it names no owner, and nobody can continue it
+
+    def _adopt(self, sid: str, other_models: str = "refuse", tenant: str | None = None) -> bool:
         """Index a session found only in Redis (spilled by this or an earlier process).
 
         Another model's session is refused and reported lost, or with ``other_models="skip"``
-        (the start-up scan of a Redis shared by several services) silently left alone.
+        (the start-up scan of a Redis shared by several services) silently left alone. With ``tenant``
+        (a caller asking), another tenant's session is not found and left untouched.
         """
         with self._mu:
             lost = self._lost.get(sid)
         if lost is not None:
+            if tenant is not None and not _visible(lost[2], tenant):
+                raise _not_found(sid)
             raise lost[0](f"session {sid} cannot be continued: {lost[1]}")
+        owner = None
         try:
             found = self.copies.read_meta(sid)
             if found is None:
-                raise SessionNotFound(f"no session {sid}: check the id (sessions expire "
-                                      "RAZOR_SESSION_TTL_S seconds after they spill)")
+                raise _not_found(sid)
             meta, n_chunks = found
+            owner = _meta_tenant(meta)
+            if tenant is not None and owner != tenant:
+                raise _not_found(sid)
             if other_models == "skip" and meta["fingerprint_id"] != self.fingerprint_id:
                 return False
             self.copies.check(meta)
         except Refused as refused:
-            raise self._lose(sid, refused.error, refused.reason) from refused
+            raise self._lose(sid, refused.error, refused.reason, owner) from refused
         with self._mu:
             self._entries.setdefault(sid, _entry_from_meta(sid, meta, n_chunks))
             self._entries.move_to_end(sid, last=False)  # idle: first in line to stay spilled
         return True
 
-    def _lose(self, sid: str, cls: type[SessionError], reason: str) -> SessionError:
+    def _lose(self, sid: str, cls: type[SessionError], reason: str, tenant: str | None = None) -> SessionError:
         log.error("session %s lost: %s", sid, reason)
         with self._mu:
-            self._entries.pop(sid, None)
-            self._lost[sid] = (cls, reason)
+            entry = self._entries.pop(sid, None)
+            self._lost[sid] = (cls, reason, entry.tenant if entry is not None else tenant)
             while len(self._lost) > _LOST_REMEMBERED:
                 self._lost.popitem(last=False)
         return cls(f"session {sid} cannot be continued: {reason}")
 
 
 
+def _not_found(sid: str) -> SessionNotFound:
+    """The one answer for an unknown id and for another tenant's session alike."""
+    return SessionNotFound(f"no session {sid}: check the id (sessions expire "
+                           "RAZOR_SESSION_TTL_S seconds after they spill)")
+
+
+def _visible(owner: str | None, tenant: str) -> bool:
+    """Whether a lost session's record may be shown to ``tenant`` (an unknown owner: to anyone holding the id)."""
+    return owner is None or owner == tenant
+
+
+def _meta_tenant(meta: dict) -> str:
+    """The tenant a spill header names ("" for spills from before tenants)."""
+    tenant = meta.get("tenant", "")
+    if not isinstance(tenant, str):
+        raise Refused(SessionLost, f"its spilled header is corrupt (tenant is a {type(tenant).__name__})")
+    return tenant
+
+
 def _spill_meta(entry: SessionEntry) -> dict:
-    return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
+    return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id, "tenant": entry.tenant,
             "head_map_version": entry.head_map_version, "token_count": entry.length,
             "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
             "created_at": entry.created_at, "last_used": entry.last_used}
@@ -357,4 +411,5 @@ def _entry_from_meta(sid: str, meta: dict, n_chunks: int) -> SessionEntry:
                         nbytes=meta["nbytes"], full_nbytes=meta["full_nbytes"],
                         stored_nbytes=meta.get("stored_nbytes", meta["nbytes"]),
                         head_map_version=meta["head_map_version"], fingerprint_id=meta["fingerprint_id"],
-                        n_chunks=n_chunks, last_token=token_ids[-1] if token_ids else None)
+                        n_chunks=n_chunks, last_token=token_ids[-1] if token_ids else None,
+                        tenant=_meta_tenant(meta))

@@ -39,8 +39,8 @@ class SpilledCopies:
         self.spill.write(sid, encoded)
         return len(encoded.chunks)
 
-    def read_state(self, sid: str, n_chunks: int):
-        """The verified `SessionState` of a spilled session."""
+    def read_state(self, sid: str, n_chunks: int, tenant: str | None = None):
+        """The verified `SessionState` of a spilled session (of `tenant`, when given)."""
         from services.engine import SessionState
 
         try:
@@ -53,6 +53,8 @@ class SpilledCopies:
         try:
             tensors, meta = codec.decode(header, chunks, device=self.device)
             self.check(meta)
+            if tenant is not None and meta.get("tenant", "") != tenant:   # not dropped: it is someone's copy
+                raise Refused(SessionLost, "its spilled copy now names another tenant")
             return SessionState.from_tensors(tensors, meta["state"], self.device)
         except (codec.CodecError, KeyError, ValueError) as exc:
             self.drop(sid)
