@@ -5,16 +5,25 @@ which is also accepted under its common name) and validation; README.md has the 
 """
 from __future__ import annotations
 
+import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+DEFAULT_TENANT = "default"   # the tenant of RAZOR_AUTH_TOKEN
+# Tenant names go into logs and Redis headers: keep them plain.
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RAZOR_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a settings error must not print API keys or the Redis password to the log.
+    model_config = SettingsConfigDict(env_prefix="RAZOR_", extra="ignore", frozen=True, hide_input_in_errors=True)
+    _tenant_of_key: dict[str, str] = PrivateAttr(default_factory=dict)   # API key -> tenant, parsed at start
 
     # --- model and engine -------------------------------------------------------------
     model: str = Field("", description="model reference: empty = embedded SmolLM2, a HF directory or a .gguf file")
@@ -32,7 +41,10 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
     max_workers: int = Field(16, ge=1, description="gRPC handler threads")
     grace_s: float = Field(10.0, ge=0, description="seconds in-flight streams get on shutdown")
-    auth_token: str = Field("", description="bearer token required on every call when set")
+    auth_token: str = Field("", description="one API key, of tenant \"default\" (kept from before tenants)")
+    api_keys: str = Field("", description="comma-separated tenant:key pairs; any one of them authenticates a call")
+    api_keys_file: str = Field("", description="file of tenant:key lines (# starts a comment line)")
+    allow_unauthenticated: bool = Field(False, description="serve without API keys on a non-loopback host")
     tls_cert: str = Field("", description="PEM certificate file; TLS is on when cert and key are set")
     tls_key: str = Field("", description="PEM private key file")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
@@ -110,10 +122,64 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _api_keys_table(self) -> "Settings":
+        self._tenant_of_key = _tenant_of_key(self._api_key_entries())
+        return self
+
+    def _api_key_entries(self) -> list[tuple[str, str, str]]:
+        """(tenant, key, where it was configured) for every configured API key."""
+        entries = [(DEFAULT_TENANT, self.auth_token, "RAZOR_AUTH_TOKEN")] if self.auth_token else []
+        for n, item in enumerate(self.api_keys.split(","), 1):
+            if item.strip():
+                entries.append(_parse_api_key(item, f"RAZOR_API_KEYS entry {n}"))
+        if self.api_keys_file:
+            entries += _read_api_keys_file(self.api_keys_file)
+        return entries
+
+    def api_key_tenants(self) -> dict[str, str]:
+        """API key -> tenant name; empty when auth is off."""
+        return dict(self._tenant_of_key)
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("set both RAZOR_TLS_CERT and RAZOR_TLS_KEY, or neither")
         return self
+
+
+def _parse_api_key(item: str, where: str) -> tuple[str, str, str]:
+    """(tenant, key, where) from one ``tenant:key`` item. Messages never repeat the key."""
+    tenant, colon, key = (part.strip() for part in item.partition(":"))
+    if not colon:
+        raise ValueError(f"{where} has no ':'; write tenant:key")
+    if not tenant or not key:
+        raise ValueError(f"{where} has an empty {'tenant name' if not tenant else 'key'}; write tenant:key")
+    if not _TENANT_NAME.fullmatch(tenant):
+        raise ValueError(f"{where}: tenant {tenant!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    if any(c.isspace() for c in key):
+        raise ValueError(f"{where}: the key of tenant {tenant!r} contains whitespace")
+    return tenant, key, where
+
+
+def _read_api_keys_file(path: str) -> list[tuple[str, str, str]]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"RAZOR_API_KEYS_FILE {path!r} cannot be read ({exc}); fix the path or its permissions")
+    return [_parse_api_key(line, f"RAZOR_API_KEYS_FILE {path} line {n}")
+            for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _tenant_of_key(entries: list[tuple[str, str, str]]) -> dict[str, str]:
+    """API key -> tenant. A tenant may have several keys (rotation); a key names exactly one tenant."""
+    table: dict[str, tuple[str, str]] = {}
+    for tenant, key, where in entries:
+        if key in table:
+            raise ValueError(f"{where} repeats the key of {table[key][1]} (tenant {table[key][0]!r}); "
+                             "every API key must be unique")
+        table[key] = (tenant, where)
+    return {key: tenant for key, (tenant, _) in table.items()}
 
 
 @lru_cache(maxsize=1)

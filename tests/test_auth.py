@@ -1,8 +1,8 @@
-"""Bearer-token auth and TLS on a real gRPC server over loopback.
+"""API-key auth, tenants and TLS on a real gRPC server over loopback.
 
 The server carries the standard health service (left open by design), server reflection
-(a stream-stream RPC) and a tiny unary echo method, so every handler kind the interceptor
-rewrites is exercised.
+(a stream-stream RPC), a tiny unary echo method and two "whoami" methods (unary and server-streaming)
+that answer the caller's tenant, so every handler kind the interceptor rewrites is exercised.
 """
 from __future__ import annotations
 
@@ -15,16 +15,27 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from services.inference.auth import bind, open_channel, server_credentials, server_interceptors
+from services.inference.auth import (ApiKeyInterceptor, InsecureBind, bind, check_bind, is_loopback, open_channel,
+                                     server_credentials, server_interceptors, tenant_of)
 from services.settings import Settings
 
 TOKEN = "s3cret-token"
 ECHO = "/test.Echo/Echo"
+KEYS = "alice:key-of-alice,bob:key-of-bob,alice:alice-rotated"
 
 
 def _echo_handler() -> grpc.GenericRpcHandler:
     echo = grpc.unary_unary_rpc_method_handler(lambda request, _ctx: request)  # raw bytes in and out
-    return grpc.method_handlers_generic_handler("test.Echo", {"Echo": echo})
+    whoami = grpc.unary_unary_rpc_method_handler(lambda _request, ctx: tenant_of(ctx).encode())
+    whoami_stream = grpc.unary_stream_rpc_method_handler(lambda _request, ctx: iter([tenant_of(ctx).encode()] * 2))
+    return grpc.method_handlers_generic_handler("test.Echo", {"Echo": echo, "WhoAmI": whoami,
+                                                              "WhoAmIStream": whoami_stream})
+
+
+def _whoami(channel: grpc.Channel) -> tuple[str, list[str]]:
+    unary = channel.unary_unary("/test.Echo/WhoAmI")(b"", timeout=5).decode()
+    stream = [m.decode() for m in channel.unary_stream("/test.Echo/WhoAmIStream")(b"", timeout=5)]
+    return unary, stream
 
 
 def _start(settings: Settings) -> tuple[grpc.Server, int]:
@@ -68,7 +79,7 @@ def test_wrong_token_is_unauthenticated(auth_server):
         with pytest.raises(grpc.RpcError) as err:
             _echo(channel)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "invalid bearer token" in err.value.details()
+    assert "invalid bearer token" in err.value.details() and "not-the-token" not in err.value.details()
 
 
 def test_malformed_header_is_unauthenticated(auth_server):
@@ -131,3 +142,56 @@ def test_tls_with_token(tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace=None)
+
+
+@pytest.fixture
+def keys_server():
+    server, port = _start(Settings(api_keys=KEYS, auth_token=TOKEN))
+    yield f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.mark.parametrize("key, tenant", [("key-of-alice", "alice"), ("alice-rotated", "alice"),
+                                         ("key-of-bob", "bob"), (TOKEN, "default")])
+def test_each_key_reaches_handlers_as_its_tenant(keys_server, key, tenant):
+    with open_channel(keys_server, token=key) as channel:
+        assert _whoami(channel) == (tenant, [tenant, tenant])
+
+
+@pytest.mark.parametrize("key", ["key-of-alice-", "key-of-alic", "", "KEY-OF-ALICE", "key-of-bob,key-of-alice"])
+def test_near_miss_keys_are_unauthenticated(keys_server, key):
+    with grpc.insecure_channel(keys_server) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            channel.unary_unary("/test.Echo/WhoAmI")(b"", timeout=5, metadata=[("authorization", f"Bearer {key}")])
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_without_keys_everyone_is_the_empty_tenant():
+    server, port = _start(Settings(auth_token="", api_keys=""))
+    try:
+        with open_channel(f"127.0.0.1:{port}", token="anything") as channel:
+            assert _whoami(channel) == ("", ["", ""])
+    finally:
+        server.stop(grace=None)
+
+
+def test_interceptor_refuses_an_empty_table():
+    for table in ({}, {"": "alice"}, {"key": ""}):
+        with pytest.raises(ValueError):
+            ApiKeyInterceptor(table)
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.1.2.3", True), ("localhost", True),
+                                            ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.0.0.5", False), ("example.internal", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_check_bind_needs_keys_or_consent_off_loopback():
+    check_bind(Settings(host="127.0.0.1"))
+    check_bind(Settings(host="0.0.0.0", api_keys="alice:k"))
+    check_bind(Settings(host="0.0.0.0", auth_token="k"))
+    check_bind(Settings(host="0.0.0.0", allow_unauthenticated=True))
+    with pytest.raises(InsecureBind, match="RAZOR_API_KEYS.*RAZOR_ALLOW_UNAUTHENTICATED=true"):
+        check_bind(Settings(host="0.0.0.0"))

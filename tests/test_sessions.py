@@ -50,7 +50,7 @@ def test_lru_idle_sessions_spill_first_and_restore_bit_exact(service_redis_url, 
     restored = store.load(old, lambda n: store.make_room(n, keep=old))
     assert same_tensors(restored, state), "restore gives back exactly what was spilled"
     assert store.info(mid).location == "redis", "restoring made room by spilling the next LRU session"
-    assert not redis.Redis.from_url(service_redis_url).exists(Spill.key(old)), "no stale copy stays behind"
+    assert redis.Redis.from_url(service_redis_url).exists(Spill.key(old)), "the spill stays: a crash loses nothing"
 
 
 def test_one_request_per_session_and_pinned_sessions_never_spill(service_redis_url, engine):
@@ -86,7 +86,7 @@ def test_corrupt_blob_is_refused_and_reported_lost(service_redis_url, engine):
     store.acquire(sid)
     with pytest.raises(SessionLost, match="corrupt"):
         store.load(sid, lambda n: None)
-    assert store.info(sid).location == "lost" and "corrupt" in store.lost_reason(sid)
+    assert store.info(sid).location == "lost" and "corrupt" in store.info(sid).lost_reason
     assert not r.exists(Spill.key(sid))
     with pytest.raises(SessionLost):
         store.acquire(sid)
@@ -97,7 +97,6 @@ def test_another_models_session_is_refused_but_left_in_redis(service_redis_url, 
     sid = add(theirs, new_state(engine))
     theirs.settle()
     ours = make_store(service_redis_url, engine, fingerprint="llama-other-model")
-    assert ours.adopt_spilled() == 0
     with pytest.raises(SessionModelMismatch, match="another model"):
         ours.acquire(sid)
     assert redis.Redis.from_url(service_redis_url).exists(Spill.key(sid)), "it may belong to another service"
@@ -108,9 +107,8 @@ def test_expired_session_is_not_found_with_a_hint(service_redis_url, engine):
     sid = add(store, new_state(engine))
     store.settle()
     redis.Redis.from_url(service_redis_url).delete(Spill.key(sid))  # what the TTL does
-    store.acquire(sid)
     with pytest.raises(SessionNotFound, match="RAZOR_SESSION_TTL_S"):
-        store.load(sid, lambda n: None)
+        store.acquire(sid)
 
 
 def test_redis_down_refuses_needed_spill_without_dropping_and_reconnects(engine, make_redis):

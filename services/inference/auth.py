@@ -1,18 +1,25 @@
-"""Bearer-token auth and TLS for the gRPC service, server side and client side.
+"""API-key auth with tenants, the loopback rule, and TLS, for the gRPC service; server side and client side.
 
-Server: ``server_interceptors(settings)`` rejects calls without ``authorization: Bearer <token>``
-metadata with UNAUTHENTICATED when ``settings.auth_token`` is set. The standard health service
-(``grpc.health.v1.Health``) stays open on purpose: load balancers, Docker and the local stack
-probe liveness without holding the secret, and health reveals nothing but SERVING / NOT_SERVING.
-Everything else, server reflection included, needs the token.
-``server_credentials(settings)`` gives TLS credentials when a certificate and key are set.
+Server: ``server_interceptors(settings)`` rejects calls without ``authorization: Bearer <key>`` metadata naming
+one of the configured API keys (``Settings.api_key_tenants``: RAZOR_AUTH_TOKEN, RAZOR_API_KEYS,
+RAZOR_API_KEYS_FILE) with UNAUTHENTICATED, and hands the handler a context that knows the key's tenant:
+``tenant_of(context)``. With no keys there is no interceptor and every caller is tenant "" (one shared space).
+The standard health service (``grpc.health.v1.Health``) stays open on purpose: load balancers, Docker and the
+local stack probe liveness without holding a key, and health reveals nothing but SERVING / NOT_SERVING.
+Everything else, server reflection included, needs a key.
+``check_bind(settings)`` refuses to serve without keys on a non-loopback address unless
+RAZOR_ALLOW_UNAUTHENTICATED says so. ``server_credentials(settings)`` gives TLS credentials when a
+certificate and key are set.
 
-Client: ``open_channel(target, token=..., tls=..., ca_cert=...)`` attaches the token to every call
+Client: ``open_channel(target, token=..., tls=..., ca_cert=...)`` attaches the key to every call
 (an interceptor, so it works over plaintext loopback too, where gRPC call credentials refuse).
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -41,26 +48,54 @@ def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMeth
     def abort(_request, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+    return _replace_behavior(handler, lambda _behavior: abort)
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Lets a call through only with ``authorization: Bearer <token>``; health checks stay open."""
+def _replace_behavior(handler: grpc.RpcMethodHandler, wrap) -> grpc.RpcMethodHandler:
+    """``handler`` with its one behavior replaced by ``wrap(behavior)``."""
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return handler._replace(**{kind: wrap(behavior)})
+    raise ValueError(f"handler {handler!r} has no behavior")
 
-    def __init__(self, token: str):
-        if not token:
-            raise ValueError("BearerTokenInterceptor needs a non-empty token")
-        self._token = token.encode()
+
+class _TenantContext:
+    """The servicer context of an authenticated call, plus the caller's tenant (read by ``tenant_of``)."""
+
+    def __init__(self, context, tenant: str):
+        self._context, self.razor_tenant = context, tenant
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+def tenant_of(context) -> str:
+    """The tenant whose API key authenticated this call; "" when the server runs without keys."""
+    return getattr(context, "razor_tenant", "")
+
+
+def _digest(key: str) -> bytes:
+    # Compare fixed-length digests, so the time taken says nothing about the keys' lengths either.
+    return hashlib.sha256(key.encode()).digest()
+
+
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Lets a call through only with ``authorization: Bearer <key>`` for a configured key, and tells its handler
+    the key's tenant; health checks stay open."""
+
+    def __init__(self, tenant_of_key: Mapping[str, str]):
+        if not tenant_of_key or not all(tenant_of_key) or not all(tenant_of_key.values()):
+            raise ValueError("ApiKeyInterceptor needs at least one key, each non-empty with a non-empty tenant")
+        self._tenants = [(_digest(key), tenant) for key, tenant in tenant_of_key.items()]
+
+    def tenant(self, given: str) -> str | None:
+        """The tenant of key ``given``, or None. Compares with every key, in constant time each."""
+        digest, found = _digest(given), None
+        for key_digest, tenant in self._tenants:
+            if hmac.compare_digest(digest, key_digest):
+                found = tenant
+        return found
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -68,16 +103,49 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             return handler
         given = _bearer_token(handler_call_details.invocation_metadata)
         if given is None:
-            return _abort_handler(handler, "missing credentials: send metadata 'authorization: Bearer <token>' "
-                                           "(the token the server has in RAZOR_AUTH_TOKEN)")
-        if not hmac.compare_digest(given.encode(), self._token):
-            return _abort_handler(handler, "invalid bearer token: it does not match the server's RAZOR_AUTH_TOKEN")
-        return handler
+            return _abort_handler(handler, "missing credentials: send metadata 'authorization: Bearer <key>' "
+                                           "with one of the server's API keys (RAZOR_API_KEYS, RAZOR_API_KEYS_FILE "
+                                           "or RAZOR_AUTH_TOKEN)")
+        tenant = self.tenant(given)
+        if tenant is None:
+            return _abort_handler(handler, "invalid bearer token: it is none of the server's API keys "
+                                           "(RAZOR_API_KEYS, RAZOR_API_KEYS_FILE, RAZOR_AUTH_TOKEN)")
+        return _replace_behavior(handler, lambda behavior: _as_tenant(behavior, tenant))
+
+
+def _as_tenant(behavior, tenant: str):
+    return lambda request, context: behavior(request, _TenantContext(context, tenant))
 
 
 def server_interceptors(settings) -> list[grpc.ServerInterceptor]:
-    """Auth interceptors for ``settings``: one bearer-token check when ``auth_token`` is set."""
-    return [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
+    """Auth interceptors for ``settings``: one API-key check when any key is configured."""
+    keys = settings.api_key_tenants()
+    return [ApiKeyInterceptor(keys)] if keys else []
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches: localhost, 127.0.0.0/8, ::1."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False   # a host name may resolve anywhere
+
+
+class InsecureBind(ValueError):
+    """The server would take unauthenticated calls from other machines."""
+
+
+def check_bind(settings) -> None:
+    """Refuse to serve without API keys on a non-loopback address, unless explicitly allowed."""
+    if settings.api_key_tenants() or settings.allow_unauthenticated or is_loopback(settings.host):
+        return
+    raise InsecureBind(
+        f"refusing to serve without authentication on RAZOR_HOST={settings.host!r}, which other machines can "
+        "reach: set API keys (RAZOR_API_KEYS=tenant:key,... or RAZOR_API_KEYS_FILE or RAZOR_AUTH_TOKEN), or bind "
+        "127.0.0.1, or set RAZOR_ALLOW_UNAUTHENTICATED=true if something in front of the service authenticates")
 
 
 def server_credentials(settings) -> grpc.ServerCredentials | None:

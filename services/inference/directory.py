@@ -174,11 +174,15 @@ class SessionDirectory:
         if kind == "lost":
             raise SessionLost(f"session {sid} cannot be continued: {rest[0]}")
         if kind == "model":
-            raise SessionModelMismatch(
-                f"session {sid} was made under another model or dtype ({rest[0]}, {rest[1]}) and this service runs "
-                f"{self.fingerprint_id} in {self.dtype}; continue it on a service running that model and "
-                "RAZOR_DTYPE, or start a new session")
+            raise SessionModelMismatch(self._mismatch(sid, model=rest[0], dtype=rest[1]))
         raise SessionNotFound(not_found_message(sid, expired=kind == "expired"))
+
+    def _mismatch(self, sid: str, model: str, dtype: str) -> str:
+        if model != self.fingerprint_id:
+            return (f"session {sid} was made under another model (fingerprint {model}) and this service runs "
+                    f"{self.fingerprint_id}; continue it on a service running that model, or start a new session")
+        return (f"session {sid}: its cache was spilled in {dtype} and this service runs {self.dtype}; continue it "
+                f"on a service with RAZOR_DTYPE={dtype}, or start a new session")
 
     def fenced(self, sid: str, gen: int, mode: str, fields: dict | None = None,
                blob: tuple[bytes, list[bytes]] | None = None, tenant: str = "", created_at: float = 0.0) -> bool:

@@ -168,6 +168,7 @@ class RazorServer:
     """A started-or-startable grpc.Server and the runtime behind it."""
 
     def __init__(self, settings: Settings, runtime: Runtime, jobs=None, head_map_store=None):
+        auth.check_bind(settings)
         self.settings, self.runtime = settings, runtime
         interceptors = [*auth.server_interceptors(settings), observability.MetricsInterceptor()]
         self._metrics_http = None
@@ -242,6 +243,7 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
                  jobs=_AUTO, head_map_store=_AUTO) -> RazorServer:
     """Everything but start(). Tests pass a loaded model and head maps to skip loading/profiling,
     and ``jobs=None`` / ``head_map_store=None`` to run without the profiling worker."""
+    auth.check_bind(settings)   # before the slow part: an open port without keys never starts
     loaded = loaded or load_model(settings.model or None, device=settings.device,
                                  threads=settings.torch_threads, dtype=settings.dtype)
     auto_jobs, auto_store = _profiling(settings, redis.Redis.from_url(settings.redis_dsn()))
@@ -269,7 +271,11 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
 def main() -> None:
     settings = get_settings()
     observability.setup_logging(settings)   # the metrics endpoint starts with the server
-    server = build_server(settings).start()
+    try:
+        server = build_server(settings).start()
+    except auth.InsecureBind as exc:
+        log.error("%s", exc)
+        raise SystemExit(f"razorserve: {exc}") from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop, daemon=True).start())
     server.wait()

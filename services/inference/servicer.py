@@ -23,6 +23,7 @@ from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 from services.engine import SamplingParams  # noqa: E402
 
+from .auth import tenant_of
 from .errors import (BudgetExhausted, Cancelled, NotConfigured, SessionBusy, SessionLost, SessionModelMismatch,
                      SessionNotFound, ShuttingDown, StoreUnavailable)
 from .profile_jobs import BrokerUnavailable
@@ -159,11 +160,6 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
         if self.jobs is None:
             raise NotConfigured("profiling worker not configured")
         return self.jobs
-
-
-def tenant_of(context) -> str:
-    """The caller's tenant: "" until API keys name tenants (the tenants change replaces this)."""
-    return ""
 
 
 # ---- proto -> domain --------------------------------------------------------------------------

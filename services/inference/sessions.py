@@ -174,7 +174,10 @@ class SessionStore:
 
     def delete(self, sid: str, tenant: str = "") -> bool:
         """Delete a session wherever it lives (its owner hands it over first); False when there was none."""
-        entry = self._mark_busy(sid, tenant)
+        try:
+            entry = self._mark_busy(sid, tenant)
+        except SessionNotFound:   # another tenant's: as if there were none
+            return False
         try:
             found = self._with_handover(sid, lambda: self.directory.delete(sid, tenant))
         except BaseException:
@@ -512,6 +515,8 @@ class SessionStore:
             state, meta = self.copies.read_state(sid)
             if meta.get("gen") != spill_gen:
                 raise Refused(SessionLost, f"its spill is from generation {meta.get('gen')}, Redis names {spill_gen}")
+            if meta.get("tenant") != self._tenant_of(sid):
+                raise Refused(SessionLost, "its spilled copy names another tenant than Redis's record")
         except Refused as refused:
             self.mark_lost(sid, refused.reason)
             raise refused.error(f"session {sid} cannot be continued: {refused.reason}") from refused
