@@ -48,7 +48,7 @@ class Watcher(threading.Thread):
         store = self.runtime.store
         while not self.stop_flag.is_set():
             running = [t.request for t in list(self.runtime.scheduler.running)]
-            entries = {e.session_id: e for e in store.list()}
+            entries = {e.session_id: e for e in store.owned()}
             # Every cache on the device: resident sessions' and running turns' (a new session joins the store
             # only when its first turn ends).
             states = [store.resident_state(sid) for sid in entries] + [r.state for r in running]

@@ -75,7 +75,7 @@ return {'ok', gen, m[5]}
 
 # ARGV: me, gen, lease_ms, session_ttl_s, mode, n_fields, field, value, ..., [header, chunk0, chunk1, ...]
 # mode: renew | begin (a turn starts: the spill is stale from now) | note (summary only) | save | save_release |
-#       release (hand over a session whose spill is current)
+#       release (hand over a session whose spill holds exactly its state: a turn that never ran leaves it current)
 _FENCED = _HOLDS + """
 local mode, n = ARGV[5], tonumber(ARGV[6])
 for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[7 + 2 * i], ARGV[8 + 2 * i]) end
@@ -87,6 +87,8 @@ if mode == 'save' or mode == 'save_release' then
   redis.call('HSET', KEYS[1], 'spill_gen', ARGV[2], 'dirty', 0)
 elseif mode == 'begin' then
   redis.call('HSET', KEYS[1], 'dirty', ARGV[2])
+elseif mode == 'release' then
+  redis.call('HSET', KEYS[1], 'dirty', 0)
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])

@@ -86,7 +86,7 @@ def wire_metrics(metrics, runtime: Runtime) -> None:
     metrics.spilled_sessions.set_function(lambda: store.usage()[2])
     metrics.resident_kv_bytes.set_function(lambda: store.usage()[0])
     metrics.kv_bytes_saved.set_function(
-        lambda: sum(e.full_nbytes - e.stored_nbytes for e in store.list() if e.location == "device"))
+        lambda: sum(e.full_nbytes - e.stored_nbytes for e in store.owned() if e.location == "device"))
 
 
 class CountedJobs:

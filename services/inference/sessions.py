@@ -172,6 +172,11 @@ class SessionStore:
             local = {e.session_id: e.snapshot() for e in self._entries.values() if e.gen}
         return [local.get(d["session_id"]) or _entry_from_meta(d) for d in described], more
 
+    def owned(self) -> list[SessionEntry]:
+        """Snapshots of the sessions this replica owns (metrics, tests)."""
+        with self._mu:
+            return [e.snapshot() for e in self._entries.values() if e.gen]
+
     def delete(self, sid: str, tenant: str = "") -> bool:
         """Delete a session wherever it lives (its owner hands it over first); False when there was none."""
         try:
