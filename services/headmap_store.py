@@ -8,6 +8,8 @@ Keys (one model fingerprint ``fp``, one content-hash ``version``):
     razor:headmaps:{fp}:info              hash version -> {"created_at", "kv_fraction"} as JSON
     razor:headmaps:{fp}:active            the active version
     razor:headmaps:{fp}:params:{digest}   version produced by one set of profiling parameters
+    razor:headmaps:{fp}:refused           hash version -> {"reason", "at"} as JSON: active pointers a
+                                          service could not load (cleared when one later loads)
 
 Activation publishes ``{"fingerprint": fp, "version": v}`` on channel ``razor:headmaps``.
 Only JSON and raw PNG bytes are stored; nothing is ever pickled. Every map read back is validated
@@ -27,6 +29,15 @@ from services.engine import (CalibrationParams, CompressionParams, HeadMap, Head
 
 CHANNEL = "razor:headmaps"
 CALIBRATION_TARGETS = ("max_accuracy_drop", "max_kl")   # the CalibrationParams a job may set
+# Upper bounds of the profiling sizes a job may ask for: profiling cost grows with each (and with the
+# square of seq_len x repeats), so one request must not occupy a worker for hours or exhaust its memory.
+PROFILE_LIMITS = {"seq_len": 8192, "repeats": 16, "n_samples": 32}
+MAX_PROFILE_TOKENS = 32768   # seq_len x repeats: the longest sequence one profiling forward pass sees
+MAX_SEED = 2**63 - 1
+
+
+class InvalidProfileParams(ValueError):
+    """A profiling job's parameters are unknown, of the wrong type, out of range or over a bound."""
 
 
 def parse_profile_params(params: dict, compression: CompressionParams | None = None
@@ -35,19 +46,20 @@ def parse_profile_params(params: dict, compression: CompressionParams | None = N
     targets.
 
     Keys are the fields of `ProfileParams` and `CompressionParams` plus `CALIBRATION_TARGETS`; absent ones keep
-    their defaults (`compression` gives the compression defaults). ValueError names an unknown key or a bad
-    value."""
+    their defaults (`compression` gives the compression defaults). InvalidProfileParams (a ValueError) names an
+    unknown key, a bad value or a size over its bound."""
     if not isinstance(params, dict):
-        raise ValueError(f"profiling parameters must be a mapping, got {type(params).__name__}")
+        raise InvalidProfileParams(f"profiling parameters must be a mapping, got {type(params).__name__}")
     profile_keys = {f.name for f in fields(ProfileParams)}
     compression_keys = {f.name for f in fields(CompressionParams)}
     known = profile_keys | compression_keys | set(CALIBRATION_TARGETS)
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(f"unknown profiling parameter(s) {unknown}; known: {sorted(known)}")
+        raise InvalidProfileParams(f"unknown profiling parameter(s) {unknown}; known: {sorted(known)}")
     for key, value in params.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"profiling parameter {key} must be a number, got {value!r}")
+            raise InvalidProfileParams(f"profiling parameter {key} must be a number, got {value!r}")
+    _check_limits(params)
     base = asdict(compression or CompressionParams())
     targets = {k: float(v) for k, v in params.items() if k in CALIBRATION_TARGETS}
     try:
@@ -56,7 +68,23 @@ def parse_profile_params(params: dict, compression: CompressionParams | None = N
                 CompressionParams(**{**base, **{k: v for k, v in params.items() if k in compression_keys}}),
                 targets)
     except TypeError as e:
-        raise ValueError(f"bad profiling parameters: {e}") from None
+        raise InvalidProfileParams(f"bad profiling parameters: {e}") from None
+    except ValueError as e:   # a dataclass's own range check; its message names the field
+        raise InvalidProfileParams(str(e)) from None
+
+
+def _check_limits(params: dict) -> None:
+    """InvalidProfileParams naming the first size over its bound (see PROFILE_LIMITS)."""
+    for key, limit in PROFILE_LIMITS.items():
+        if key in params and params[key] > limit:
+            raise InvalidProfileParams(f"{key} must be at most {limit}, got {params[key]}")
+    defaults = ProfileParams()
+    seq_len, repeats = params.get("seq_len", defaults.seq_len), params.get("repeats", defaults.repeats)
+    if seq_len * repeats > MAX_PROFILE_TOKENS:
+        raise InvalidProfileParams(f"seq_len x repeats must be at most {MAX_PROFILE_TOKENS} tokens, got "
+                                   f"{seq_len} x {repeats}; lower one of them")
+    if not 0 <= params.get("seed", 0) <= MAX_SEED:
+        raise InvalidProfileParams(f"seed must be within 0..{MAX_SEED}, got {params['seed']}")
 
 
 def params_digest(profile: ProfileParams, compression: CompressionParams, calibrate: bool,
@@ -90,6 +118,23 @@ def _active_key(fingerprint_id: str) -> str:
 
 def _params_key(fingerprint_id: str, params_digest: str) -> str:
     return f"razor:headmaps:{fingerprint_id}:params:{params_digest}"
+
+
+def _refused_key(fingerprint_id: str) -> str:
+    return f"razor:headmaps:{fingerprint_id}:refused"
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _info(raw) -> dict:
+    """A version's info note; an unreadable one reads as empty (it only decorates the listing)."""
+    try:
+        info = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _fp_id(fingerprint: ModelFingerprint | str) -> str:
@@ -170,15 +215,52 @@ class HeadMapStore:
         v = v.decode() if isinstance(v, bytes) else v
         return v if self.client.exists(map_key(fp, v)) else None
 
+    def versions_newest_first(self, fingerprint: ModelFingerprint | str) -> list[str]:
+        """Published versions, the most recently published first."""
+        return [_text(v) for v in self.client.zrevrange(_versions_key(_fp_id(fingerprint)), 0, -1)]
+
+    # --- refused active pointers (written by services that could not load them) ----------------
+    def record_refusal(self, fingerprint: ModelFingerprint | str, version: str, reason: str) -> None:
+        """Remember that `version` was named active but could not be loaded, and why."""
+        note = json.dumps({"reason": reason, "at": time.time()})
+        self.client.hset(_refused_key(_fp_id(fingerprint)), version, note)
+
+    def clear_refusal(self, fingerprint: ModelFingerprint | str, version: str) -> None:
+        self.client.hdel(_refused_key(_fp_id(fingerprint)), version)
+
+    def refusals(self, fingerprint: ModelFingerprint | str) -> dict[str, dict]:
+        """version -> {"reason", "at"} for every refusal recorded (malformed notes read as no reason)."""
+        out = {}
+        for version, raw in self.client.hgetall(_refused_key(_fp_id(fingerprint))).items():
+            try:
+                note = json.loads(raw)
+            except ValueError:
+                note = None
+            out[_text(version)] = note if isinstance(note, dict) else {"reason": "unreadable refusal note"}
+        return out
+
     def list_versions(self, fingerprint: ModelFingerprint | str) -> list[dict]:
-        """Published versions, oldest first: {version, created_at, active, kv_fraction}."""
+        """Published versions, oldest first, then refused versions never published:
+        {version, created_at, active, kv_fraction, refused, refused_reason}.
+
+        The active pointer's map is loaded to report it: one that fails (or that a service recorded as
+        refused) is listed refused with the reason, and no version is then reported active."""
         fp = _fp_id(fingerprint)
+        refused = {v: str(note.get("reason", "")) for v, note in self.refusals(fp).items()}
         active = self.active_version(fp)
-        versions = [v.decode() if isinstance(v, bytes) else v for v in self.client.zrange(_versions_key(fp), 0, -1)]
+        if active is not None and active not in refused:
+            try:
+                self.get(fingerprint, active)
+            except (HeadMapError, KeyError) as e:
+                refused[active] = str(e.args[0] if isinstance(e, KeyError) else e)
+        versions = [_text(v) for v in self.client.zrange(_versions_key(fp), 0, -1)]
         infos = self.client.hmget(_info_key(fp), versions) if versions else []
-        rows = []
-        for version, raw in zip(versions, infos):
-            info = json.loads(raw) if raw else {}
-            rows.append({"version": version, "created_at": info.get("created_at", 0.0),
-                         "active": version == active, "kv_fraction": info.get("kv_fraction")})
+        rows = [self._row(v, _info(raw), active, refused) for v, raw in zip(versions, infos)]
+        rows += [self._row(v, {}, active, refused) for v in refused if v not in set(versions)]
         return rows
+
+    @staticmethod
+    def _row(version: str, info: dict, active: str | None, refused: dict[str, str]) -> dict:
+        return {"version": version, "created_at": info.get("created_at", 0.0),
+                "active": version == active and version not in refused, "kv_fraction": info.get("kv_fraction"),
+                "refused": version in refused, "refused_reason": refused.get(version, "")}

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     profile_heartbeat_s: float = Field(5.0, gt=0, description="how often a running profiling job reports it is alive")
     profile_visibility_timeout_s: int = Field(
         0, ge=0, description="seconds before the broker redelivers a job whose worker died (0 = time limit + 300)")
+    profile_lease_s: float = Field(
+        30.0, gt=0, description="a running job without a heartbeat for this long is re-queued by a live worker")
+    profile_models_dir: str = Field("", description="directory of models a profiling job may name (relative names)")
+    profile_allowed_models: str = Field("", description="comma-separated model refs a profiling job may name verbatim")
 
     @field_validator("log_level")
     @classmethod
@@ -139,6 +143,14 @@ class Settings(BaseSettings):
     def api_key_tenants(self) -> dict[str, str]:
         """API key -> tenant name; empty when auth is off."""
         return dict(self._tenant_of_key)
+
+    @model_validator(mode="after")
+    def _lease_room(self) -> "Settings":
+        if self.profile_lease_s < 2 * self.profile_heartbeat_s:
+            raise ValueError(f"RAZOR_PROFILE_LEASE_S ({self.profile_lease_s}) must be at least twice "
+                             f"RAZOR_PROFILE_HEARTBEAT_S ({self.profile_heartbeat_s}): one late heartbeat "
+                             f"must not make a live job look dead")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import pytest
 import redis
 
 from conftest import RedisServer, announce_raw
 from services.engine import CompressionParams, HeadMap, HeadMapError, ModelFingerprint
-from services.headmap_store import CHANNEL, HeadMapStore, map_key, params_digest, parse_profile_params
+from services.engine.headmap import SHIPPED_DIR
+from services.headmap_store import (CHANNEL, HeadMapStore, InvalidProfileParams, map_key, params_digest,
+                                    parse_profile_params)
 from services.inference.headmaps import HeadMapRegistry
 
 FP = ModelFingerprint("llama", 4, 4, 2, 16, "a" * 64)
@@ -95,10 +99,21 @@ def test_params_digest_and_lookup(store):
     ({"ratio": 0.5}, "ratio"),
     ({"max_kl": 0}, "max_kl"),
     ({"max_accuracy_drop": 1.5}, "max_accuracy_drop"),
+    ({"seq_len": 8193}, "seq_len must be at most 8192"),
+    ({"repeats": 17}, "repeats must be at most 16"),
+    ({"n_samples": 33}, "n_samples must be at most 32"),
+    ({"seq_len": 4096, "repeats": 9}, r"seq_len x repeats must be at most 32768"),
+    ({"seq_len": 8192, "repeats": 5}, r"got 8192 x 5"),
+    ({"seed": -1}, "seed must be within"),
 ])
 def test_bad_profile_params_are_value_errors(params, words):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(InvalidProfileParams, match=words):
         parse_profile_params(params)
+
+
+def test_profile_sizes_at_their_bounds_are_accepted():
+    pp, _, _ = parse_profile_params({"seq_len": 2048, "repeats": 16, "n_samples": 32})
+    assert (pp.seq_len, pp.repeats, pp.n_samples) == (2048, 16, 32)
 
 
 # --- registry ---------------------------------------------------------------------------------
@@ -137,6 +152,8 @@ def test_registry_refuses_bad_map_and_keeps_the_old(store, registry, corrupt):
     announce_raw(store.client, FP.id, version)    # ... a raw writer announces it anyway
     assert registry.wait_processed(version).startswith("rejected")
     assert registry.active.version == good
+    row = {r["version"]: r for r in store.list_versions(FP)}[version]   # reported, with the reason
+    assert row["refused"] and not row["active"] and row["refused_reason"] == registry.refused[version]
 
 
 def test_registry_ignores_other_models_and_junk_notifications(store, registry):
@@ -171,3 +188,103 @@ def test_registry_reconnects_after_redis_restart():
             reg.stop()
     finally:
         server.stop()
+
+
+# --- a refused active pointer falls back, never to no compression ---------------------------------
+def _bad_pointer(store: HeadMapStore, kind: str) -> str:
+    """Point the active pointer at a version that cannot be loaded; returns that version."""
+    version = f"bad-{kind}"
+    if kind == "corrupt json":
+        store.client.set(map_key(FP.id, version), "{{{")
+    elif kind == "other model":
+        store.client.set(map_key(FP.id, version), make_map(OTHER_FP).to_json())
+    elif kind == "wrong shapes":
+        doc = json.loads(make_map().to_json())
+        doc["retrieval_kv_heads"] = doc["retrieval_kv_heads"][:-1]
+        store.client.set(map_key(FP.id, version), json.dumps(doc))
+    store.client.set(f"razor:headmaps:{FP.id}:active", version)   # "missing": named, never stored
+    return version
+
+
+@pytest.mark.parametrize("kind, reason", [("missing", "no head map version"), ("corrupt json", "not valid JSON"),
+                                          ("other model", "is for model"), ("wrong shapes", "one list per layer")])
+def test_bad_pointer_at_start_falls_back_to_the_newest_valid_map(store, kind, reason, caplog):
+    older = store.publish(make_map(kept=2), None)
+    newest = store.publish(make_map(kept=1), None)
+    store.client.zadd(f"razor:headmaps:{FP.id}:versions", {older: 1.0, newest: 2.0})   # publication order
+    bad = _bad_pointer(store, kind)
+    with caplog.at_level(logging.ERROR, logger="services.inference.headmaps"):
+        reg = HeadMapRegistry(store, FP, initial=None).start()
+    try:
+        assert reg.active.version == newest and reg.active.kv_fraction == 0.5   # still compressing
+        assert reason in reg.refused[bad]
+    finally:
+        reg.stop()
+    logged = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert logged and reason in logged[0] and newest in logged[0], logged
+    rows = {r["version"]: r for r in store.list_versions(FP)}
+    assert rows[bad]["refused"] and reason in rows[bad]["refused_reason"]
+    assert not any(r["active"] for r in rows.values()), "a refused pointer is never reported active"
+
+
+def test_bad_pointer_without_valid_maps_in_redis_uses_the_configured_map(store):
+    bad = _bad_pointer(store, "corrupt json")
+    configured = make_map(kept=1)
+    reg = HeadMapRegistry(store, FP, initial=configured).start()
+    try:
+        assert reg.active.version == configured.version and bad in reg.refused
+    finally:
+        reg.stop()
+
+
+def test_bad_pointer_falls_back_to_the_shipped_map(store):
+    shipped = HeadMap.from_json(next(SHIPPED_DIR.glob("*.headmap.json")).read_text())
+    fp = shipped.fingerprint
+    store.client.set(map_key(fp.id, "garbage"), "not json")
+    store.client.set(f"razor:headmaps:{fp.id}:active", "garbage")
+    reg = HeadMapRegistry(store, fp, fallback=lambda: pytest.fail("the shipped map comes first")).start()
+    try:
+        assert reg.active.version == shipped.version and reg.active.kv_fraction < 1.0
+    finally:
+        reg.stop()
+    assert {r["version"]: r["refused"] for r in store.list_versions(fp)} == {"garbage": True}
+
+
+def test_bad_pointer_with_nothing_shipped_uses_the_fallback_then_says_compression_is_off(store, caplog):
+    _bad_pointer(store, "missing")
+    profiled = make_map(kept=1)
+    reg = HeadMapRegistry(store, FP, fallback=lambda: profiled).start()
+    try:
+        assert reg.active.version == profiled.version
+    finally:
+        reg.stop()
+    with caplog.at_level(logging.ERROR, logger="services.inference.headmaps"):
+        bare = HeadMapRegistry(store, FP).start()
+        bare.stop()
+    assert bare.active.kv_fraction == 1.0
+    assert any("COMPRESSION IS OFF" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refusal_is_cleared_once_the_version_loads(store, registry):
+    version = make_map(kept=1).version
+    announce_raw(store.client, FP.id, version)   # named before it was published
+    assert registry.wait_processed(version).startswith("rejected: no head map version")
+    assert {r["version"]: r["refused"] for r in store.list_versions(FP)}[version]
+    store.publish(make_map(kept=1), None)
+    store.activate(FP, version)
+    deadline = time.monotonic() + 30
+    while registry.wait_processed(version) != "activated" and time.monotonic() < deadline:
+        time.sleep(0.05)   # the earlier outcome stays until the new notification is handled
+    assert registry.active.version == version
+    row = {r["version"]: r for r in store.list_versions(FP)}[version]
+    assert row["active"] and not row["refused"] and version not in registry.refused
+
+
+def test_listing_checks_the_active_pointer_even_when_no_service_refused_it(store):
+    good = store.publish(make_map(kept=1), None)
+    store.activate(FP, good)
+    assert [r["active"] for r in store.list_versions(FP)] == [True]
+    bad = _bad_pointer(store, "other model")
+    rows = {r["version"]: r for r in store.list_versions(FP)}
+    assert rows[bad]["refused"] and "is for model" in rows[bad]["refused_reason"]
+    assert not rows[good]["active"] and not rows[bad]["active"]

@@ -153,7 +153,10 @@ def test_bad_maps_are_refused_and_the_active_map_stays(service, store, tiny_load
             assert client.server_info().head_map.version == active, "the previous map stays active"
         session = client.generate(prompt="Hello there", max_new_tokens=2)
         assert client.get_session(session.session_id).head_map_version == active
-        assert not set(bad) & {v.version for v in client.list_head_maps()}
+        listed = {v.version: v for v in client.list_head_maps()}
+    for version, (_, reason) in bad.items():   # reported refused, with why, never active
+        assert listed[version].refused and not listed[version].active, listed[version]
+        assert reason in listed[version].refused_reason
 
 
 def test_invalid_profile_params_are_refused_before_queueing(service, url):
@@ -164,7 +167,10 @@ def test_invalid_profile_params_are_refused_before_queueing(service, url):
         for params, hint in (({"induction_fraction": 2.0}, "induction_fraction"), ({"seq_len": 0}, "seq_len"),
                              ({"echo_fraction": -0.1}, "echo_fraction"), ({"repeats": 1}, "repeats"),
                              ({"max_kl": -1.0}, "max_kl"),
-                             ({"max_kl": 0.5, "calibrate": False}, "calibration targets")):
+                             ({"max_kl": 0.5, "calibrate": False}, "calibration targets"),
+                             ({"seq_len": 100000}, "seq_len must be at most"),
+                             ({"repeats": 1000}, "repeats must be at most"),
+                             ({"n_samples": 1000}, "n_samples must be at most")):
             error = rpc_error(lambda: client.profile_model("tiny-random", **params))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and hint in error.details(), error.details()
     assert (r.llen("profiling"), len(r.keys("razor:profile:job:*"))) == (queued, records)
@@ -183,3 +189,17 @@ def test_broker_down_makes_profile_model_unavailable(tiny_loaded, tiny_head_map,
     finally:
         server.stop(0)
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "cannot reach Redis" in error.details()
+
+
+def test_model_refs_outside_the_deployment_are_refused_before_queueing(service, url):
+    server, _ = service
+    r = redis.Redis.from_url(url)
+    queued, records = r.llen("profiling"), len(r.keys("razor:profile:job:*"))
+    details = set()
+    with RazorClient(server.target) as client:
+        for ref in ("/etc/passwd", "/no/such/model", "../../etc", "llama-3b"):   # exists or not: one answer
+            error = rpc_error(lambda: client.profile_model(ref, **FAST))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            details.add(error.details())
+    assert len(details) == 1 and "RAZOR_PROFILE_ALLOWED_MODELS" in details.pop()
+    assert (r.llen("profiling"), len(r.keys("razor:profile:job:*"))) == (queued, records)

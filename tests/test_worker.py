@@ -22,7 +22,9 @@ from conftest import flushed_db
 from services.engine import load_model
 from services.headmap_store import HeadMapStore
 from services.inference.headmaps import HeadMapRegistry
-from services.inference.profile_jobs import TASK_NAME, BrokerUnavailable, ProfileJobs
+from services.headmap_store import InvalidProfileParams
+from services.inference.profile_jobs import TASK_NAME, WORKERS_KEY, BrokerUnavailable, ProfileJobs
+from services.model_refs import ModelRefPolicy, ModelRefRefused
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"seq_len": 32, "repeats": 2, "n_samples": 2}
@@ -31,14 +33,17 @@ JOB_DEADLINE_S = 240   # generous: only a hung job gets near it on a busy 2-core
 
 
 def start_worker(url: str, pool: str = "prefork", **env) -> subprocess.Popen:
-    environ = dict(os.environ, REDIS_URL=url, RAZOR_PROFILE_HEARTBEAT_S="0.5", RAZOR_PROFILE_MAX_RETRIES="2",
-                   RAZOR_LOG_JSON="false", PYTHONPATH=str(ROOT), **env)
+    environ = dict(os.environ, REDIS_URL=url, RAZOR_PROFILE_HEARTBEAT_S="0.5", RAZOR_PROFILE_LEASE_S="3",
+                   RAZOR_PROFILE_MAX_RETRIES="2", RAZOR_LOG_JSON="false", PYTHONPATH=str(ROOT), **env)
+    name = f"test-{pool}-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "profiling",
            f"--pool={pool}", "-c", "1", "--loglevel=INFO", "--without-heartbeat", "--without-gossip",
-           "--without-mingle", "-n", f"test-{pool}-{time.monotonic_ns()}@%h"]
+           "--without-mingle", "-n", f"{name}@%h"]
     log = open(os.environ.get("RAZOR_TEST_WORKER_LOG", os.devnull), "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=log,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=log, stderr=log,
+                            start_new_session=True)   # its own process group: kill -9 takes the whole worker
+    proc.worker_name = name   # before the '@host' celery appends
+    return proc
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
@@ -69,15 +74,24 @@ def url(redis_url) -> str:
 
 
 @pytest.fixture(scope="module")
-def worker(url):
-    proc = start_worker(url)
+def models_dir(tmp_path_factory) -> Path:
+    """RAZOR_PROFILE_MODELS_DIR of this module's worker: an empty directory and a junk .gguf file."""
+    root = tmp_path_factory.mktemp("models")
+    (root / "empty").mkdir()
+    (root / "junk.gguf").write_bytes(b"not a gguf file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def worker(url, models_dir):
+    proc = start_worker(url, RAZOR_PROFILE_MODELS_DIR=str(models_dir))
     yield proc
     stop_worker(proc)
 
 
 @pytest.fixture(scope="module")
-def jobs(url) -> ProfileJobs:
-    return ProfileJobs(url, stale_after_s=3.0)
+def jobs(url, models_dir) -> ProfileJobs:
+    return ProfileJobs(url, stale_after_s=3.0, models=ModelRefPolicy(models_dir=str(models_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +129,8 @@ class StateRecorder:
 
 def test_service_and_worker_agree_on_the_task_name():
     from worker.app import QUEUE, TASK_NAME as WORKER_TASK
-    assert WORKER_TASK == TASK_NAME and QUEUE == "profiling"
+    from worker.watchdog import WORKERS_KEY as WORKER_WORKERS_KEY
+    assert WORKER_TASK == TASK_NAME and QUEUE == "profiling" and WORKER_WORKERS_KEY == WORKERS_KEY
 
 
 def test_job_succeeds_with_progress_and_registry_hot_loads(worker, jobs, store, tiny, url):
@@ -151,20 +166,52 @@ def test_same_model_and_params_twice_gives_one_version(worker, jobs, store, tiny
     assert store.list_versions(tiny.fingerprint) == before
 
 
-def test_unknown_model_fails_clearly_and_worker_keeps_serving(worker, jobs):
-    bad = wait_for(jobs, jobs.submit("/no/such/model", FAST), finished)
-    assert bad["state"] == "failed"
-    assert "/no/such/model" in bad["error"]
+def test_model_refs_outside_the_deployment_are_refused_at_submit(jobs, url):
+    queued = redis.Redis.from_url(url).llen("profiling")
+    messages = set()
+    for ref in ("/no/such/model", "/etc/passwd", "../models/x", "~/x"):
+        with pytest.raises(ModelRefRefused) as refused:
+            jobs.submit(ref, FAST)
+        messages.add(str(refused.value))
+    assert len(messages) == 1, "the refusal must not depend on what the path is or whether it exists"
+    assert "RAZOR_PROFILE_MODELS_DIR" in messages.pop()
+    assert redis.Redis.from_url(url).llen("profiling") == queued
+
+
+def test_unloadable_models_fail_alike_and_worker_keeps_serving(worker, jobs, models_dir):
+    errors = {}
+    for name in ("missing", "empty", "junk.gguf"):   # absent, a directory, a file: told apart by nothing
+        status = wait_for(jobs, jobs.submit(name, FAST), finished)
+        assert status["state"] == "failed", status
+        errors[name] = status["error"].replace(repr(name), "NAME")
+    assert len(set(errors.values())) == 1, errors
+    assert "could not be loaded" in errors["missing"] and str(models_dir) not in errors["missing"]
     good = wait_for(jobs, jobs.submit("tiny-random", dict(FAST, seed=3)), finished)
     assert good["state"] == "succeeded", good
 
 
+def test_worker_checks_model_refs_again(worker, url):
+    # A client whose policy allows more than the worker's (or a message put on the queue by hand).
+    lax = ProfileJobs(url, stale_after_s=3.0, models=ModelRefPolicy(allowed=("/etc/passwd",)))
+    status = wait_for(lax, lax.submit("/etc/passwd", FAST), finished)
+    assert status["state"] == "failed" and "not a model this deployment may profile" in status["error"]
+
+
 def test_invalid_params_are_refused_before_queueing(jobs, url):
     queued = redis.Redis.from_url(url).llen("profiling")
-    for params in ({"induction_fraction": 2.0}, {"seq_len": 0}, {"nonsense": 1}):
-        with pytest.raises(ValueError):
+    for params in ({"induction_fraction": 2.0}, {"seq_len": 0}, {"nonsense": 1}, {"seq_len": 10**6},
+                   {"repeats": 10**3}, {"n_samples": 10**3}):
+        with pytest.raises(InvalidProfileParams):
             jobs.submit("tiny-random", params)
     assert redis.Redis.from_url(url).llen("profiling") == queued
+
+
+def test_live_workers_announce_themselves(worker, jobs, url):
+    deadline = time.monotonic() + 60
+    while jobs.workers_alive() < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    names = [n.decode() for n in redis.Redis.from_url(url).zrange(WORKERS_KEY, 0, -1)]
+    assert any(n.startswith(worker.worker_name + "@") for n in names), names
 
 
 def test_unknown_job_id_is_a_key_error(jobs):
@@ -223,3 +270,12 @@ def test_service_and_worker_never_import_each_other():
     for path in (ROOT / "services" / "inference").glob("*.py"):
         assert not any(m == "worker" or m.startswith("worker.") for m in imports(path)), path
     assert not any(m.startswith(("services.inference", "worker")) for m in imports(ROOT / "services/headmap_store.py"))
+
+
+def test_a_lease_shorter_than_two_heartbeats_is_refused_at_start():
+    from pydantic import ValidationError
+
+    from services.settings import Settings
+    with pytest.raises(ValidationError, match="RAZOR_PROFILE_LEASE_S"):
+        Settings(profile_heartbeat_s=20.0)   # the default 30 s lease would expire between two beats
+    assert Settings(profile_heartbeat_s=15.0).profile_lease_s == 30.0

@@ -7,13 +7,18 @@
   whole worker leaves the message unacked and Redis redelivers it after the visibility timeout,
   which is longer than the hard time limit so a live job is never run twice at once.
 - While a job runs it refreshes a heartbeat in its progress meta, so readers can tell a running job
-  from one whose worker died (see ``services/inference/profile_jobs.py``).
+  from one whose worker died (see ``services/inference/profile_jobs.py``), and renews its lease; every
+  worker's watchdog re-queues a job whose lease lapsed within ``profile_lease_s`` + ``profile_heartbeat_s``
+  when the whole worker died, long before the visibility timeout (see ``worker/watchdog.py``).
 """
 from __future__ import annotations
 
+import redis
 from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
 
 from services.settings import Settings, get_settings
+from worker.watchdog import Watchdog
 
 QUEUE = "profiling"
 TASK_NAME = "razor.profile_model"   # the service sends it by this name, never importing the worker
@@ -49,4 +54,27 @@ def make_app(settings: Settings | None = None) -> Celery:
     return app
 
 
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_dsn(), socket_connect_timeout=2, socket_timeout=10)
+
+
 app = make_app()
+_watchdogs: list[Watchdog] = []
+
+
+@worker_ready.connect
+def _start_watchdog(sender, **_) -> None:
+    """In the worker's main process: announce it and re-queue jobs whose worker died."""
+    settings = get_settings()
+
+    def resend(job_id: str, args: list, kwargs: dict) -> None:
+        app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=job_id, queue=QUEUE)
+
+    _watchdogs.append(Watchdog(redis_client(settings), sender.hostname, settings.profile_heartbeat_s,
+                               resend).start())
+
+
+@worker_shutdown.connect
+def _stop_watchdog(**_) -> None:
+    while _watchdogs:
+        _watchdogs.pop().stop()

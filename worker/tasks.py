@@ -5,7 +5,10 @@ Job-state shape (read by the service through the result backend):
   on success:    {head_map_version, fingerprint, kv_fraction, reused, timings}
   on failure:    the exception (type + message), e.g. a model that cannot be loaded.
 The heartbeat is refreshed every `profile_heartbeat_s` by a thread, so a reader can tell a running job
-from one whose worker died.
+from one whose worker died; the same thread renews the job's lease (worker/watchdog.py), whose lapse makes
+a live worker re-queue the job. `model_ref` is checked again here (`ModelRefPolicy`: a message put on the
+queue by hand gets no further) and a model that cannot be loaded fails with a message that does not say
+whether its path exists or what it is; the details go to the worker log.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 import services.engine as engine
 from services.headmap_store import HeadMapStore, params_digest, parse_profile_params
+from services.model_refs import ModelRefPolicy
 from services.settings import get_settings
-from worker.app import TASK_NAME, app
+from worker.app import TASK_NAME, app, redis_client
+from worker.watchdog import JobLease
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -31,8 +36,8 @@ settings = get_settings()
 class Heartbeat:
     """Publishes progress meta; a background thread re-sends it so the heartbeat stays fresh."""
 
-    def __init__(self, task, attempt: int, every_s: float):
-        self.task, self.every_s = task, every_s
+    def __init__(self, task, attempt: int, every_s: float, lease: JobLease | None = None):
+        self.task, self.every_s, self.lease = task, every_s, lease
         # The request is thread-local: the beat thread would see an empty one (no id, no name), so
         # this delivery's request is captured here and passed to every write.
         self.request = task.request
@@ -66,6 +71,9 @@ class Heartbeat:
             try:
                 self.task.backend.store_result(self.task_id, meta, "PROGRESS", request=self.request)
                 self._last_sent = meta["heartbeat"]
+                if self.lease is not None and not self.lease.renew():
+                    # Another delivery may run it too; the result is the same (idempotent publish).
+                    log.warning("profile job %s: lease lapsed; a watchdog may have re-queued it", self.task_id)
             except Exception as e:  # a missed beat must not kill the job; the next one may get through
                 log.warning("profile job %s: progress update failed: %s", self.task_id, e)
 
@@ -75,8 +83,12 @@ class Heartbeat:
 
 
 @functools.lru_cache(maxsize=1)   # one connection pool per (pool child) process
+def _redis() -> redis.Redis:
+    return redis_client(settings)
+
+
 def _store() -> HeadMapStore:
-    return HeadMapStore(redis.Redis.from_url(settings.redis_dsn(), socket_connect_timeout=2, socket_timeout=10))
+    return HeadMapStore(_redis())
 
 
 def _attempt(task) -> int:
@@ -90,14 +102,30 @@ def _attempt(task) -> int:
     return max(earlier, task.request.retries) + 1
 
 
+def _claim(task) -> JobLease:
+    """This delivery's lease on the job; Ignore when the job is finished or another delivery holds it."""
+    _attempt(task)   # a finished job's late redelivery is dropped before waiting for any lease
+    entry = {"args": list(task.request.args or ()), "kwargs": dict(task.request.kwargs or {}),
+             "worker": task.request.hostname or "?"}
+    lease = JobLease(_redis(), task.request.id, settings.profile_lease_s, entry)
+    if not lease.claim(wait_s=settings.profile_lease_s + settings.profile_heartbeat_s):
+        log.info("profile job %s runs under another delivery's lease; dropping this one", task.request.id)
+        raise Ignore()
+    return lease
+
+
 def _load(model_ref: str) -> engine.LoadedModel:
+    """The model `model_ref` names; a failure says what to check, never whether or what a path is."""
+    path = ModelRefPolicy.from_settings(settings).resolve(model_ref)   # ModelRefRefused: a ValueError
     try:
-        return engine.load_model(model_ref or None, settings.device, threads=settings.torch_threads,
+        return engine.load_model(path or None, settings.device, threads=settings.torch_threads,
                                  dtype=settings.dtype)
-    except engine.ModelLoadError as e:
-        raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
-    except OSError as e:
-        raise ValueError(f"cannot load model {model_ref!r}: {e}") from None
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as e:  # noqa: BLE001 - the cause (with paths) goes to the worker log only
+        log.warning("profile job: loading model %r failed: %r", model_ref, e)
+        raise ValueError(f"model {model_ref!r} could not be loaded: give a transformers checkpoint directory "
+                         f"or .gguf file the worker can read (the worker log has the details)") from None
 
 
 def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
@@ -120,7 +148,18 @@ def _png(head_map: engine.HeadMap) -> bytes | None:
 @app.task(bind=True, name=TASK_NAME, max_retries=settings.profile_max_retries,
           default_retry_delay=1)   # a lost worker's job is retried at once (task_retry_on_worker_lost)
 def profile_model(self, model_ref: str, params: dict | None = None, calibrate: bool | None = None) -> dict:
-    attempt = _attempt(self)
+    lease = _claim(self)
+    try:
+        return _profile_claimed(self, lease, model_ref, params, calibrate)
+    finally:
+        try:
+            lease.release()
+        except redis.RedisError as e:   # the lease lapses on its own; the watchdog then finds the job done
+            log.warning("profile job %s: could not release its lease: %s", self.request.id, e)
+
+
+def _profile_claimed(task, lease: JobLease, model_ref: str, params: dict | None, calibrate: bool | None) -> dict:
+    attempt = _attempt(task)   # read again: the job may have finished while this delivery waited
     if attempt > settings.profile_max_retries + 1:
         raise RuntimeError(f"profiling gave up after {attempt - 1} attempts: the worker was lost each time "
                            f"(out of memory or killed?)")
@@ -129,7 +168,7 @@ def profile_model(self, model_ref: str, params: dict | None = None, calibrate: b
     calibrate = settings.calibrate if calibrate is None else bool(calibrate)
     t0 = time.perf_counter()
     try:
-        with Heartbeat(self, attempt, settings.profile_heartbeat_s) as beat:
+        with Heartbeat(task, attempt, settings.profile_heartbeat_s, lease) as beat:
             return _run(beat, model_ref, profile_params, compression, calibrate, targets, t0)
     except SoftTimeLimitExceeded:
         raise RuntimeError(f"profiling exceeded the time limit of {settings.profile_time_limit_s}s; "

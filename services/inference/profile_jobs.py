@@ -3,9 +3,13 @@
 The task is sent by name (`razor.profile_model`) to queue `profiling`; its state is read from the
 Celery result backend as raw JSON (never unpickled, and no class named in Redis is imported).
 A job record `razor:profile:job:{id}` tells a queued job (Celery: PENDING) from an unknown id.
+`model_ref` is checked at submit against what this deployment may load (`ModelRefPolicy`), and the
+sizes against their bounds (`services.headmap_store.PROFILE_LIMITS`), before anything is queued.
+Workers announce themselves in `razor:profile:workers` (see worker/watchdog.py), so a queued job can
+say that no worker is alive to take it.
 
-    jobs = ProfileJobs(settings.redis_dsn())            # or an existing Celery app
-    job_id = jobs.submit("tiny-random", {"seq_len": 64})   # ValueError / BrokerUnavailable
+    jobs = ProfileJobs(settings.redis_dsn(), models=ModelRefPolicy.from_settings(settings))
+    job_id = jobs.submit("tiny-random", {"seq_len": 64})   # ValueError subclasses / BrokerUnavailable
     jobs.status(job_id)   # {state, done, total, stage, timings, head_map_version, error}; KeyError if unknown
 """
 from __future__ import annotations
@@ -18,13 +22,16 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from services.headmap_store import parse_profile_params
+from services.headmap_store import InvalidProfileParams, parse_profile_params
+from services.model_refs import ModelRefPolicy
+from services.settings import get_settings
 
 TASK_NAME = "razor.profile_model"   # must match worker/app.py (checked by tests/test_worker.py)
 QUEUE = "profiling"
 RECORD_TTL_S = 7 * 86400            # as long as the worker keeps results
 DEFAULT_STALE_AFTER_S = 30.0        # heartbeats older than this mean the worker running the job died
 TIMEOUT_S = 2.0                     # connect/read timeout: a dead broker answers quickly, never hangs
+WORKERS_KEY = "razor:profile:workers"   # sorted set worker name -> last seen; must match worker/watchdog.py
 
 
 class BrokerUnavailable(RuntimeError):
@@ -44,25 +51,29 @@ def _client_app(broker_url: str) -> Celery:
 
 
 class ProfileJobs:
-    def __init__(self, app_or_url: Celery | str, stale_after_s: float = DEFAULT_STALE_AFTER_S):
+    def __init__(self, app_or_url: Celery | str, stale_after_s: float = DEFAULT_STALE_AFTER_S,
+                 models: ModelRefPolicy | None = None):
+        """`models` None: the policy of this process's settings (RAZOR_MODEL, RAZOR_PROFILE_*)."""
         self.app = _client_app(app_or_url) if isinstance(app_or_url, str) else app_or_url
         url = self.app.conf.result_backend or self.app.conf.broker_url
         self.redis = redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_S, socket_timeout=TIMEOUT_S)
         self.stale_after_s = stale_after_s
+        self.models = ModelRefPolicy.from_settings(get_settings()) if models is None else models
 
     # --- submit -----------------------------------------------------------------------------
     def submit(self, model_ref: str, params: dict | None = None, calibrate: bool | None = None) -> str:
         """Validate, record and enqueue a job; returns its id at once. `calibrate` None = worker's setting.
 
-        ValueError: bad parameters (nothing is queued). BrokerUnavailable: Redis cannot be reached."""
+        ModelRefRefused / InvalidProfileParams (ValueErrors): nothing is queued; the message says what to fix.
+        BrokerUnavailable: Redis cannot be reached."""
         params = dict(params or {})
-        if not isinstance(model_ref, str):
-            raise ValueError("model reference must be a string (empty = the embedded SmolLM2)")
-        targets = parse_profile_params(params)[2]   # raises ValueError with what to fix
+        self.models.check(model_ref)
+        targets = parse_profile_params(params)[2]
         if targets and calibrate is False:
-            raise ValueError(f"{sorted(targets)} are calibration targets; drop them or set calibrate=true")
+            raise InvalidProfileParams(f"{sorted(targets)} are calibration targets; drop them or set calibrate=true")
         job_id = uuid.uuid4().hex
-        record = {"model_ref": model_ref, "params": json.dumps(params), "submitted_at": time.time()}
+        record = {"model_ref": model_ref, "params": json.dumps(params), "submitted_at": time.time(),
+                  "calibrate": json.dumps(calibrate)}
         try:
             self.redis.hset(_record_key(job_id), mapping=record)
             self.redis.expire(_record_key(job_id), RECORD_TTL_S)
@@ -82,10 +93,16 @@ class ProfileJobs:
             if not self.redis.exists(_record_key(job_id)):
                 raise KeyError(f"no profiling job {job_id!r}")
             raw = self.redis.get(f"celery-task-meta-{job_id}")
+            out = self._describe(*_meta(raw))
+            if out["state"] == "queued" and not self.workers_alive():
+                out["stage"] += " (no profiling worker is alive to take it)"
         except redis.RedisError as e:
             raise BrokerUnavailable(f"cannot read job state from Redis: {e}") from e
-        meta = json.loads(raw) if raw else {"status": "PENDING", "result": None}
-        return self._describe(meta.get("status"), meta.get("result"))
+        return out
+
+    def workers_alive(self) -> int:
+        """Workers whose watchdog reported within the staleness window."""
+        return self.redis.zcount(WORKERS_KEY, time.time() - self.stale_after_s, "+inf")
 
     def _describe(self, celery_state: str | None, result) -> dict:
         out = {"state": "queued", "done": 0, "total": 0, "stage": "queued", "timings": {},
@@ -110,6 +127,19 @@ class ProfileJobs:
 
 def _record_key(job_id: str) -> str:
     return f"razor:profile:job:{job_id}"
+
+
+def _meta(raw) -> tuple[str | None, object]:
+    """(Celery state, result) from the backend's JSON; an unreadable record reads as a failure."""
+    if not raw:
+        return "PENDING", None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return "FAILURE", "the job's state record in Redis is unreadable"
+    if not isinstance(meta, dict):
+        return "FAILURE", "the job's state record in Redis is unreadable"
+    return meta.get("status"), meta.get("result")
 
 
 def _error_text(result) -> str:

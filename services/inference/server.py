@@ -26,6 +26,7 @@ from services.engine import (CompressionParams, HeadMap, HeadMapError, LoadedMod
 from services import observability
 from services.engine.headmap import shipped_head_map
 from services.headmap_store import HeadMapStore
+from services.model_refs import ModelRefPolicy
 from services.settings import Settings, get_settings
 
 from . import auth
@@ -156,12 +157,16 @@ def resolve_head_maps(settings: Settings, loaded: LoadedModel, store=None):
         log.warning("head maps: Redis unreachable at start (%s)", exc)
         in_redis = False
     initial = None if in_redis and not settings.head_map_path else initial_head_map(settings, loaded)
-    return HeadMapRegistry(store, loaded.fingerprint, initial=initial).start()
+    # A refused active pointer falls back to Redis's newest valid map, then this chain (never to no map).
+    return HeadMapRegistry(store, loaded.fingerprint, initial=initial,
+                           fallback=lambda: initial_head_map(settings, loaded)).start()
 
 
 def _profiling(settings: Settings, redis_client) -> tuple[ProfileJobs, HeadMapStore]:
     """The profiling-job client and the head-map store, both over Redis."""
-    return ProfileJobs(settings.redis_dsn()), HeadMapStore(redis_client)
+    jobs = ProfileJobs(settings.redis_dsn(), stale_after_s=settings.profile_lease_s,
+                       models=ModelRefPolicy.from_settings(settings))
+    return jobs, HeadMapStore(redis_client)
 
 
 class RazorServer:

@@ -14,6 +14,7 @@ import uuid
 from datetime import datetime
 
 import grpc
+import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import ensure_generated
@@ -22,6 +23,8 @@ ensure_generated()  # a fresh checkout has no generated code yet
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 from services.engine import SamplingParams  # noqa: E402
+from services.headmap_store import InvalidProfileParams  # noqa: E402
+from services.model_refs import ModelRefRefused  # noqa: E402
 
 from .auth import tenant_of
 from .errors import (BudgetExhausted, Cancelled, NotConfigured, SessionBusy, SessionLost, SessionModelMismatch,
@@ -46,6 +49,8 @@ _STATUS = (
     (NotConfigured, grpc.StatusCode.UNAVAILABLE),
     (BrokerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
+    (InvalidProfileParams, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelRefRefused, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (KeyError, grpc.StatusCode.NOT_FOUND),
 )
@@ -152,8 +157,13 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     def ListHeadMaps(self, request: pb.ListHeadMapsRequest, context):
         if self.head_map_store is None:
             raise NotConfigured("head-map store not configured")
-        fingerprint = request.fingerprint_id or self.runtime.loaded.fingerprint.id
-        versions = self.head_map_store.list_versions(fingerprint)
+        own = self.runtime.loaded.fingerprint
+        fingerprint = own if request.fingerprint_id in ("", own.id) else request.fingerprint_id
+        try:
+            versions = self.head_map_store.list_versions(fingerprint)
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"head maps are unavailable: cannot reach Redis ({type(e).__name__}); "
+                                   f"retry when it is back") from e
         return pb.ListHeadMapsResponse(versions=[head_map_version_pb(v) for v in versions])
 
     def _jobs(self):
@@ -254,4 +264,5 @@ def profile_job_pb(job_id: str, status: dict) -> pb.ProfileJob:
 
 def head_map_version_pb(v: dict) -> pb.HeadMapVersion:
     return pb.HeadMapVersion(version=v["version"], created_at=timestamp(v.get("created_at")),
-                             active=bool(v.get("active")), kv_fraction=float(v.get("kv_fraction") or 0.0))
+                             active=bool(v.get("active")), kv_fraction=float(v.get("kv_fraction") or 0.0),
+                             refused=bool(v.get("refused")), refused_reason=v.get("refused_reason") or "")
