@@ -35,6 +35,8 @@ from .runtime import FixedHeadMaps, Runtime
 from .servicer import SERVICE_NAME, RazorServeServicer
 from .sessions import SessionStore
 from .spill import Spill, SpillUnavailable
+from .spilled import SpilledCopies
+from .spilled_header import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,9 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
     spill = Spill(settings.redis_dsn(), settings.session_ttl_s)
     store = SessionStore(spill, loaded.fingerprint.id, loaded.device, settings.kv_budget_bytes, settings.max_sessions,
                          dtype=loaded.dtype_name)
+    # Restores verify the deployment's spill key and this model's shape (to move into SessionStore's arguments).
+    store.copies = SpilledCopies(spill, loaded.fingerprint.id, loaded.dtype_name, store.device,
+                                 key=settings.spill_key_bytes(), shape=ModelShape.of(loaded))
     try:
         log.info("indexed %d sessions spilled earlier", store.adopt_spilled())
     except SpillUnavailable as exc:
