@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     max_running: int = Field(32, ge=1, description="turns decoding together in one batch")
     step_tokens: int = Field(256, ge=2, description="tokens per model step: one per decoding turn + prefill chunks")
     max_input_chars: int = Field(0, ge=0, description="longest prompt or turn in characters (0 = 32 per context token)")
+    spill_key: SecretStr = Field(SecretStr(""), description=(
+        "secret shared by every replica: spilled sessions carry an HMAC-SHA256 under it (empty = SHA-256 only)"))
 
     # --- replicas: session ownership through Redis ------------------------------------------
     replica_id: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]*$",
@@ -109,6 +111,17 @@ class Settings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"REDIS_URL {v!r} must start with redis://, rediss:// or unix://")
         return v
+
+    @field_validator("spill_key")
+    @classmethod
+    def _spill_key_length(cls, v: SecretStr) -> SecretStr:
+        if 0 < len(v.get_secret_value()) < 16:
+            raise ValueError("RAZOR_SPILL_KEY must be at least 16 characters (e.g. `openssl rand -hex 32`), or empty")
+        return v
+
+    def spill_key_bytes(self) -> bytes:
+        """The spill MAC key (b"" when none is set)."""
+        return self.spill_key.get_secret_value().encode()
 
     def redis_dsn(self) -> str:
         """`redis_url` with `redis_password` in it (the password setting overrides one in the URL)."""

@@ -4,8 +4,8 @@ A plain library (torch + transformers); it imports no gRPC, Redis or Celery. See
 """
 from .cache import CompressedKVCache, CompressionParams
 from .calibration import CalibrationParams, calibrate, variant_at
-from .generation import (ContextLengthError, Engine, GenerationResult, SessionMismatchError, SessionState,
-                         TokenEvent, forward, forward_all)
+from .errors import ContextLengthError, InvalidRequest, SessionMismatchError
+from .generation import Engine, GenerationResult, SessionState, TokenEvent, forward, forward_all
 from .headmap import HeadMap, HeadMapError
 from .models import LoadedModel, ModelFingerprint, ModelLoadError, load_model
 from .profiling import ProfileParams, profile_model
@@ -13,6 +13,6 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, TurnRequest
 
 __all__ = ["CalibrationParams", "CompressedKVCache", "CompressionParams", "calibrate", "variant_at", "ContextLengthError", "Engine", "GenerationResult",
-           "HeadMap", "HeadMapError", "LoadedModel", "ModelFingerprint", "ModelLoadError", "ProfileParams",
+           "HeadMap", "HeadMapError", "InvalidRequest", "LoadedModel", "ModelFingerprint", "ModelLoadError", "ProfileParams",
            "SamplingParams", "SessionMismatchError", "SessionState", "TokenEvent", "forward", "forward_all", "Scheduler", "SchedulerConfig", "TurnRequest", "load_model",
            "profile_model"]

@@ -6,23 +6,25 @@ puts after an assistant message (e.g. "<|im_end|>\\n").
 """
 from __future__ import annotations
 
+from .errors import InvalidRequest
+
 _PROBE_USER, _PROBE_REPLY = "\x00probe-user\x00", "\x00probe-reply\x00"
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; send `prompt` text instead of messages")
+        raise InvalidRequest("this model's tokenizer has no chat template; send `prompt` text instead of messages")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def check_messages(messages: list[dict]) -> None:
     if not messages:
-        raise ValueError("messages is empty; send at least one message")
+        raise InvalidRequest("messages is empty; send at least one message")
     for i, m in enumerate(messages):
         if m.get("role") not in ("system", "user", "assistant", "tool"):
-            raise ValueError(f"message {i} has role {m.get('role')!r}; use system, user, assistant or tool")
+            raise InvalidRequest(f"message {i} has role {m.get('role')!r}; use system, user, assistant or tool")
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} needs a text `content`")
+            raise InvalidRequest(f"message {i} needs a text `content`")
 
 
 def encode_text(tokenizer, text: str, first: bool) -> list[int]:
@@ -46,7 +48,7 @@ def encode_chat_turn(tokenizer, messages: list[dict], last_token: int | None) ->
     closed = _render(tokenizer, probe, False)
     extended = _render(tokenizer, probe + messages, True)
     if not extended.startswith(closed):
-        raise ValueError("this chat template cannot append turns incrementally; send `text` instead")
+        raise InvalidRequest("this chat template cannot append turns incrementally; send `text` instead")
     after_reply = closed[closed.index(_PROBE_REPLY) + len(_PROBE_REPLY):]   # e.g. "<|im_end|>\n"
     if last_token is not None:
         last_text = tokenizer.decode([last_token])

@@ -14,17 +14,10 @@ import torch
 from . import attention, chat, hf
 from .batch import StepBatch
 from .cache import CompressedKVCache
+from .errors import ContextLengthError, InvalidRequest, SessionMismatchError
 from .headmap import HeadMap
 from .models import LoadedModel
 from .sampling import SamplingParams
-
-
-class ContextLengthError(ValueError):
-    """Prompt plus max_new_tokens does not fit the model's context window."""
-
-
-class SessionMismatchError(ValueError):
-    """A session made under another model."""
 
 
 @dataclass
@@ -163,7 +156,7 @@ class Engine:
         if messages:
             return chat.encode_chat(self.tokenizer, messages)
         if not text:
-            raise ValueError("the prompt is empty; send `prompt` text or chat `messages`")
+            raise InvalidRequest("the prompt is empty; send `prompt` text or chat `messages`")
         return chat.encode_text(self.tokenizer, text, first=True)
 
     def encode_turn(self, last_token: int | None, text: str | None = None,
@@ -172,7 +165,7 @@ class Engine:
         if messages:
             return chat.encode_chat_turn(self.tokenizer, messages, last_token)
         if not text:
-            raise ValueError("the new turn is empty; send `text` or chat `messages`")
+            raise InvalidRequest("the new turn is empty; send `text` or chat `messages`")
         return chat.encode_text(self.tokenizer, text, first=False)
 
     # --- generation -------------------------------------------------------------------------------
@@ -212,10 +205,10 @@ class Engine:
             raise SessionMismatchError(f"session was made with model {state.fingerprint_id}; this server runs "
                                        f"{self.loaded.fingerprint.id}: start a new session")
         if not new_ids and state.cache.seq_length == len(state.token_ids):
-            raise ValueError("nothing to run: the new turn has no tokens")
+            raise InvalidRequest("nothing to run: the new turn has no tokens")
         vocab = self.dims.vocab_size
         if any(not 0 <= t < vocab for t in new_ids):
-            raise ValueError(f"token ids must be within 0..{vocab - 1}")
+            raise InvalidRequest(f"token ids must be within 0..{vocab - 1}")
         need = len(state.token_ids) + len(new_ids) + params.max_new_tokens
         if need > self.loaded.max_context:
             raise ContextLengthError(

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InvalidRequest
+
 MAX_NEW_TOKENS_LIMIT = 65_536
 
 
@@ -23,17 +25,17 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be within 1..{MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
+            raise InvalidRequest(f"max_new_tokens must be within 1..{MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be within 0..100 (0 = greedy), got {self.temperature}")
+            raise InvalidRequest(f"temperature must be within 0..100 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be within (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if any(not s for s in self.stop_strings):
-            raise ValueError("stop_strings must not contain an empty string")
+            raise InvalidRequest("stop_strings must not contain an empty string")
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative token ids")
+            raise InvalidRequest("stop_token_ids must be non-negative token ids")
 
     @property
     def greedy(self) -> bool:

@@ -111,9 +111,10 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return {'ok', fingerprint}
 """
 
+# The spill itself is left to its TTL: a copy this replica could not verify (another RAZOR_SPILL_KEY) is evidence.
 _LOSE = """
 redis.call('HSET', KEYS[1], 'lost', ARGV[1])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[2])
 return 1
 """
 

@@ -1,4 +1,16 @@
-"""The errors the service reports to clients; ``servicer.status_for`` maps each to a status code."""
+"""The errors the service reports to clients; ``servicer.status_for`` maps each, by class, to a status code.
+
+Raise one of these (or the engine's ``services.engine.errors.InvalidRequest``) for anything a client or the
+environment caused: a bare ``ValueError`` or ``KeyError`` is a bug and answers INTERNAL with an incident id.
+"""
+
+
+class InvalidArgument(ValueError):
+    """The request is malformed (empty id, bad page size, input over a limit); the message says what to fix."""
+
+
+class NotFound(LookupError):
+    """A named thing other than a session (e.g. a profiling job) does not exist."""
 
 
 class SessionError(Exception):

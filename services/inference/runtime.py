@@ -19,17 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
-from services.engine import (Engine, GenerationResult, HeadMap, LoadedModel, SamplingParams, SchedulerConfig,
-                             Scheduler, TokenEvent, TurnRequest)
+from services.engine import (Engine, GenerationResult, HeadMap, InvalidRequest, LoadedModel, SamplingParams,
+                             SchedulerConfig, Scheduler, TokenEvent, TurnRequest)
 
 from .admission import Admission
 from .engine_loop import EngineLoop
+from .errors import Cancelled, InvalidArgument, SessionError, ShuttingDown
 from .leases import LeaseKeeper
-from .errors import Cancelled, SessionError, ShuttingDown
 from .sessions import SessionStore
 
 log = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 1000
+# Refusals raised before a turn touched its session's cache: the session stays as it was.
+_REFUSED_UNTOUCHED = (InvalidArgument, InvalidRequest, SessionError, Cancelled, ShuttingDown)
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class Turn:
 
     def __post_init__(self):
         if (self.text is None) == (self.messages is None):
-            raise ValueError("send exactly one of prompt text or chat messages")
+            raise InvalidArgument("send exactly one of prompt text or chat messages")
         if self.text is not None and not self.text:
-            raise ValueError("the prompt is empty; send some text")
+            raise InvalidArgument("the prompt is empty; send some text")
         if self.messages is not None and not self.messages:
-            raise ValueError("the chat has no messages; send at least one")
+            raise InvalidArgument("the chat has no messages; send at least one")
         if self.session_id is not None and not self.session_id:
-            raise ValueError("session_id is empty; pass the id a Generate stream returned")
+            raise InvalidArgument("session_id is empty; pass the id a Generate stream returned")
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class Runtime:
     def _encode(self, turn: Turn, continued_sid: str | None) -> list[int]:
         chars = len(turn.text) if turn.text is not None else sum(len(m.get("content") or "") for m in turn.messages)
         if chars > self.max_input_chars:
-            raise ValueError(f"the input has {chars} characters, over the limit of {self.max_input_chars} "
+            raise InvalidArgument(f"the input has {chars} characters, over the limit of {self.max_input_chars} "
                              f"(32 per token of the model's {self.loaded.max_context}-token context); shorten it")
         with self._tokenizer:
             if continued_sid is None:
@@ -164,7 +166,7 @@ class Runtime:
             ids = self.engine.encode_turn(self.store.last_token(continued_sid), text=turn.text,
                                           messages=_messages(turn))
         if not ids:
-            raise ValueError("the new turn adds no tokens; send some text")
+            raise InvalidArgument("the new turn adds no tokens; send some text")
         return ids
 
     def _admit(self, request: TurnRequest) -> bool:
@@ -240,7 +242,7 @@ class Runtime:
             return
         if turn.session_id is None:
             self.store.discard(sid)  # a new session whose first turn failed never existed
-        elif exc is None or isinstance(exc, (ValueError, SessionError, Cancelled, ShuttingDown)):
+        elif exc is None or isinstance(exc, _REFUSED_UNTOUCHED):
             self.store.release(sid)  # refused before the cache was touched
         else:
             self.store.mark_lost(sid, f"an internal error interrupted a turn ({exc!r})")
@@ -249,7 +251,7 @@ class Runtime:
         limit = self.loaded.max_context
         if history + new + params.max_new_tokens > limit:
             held = f"the session holds {history} tokens, " if history else ""
-            raise ValueError(
+            raise InvalidArgument(
                 f"{held}the {'turn' if history else 'prompt'} has {new} tokens and max_new_tokens is "
                 f"{params.max_new_tokens}: together {history + new + params.max_new_tokens} exceed the model's "
                 f"context of {limit} tokens; shorten the input or lower max_new_tokens")
@@ -297,7 +299,7 @@ class Runtime:
         """A page of the tenant's sessions ordered by id (from Redis: every replica gives the same answer), and
         the token of the next page ("" at the end)."""
         if not 0 <= page_size <= MAX_PAGE_SIZE:
-            raise ValueError(f"page_size must be within 0..{MAX_PAGE_SIZE} (0 = 50), got {page_size}")
+            raise InvalidArgument(f"page_size must be within 0..{MAX_PAGE_SIZE} (0 = 50), got {page_size}")
         page, more = self.store.page(tenant, page_token, page_size or 50)
         return page, (page[-1].session_id if more and page else "")
 

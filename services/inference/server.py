@@ -38,6 +38,7 @@ from .sessions import SessionStore
 from .errors import StoreUnavailable
 from .local_spill import LocalSpills
 from .spill import Spill
+from .spilled_header import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,8 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
     local = LocalSpills(settings.local_spill_dir) if settings.local_spill_dir else None
     store = SessionStore(spill, loaded.fingerprint.id, loaded.device, settings.kv_budget_bytes, settings.max_sessions,
                          dtype=loaded.dtype_name, replica_id=settings.replica_id, lease_ttl_s=settings.lease_ttl_s,
-                         handoff_timeout_s=settings.handoff_timeout_s, local_spills=local)
+                         handoff_timeout_s=settings.handoff_timeout_s, local_spills=local,
+                         spill_key=settings.spill_key_bytes(), shape=ModelShape.of(loaded))
     try:
         uploaded = store.upload_local_spills()
         if uploaded:

@@ -1,8 +1,10 @@
 """The RazorServe servicer: translates proto <-> runtime calls, nothing more.
 
 Every handler goes through ``_grpc_errors``, the one place where exceptions become status
-codes (bad input -> INVALID_ARGUMENT, unknown session -> NOT_FOUND, busy session or another
-model's session -> FAILED_PRECONDITION, full budget with Redis down -> RESOURCE_EXHAUSTED, ...).
+codes, by explicit class in ``_STATUS`` (bad input -> INVALID_ARGUMENT, unknown session -> NOT_FOUND,
+busy session or another model's session -> FAILED_PRECONDITION, corrupt spill -> DATA_LOSS, full
+budget with Redis down -> RESOURCE_EXHAUSTED, Redis unreachable -> UNAVAILABLE, ...). Anything else,
+a bare ``ValueError`` or ``KeyError`` included, is a bug: INTERNAL with an incident id in the log.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from datetime import datetime
 
 import grpc
 import redis
+import redis.exceptions as redis_errors
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import ensure_generated
@@ -23,44 +26,65 @@ ensure_generated()  # a fresh checkout has no generated code yet
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 from services.engine import SamplingParams  # noqa: E402
+from services.engine.errors import InvalidRequest, SessionMismatchError  # noqa: E402
 from services.headmap_store import InvalidProfileParams  # noqa: E402
 from services.model_refs import ModelRefRefused  # noqa: E402
 
 from .auth import tenant_of
-from .errors import (BudgetExhausted, Cancelled, NotConfigured, SessionBusy, SessionLost, SessionModelMismatch,
-                     SessionNotFound, ShuttingDown, StoreUnavailable)
+from .errors import (BudgetExhausted, Cancelled, InvalidArgument, NotConfigured, NotFound, SessionBusy, SessionLost,
+                     SessionModelMismatch, SessionNotFound, ShuttingDown, StoreUnavailable)
 from .profile_jobs import BrokerUnavailable
 from .runtime import Finished, Runtime, Turn
+from .spill import SpillUnavailable
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RazorServe"].full_name
 
 
-# Most specific first: the first match decides.
+Code = grpc.StatusCode
+_REDIS_DOWN = "Redis cannot be reached or refused the command; retry when it is back"
+
+# Exception class -> (status, prefix of the message). Most specific first: the first match decides.
+# No row names ValueError, KeyError or another base class: an unlisted exception is a bug (INTERNAL).
 _STATUS = (
-    (SessionBusy, grpc.StatusCode.FAILED_PRECONDITION),
-    (SessionModelMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (SessionLost, grpc.StatusCode.DATA_LOSS),
-    (BudgetExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    (NotConfigured, grpc.StatusCode.UNAVAILABLE),
-    (BrokerUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (Cancelled, grpc.StatusCode.CANCELLED),
-    (InvalidProfileParams, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelRefRefused, grpc.StatusCode.INVALID_ARGUMENT),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    (KeyError, grpc.StatusCode.NOT_FOUND),
+    # sessions
+    (SessionBusy, Code.FAILED_PRECONDITION, ""),
+    (SessionModelMismatch, Code.FAILED_PRECONDITION, ""),
+    (SessionMismatchError, Code.FAILED_PRECONDITION, ""),
+    (SessionNotFound, Code.NOT_FOUND, ""),
+    (NotFound, Code.NOT_FOUND, ""),
+    (SessionLost, Code.DATA_LOSS, ""),
+    # capacity and availability of the service and its stores
+    (BudgetExhausted, Code.RESOURCE_EXHAUSTED, ""),
+    (StoreUnavailable, Code.UNAVAILABLE, ""),
+    (SpillUnavailable, Code.UNAVAILABLE, ""),
+    (ShuttingDown, Code.UNAVAILABLE, ""),
+    (NotConfigured, Code.UNAVAILABLE, ""),
+    (BrokerUnavailable, Code.UNAVAILABLE, ""),
+    # Redis errors that reach a handler unwrapped (head maps, profiling jobs, the session directory)
+    (redis_errors.OutOfMemoryError, Code.RESOURCE_EXHAUSTED, "Redis is out of memory: "),
+    (redis_errors.WatchError, Code.ABORTED, "a concurrent change won in Redis, retry: "),
+    (redis_errors.ConnectionError, Code.UNAVAILABLE, f"{_REDIS_DOWN}: "),    # + authentication, loading
+    (redis_errors.TimeoutError, Code.UNAVAILABLE, f"{_REDIS_DOWN}: "),
+    (redis_errors.ReadOnlyError, Code.UNAVAILABLE, f"{_REDIS_DOWN} (a read-only replica answered): "),
+    (redis_errors.ClusterDownError, Code.UNAVAILABLE, f"{_REDIS_DOWN} (cluster down): "),
+    (redis_errors.TryAgainError, Code.UNAVAILABLE, f"{_REDIS_DOWN} (cluster resharding): "),
+    (redis_errors.NoPermissionError, Code.UNAVAILABLE, f"{_REDIS_DOWN} (its ACL refuses this service): "),
+    (redis_errors.InvalidResponse, Code.UNAVAILABLE, f"{_REDIS_DOWN} (unreadable reply): "),
+    # requests
+    (Cancelled, Code.CANCELLED, ""),
+    (InvalidArgument, Code.INVALID_ARGUMENT, ""),
+    (InvalidRequest, Code.INVALID_ARGUMENT, ""),
+    (InvalidProfileParams, Code.INVALID_ARGUMENT, ""),
+    (ModelRefRefused, Code.INVALID_ARGUMENT, ""),
 )
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    for cls, code in _STATUS:
+    for cls, code, prefix in _STATUS:
         if isinstance(exc, cls):
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            return code, str(message)
+            return code, prefix + str(exc)
     incident = uuid.uuid4().hex[:12]
     log.exception("internal error %s", incident, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the server log)"
@@ -140,17 +164,20 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     def ProfileModel(self, request: pb.ProfileModelRequest, context):
         params = {field.name: value for field, value in request.params.ListFields()}
         calibrate = {"calibrate": params.pop("calibrate")} if "calibrate" in params else {}
-        job_id = self._jobs().submit(request.model_ref, params, **calibrate)
+        try:
+            job_id = self._jobs().submit(request.model_ref, params, **calibrate)
+        except ValueError as exc:   # ProfileJobs.submit's documented "bad parameters, nothing queued"
+            raise InvalidArgument(str(exc)) from exc
         return pb.ProfileJob(job_id=job_id, state=pb.JOB_STATE_QUEUED)
 
     @_grpc_errors
     def GetProfileJob(self, request: pb.GetProfileJobRequest, context):
         if not request.job_id:
-            raise ValueError("job_id is empty; pass the id ProfileModel returned")
+            raise InvalidArgument("job_id is empty; pass the id ProfileModel returned")
         try:
             status = self._jobs().status(request.job_id)
-        except KeyError:
-            raise KeyError(f"no profiling job {request.job_id}; check the id ProfileModel returned") from None
+        except KeyError:   # ProfileJobs.status's documented "no such job"
+            raise NotFound(f"no profiling job {request.job_id}; check the id ProfileModel returned") from None
         return profile_job_pb(request.job_id, status)
 
     @_grpc_errors
@@ -177,7 +204,7 @@ def sampling_params(request) -> SamplingParams:
     s = request.sampling
     kwargs = {name: getattr(s, name) for name in ("temperature", "top_p", "top_k", "seed") if s.HasField(name)}
     if kwargs.get("seed", 0) < 0:
-        raise ValueError(f"seed must be >= 0, got {kwargs['seed']}")
+        raise InvalidArgument(f"seed must be >= 0, got {kwargs['seed']}")
     if request.HasField("max_new_tokens"):
         kwargs["max_new_tokens"] = request.max_new_tokens
     return SamplingParams(**kwargs, stop_token_ids=tuple(request.stop.stop_token_ids),
@@ -187,7 +214,7 @@ def sampling_params(request) -> SamplingParams:
 def _input(request, text_field: str) -> dict:
     which = request.WhichOneof("input")
     if which is None:
-        raise ValueError(f"send `{text_field}` text or `chat` messages; the request has neither")
+        raise InvalidArgument(f"send `{text_field}` text or `chat` messages; the request has neither")
     if which == "chat":
         return {"messages": tuple({"role": m.role, "content": m.content} for m in request.chat.messages)}
     return {"text": getattr(request, text_field)}
@@ -195,7 +222,7 @@ def _input(request, text_field: str) -> dict:
 
 def _session_id(sid: str) -> str:
     if not sid:
-        raise ValueError("session_id is empty; pass the id a Generate stream returned")
+        raise InvalidArgument("session_id is empty; pass the id a Generate stream returned")
     return sid
 
 

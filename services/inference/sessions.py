@@ -37,6 +37,7 @@ from .errors import (BudgetExhausted, SessionBusy, SessionError, SessionLost, Se
 from .local_spill import LocalSpill, LocalSpills
 from .spill import Spill
 from .spilled import Refused, SpilledCopies
+from .spilled_header import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,16 @@ class SessionStore:
     def __init__(self, spill: Spill, fingerprint_id: str, device: torch.device | str,
                  budget_bytes: int, max_sessions: int = 10_000, clock=time.time, reserved_bytes=None,
                  dtype: str = "float32", replica_id: str = "", lease_ttl_s: float = 10.0,
-                 handoff_timeout_s: float = 10.0, local_spills: LocalSpills | None = None):
+                 handoff_timeout_s: float = 10.0, local_spills: LocalSpills | None = None, spill_key: bytes = b"",
+                 shape: ModelShape | None = None):
         if budget_bytes < 0 or max_sessions < 1:
             raise ValueError("budget_bytes must be >= 0 and max_sessions >= 1")
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
         self.dtype = dtype   # of the caches this service holds; a spill in another dtype is refused
         self.replica_id = replica_id or new_replica_id()
         self.directory = SessionDirectory(spill.client, self.replica_id, lease_ttl_s, spill.ttl_s, fingerprint_id, dtype)
-        self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device)
+        # Restores verify the deployment's spill key (`RAZOR_SPILL_KEY`) and, given `shape`, this model's geometry.
+        self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device, key=spill_key, shape=shape)
         self.local_spills = local_spills
         self.lease_ttl_s, self.handoff_timeout_s = lease_ttl_s, handoff_timeout_s
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
@@ -257,7 +260,9 @@ class SessionStore:
         ``make_room(nbytes)`` is called before a restore so the budget holds.
         """
         with self._mu:
-            entry = self._entries[sid]
+            entry = self._entries.get(sid)
+            if entry is None:
+                raise SessionNotFound(not_found_message(sid))
             if entry.state is not None:
                 return entry.state
             nbytes, spill_gen = entry.nbytes, entry.spill_gen

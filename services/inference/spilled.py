@@ -1,23 +1,25 @@
 """SpilledCopies: the Redis side of sessions — encode and write a copy, read one back verified, read its header.
 
-Everything read is integrity-checked (the codec's sha256) and checked against this service's model and dtype
-before a tensor is built; nothing is unpickled. A copy that can never be continued here raises `Refused` with
-the client-facing error class and reason, and a corrupt one is deleted first. Redis failures surface as
-`StoreUnavailable`. The `SessionStore` keeps the index and the bookkeeping; this module only moves bytes.
+Everything read is integrity-checked before it is trusted: the codec's digest covers the header and, through
+the blob's sha256, the tensors (an HMAC-SHA256 under `RAZOR_SPILL_KEY` when the deployment sets one), and
+`spilled_header` checks every header field's type and its consistency with the tensors and the model. A
+header alone (`read_meta`) is checked as fully as a whole copy, so nothing an edited header says is used.
+Nothing is unpickled. A copy that can never be continued here raises `Refused` with the client-facing error
+class and reason; a corrupt one is deleted first, unless this replica cannot verify it (its digest or format
+version fails: that may be this replica's `RAZOR_SPILL_KEY` or version, and the copy good for the others).
+Redis failures surface as `StoreUnavailable`. The `SessionStore` keeps the index and the bookkeeping; this
+module only moves bytes.
 """
 from __future__ import annotations
 
 import logging
 
-from . import codec
+from . import codec, spilled_header
 from .errors import SessionError, SessionLost, SessionModelMismatch, SessionNotFound, StoreUnavailable
 from .spill import Spill, SpillUnavailable
+from .spilled_header import HeaderInvalid, ModelShape
 
 log = logging.getLogger(__name__)
-
-
-HEADER_FIELDS = ("fingerprint_id", "head_map_version", "token_count", "nbytes", "full_nbytes", "created_at",
-                 "last_used")
 
 
 class Refused(Exception):
@@ -29,17 +31,23 @@ class Refused(Exception):
 
 
 class SpilledCopies:
-    def __init__(self, spill: Spill, fingerprint_id: str, dtype: str, device):
+    """`key`: the deployment's shared spill secret (empty = SHA-256 only); `shape`: the model's geometry and
+    vocabulary, which a restored session must match (None = check a copy's internal consistency only)."""
+
+    def __init__(self, spill: Spill, fingerprint_id: str, dtype: str, device, key: bytes = b"",
+                 shape: ModelShape | None = None):
         self.spill, self.fingerprint_id, self.dtype, self.device = spill, fingerprint_id, dtype, device
+        self.key, self.shape = key, shape
 
     def encode(self, state, meta: dict) -> tuple[bytes, list[bytes]]:
-        """(header, chunks) of `state` with JSON-safe `meta` in its header, as a spill stores them."""
+        """(header, chunks) of `state` with JSON-safe `meta` in its header, signed, as a spill stores them."""
         tensors, state_meta = state.to_tensors()
-        encoded = codec.encode(tensors, {**meta, "dtype": self.dtype, "state": state_meta})
+        encoded = codec.encode(tensors, {**meta, "dtype": self.dtype, "state": state_meta}, key=self.key)
         return encoded.header, encoded.chunks
 
     def write(self, sid: str, state, meta: dict) -> int:
-        """Spill `state` unfenced (tools and tests); returns the number of chunks written."""
+        """Spill `state` unfenced (tools and tests; the store writes through `SessionDirectory`); returns the
+        number of chunks written."""
         header, chunks = self.encode(state, meta)
         self.spill.write(sid, codec.Encoded(header, chunks))
         return len(chunks)
@@ -55,16 +63,17 @@ class SpilledCopies:
                                    "retry when Redis is back") from exc
         if header is None:
             raise Refused(SessionNotFound, "it expired from Redis (RAZOR_SESSION_TTL_S) or was deleted")
+        parsed = self._verified_header(sid, header, "copy")
+        self.check(parsed["meta"])
         try:
-            tensors, meta = codec.decode(header, chunks, device=self.device)
-            self.check(meta)
-            return SessionState.from_tensors(tensors, meta["state"], self.device), meta
-        except (codec.CodecError, KeyError, ValueError) as exc:
+            tensors = codec.decode_body(parsed, chunks, device=self.device)
+        except codec.CodecError as exc:
             self.drop(sid)
             raise Refused(SessionLost, f"its spilled copy is corrupt ({exc})") from exc
+        return SessionState.from_tensors(tensors, parsed["meta"]["state"], self.device), parsed["meta"]
 
     def read_meta(self, sid: str) -> tuple[dict, int] | None:
-        """(header meta, chunk count) of a spilled session, or None when Redis has none."""
+        """(header meta, chunk count) of a spilled session, verified, or None when Redis has none."""
         try:
             header = self.spill.read_header(sid)
         except SpillUnavailable as exc:
@@ -72,16 +81,23 @@ class SpilledCopies:
                                    f"({exc}); retry when Redis is back") from exc
         if header is None:
             return None
+        parsed = self._verified_header(sid, header, "header")
+        return parsed["meta"], parsed["n_chunks"]
+
+    def _verified_header(self, sid: str, header: bytes, what: str) -> dict:
+        """The parsed header, its digest and every field checked; a bad one is deleted and refused."""
         try:
-            parsed = codec.read_header(header)
+            parsed = codec.read_header(header, self.key)
             meta = parsed["meta"]
-            missing = [k for k in HEADER_FIELDS if k not in meta]
-            if missing or "token_ids" not in meta.get("state", {}):
-                raise KeyError(f"the header lacks {missing or ['state.token_ids']}")
-            return meta, parsed["n_chunks"]
-        except (codec.CodecError, KeyError, TypeError) as exc:
-            self.drop(sid)
-            raise Refused(SessionLost, f"its spilled header is corrupt ({exc})") from exc
+            spilled_header.check_meta(meta)
+            # Another model's or dtype's copy is never loaded here (`check` refuses it): the rest is theirs to check.
+            if (meta["fingerprint_id"], meta["dtype"]) == (self.fingerprint_id, self.dtype):
+                spilled_header.check(parsed, sid, self.shape)
+            return parsed
+        except (codec.CodecError, HeaderInvalid) as exc:
+            if not isinstance(exc, codec.Unverifiable):   # maybe only this replica's key or version is wrong
+                self.drop(sid)
+            raise Refused(SessionLost, f"its spilled {what} is corrupt ({exc})") from exc
 
     def check(self, meta: dict) -> None:
         """Refuse a copy made under another model or in another dtype."""
@@ -89,7 +105,7 @@ class SpilledCopies:
             raise Refused(SessionModelMismatch, (
                 f"it was made under another model (fingerprint {meta['fingerprint_id']}) and this service runs "
                 f"{self.fingerprint_id}; continue it on a service running that model, or start a new session"))
-        spilled_in = meta.get("dtype", "float32")   # spills from before the dtype setting were float32
+        spilled_in = meta["dtype"]
         if spilled_in != self.dtype:
             raise Refused(SessionModelMismatch, (
                 f"its cache was spilled in {spilled_in} and this service runs {self.dtype}; continue it on a service "
