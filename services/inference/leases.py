@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 
-import redis
-
 from .directory import SessionDirectory
 from .errors import StoreUnavailable
 from .sessions import SessionStore
+from .spill import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class LeaseKeeper:
         while not self._stop.is_set():
             try:
                 self._listen(channel)
-            except (redis.RedisError, OSError) as exc:
+            except (*REDIS_ERRORS, OSError) as exc:
                 log.info("hand-over channel interrupted (%s); re-subscribing", exc)
                 self._stop.wait(self.interval_s)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+
 import redis
 import redis.cluster
 from redis.backoff import ExponentialBackoff
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 # 1.2 GB/s while replies of 24 MiB or more fell to 0.5-0.7 GB/s (hiredis showed the same, less so).
 # A round trip costs ~0.05 ms on loopback: 16 MiB batches already make it noise next to the transfer.
 READ_BATCH_BYTES = 16 * 2**20
+
+
+# What an unreachable Redis raises: redis-py's cluster client raises RedisClusterException, which is no
+# RedisError, when no node of the cluster answers.
+REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 
 
 class SpillUnavailable(Exception):
@@ -52,8 +59,58 @@ def connect(redis_url: str, password: str = "", timeout_s: float = 2.0, cluster:
     # restarted is replaced transparently; a Redis that is down fails within ms.
     options = dict(password=password or None, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     if cluster:
-        return redis.cluster.RedisCluster.from_url(redis_url, **options)
+        return LazyCluster(redis_url, options)
     return redis.Redis.from_url(redis_url, retry=Retry(ExponentialBackoff(cap=0.1, base=0.02), 1), **options)
+
+
+class LazyCluster:
+    """A `RedisCluster` built on first use. redis-py's connects to the cluster in its constructor, so a service
+    started while the cluster is down would not start, where on one Redis it starts and serves once Redis is up;
+    until a node answers, every call raises ConnectionError, as one unreachable Redis does.
+
+    Pub/sub goes through any primary, not only the one serving the channel's hash slot (redis-py's choice):
+    classic pub/sub messages reach every node of a cluster, and that one node may be down while the others
+    serve (``cluster-require-full-coverage no``)."""
+
+    def __init__(self, redis_url: str, options: dict):
+        self._url, self._options = redis_url, options
+        self._client: redis.cluster.RedisCluster | None = None
+        self._mu = threading.Lock()
+        self._subscriptions = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._connected(), name)
+
+    def pubsub(self, **kwargs):
+        """A pub/sub connection on the next primary in turn, so a re-subscription after a failure moves on."""
+        client = self._connected()
+        primaries = client.get_primaries()
+        self._subscriptions += 1
+        return client.pubsub(node=primaries[self._subscriptions % len(primaries)], **kwargs)
+
+    def publish(self, channel: str, message) -> int:
+        """Publish through the first primary that answers."""
+        client, failure = self._connected(), None
+        for node in client.get_primaries():
+            try:
+                return client.publish(channel, message, target_nodes=node)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failure = exc
+        raise failure or redis.ConnectionError("the Redis Cluster has no primary")
+
+    def _connected(self) -> redis.cluster.RedisCluster:
+        with self._mu:
+            if self._client is None:
+                try:
+                    self._client = redis.cluster.RedisCluster.from_url(self._url, **self._options)
+                except redis.exceptions.RedisClusterException as exc:
+                    raise redis.ConnectionError(str(exc)) from exc
+            return self._client
+
+    def close(self) -> None:
+        with self._mu:
+            if self._client is not None:
+                self._client.close()
 
 
 class Spill:
@@ -72,7 +129,9 @@ class Spill:
         key = self.key(session_id)
         with self._errors("write"):
             pipe = self._redis.pipeline(transaction=True)
-            pipe.delete(key).hset(key, mapping=fields).expire(key, self.ttl_s)
+            pipe.delete(key)   # not chained: a cluster pipeline's `delete` does not return the pipeline
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, self.ttl_s)
             pipe.execute()
 
     def read_header(self, session_id: str) -> bytes | None:
@@ -128,7 +187,7 @@ class Spill:
     def reachable(self) -> bool:
         try:
             return bool(self._redis.ping())
-        except redis.RedisError:
+        except REDIS_ERRORS:
             return False
 
     def close(self) -> None:
@@ -142,7 +201,7 @@ class Spill:
             return self
 
         def __exit__(self, exc_type, exc, tb):
-            if exc is not None and isinstance(exc, redis.RedisError):
+            if exc is not None and isinstance(exc, REDIS_ERRORS):
                 raise SpillUnavailable(f"Redis {self.what} failed: {exc}") from exc
             return False
 
