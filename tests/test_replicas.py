@@ -47,13 +47,18 @@ def rpc_error(call) -> grpc.RpcError:
     return info.value
 
 
-def test_random_routing_over_three_replicas_never_forks_a_session(start_server, tiny_loaded, tiny_head_map):
+@pytest.mark.parametrize("store", ["redis", "redis cluster"])
+def test_random_routing_over_three_replicas_never_forks_a_session(store, request, start_server, tiny_loaded,
+                                                                  tiny_head_map):
     """200 turns over 20 sessions, two at a time on the same session from different replicas."""
     fp = tiny_loaded.fingerprint
     per_token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * 4
+    where = {}
+    if store == "redis cluster":
+        where = dict(sessions_redis_url=request.getfixturevalue("redis_cluster").url, sessions_redis_cluster=True)
     # Budgets for a few sessions each: replicas spill as well as hand over.
-    replicas = [start_server(replica_id=f"replica-{i}", kv_budget_bytes=per_token * 400, handoff_timeout_s=20.0)
-                for i in range(3)]
+    replicas = [start_server(replica_id=f"replica-{i}", kv_budget_bytes=per_token * 400, handoff_timeout_s=20.0,
+                             **where) for i in range(3)]
     clients = [RazorClient(r.target, timeout_s=120) for r in replicas]
     rng = random.Random(13)
     prompts, acked, mu = {}, {}, threading.Lock()

@@ -51,7 +51,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
-# ARGV: me, lease_ms, tenant, fingerprint, dtype, for_turn, session_ttl_s, now
+# ARGV: me, lease_ms, tenant, fingerprint, dtype, session_ttl_s, now
 _CLAIM = """
 local m = redis.call('HMGET', KEYS[1], 'tenant', 'fingerprint_id', 'dtype', 'dirty', 'spill_gen', 'lost', 'owner')
 if not m[1] or m[1] ~= ARGV[3] then return {'missing'} end
@@ -67,9 +67,8 @@ if tonumber(m[4]) ~= 0 then
 end
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'expired'} end
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'last_used', ARGV[8])
-if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'dirty', gen) end
-redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'last_used', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {'ok', gen, m[5]}
 """
@@ -164,12 +163,12 @@ class SessionDirectory:
             self.client.zadd(self.index(), {sid: 0})
         return gen
 
-    def claim(self, sid: str, tenant: str, for_turn: bool) -> Claimed:
+    def claim(self, sid: str, tenant: str) -> Claimed:
         """Take a session no live replica holds. Raises OwnedElsewhere, SessionNotFound or SessionLost."""
         with _redis("take over the session"):
             reply = self._claim(keys=self.keys(sid), args=[
-                self.replica_id, self.lease_ms, tenant, self.fingerprint_id, self.dtype, int(for_turn),
-                self.session_ttl_s, time.time()])
+                self.replica_id, self.lease_ms, tenant, self.fingerprint_id, self.dtype, self.session_ttl_s,
+                time.time()])
         kind, *rest = [_text(x) for x in reply]
         if kind == "ok":
             return Claimed(gen=int(rest[0]), spill_gen=int(rest[1]))

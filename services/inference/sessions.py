@@ -125,7 +125,7 @@ class SessionStore:
                     return entry.snapshot()
                 self._drop(sid)   # another replica took it over meanwhile: our copy is stale
                 entry = self._mark_busy(sid, tenant)
-            self._take_over(entry, tenant, for_turn=True)
+            self._take_over(entry, tenant)
             return entry.snapshot()
         except BaseException:
             self._unmark(sid, entry)
@@ -268,6 +268,11 @@ class SessionStore:
             nbytes, spill_gen = entry.nbytes, entry.spill_gen
         make_room(nbytes)
         state = self._restore(sid, spill_gen)
+        # The turn runs once this returns: from now on the spill is stale (a turn cancelled before this point
+        # leaves the session exactly as its spill holds it).
+        if not self._begin_turn(entry):
+            self._drop(sid)
+            raise SessionBusy(f"session {sid} was taken over by another replica while its turn waited; retry")
         with self._mu:
             entry.state, entry.location, entry.nbytes = state, "device", state.nbytes()
         return state
@@ -316,6 +321,9 @@ class SessionStore:
         """Graceful shutdown: every session here to Redis, or to the local spill directory while Redis is down.
         Returns counts: spilled, saved_locally, lost."""
         counts = {"spilled": 0, "saved_locally": 0, "lost": 0}
+        for entry in self._snapshot():   # owned but not resident (their turns never ran): only the lease goes back
+            if entry.state is None and entry.gen:
+                self.hand_over(entry.session_id)
         for sid in [e.session_id for e in self._snapshot() if e.state is not None and e.length]:
             try:
                 self._spill_one(sid)
@@ -398,16 +406,18 @@ class SessionStore:
         self._extend(entry.session_id, started)
         return True
 
-    def _take_over(self, entry: SessionEntry, tenant: str, for_turn: bool) -> None:
+    def _take_over(self, entry: SessionEntry, tenant: str) -> None:
+        """Claim ownership of a session no replica holds (asking its owner first); its spill stays current until
+        `load` restores it for the turn."""
         sid = entry.session_id
         started = time.monotonic()
-        claimed: Claimed = self._with_handover(sid, lambda: self.directory.claim(sid, tenant, for_turn))
+        claimed: Claimed = self._with_handover(sid, lambda: self.directory.claim(sid, tenant))
         described = _entry_from_meta({**(self.directory.describe(sid, tenant) or {}), "session_id": sid})
         with self._mu:
             for name in _SUMMARY:
                 setattr(entry, name, getattr(described, name))
             entry.owner, entry.location, entry.gen, entry.spill_gen = self.replica_id, "redis", claimed.gen, claimed.spill_gen
-            entry.turn_recorded, entry.saved = for_turn, True
+            entry.turn_recorded, entry.saved = False, True
             entry.lease_until = started + 0.8 * self.lease_ttl_s
 
     def _with_handover(self, sid: str, attempt):
