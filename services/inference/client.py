@@ -144,6 +144,13 @@ class RazorClient:
     def server_info(self) -> pb.ServerInfo:
         return self._call(self.stub.GetServerInfo, pb.GetServerInfoRequest())
 
+    def update_session(self, session_id: str, ttl_s: int | None = None, pinned: bool | None = None) -> pb.Session:
+        request = pb.UpdateSessionRequest(session_id=session_id, ttl_s=ttl_s, pinned=pinned)
+        return self._call(self.stub.UpdateSession, request)
+
+    def get_load(self) -> pb.Load:
+        return self._call(self.stub.GetLoad, pb.GetLoadRequest())
+
     # ---- profiling -------------------------------------------------------------------------
     def profile_model(self, model_ref: str = "", **params) -> pb.ProfileJob:
         return self._call(self.stub.ProfileModel,

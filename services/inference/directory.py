@@ -45,7 +45,8 @@ if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[2] or (holder and holder ~= ARGV[1
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'tenant', ARGV[3], 'fingerprint_id', ARGV[4], 'dtype', ARGV[5], 'gen', ARGV[8],
-           'spill_gen', 0, 'dirty', ARGV[8], 'owner', ARGV[1], 'created_at', ARGV[6], 'last_used', ARGV[6], 'length', 0)
+           'spill_gen', 0, 'dirty', ARGV[8], 'owner', ARGV[1], 'created_at', ARGV[6], 'last_used', ARGV[6], 'length', 0,
+           'ttl', ARGV[7], 'pinned', ARGV[9])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
@@ -68,7 +69,7 @@ end
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'expired'} end
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'last_used', ARGV[7])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[1], tonumber(redis.call('HGET', KEYS[1], 'ttl')) or ARGV[6])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {'ok', gen, m[5]}
 """
@@ -90,8 +91,9 @@ elseif mode == 'begin' then
 elseif mode == 'release' then
   redis.call('HSET', KEYS[1], 'dirty', 0)
 end
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl')) or ARGV[4]   -- the session's own TTL
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ttl) end
+redis.call('EXPIRE', KEYS[1], ttl)
 if mode == 'release' or mode == 'save_release' then
   redis.call('DEL', KEYS[2])
 else
@@ -154,11 +156,13 @@ class SessionDirectory:
         return f"razor:release:{replica_id}"
 
     # ---- ownership ---------------------------------------------------------------------------
-    def create(self, sid: str, tenant: str, gen: int = 1, created_at: float | None = None) -> int:
+    def create(self, sid: str, tenant: str, gen: int = 1, created_at: float | None = None, ttl_s: int = 0,
+               pinned: bool = False) -> int:
         """Register a session owned here (a new one, or one whose metadata Redis lost); returns its generation."""
         with _redis("register a new session"):
             self._create(keys=self.keys(sid), args=[self.replica_id, self.lease_ms, tenant, self.fingerprint_id,
-                                                   self.dtype, created_at or time.time(), self.session_ttl_s, gen])
+                                                   self.dtype, created_at or time.time(), ttl_s or self.session_ttl_s,
+                                                   gen, int(pinned)])
             self.client.zadd(self.index(tenant), {sid: 0})
             self.client.zadd(self.index(), {sid: 0})
         return gen
@@ -188,7 +192,8 @@ class SessionDirectory:
                 f"on a service with RAZOR_DTYPE={dtype}, or start a new session")
 
     def fenced(self, sid: str, gen: int, mode: str, fields: dict | None = None,
-               blob: tuple[bytes, list[bytes]] | None = None, tenant: str = "", created_at: float = 0.0) -> bool:
+               blob: tuple[bytes, list[bytes]] | None = None, tenant: str = "", created_at: float = 0.0,
+               ttl_s: int = 0, pinned: bool = False) -> bool:
         """One write under our lease at `gen` (see _FENCED's modes); False when the session is no longer ours.
 
         Metadata that Redis lost altogether (a restart without persistence) is registered again under `gen`:
@@ -202,7 +207,7 @@ class SessionDirectory:
             reply = self._fenced(keys=self.keys(sid), args=args)
             if reply == -1:
                 log.warning("Redis lost session %s's metadata; registering it again", sid)
-                self.create(sid, tenant, gen, created_at)
+                self.create(sid, tenant, gen, created_at, ttl_s, pinned)
                 reply = self._fenced(keys=self.keys(sid), args=args)
         return reply == 1
 

@@ -44,6 +44,8 @@ class Turn:
     keep_session: bool = True
     session_id: str | None = None  # set for ContinueSession
     tenant: str = ""               # the caller's tenant (from its API key; "" with auth off)
+    session_ttl_s: int = 0         # a new session's TTL (0 = RAZOR_SESSION_TTL_S)
+    pin_session: bool = False      # keep a new session resident
 
     def __post_init__(self):
         if (self.text is None) == (self.messages is None):
@@ -122,12 +124,14 @@ class Runtime:
         self._cancels: set[threading.Event] = set()
         self._closed = False
         self.on_turn = None  # optional hook(result, seconds), e.g. metrics
+        self.token_rate = TokenRate()
 
     # ---- turns (handler threads) -----------------------------------------------------------
     def start_turn(self, turn: Turn, cancel: threading.Event) -> TurnStream:
         """Open (or create) the turn's session, tokenize, and queue the turn for the model loop."""
         entry = self.store.acquire(turn.session_id, turn.tenant) if turn.session_id is not None else None
-        sid = turn.session_id if entry is not None else (self.store.create(turn.tenant) if turn.keep_session else "")
+        sid = turn.session_id if entry is not None else (self.store.create(turn.tenant, turn.session_ttl_s, turn.pin_session)
+                                                         if turn.keep_session else "")
         events: queue.SimpleQueue = queue.SimpleQueue()
         try:
             with self._mu:
@@ -150,10 +154,16 @@ class Runtime:
         state = None if entry is not None else self.engine.new_session(chat=turn.messages is not None,
                                                                        head_map=self.head_maps.active)
         started = time.perf_counter()
-        request = TurnRequest(state, ids, turn.params, on_token=lambda event: events.put(event) or True,
+        request = TurnRequest(state, ids, turn.params, on_token=lambda event: self._stream(events, event),
                               cancelled=cancel.is_set, tag=sid)
         request.on_done = lambda outcome: self._done(turn, request, events, cancel, outcome, started)
         return request
+
+    def _stream(self, events, event) -> bool:
+        """Model loop: hand one token to its stream (and count it for the load report)."""
+        self.token_rate.add()
+        events.put(event)
+        return True
 
     def _encode(self, turn: Turn, continued_sid: str | None) -> list[int]:
         chars = len(turn.text) if turn.text is not None else sum(len(m.get("content") or "") for m in turn.messages)
@@ -295,6 +305,15 @@ class Runtime:
         return counts
 
     # ---- queries ---------------------------------------------------------------------------
+    def load(self) -> dict:
+        """What a router needs to pick a replica (GetLoad)."""
+        resident_bytes, resident, spilled = self.store.usage()
+        return {"replica_id": self.store.replica_id, "running_turns": len(self.scheduler.running),
+                "queued_turns": len(self.scheduler.waiting), "resident_sessions": resident,
+                "spilled_sessions": spilled, "kv_bytes_used": resident_bytes + self.admission.reserved_bytes(),
+                "kv_budget_bytes": self.store.budget_bytes, "pinned_sessions": self.store.pinned_count(),
+                "generated_tokens_per_second": self.token_rate.per_second()}
+
     def list_sessions(self, page_size: int, page_token: str, tenant: str = ""):
         """A page of the tenant's sessions ordered by id (from Redis: every replica gives the same answer), and
         the token of the next page ("" at the end)."""
@@ -302,6 +321,26 @@ class Runtime:
             raise InvalidArgument(f"page_size must be within 0..{MAX_PAGE_SIZE} (0 = 50), got {page_size}")
         page, more = self.store.page(tenant, page_token, page_size or 50)
         return page, (page[-1].session_id if more and page else "")
+
+
+class TokenRate:
+    """Tokens counted into one-second buckets; the rate over the last `window_s` seconds. Only the model loop
+    adds; readers may see a bucket mid-update, which only blurs a rate."""
+
+    def __init__(self, window_s: int = 60, clock=time.monotonic):
+        self.window_s, self.clock = window_s, clock
+        self._buckets: dict[int, int] = {}
+
+    def add(self, n: int = 1) -> None:
+        second = int(self.clock())
+        self._buckets[second] = self._buckets.get(second, 0) + n
+        if len(self._buckets) > self.window_s + 2:
+            for old in [s for s in self._buckets if s <= second - self.window_s]:
+                del self._buckets[old]
+
+    def per_second(self) -> float:
+        now = int(self.clock())
+        return sum(n for s, n in list(self._buckets.items()) if now - self.window_s < s <= now) / self.window_s
 
 
 def _messages(turn: Turn) -> list[dict] | None:

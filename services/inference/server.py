@@ -262,7 +262,8 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
     store = SessionStore(spill, loaded.fingerprint.id, loaded.device, settings.kv_budget_bytes, settings.max_sessions,
                          dtype=loaded.dtype_name, replica_id=settings.replica_id, lease_ttl_s=settings.lease_ttl_s,
                          handoff_timeout_s=settings.handoff_timeout_s, local_spills=local,
-                         spill_key=settings.spill_key_bytes(), shape=ModelShape.of(loaded))
+                         spill_key=settings.spill_key_bytes(), shape=ModelShape.of(loaded),
+                         max_pinned=settings.max_pinned_sessions)
     try:
         uploaded = store.upload_local_spills()
         if uploaded:

@@ -119,7 +119,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     def Generate(self, request: pb.GenerateRequest, context):
         keep = request.keep_session if request.HasField("keep_session") else True
         turn = Turn(params=sampling_params(request), keep_session=keep, tenant=tenant_of(context),
-                    **_input(request, "prompt"))
+                    session_ttl_s=request.session_ttl_s, pin_session=request.pin_session, **_input(request, "prompt"))
         yield from self._stream(turn, context)
 
     @_grpc_errors
@@ -154,6 +154,19 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
         if not self.runtime.store.delete(sid, tenant_of(context)):
             raise SessionNotFound(f"no session {sid} to delete")
         return pb.DeleteSessionResponse(deleted=True)
+
+    @_grpc_errors
+    def UpdateSession(self, request: pb.UpdateSessionRequest, context):
+        ttl = request.ttl_s if request.HasField("ttl_s") else None
+        if ttl == 0:
+            raise InvalidArgument("ttl_s must be at least 1 second; leave it unset to keep the session's TTL")
+        pinned = request.pinned if request.HasField("pinned") else None
+        entry = self.runtime.store.update(_session_id(request.session_id), tenant_of(context), ttl_s=ttl, pin=pinned)
+        return session_pb(entry)
+
+    @_grpc_errors
+    def GetLoad(self, request, context):
+        return pb.Load(**self.runtime.load())
 
     @_grpc_errors
     def GetServerInfo(self, request, context):
@@ -261,7 +274,9 @@ def session_pb(e) -> pb.Session:
                       kv_bytes_allocated=e.nbytes,
                       location=_LOCATION[e.location], head_map_version=e.head_map_version,
                       model_fingerprint=e.fingerprint_id, created_at=timestamp(e.created_at),
-                      last_used_at=timestamp(e.last_used), busy=e.busy, lost_reason=e.lost_reason, owner=e.owner)
+                      last_used_at=timestamp(e.last_used), busy=e.busy, lost_reason=e.lost_reason, owner=e.owner,
+                      expires_at=timestamp(e.last_used + e.ttl_s if e.ttl_s else 0), ttl_s=e.ttl_s,
+                      pinned=e.keep_resident)
 
 
 def server_info_pb(runtime: Runtime) -> pb.ServerInfo:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .directory import Claimed, OwnedElsewhere, SessionDirectory, not_found_message, summary_fields
-from .errors import (BudgetExhausted, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
+from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
                      SessionNotFound, StoreUnavailable)
 from .local_spill import LocalSpill, LocalSpills
 from .spill import Spill
@@ -62,6 +62,8 @@ class SessionEntry:
     last_token: int | None = None   # what a continued chat turn's template delta depends on
     tenant: str = ""
     owner: str = ""                 # the replica holding it ("" when only Redis has it)
+    ttl_s: int = 0                  # it expires this long after its last use
+    keep_resident: bool = False     # pinned by its user: never spilled
     # ---- ownership, for the sessions this replica owns --------------------------------------------
     gen: int = 0                    # the fencing generation we own it at
     spill_gen: int = 0              # the generation whose state Redis's spill holds
@@ -80,7 +82,7 @@ class SessionStore:
                  budget_bytes: int, max_sessions: int = 10_000, clock=time.time, reserved_bytes=None,
                  dtype: str = "float32", replica_id: str = "", lease_ttl_s: float = 10.0,
                  handoff_timeout_s: float = 10.0, local_spills: LocalSpills | None = None, spill_key: bytes = b"",
-                 shape: ModelShape | None = None):
+                 shape: ModelShape | None = None, max_pinned: int = 16):
         if budget_bytes < 0 or max_sessions < 1:
             raise ValueError("budget_bytes must be >= 0 and max_sessions >= 1")
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
@@ -90,7 +92,7 @@ class SessionStore:
         # Restores verify the deployment's spill key (`RAZOR_SPILL_KEY`) and, given `shape`, this model's geometry.
         self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device, key=spill_key, shape=shape)
         self.local_spills = local_spills
-        self.lease_ttl_s, self.handoff_timeout_s = lease_ttl_s, handoff_timeout_s
+        self.lease_ttl_s, self.handoff_timeout_s, self.max_pinned = lease_ttl_s, handoff_timeout_s, max_pinned
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
         # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
         self.reserved_bytes = reserved_bytes or (lambda: 0)
@@ -100,20 +102,41 @@ class SessionStore:
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
 
     # ---- handler threads -----------------------------------------------------------------
-    def create(self, tenant: str = "") -> str:
+    def create(self, tenant: str = "", ttl_s: int = 0, pin: bool = False) -> str:
         """Register a new, busy, still-empty session owned here and return its id."""
-        sid, now = uuid.uuid4().hex, self._clock()
+        sid, now, ttl_s = uuid.uuid4().hex, self._clock(), self._ttl(ttl_s)
         with self._mu:
             if len(self._entries) >= self.max_sessions:
                 raise BudgetExhausted(f"the service holds {self.max_sessions} sessions (its limit): delete some "
                                       "with DeleteSession or generate with keep_session=false")
+            if pin:
+                self._check_pin_room()
         lease_from = time.monotonic()
-        gen = self.directory.create(sid, tenant)
+        gen = self.directory.create(sid, tenant, ttl_s=ttl_s, pinned=pin)
         with self._mu:
             self._entries[sid] = SessionEntry(sid, now, now, busy=True, fingerprint_id=self.fingerprint_id,
                                               tenant=tenant, owner=self.replica_id, gen=gen, turn_recorded=True,
-                                              lease_until=lease_from + 0.8 * self.lease_ttl_s)
+                                              lease_until=lease_from + 0.8 * self.lease_ttl_s, ttl_s=ttl_s,
+                                              keep_resident=pin)
         return sid
+
+    def update(self, sid: str, tenant: str = "", ttl_s: int | None = None, pin: bool | None = None) -> SessionEntry:
+        """Change a session's TTL or pin it resident; it is taken over like a turn, so every replica agrees."""
+        self.acquire(sid, tenant)
+        try:
+            with self._mu:
+                entry = self._entries[sid]
+                if pin and not entry.keep_resident:
+                    self._check_pin_room()
+                entry.ttl_s = entry.ttl_s if ttl_s is None else self._ttl(ttl_s)
+                entry.keep_resident = entry.keep_resident if pin is None else pin
+                fields, gen, identity = _lifetime_fields(entry), entry.gen, _identity(entry)
+            if not self.directory.fenced(sid, gen, "note", fields, **identity):
+                raise SessionBusy(f"session {sid} was taken over by another replica meanwhile; retry")
+            with self._mu:
+                return entry.snapshot()
+        finally:
+            self.release(sid)
 
     def acquire(self, sid: str, tenant: str = "") -> SessionEntry:
         """Take ``sid`` for one turn: from this replica's table, or from Redis (after asking its owner to hand it
@@ -174,6 +197,10 @@ class SessionStore:
         with self._mu:
             local = {e.session_id: e.snapshot() for e in self._entries.values() if e.gen}
         return [local.get(d["session_id"]) or _entry_from_meta(d) for d in described], more
+
+    def pinned_count(self) -> int:
+        with self._mu:
+            return sum(e.keep_resident for e in self._entries.values())
 
     def owned(self) -> list[SessionEntry]:
         """Snapshots of the sessions this replica owns (metrics, tests)."""
@@ -285,6 +312,7 @@ class SessionStore:
         while True:
             victim = self._victim(need_bytes, keep)
             if victim is None:
+                self._check_pins_leave_room(need_bytes)
                 return
             try:
                 self._spill_one(victim)
@@ -348,9 +376,14 @@ class SessionStore:
         return n
 
     def renew_leases(self) -> None:
-        """LeaseKeeper: renew every lease here; a session another replica took over is dropped (once idle)."""
+        """LeaseKeeper: renew every lease here; a session another replica took over is dropped (once idle), and
+        an idle one past its TTL is deleted (a spilled one expires in Redis by itself)."""
+        now = self._clock()
         for entry in self._snapshot():
             if not entry.gen:
+                continue
+            if not entry.busy and not entry.pinned and entry.last_used + entry.ttl_s < now:
+                self._expire(entry)
                 continue
             started = time.monotonic()
             if self.directory.fenced(entry.session_id, entry.gen, "renew", **_identity(entry)):
@@ -465,6 +498,36 @@ class SessionStore:
         with self._mu:
             self._entries.pop(sid, None)
 
+    def _expire(self, entry: SessionEntry) -> None:
+        log.info("session %s expired (%d s after its last use)", entry.session_id, entry.ttl_s)
+        try:
+            self.directory.delete(entry.session_id, entry.tenant)
+        except OwnedElsewhere:
+            pass   # taken over meanwhile: its new owner decides
+        self._drop(entry.session_id)
+
+    def _ttl(self, ttl_s: int) -> int:
+        """A session's TTL: at most RAZOR_SESSION_TTL_S (the default)."""
+        if not 0 <= ttl_s <= self.spill.ttl_s:
+            raise InvalidArgument(f"session_ttl_s must be within 1..{self.spill.ttl_s} (RAZOR_SESSION_TTL_S; "
+                                  f"0 or unset = that), got {ttl_s}")
+        return ttl_s or self.spill.ttl_s
+
+    def _check_pins_leave_room(self, need_bytes: int) -> None:
+        """Pinned sessions never spill: a turn that cannot fit beside them is refused rather than left waiting."""
+        with self._mu:
+            pinned = sum(e.nbytes for e in self._entries.values() if e.keep_resident and e.location == "device")
+        if pinned and pinned + need_bytes > self.budget_bytes:
+            raise BudgetExhausted(f"pinned sessions hold {pinned} of the {self.budget_bytes}-byte KV budget and this "
+                                  f"turn needs {need_bytes} more; unpin some (UpdateSession pinned=false) or delete them")
+
+    def _check_pin_room(self) -> None:
+        """Caller holds the mutex."""
+        pinned = sum(e.keep_resident for e in self._entries.values())
+        if pinned >= self.max_pinned:
+            raise BudgetExhausted(f"this replica already pins {pinned} sessions (RAZOR_MAX_PINNED_SESSIONS); unpin "
+                                  "one with UpdateSession(pinned=false) or delete it")
+
     def _tenant_of(self, sid: str) -> str:
         with self._mu:
             entry = self._entries.get(sid)
@@ -482,7 +545,7 @@ class SessionStore:
                 return None
             for e in self._entries.values():  # least recently used first
                 if (e.location == "device" and e.state is not None and not e.pinned and not e.spilling
-                        and e.session_id != keep):
+                        and not e.keep_resident and e.session_id != keep):
                     e.spilling = True
                     return e.session_id
             return None
@@ -567,12 +630,17 @@ class SessionStore:
 
 
 _SUMMARY = ("created_at", "last_used", "length", "nbytes", "stored_nbytes", "full_nbytes", "head_map_version",
-            "fingerprint_id", "last_token")
+            "fingerprint_id", "last_token", "ttl_s", "keep_resident")
 
 
 def _identity(entry: SessionEntry) -> dict:
     """What re-registers a session whose metadata Redis lost."""
-    return {"tenant": entry.tenant, "created_at": entry.created_at}
+    return {"tenant": entry.tenant, "created_at": entry.created_at, "ttl_s": entry.ttl_s,
+            "pinned": entry.keep_resident}
+
+
+def _lifetime_fields(entry: SessionEntry) -> dict:
+    return {"ttl": entry.ttl_s, "pinned": int(entry.keep_resident)}
 
 
 def new_replica_id() -> str:
@@ -593,5 +661,5 @@ def _entry_from_meta(d: dict) -> SessionEntry:
                         length=number("length"), nbytes=number("nbytes"), stored_nbytes=number("stored_nbytes"),
                         full_nbytes=number("full_nbytes"), head_map_version=d.get("head_map_version") or "",
                         fingerprint_id=d.get("fingerprint_id") or "", lost_reason=lost, tenant=d.get("tenant") or "",
-                        owner=d.get("holder") or "",
+                        owner=d.get("holder") or "", ttl_s=number("ttl"), keep_resident=d.get("pinned") == "1",
                         last_token=int(last_token) if last_token not in (None, "", "None") else None)
