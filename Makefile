@@ -31,17 +31,25 @@ FLASH_ATTN_RELEASE ?= v0.9.47
 FLASH_ATTN_WHEEL ?=
 FLASH_ATTN_URL := https://github.com/mjun0812/flash-attention-prebuild-wheels/releases/download/$(FLASH_ATTN_RELEASE)
 
-.PHONY: run test proto bench venv clean distclean flash-attn
+.PHONY: run test proto bench venv proxy clean distclean flash-attn
 
 run: $(STAMP) $(GENERATED)
 	$(BIN)/python -m services.stack $(ARGS)
 
 # pytest exits 5 when it collected no test: make that a loud failure, never a silent pass.
-test: $(STAMP) $(GENERATED)
+test: $(STAMP) $(GENERATED) proxy
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-venv: $(STAMP)
+venv: $(STAMP) proxy
+
+# nginx, the gRPC proxy of `make run ARGS="--replicas N"` and tests/test_loadbalancer.py, from the system's
+# packages: installed with apt-get when it is missing and we are root; otherwise that test skips, saying why.
+proxy:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx; } \
+	  || echo "make: nginx is not installed (needs root and apt-get); tests/test_loadbalancer.py will skip" >&2
 
 $(STAMP): deploy/requirements.txt deploy/requirements-test.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
     max_workers: int = Field(16, ge=1, description="gRPC handler threads")
     grace_s: float = Field(10.0, ge=0, description="seconds in-flight streams get on shutdown")
+    drain_delay_s: float = Field(
+        0.0, ge=0, description="seconds a stopping service keeps serving with health NOT_SERVING, so polling "
+                               "load balancers take it out before it refuses connections")
     auth_token: str = Field("", description="one API key, of tenant \"default\" (kept from before tenants)")
     api_keys: str = Field("", description="comma-separated tenant:key pairs; any one of them authenticates a call")
     api_keys_file: str = Field("", description="file of tenant:key lines (# starts a comment line)")

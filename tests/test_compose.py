@@ -6,6 +6,9 @@
 - The Dockerfiles install through the same pinned deploy/requirements.txt as the Makefile.
 - Every environment variable the compose file sets is a Settings field, and the values it sets
   (defaults substituted) pass Settings' validation.
+- Two replicas sit behind the nginx proxy, which renders the same templates as `services.proxy`
+  (tests/test_loadbalancer.py runs them in the real nginx) and hashes the header the client sends;
+  auth is on, with the token required from `.env`.
 - README.md's settings table has a row for every Settings field.
 """
 from __future__ import annotations
@@ -21,6 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
+from services import proxy
+from services.inference.client import AFFINITY_HEADER
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +42,16 @@ def _compose_spec_schema() -> dict:
 
 SCHEMA = _compose_spec_schema()
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.gpu.yml"]
-APP_SERVICES = ["inference", "worker"]
-_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+REPLICAS = ["inference-1", "inference-2"]
+APP_SERVICES = [*REPLICAS, "worker"]
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+REQUIRED_SAMPLE = "value-from-dot-env"
+
+
+def _substituted(value: str) -> str:
+    """A compose value with its defaults in, and a sample where compose requires a value."""
+    return _INTERPOLATION.sub(lambda m: REQUIRED_SAMPLE if m.group(2) == "?" else (m.group(3) or ""), value)
 
 
 def _load(name: str) -> dict:
@@ -74,7 +87,7 @@ def test_compose_file_validates_against_the_spec(name):
 
 def test_compose_services_and_health():
     services = _load("docker-compose.yml")["services"]
-    assert set(services) == {"redis", "inference", "worker"}
+    assert set(services) == {"redis", *REPLICAS, "proxy", "worker"}
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
     assert "--appendonly yes" in " ".join(redis["command"])
@@ -84,17 +97,68 @@ def test_compose_services_and_health():
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["healthcheck"]["test"]
-    assert services["inference"]["command"] == ["python", "-m", "services.inference.server"]
+    for name in REPLICAS:
+        assert services[name]["command"] == ["python", "-m", "services.inference.server"]
     assert services["worker"]["command"][:7] == ["celery", "-A", "worker.app", "worker", "-Q", "profiling", "-c"]
 
 
 def test_gpu_override_reserves_an_nvidia_gpu():
     services = _load("docker-compose.gpu.yml")["services"]
     assert set(services) == set(APP_SERVICES)
-    for service in services.values():
+    for name, service in services.items():
         assert service["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
-        devices = service["deploy"]["resources"]["reservations"]["devices"]
-        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        assert service["environment"]["RAZOR_DEVICE"] == "cuda"
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        if name in REPLICAS:  # one GPU each, GPU 0 by default: a one-GPU host runs both
+            assert [_substituted(i) for i in device["device_ids"]] == ["0"] and "count" not in device
+        else:
+            assert device["count"] == 1
+
+
+def _proxy_values() -> dict[str, str]:
+    env = _load("docker-compose.yml")["services"]["proxy"]["environment"]
+    return {name: str(value) for name, value in env.items()}
+
+
+def test_the_proxy_renders_the_shared_templates_with_every_placeholder_set():
+    proxy_service = _load("docker-compose.yml")["services"]["proxy"]
+    assert proxy_service["image"].startswith("nginx:")
+    assert "./deploy/nginx:/etc/nginx/templates:ro" in proxy_service["volumes"]
+    values = _proxy_values()
+    assert values["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx" and values["NGINX_ENVSUBST_FILTER"] == "^PROXY_"
+    for name in (proxy.MAIN_TEMPLATE, proxy.SITE_TEMPLATE):
+        rendered = proxy.render((proxy.TEMPLATE_DIR / name).read_text(), values)  # raises on a missing value
+        assert "${" not in rendered
+    assert {p.name for p in proxy.TEMPLATE_DIR.iterdir()} == {proxy.MAIN_TEMPLATE, proxy.SITE_TEMPLATE}
+
+
+def test_the_proxy_fronts_every_replica_and_only_it_is_published():
+    services = _load("docker-compose.yml")["services"]
+    values = _proxy_values()
+    servers = re.findall(r"server (\S+?) resolve;", values["PROXY_UPSTREAM_SERVERS"])
+    assert servers == [f"{name}:{services[name]['environment']['RAZOR_PORT']}" for name in REPLICAS]
+    assert services["proxy"]["ports"] == [f"{values['PROXY_LISTEN']}:{values['PROXY_LISTEN']}"]
+    for name in REPLICAS:  # the replicas publish metrics on host loopback, never their gRPC port
+        assert all(port.startswith("127.0.0.1:") and not port.endswith(":50051") for port in services[name]["ports"])
+    assert {name: services["proxy"]["depends_on"][name]["condition"] for name in REPLICAS} == \
+        dict.fromkeys(REPLICAS, "service_started")  # nginx skips a replica that is still loading
+
+
+def test_the_proxy_hashes_the_header_the_client_sends():
+    site = (proxy.TEMPLATE_DIR / proxy.SITE_TEMPLATE).read_text()
+    variable = "$http_" + AFFINITY_HEADER.replace("-", "_")
+    assert re.search(rf"^\s*hash {re.escape(variable)} consistent;", site, re.MULTILINE)
+
+
+def test_replicas_require_the_auth_token_from_dot_env():
+    services = _load("docker-compose.yml")["services"]
+    for name in REPLICAS:
+        token = services[name]["environment"]["RAZOR_AUTH_TOKEN"]
+        assert token.startswith("${RAZOR_AUTH_TOKEN:?") and ".env" in token  # compose stops, saying what to set
+    example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^RAZOR_AUTH_TOKEN=$", example, re.MULTILINE), "the example leaves the secret to fill in"
+    assert re.search(r"^/?\.env$", (ROOT / ".gitignore").read_text(), re.MULTILINE), ".env holds the secret"
 
 
 @pytest.mark.parametrize("dockerfile", ["deploy/Dockerfile", "deploy/Dockerfile.gpu"])
@@ -141,7 +205,7 @@ def test_every_compose_variable_is_a_valid_setting(where, env, monkeypatch):
         if variable.startswith("RAZOR_") or variable == "REDIS_URL":
             monkeypatch.delenv(variable)
     for variable, value in env.items():
-        monkeypatch.setenv(variable, _INTERPOLATION.sub(lambda m: m.group(2) or "", str(value)))
+        monkeypatch.setenv(variable, _substituted(str(value)))
     Settings()  # raises a ValidationError naming the bad variable
 
 

@@ -6,6 +6,9 @@ runs Generate and ContinueSession through the CLI, runs a ProfileModel job to co
 the stack with SIGINT (Ctrl-C) and checks the exit was clean. A second start on the same workdir
 (no worker) then continues the session spilled at the first shutdown: the embedded Redis kept it.
 
+With ``--replicas 2`` the same command starts two services behind the nginx proxy (skipped when
+nginx is not installed); routing itself is tests/test_loadbalancer.py's.
+
 The service runs the tiny random model (``RAZOR_MODEL=tiny-random``; set RAZOR_STACK_TEST_MODEL
 to use another) so the test stays fast on two CPU cores; `make run` uses the embedded SmolLM2.
 """
@@ -162,3 +165,41 @@ def test_stack_options_and_check_report_problems(tmp_path):
     with pytest.raises(ValueError, match="--redis-url"):
         StackOptions(50051, "http://nope", True, tmp_path, 10)
     assert main(["--check", "--port", str(free_port())]) == 1  # nothing listens there
+
+
+def test_stack_runs_replicas_behind_the_proxy_and_stops_them_together(stack_factory, tmp_path):
+    from services import proxy
+
+    if proxy.nginx_binary() is None:
+        pytest.skip(f"the gRPC proxy nginx is not installed; {proxy.INSTALL_HINT}")
+    stack = stack_factory("--replicas", "2", "--no-worker")
+    for index in range(4):  # new sessions: round-robin over the replicas
+        reply = cli(stack.target, "generate", f"Tale {index}:", "--max-new-tokens", "2")
+        assert reply["session_id"] and reply["generated_tokens"] == 2
+    with RazorClient(stack.target, timeout_s=30) as client:
+        assert client.server_info().model_ref == MODEL
+    access_log = (tmp_path / "proxy" / "access.log").read_text()
+    served = {line.split("upstream=")[1].split()[0] for line in access_log.splitlines() if "/Generate " in line}
+    assert len(served) == 2, access_log
+
+    assert stack.interrupt() == 0, stack.log()
+    log = stack.log()
+    assert "2 replicas behind the nginx proxy" in log
+    front = max(log.index(f"stopping {name}") for name in ("service-1", "service-2", "proxy"))
+    assert front < log.index("stopping redis")
+
+
+def test_stack_refuses_replicas_it_cannot_run(tmp_path, monkeypatch):
+    from services import proxy
+    from services.settings import Settings
+    from services.stack import StackOptions, _check_replicas
+
+    with pytest.raises(ValueError, match="--replicas 0"):
+        StackOptions(50051, "", True, tmp_path, 10, replicas=0)
+    options = StackOptions(50051, "", True, tmp_path, 10, replicas=2)
+    with pytest.raises(ValueError, match="plaintext"):
+        _check_replicas(options, Settings(tls_cert="cert.pem", tls_key="key.pem"))
+    monkeypatch.setattr(proxy, "nginx_binary", lambda: None)
+    with pytest.raises(RuntimeError, match="apt-get install nginx"):
+        _check_replicas(options, Settings())
+    _check_replicas(StackOptions(50051, "", True, tmp_path, 10), Settings())  # one replica needs no proxy

@@ -6,6 +6,10 @@
 
 ``generate``/``continue_session`` collect a whole turn; ``stream_generate``/``stream_continue``
 yield the raw ``GenerateResponse`` messages as they arrive.
+
+Every call that names a session carries its id in the ``x-razor-session`` metadata
+(``AFFINITY_HEADER``): a proxy in front of several replicas hashes it to keep one session on one
+replica (deploy/nginx). New sessions carry none and may start on any replica.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ ensure_generated()
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 
+AFFINITY_HEADER = "x-razor-session"
+_AFFINITY_MAX_CHARS = 256   # far above a real id, far below a proxy's header limit
 FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
                 pb.FINISH_REASON_CANCELLED: "cancelled"}
 
@@ -66,6 +72,14 @@ def _options(request, sampling: dict, max_new_tokens, stop_strings, stop_token_i
     request.logprobs = logprobs
 
 
+def _affinity(session_id: str) -> tuple[tuple[str, str], ...]:
+    """The routing metadata for a call on ``session_id``; none for an id no header can carry (the
+    call then goes to any replica, which answers for the id itself)."""
+    if 0 < len(session_id) <= _AFFINITY_MAX_CHARS and session_id.isascii() and session_id.isprintable():
+        return ((AFFINITY_HEADER, session_id),)
+    return ()
+
+
 def _chat(messages) -> pb.ChatMessages:
     return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
 
@@ -87,8 +101,8 @@ class RazorClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, method, request, timeout_s=None):
-        return method(request, metadata=self.metadata, timeout=timeout_s or self.timeout_s)
+    def _call(self, method, request, timeout_s=None, session_id: str = ""):
+        return method(request, metadata=self.metadata + _affinity(session_id), timeout=timeout_s or self.timeout_s)
 
     # ---- turns -----------------------------------------------------------------------------
     def stream_generate(self, prompt: str | None = None, messages: list[dict] | None = None, *,
@@ -117,7 +131,7 @@ class RazorClient:
             request.text = text
         _options(request, dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
                  max_new_tokens, stop_strings, stop_token_ids, logprobs)
-        return self._call(self.stub.ContinueSession, request, timeout_s)
+        return self._call(self.stub.ContinueSession, request, timeout_s, session_id=session_id)
 
     def generate(self, *args, **kwargs) -> Reply:
         return collect(self.stream_generate(*args, **kwargs))
@@ -127,7 +141,7 @@ class RazorClient:
 
     # ---- sessions and server -------------------------------------------------------------------
     def get_session(self, session_id: str) -> pb.Session:
-        return self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id))
+        return self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id), session_id=session_id)
 
     def list_sessions(self, page_size: int = 50) -> Iterator[pb.Session]:
         token = ""
@@ -139,7 +153,8 @@ class RazorClient:
                 return
 
     def delete_session(self, session_id: str) -> bool:
-        return self._call(self.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id)).deleted
+        request = pb.DeleteSessionRequest(session_id=session_id)
+        return self._call(self.stub.DeleteSession, request, session_id=session_id).deleted
 
     def server_info(self) -> pb.ServerInfo:
         return self._call(self.stub.GetServerInfo, pb.GetServerInfoRequest())

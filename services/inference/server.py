@@ -2,16 +2,20 @@
 
     python -m services.inference.server      # configured by services.settings.Settings (RAZOR_*)
 
-Graceful shutdown (SIGTERM/SIGINT or ``RazorServer.stop``): health turns NOT_SERVING, no new
-RPCs are taken, running turns get most of the grace period to finish and are then cancelled
-(their streams end with finish reason CANCELLED), and every resident session is spilled to
-Redis so a restarted service continues it.
+Graceful shutdown, a drain (SIGTERM/SIGINT or ``RazorServer.stop``): health turns NOT_SERVING at
+once, for Check and for every open Watch stream, while streams in flight go on; for
+``RAZOR_DRAIN_DELAY_S`` the server still takes new RPCs, so load balancers that poll health take it
+out of rotation before it refuses connections; then no new RPCs are taken (a proxy sends new calls
+to another replica), Watch streams end, running turns get most of the grace period to finish and
+are then cancelled (their streams end with finish reason CANCELLED), and every resident session is
+spilled to Redis so a restarted service continues it.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,9 +61,38 @@ class RuntimeHealth(health.HealthServicer):
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
+    def Watch(self, request, context, send_response_callback=None):
+        if send_response_callback is not None:
+            send_response_callback = _closed_once(send_response_callback)
+        return super().Watch(request, context, send_response_callback)
+
+    def end_watches(self) -> None:
+        """End every Watch stream with OK (each has been sent NOT_SERVING by then): an open watch is an
+        RPC in flight, which would hold a graceful stop for the whole grace period. The open watches
+        are grpcio-health-checking's own registry (pinned; tests/test_loadbalancer.py covers it)."""
+        with self._lock:
+            callbacks = [cb for per_service in self._send_response_callbacks.values() for cb in per_service]
+        for callback in callbacks:
+            callback(None)
+
     @property
     def _shutting_down(self) -> bool:
         return getattr(self, "_gracefully_shutting_down", False)
+
+
+def _closed_once(send_response):
+    """A Watch's response callback that ends its stream once: `end_watches` ends it, and the
+    stream's own close callback then ends it again, which gRPC would do twice."""
+    closed = threading.Event()
+
+    def send(response) -> None:
+        if response is None:
+            if closed.is_set():
+                return
+            closed.set()
+        send_response(response)
+
+    return send
 
 
 class FallbackHeadMaps:
@@ -224,8 +257,12 @@ class RazorServer:
 
     def _stop(self, grace_s: float | None) -> None:
         grace = self.settings.grace_s if grace_s is None else grace_s
-        self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()  # NOT_SERVING now, to Check and every Watch stream
+        if self.settings.drain_delay_s > 0:
+            log.info("draining: health is NOT_SERVING; still serving for %.1f s", self.settings.drain_delay_s)
+            time.sleep(self.settings.drain_delay_s)
         done = self.server.stop(grace)  # takes no new RPCs; running ones get `grace` seconds
+        self.health.end_watches()
         if not self.runtime.wait_idle(grace * 0.8):
             log.warning("cancelling turns still running after %.1f s", grace * 0.8)
             self.runtime.cancel_all()  # streams end with finish reason CANCELLED
