@@ -1,13 +1,16 @@
-"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p)."""
+"""Sampling parameters and next-token selection (greedy, temperature, top-k, top-p), and the log-probabilities
+reported with each token (the sampled one's, and the top-N most likely) under the raw model distribution."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .errors import InvalidRequest
 
 MAX_NEW_TOKENS_LIMIT = 65_536
+MAX_TOP_LOGPROBS = 20   # candidates reported per generated token (what OpenAI's API allows)
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0             # report the k most likely tokens at each generated position
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -36,6 +40,9 @@ class SamplingParams:
             raise InvalidRequest("stop_strings must not contain an empty string")
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidRequest("stop_token_ids must be non-negative token ids")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be within 0..{MAX_TOP_LOGPROBS} (0 = none), "
+                                 f"got {self.top_logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -53,8 +60,17 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[int, float | None]:
-    """logits: [V] for the next position -> (token id, its log-probability under the model if asked)."""
+class Sampled(NamedTuple):
+    token: int
+    logprob: float | None                       # of `token`, when params.logprobs
+    top: tuple[tuple[int, float], ...] = ()     # (token id, logprob) of the params.top_logprobs most likely
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> Sampled:
+    """logits: [V] for the next position -> the sampled token, and the log-probabilities asked for.
+
+    Log-probabilities are those of the raw model distribution (log_softmax of `logits`, before temperature,
+    top-k and top-p), as vLLM reports them: the same numbers whatever the sampling settings."""
     logits = logits.float()
     if params.greedy:
         token = int(torch.argmax(logits))
@@ -67,8 +83,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
             scaled = _top_p_filter(scaled, params.top_p)
         probs = torch.softmax(scaled, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=gen))
-    logprob = float(torch.log_softmax(logits, dim=-1)[token]) if params.logprobs else None
-    return token, logprob
+    if not (params.logprobs or params.top_logprobs):
+        return Sampled(token, None)
+    logp = torch.log_softmax(logits, dim=-1)    # [V]
+    return Sampled(token, float(logp[token]) if params.logprobs else None, top_logprobs(logp, params.top_logprobs))
+
+
+def top_logprobs(logp: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    """logp: [V] log-probabilities -> the k most likely (token id, logprob), most likely first."""
+    if k == 0:
+        return ()
+    values, ids = torch.topk(logp, min(k, logp.numel()))   # sorted, descending
+    return tuple(zip(ids.tolist(), values.tolist()))
 
 
 def _top_p_filter(scaled: torch.Tensor, top_p: float) -> torch.Tensor:

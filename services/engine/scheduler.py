@@ -168,13 +168,13 @@ class Scheduler:
     def _advance(self, turn: _Turn, logits: torch.Tensor) -> None:
         """Sample the turn's next token from logits [V], stream it, and decide whether the turn goes on."""
         params, state = turn.request.params, turn.request.state
-        token, logprob = sample(logits, params, turn.generator)
+        token, logprob, top = sample(logits, params, turn.generator)   # this turn's row: its own k
         turn.generated.append(token)
         state.token_ids.append(token)
         is_stop = token in turn.stops
         at_limit = len(turn.generated) >= params.max_new_tokens
         delta = turn.stream.push(None if is_stop else token, flush=is_stop or at_limit)
-        keep_going = _call(turn.request.on_token, self.engine.token_event(token, delta, logprob))
+        keep_going = _call(turn.request.on_token, self.engine.token_event(token, delta, logprob, top))
         if is_stop or turn.stream.stopped:
             self._finish(turn, "stop")
         elif keep_going is False:

@@ -2,6 +2,8 @@
 
     python -m services.inference.cli [--target HOST:PORT] generate "Once upon a time" --max-new-tokens 32
     python -m services.inference.cli continue SESSION_ID " and then?"
+    python -m services.inference.cli generate "Tell me a story" --request-id story-1 --top-logprobs 5
+    python -m services.inference.cli abort story-1          # from any connection of the same tenant
     python -m services.inference.cli sessions [--delete SESSION_ID | --show SESSION_ID]
     python -m services.inference.cli info
 
@@ -31,6 +33,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--logprobs", action="store_true")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="the K most likely tokens at each generated position (0..20)")
+    p.add_argument("--request-id", default="", help="name the turn, for abort (default: the server assigns one)")
     p.add_argument("--chat", action="store_true", help="send the text as one user chat message")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -53,13 +58,15 @@ def parser() -> argparse.ArgumentParser:
     ses.add_argument("--show", metavar="SESSION_ID")
     ses.add_argument("--delete", metavar="SESSION_ID")
     sub.add_parser("info", help="model, device, head map and memory")
+    abort = sub.add_parser("abort", help="stop a running turn by its request id")
+    abort.add_argument("request_id")
     return p
 
 
 def _turn_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, seed=args.seed, stop_strings=args.stop, logprobs=args.logprobs,
-                timeout_s=args.timeout)
+                top_logprobs=args.top_logprobs, request_id=args.request_id, timeout_s=args.timeout)
 
 
 def _input(args, text: str) -> dict:
@@ -79,8 +86,9 @@ def _run_turn(stream, as_json: bool) -> None:
 
     reply: Reply = collect(echo(stream))
     print()
-    print(f"[session {reply.session_id or '-'} | finish {reply.finish_reason} | prompt {reply.prompt_tokens} "
-          f"generated {reply.generated_tokens} cached {reply.cached_tokens}]", file=sys.stderr)
+    print(f"[session {reply.session_id or '-'} | request {reply.request_id} | finish {reply.finish_reason} | "
+          f"prompt {reply.prompt_tokens} generated {reply.generated_tokens} cached {reply.cached_tokens}]",
+          file=sys.stderr)
 
 
 def run(args) -> None:
@@ -100,6 +108,8 @@ def run(args) -> None:
             else:
                 for session in client.list_sessions():
                     print(json.dumps(MessageToDict(session)))
+        elif args.command == "abort":
+            print(json.dumps({"found": client.abort(args.request_id)}))
         else:
             print(json.dumps(MessageToDict(client.server_info()), indent=2))
 

@@ -10,11 +10,15 @@ yield the raw ``GenerateResponse`` messages as they arrive.
 Every call that names a session carries its id in the ``x-razor-session`` metadata
 (``AFFINITY_HEADER``): a proxy in front of several replicas hashes it to keep one session on one
 replica (deploy/nginx). New sessions carry none and may start on any replica.
+yield the raw ``GenerateResponse`` messages as they arrive. A turn may carry a ``request_id`` (else the server
+assigns one; every message names it), which ``abort(request_id)`` stops from any connection of the tenant;
+``top_logprobs=k`` returns the k most likely tokens at each generated position.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
 
@@ -30,14 +34,24 @@ FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop"
                 pb.FINISH_REASON_CANCELLED: "cancelled"}
 
 
+class Candidate(NamedTuple):
+    """One of the top_logprobs most likely tokens at a generated position."""
+
+    token_id: int
+    logprob: float
+    text: str
+
+
 @dataclass
 class Reply:
     """One finished turn, assembled from its stream."""
 
     session_id: str = ""
+    request_id: str = ""
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[Candidate]] = field(default_factory=list)   # one list per token, most likely first
     finish_reason: str = ""
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -47,11 +61,13 @@ class Reply:
 def collect(stream) -> Reply:
     reply, pieces = Reply(), []
     for msg in stream:
-        reply.session_id = msg.session_id
+        reply.session_id, reply.request_id = msg.session_id, msg.request_id
         if msg.HasField("chunk"):
             pieces.append(msg.chunk.text)
             reply.token_ids += list(msg.chunk.token_ids)
             reply.logprobs += list(msg.chunk.logprobs)
+            reply.top_logprobs += [[Candidate(c.token_id, c.logprob, c.text) for c in top.candidates]
+                                   for top in msg.chunk.top_logprobs]
         else:
             c = msg.completion
             reply.text, reply.finish_reason = c.text, FINISH_NAMES.get(c.finish_reason, "")
@@ -61,7 +77,8 @@ def collect(stream) -> Reply:
     return reply
 
 
-def _options(request, sampling: dict, max_new_tokens, stop_strings, stop_token_ids, logprobs) -> None:
+def _options(request, sampling: dict, max_new_tokens, stop_strings, stop_token_ids, logprobs,
+             request_id: str, top_logprobs: int) -> None:
     for name, value in sampling.items():
         if value is not None:
             setattr(request.sampling, name, value)
@@ -70,6 +87,7 @@ def _options(request, sampling: dict, max_new_tokens, stop_strings, stop_token_i
     request.stop.stop_strings.extend(stop_strings)
     request.stop.stop_token_ids.extend(stop_token_ids)
     request.logprobs = logprobs
+    request.request_id, request.top_logprobs = request_id, top_logprobs
 
 
 def _affinity(session_id: str) -> tuple[tuple[str, str], ...]:
@@ -109,6 +127,7 @@ class RazorClient:
                         max_new_tokens: int | None = None, temperature: float | None = None,
                         top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                         stop_strings=(), stop_token_ids=(), logprobs: bool = False, keep_session: bool = True,
+                        request_id: str = "", top_logprobs: int = 0,
                         timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
         request = pb.GenerateRequest(keep_session=keep_session)
         if messages is not None:
@@ -116,13 +135,14 @@ class RazorClient:
         elif prompt is not None:
             request.prompt = prompt
         _options(request, dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-                 max_new_tokens, stop_strings, stop_token_ids, logprobs)
+                 max_new_tokens, stop_strings, stop_token_ids, logprobs, request_id, top_logprobs)
         return self._call(self.stub.Generate, request, timeout_s)
 
     def stream_continue(self, session_id: str, text: str | None = None, messages: list[dict] | None = None, *,
                         max_new_tokens: int | None = None, temperature: float | None = None,
                         top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                         stop_strings=(), stop_token_ids=(), logprobs: bool = False,
+                        request_id: str = "", top_logprobs: int = 0,
                         timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
         request = pb.ContinueSessionRequest(session_id=session_id)
         if messages is not None:
@@ -130,7 +150,7 @@ class RazorClient:
         elif text is not None:
             request.text = text
         _options(request, dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-                 max_new_tokens, stop_strings, stop_token_ids, logprobs)
+                 max_new_tokens, stop_strings, stop_token_ids, logprobs, request_id, top_logprobs)
         return self._call(self.stub.ContinueSession, request, timeout_s, session_id=session_id)
 
     def generate(self, *args, **kwargs) -> Reply:
@@ -138,6 +158,11 @@ class RazorClient:
 
     def continue_session(self, *args, **kwargs) -> Reply:
         return collect(self.stream_continue(*args, **kwargs))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop the running turn `request_id` of this client's tenant (its stream ends with finish reason
+        "cancelled"); raises grpc.RpcError NOT_FOUND when no such turn runs."""
+        return self._call(self.stub.Abort, pb.AbortRequest(request_id=request_id)).found
 
     # ---- sessions and server -------------------------------------------------------------------
     def get_session(self, session_id: str) -> pb.Session:

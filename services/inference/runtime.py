@@ -5,17 +5,20 @@ store and submits it; the `EngineLoop` thread advances every admitted turn one t
 batching, `services.engine.Scheduler`) and streams each turn's tokens to its own queue. A spilled session is
 restored — fetched, checksum-verified and rebuilt — on the I/O thread before it joins the batch, and room in the
 KV budget is made there too, so Redis never stalls the decoding of other sessions. Cancellation (client cancel,
-deadline, shutdown) sets the turn's event, and the scheduler drops the turn before its next step.
+deadline, shutdown, or `abort` by request id from any connection or replica) sets the turn's event, and the
+scheduler drops the turn before its next step.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +29,7 @@ from .admission import Admission
 from .engine_loop import EngineLoop
 from .errors import Cancelled, InvalidArgument, SessionError, ShuttingDown
 from .leases import LeaseKeeper
+from .requests import RequestRegistry, check_request_id
 from .sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ class Turn:
     tenant: str = ""               # the caller's tenant (from its API key; "" with auth off)
     session_ttl_s: int = 0         # a new session's TTL (0 = RAZOR_SESSION_TTL_S)
     pin_session: bool = False      # keep a new session resident
+    request_id: str = ""           # the client's id for the turn ("" = start_turn assigns one)
 
     def __post_init__(self):
         if (self.text is None) == (self.messages is None):
@@ -56,6 +61,8 @@ class Turn:
             raise InvalidArgument("the chat has no messages; send at least one")
         if self.session_id is not None and not self.session_id:
             raise InvalidArgument("session_id is empty; pass the id a Generate stream returned")
+        if self.request_id:
+            check_request_id(self.request_id)
 
 
 @dataclass(frozen=True)
@@ -69,19 +76,26 @@ class _Failed:
 
 
 class TurnStream:
-    """Iterate for ``TokenEvent``s then one ``Finished``; raises the job's error if it failed."""
+    """Iterate for ``TokenEvent``s then one ``Finished``; raises the job's error if it failed. `on_end` runs once
+    the turn has ended, before the client sees its end (so its request id is free again), or when the
+    iteration is abandoned."""
 
-    def __init__(self, session_id: str, events: "queue.SimpleQueue"):
-        self.session_id, self._events = session_id, events
+    def __init__(self, session_id: str, events: "queue.SimpleQueue", request_id: str = "", on_end=lambda: None):
+        self.session_id, self.request_id, self._events, self._on_end = session_id, request_id, events, on_end
 
     def __iter__(self) -> Iterator[TokenEvent | Finished]:
-        while True:
-            item = self._events.get()
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item
-            if isinstance(item, Finished):
-                return
+        try:
+            while True:
+                item = self._events.get()
+                if isinstance(item, (_Failed, Finished)):
+                    self._on_end()
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            self._on_end()
 
 
 class FixedHeadMaps:
@@ -116,6 +130,7 @@ class Runtime:
         store.reserved_bytes = self.admission.reserved_bytes
         store.defer = self.io.submit   # Redis work the model loop asks for runs on the I/O thread
         self.leases = LeaseKeeper(store, lambda sid: self.io.submit(store.hand_over, sid)).start()
+        self.requests = RequestRegistry(store.spill.client, store.replica_id, on_abort=self.loop.wake).start()
         self._tokenizer = threading.Lock()   # a fast tokenizer is not safe to share between threads
         self._continued: set[int] = set()    # model loop: continued turns whose session it pinned
         self._restoring: set[int] = set()    # turns whose session the I/O thread is restoring
@@ -128,7 +143,27 @@ class Runtime:
 
     # ---- turns (handler threads) -----------------------------------------------------------
     def start_turn(self, turn: Turn, cancel: threading.Event) -> TurnStream:
-        """Open (or create) the turn's session, tokenize, and queue the turn for the model loop."""
+        """Register the turn's request id (assigning one when the client sent none), then open (or create) its
+        session, tokenize, and queue the turn for the model loop. Raises DuplicateRequest while another turn of
+        the tenant runs under the same id."""
+        turn = turn if turn.request_id else replace(turn, request_id=uuid.uuid4().hex)
+        self.requests.register(turn.tenant, turn.request_id, cancel)
+        end = functools.partial(self.requests.unregister, turn.tenant, turn.request_id, cancel)
+        try:
+            sid, events = self._start_turn(turn, cancel)
+        except BaseException:
+            end()
+            raise
+        return TurnStream(sid, events, turn.request_id, on_end=end)
+
+    def abort(self, tenant: str, request_id: str) -> None:
+        """Stop the tenant's running turn `request_id` within one step, on whichever replica runs it (the session
+        is left as after a client cancel). Raises RequestNotFound for an unknown id or another tenant's."""
+        if not request_id:
+            raise InvalidArgument("request_id is empty; pass the id of a running Generate or ContinueSession")
+        self.requests.abort(tenant, check_request_id(request_id))
+
+    def _start_turn(self, turn: Turn, cancel: threading.Event) -> tuple[str, queue.SimpleQueue]:
         entry = self.store.acquire(turn.session_id, turn.tenant) if turn.session_id is not None else None
         sid = turn.session_id if entry is not None else (self.store.create(turn.tenant, turn.session_ttl_s, turn.pin_session)
                                                          if turn.keep_session else "")
@@ -144,7 +179,7 @@ class Runtime:
             self._forget(cancel)
             self._abandon(turn, sid, exc)
             raise
-        return TurnStream(sid, events)
+        return sid, events
 
     def _request(self, turn: Turn, sid: str, entry, events, cancel: threading.Event) -> TurnRequest:
         history = entry.length if entry is not None else 0
@@ -233,6 +268,8 @@ class Runtime:
             events.put(Finished(outcome))
             self._notify(outcome, time.perf_counter() - started)
             self.io.submit(self.store.settle)  # spill over-budget idle sessions, off the model loop
+        # Its stream frees the request id before the client sees the end; this covers a stream never read.
+        self.io.submit(self.requests.unregister, turn.tenant, turn.request_id, cancel)
         self._forget(cancel)
 
     def _forget(self, cancel: threading.Event) -> None:
@@ -298,6 +335,7 @@ class Runtime:
         self.loop.stop()
         counts = self.io.submit(self.store.spill_all).result()
         self.leases.stop()
+        self.requests.stop()
         self.io.shutdown(wait=True)
         self.store.spill.close()
         log.info("runtime closed; sessions: %d spilled to Redis, %d saved locally, %d lost", counts["spilled"],

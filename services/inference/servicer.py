@@ -34,6 +34,7 @@ from .auth import tenant_of
 from .errors import (BudgetExhausted, Cancelled, InvalidArgument, NotConfigured, NotFound, SessionBusy, SessionLost,
                      SessionModelMismatch, SessionNotFound, ShuttingDown, StoreUnavailable)
 from .profile_jobs import BrokerUnavailable
+from .requests import DuplicateRequest, RequestNotFound
 from .runtime import Finished, Runtime, Turn
 from .spill import SpillUnavailable
 
@@ -73,6 +74,8 @@ _STATUS = (
     (redis_errors.NoPermissionError, Code.UNAVAILABLE, f"{_REDIS_DOWN} (its ACL refuses this service): "),
     (redis_errors.InvalidResponse, Code.UNAVAILABLE, f"{_REDIS_DOWN} (unreadable reply): "),
     # requests
+    (RequestNotFound, Code.NOT_FOUND, ""),
+    (DuplicateRequest, Code.ALREADY_EXISTS, ""),
     (Cancelled, Code.CANCELLED, ""),
     (InvalidArgument, Code.INVALID_ARGUMENT, ""),
     (InvalidRequest, Code.INVALID_ARGUMENT, ""),
@@ -119,13 +122,14 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     def Generate(self, request: pb.GenerateRequest, context):
         keep = request.keep_session if request.HasField("keep_session") else True
         turn = Turn(params=sampling_params(request), keep_session=keep, tenant=tenant_of(context),
-                    session_ttl_s=request.session_ttl_s, pin_session=request.pin_session, **_input(request, "prompt"))
+                    session_ttl_s=request.session_ttl_s, pin_session=request.pin_session,
+                    request_id=request.request_id, **_input(request, "prompt"))
         yield from self._stream(turn, context)
 
     @_grpc_errors
     def ContinueSession(self, request: pb.ContinueSessionRequest, context):
         turn = Turn(params=sampling_params(request), session_id=request.session_id, tenant=tenant_of(context),
-                    **_input(request, "text"))
+                    request_id=request.request_id, **_input(request, "text"))
         yield from self._stream(turn, context)
 
     def _stream(self, turn: Turn, context):
@@ -134,7 +138,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
         try:
             stream = self.runtime.start_turn(turn, cancel)
             for item in stream:
-                yield _response(stream.session_id, item)
+                yield _response(stream.session_id, stream.request_id, item)
         finally:
             cancel.set()  # the stream is gone: stop generating within one step
 
@@ -211,6 +215,12 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
             raise NotConfigured("profiling worker not configured")
         return self.jobs
 
+    # ---- request ids (issue 16, item 1) ------------------------------------------------------
+    @_grpc_errors
+    def Abort(self, request: pb.AbortRequest, context):
+        self.runtime.abort(tenant_of(context), request.request_id)
+        return pb.AbortResponse(found=True)
+
 
 # ---- proto -> domain --------------------------------------------------------------------------
 def sampling_params(request) -> SamplingParams:
@@ -221,7 +231,8 @@ def sampling_params(request) -> SamplingParams:
     if request.HasField("max_new_tokens"):
         kwargs["max_new_tokens"] = request.max_new_tokens
     return SamplingParams(**kwargs, stop_token_ids=tuple(request.stop.stop_token_ids),
-                          stop_strings=tuple(request.stop.stop_strings), logprobs=request.logprobs)
+                          stop_strings=tuple(request.stop.stop_strings), logprobs=request.logprobs,
+                          top_logprobs=request.top_logprobs)
 
 
 def _input(request, text_field: str) -> dict:
@@ -246,16 +257,21 @@ _JOB_STATE = {"queued": pb.JOB_STATE_QUEUED, "running": pb.JOB_STATE_RUNNING,
               "succeeded": pb.JOB_STATE_SUCCEEDED, "failed": pb.JOB_STATE_FAILED}
 
 
-def _response(session_id: str, item) -> pb.GenerateResponse:
+def _response(session_id: str, request_id: str, item) -> pb.GenerateResponse:
     if isinstance(item, Finished):
         r = item.result
         usage = pb.Usage(prompt_tokens=r.prompt_tokens, generated_tokens=r.generated_tokens,
                          cached_tokens=r.cached_tokens)
         completion = pb.Completion(finish_reason=_FINISH[r.finish_reason], usage=usage, text=r.text)
-        return pb.GenerateResponse(session_id=session_id, completion=completion)
+        return pb.GenerateResponse(session_id=session_id, request_id=request_id, completion=completion)
     chunk = pb.TokenChunk(text=item.text, token_ids=[item.token_id],
-                          logprobs=[] if item.logprob is None else [item.logprob])
-    return pb.GenerateResponse(session_id=session_id, chunk=chunk)
+                          logprobs=[] if item.logprob is None else [item.logprob],
+                          top_logprobs=[_top_logprobs_pb(item.top_logprobs)] if item.top_logprobs else [])
+    return pb.GenerateResponse(session_id=session_id, request_id=request_id, chunk=chunk)
+
+
+def _top_logprobs_pb(candidates) -> pb.TopLogprobs:
+    return pb.TopLogprobs(candidates=[pb.TopLogprob(token_id=t, logprob=lp, text=text) for t, lp, text in candidates])
 
 
 def timestamp(value) -> Timestamp | None:
