@@ -5,11 +5,12 @@
         more = client.continue_session(reply.session_id, text=" Tell me more.")
 
 ``generate``/``continue_session`` collect a whole turn; ``stream_generate``/``stream_continue``
-yield the raw ``GenerateResponse`` messages as they arrive.
+yield the raw ``GenerateResponse`` messages as they arrive. ``export_session``/``import_session`` move a
+session between deployments; ``fork_session`` copies one.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,6 +21,7 @@ ensure_generated()
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 
+IMPORT_CHUNK_BYTES = 2 * 2**20   # bytes per ImportSession message (the server takes up to gRPC's 4 MiB)
 FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
                 pb.FINISH_REASON_CANCELLED: "cancelled"}
 
@@ -143,6 +145,32 @@ class RazorClient:
 
     def server_info(self) -> pb.ServerInfo:
         return self._call(self.stub.GetServerInfo, pb.GetServerInfoRequest())
+
+    # ---- export, import and fork -------------------------------------------------------------
+    def stream_export(self, session_id: str, timeout_s: float | None = None) -> Iterator[bytes]:
+        """The export of a session, piece by piece (write them to a file in order)."""
+        for message in self._call(self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id), timeout_s):
+            yield message.chunk
+
+    def export_session(self, session_id: str, timeout_s: float | None = None) -> bytes:
+        return b"".join(self.stream_export(session_id, timeout_s))
+
+    def import_session(self, export: bytes | Iterable[bytes], size_bytes: int = 0,
+                       timeout_s: float | None = None) -> pb.ImportSessionResponse:
+        """Import an export (bytes, or pieces of it in order) as a new session; ``.session.session_id`` is its id."""
+        if isinstance(export, (bytes, bytearray, memoryview)):
+            export, size_bytes = [bytes(export)], size_bytes or len(export)
+
+        def requests() -> Iterator[pb.ImportSessionRequest]:
+            yield pb.ImportSessionRequest(options=pb.ImportOptions(size_bytes=size_bytes))
+            for piece in export:
+                for start in range(0, len(piece), IMPORT_CHUNK_BYTES):
+                    yield pb.ImportSessionRequest(chunk=piece[start:start + IMPORT_CHUNK_BYTES])
+        return self._call(self.stub.ImportSession, requests(), timeout_s)
+
+    def fork_session(self, session_id: str) -> pb.Session:
+        """A copy of the session under a new id; both continue independently."""
+        return self._call(self.stub.ForkSession, pb.ForkSessionRequest(session_id=session_id)).session
 
     # ---- profiling -------------------------------------------------------------------------
     def profile_model(self, model_ref: str = "", **params) -> pb.ProfileJob:
