@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     max_running: int = Field(32, ge=1, description="turns decoding together in one batch")
     step_tokens: int = Field(256, ge=2, description="tokens per model step: one per decoding turn + prefill chunks")
     max_input_chars: int = Field(0, ge=0, description="longest prompt or turn in characters (0 = 32 per context token)")
+    max_import_bytes: int = Field(2**30, ge=1, description="largest session export ImportSession accepts, in bytes")
     spill_key: SecretStr = Field(SecretStr(""), description=(
         "secret shared by every replica: spilled sessions carry an HMAC-SHA256 under it (empty = SHA-256 only)"))
 

@@ -6,6 +6,9 @@
     python -m services.inference.cli abort story-1          # from any connection of the same tenant
     python -m services.inference.cli sessions [--delete SESSION_ID | --show SESSION_ID]
     python -m services.inference.cli info
+    python -m services.inference.cli export SESSION_ID session.razor      # "-" = stdout
+    python -m services.inference.cli import session.razor                 # "-" = stdin; prints the new session
+    python -m services.inference.cli fork SESSION_ID                      # prints the copy
 
 Generated text streams to stdout; a summary line (session, finish reason, usage) goes to
 stderr, or with ``--json`` one JSON object goes to stdout instead. Errors print the gRPC
@@ -18,6 +21,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -60,7 +64,41 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="model, device, head map and memory")
     abort = sub.add_parser("abort", help="stop a running turn by its request id")
     abort.add_argument("request_id")
+    _add_transfer(sub)
     return p
+
+
+def _add_transfer(sub) -> None:
+    exp = sub.add_parser("export", help="write a session's export to a file")
+    exp.add_argument("session_id")
+    exp.add_argument("file", help='where to write it ("-" = stdout)')
+    imp = sub.add_parser("import", help="import an export as a new session")
+    imp.add_argument("file", help='the export ("-" = stdin)')
+    fork = sub.add_parser("fork", help="copy a session under a new id")
+    fork.add_argument("session_id")
+
+
+def _export(client: RazorClient, sid: str, file: str) -> None:
+    """Stream the export to ``file`` (through a .part file, renamed once whole) or to stdout."""
+    if file == "-":
+        for piece in client.stream_export(sid):
+            sys.stdout.buffer.write(piece)
+        sys.stdout.buffer.flush()
+        return
+    partial, size = Path(file + ".part"), 0
+    try:
+        with partial.open("wb") as out:
+            for piece in client.stream_export(sid):
+                size += out.write(piece)
+        partial.replace(file)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(json.dumps({"session_id": sid, "file": file, "bytes": size}))
+
+
+def _import(client: RazorClient, file: str) -> None:
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    print(json.dumps(MessageToDict(client.import_session(data))))
 
 
 def _turn_kwargs(args) -> dict:
@@ -110,6 +148,12 @@ def run(args) -> None:
                     print(json.dumps(MessageToDict(session)))
         elif args.command == "abort":
             print(json.dumps({"found": client.abort(args.request_id)}))
+        elif args.command == "export":
+            _export(client, args.session_id, args.file)
+        elif args.command == "import":
+            _import(client, args.file)
+        elif args.command == "fork":
+            print(json.dumps(MessageToDict(client.fork_session(args.session_id))))
         else:
             print(json.dumps(MessageToDict(client.server_info()), indent=2))
 
@@ -120,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except OSError as exc:   # export/import files
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -5,18 +5,19 @@
         more = client.continue_session(reply.session_id, text=" Tell me more.")
 
 ``generate``/``continue_session`` collect a whole turn; ``stream_generate``/``stream_continue``
-yield the raw ``GenerateResponse`` messages as they arrive.
+yield the raw ``GenerateResponse`` messages as they arrive. A turn may carry a ``request_id`` (else the server
+assigns one; every message names it), which ``abort(request_id)`` stops from any connection of the tenant;
+``top_logprobs=k`` returns the k most likely tokens at each generated position. ``export_session`` /
+``import_session`` move a session between deployments; ``fork_session`` copies one; ``update_session`` sets its
+TTL or pins it; ``get_load`` reports a replica's load.
 
 Every call that names a session carries its id in the ``x-razor-session`` metadata
 (``AFFINITY_HEADER``): a proxy in front of several replicas hashes it to keep one session on one
 replica (deploy/nginx). New sessions carry none and may start on any replica.
-yield the raw ``GenerateResponse`` messages as they arrive. A turn may carry a ``request_id`` (else the server
-assigns one; every message names it), which ``abort(request_id)`` stops from any connection of the tenant;
-``top_logprobs=k`` returns the k most likely tokens at each generated position.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E
 
 AFFINITY_HEADER = "x-razor-session"
 _AFFINITY_MAX_CHARS = 256   # far above a real id, far below a proxy's header limit
+IMPORT_CHUNK_BYTES = 2 * 2**20   # bytes per ImportSession message (the server takes up to gRPC's 4 MiB)
 FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
                 pb.FINISH_REASON_CANCELLED: "cancelled"}
 
@@ -186,10 +188,37 @@ class RazorClient:
 
     def update_session(self, session_id: str, ttl_s: int | None = None, pinned: bool | None = None) -> pb.Session:
         request = pb.UpdateSessionRequest(session_id=session_id, ttl_s=ttl_s, pinned=pinned)
-        return self._call(self.stub.UpdateSession, request)
+        return self._call(self.stub.UpdateSession, request, session_id=session_id)
 
     def get_load(self) -> pb.Load:
         return self._call(self.stub.GetLoad, pb.GetLoadRequest())
+    # ---- export, import and fork -------------------------------------------------------------
+    def stream_export(self, session_id: str, timeout_s: float | None = None) -> Iterator[bytes]:
+        """The export of a session, piece by piece (write them to a file in order)."""
+        request = pb.ExportSessionRequest(session_id=session_id)
+        for message in self._call(self.stub.ExportSession, request, timeout_s, session_id=session_id):
+            yield message.chunk
+
+    def export_session(self, session_id: str, timeout_s: float | None = None) -> bytes:
+        return b"".join(self.stream_export(session_id, timeout_s))
+
+    def import_session(self, export: bytes | Iterable[bytes], size_bytes: int = 0,
+                       timeout_s: float | None = None) -> pb.ImportSessionResponse:
+        """Import an export (bytes, or pieces of it in order) as a new session; ``.session.session_id`` is its id."""
+        if isinstance(export, (bytes, bytearray, memoryview)):
+            export, size_bytes = [bytes(export)], size_bytes or len(export)
+
+        def requests() -> Iterator[pb.ImportSessionRequest]:
+            yield pb.ImportSessionRequest(options=pb.ImportOptions(size_bytes=size_bytes))
+            for piece in export:
+                for start in range(0, len(piece), IMPORT_CHUNK_BYTES):
+                    yield pb.ImportSessionRequest(chunk=piece[start:start + IMPORT_CHUNK_BYTES])
+        return self._call(self.stub.ImportSession, requests(), timeout_s)
+
+    def fork_session(self, session_id: str) -> pb.Session:
+        """A copy of the session under a new id; both continue independently."""
+        request = pb.ForkSessionRequest(session_id=session_id)
+        return self._call(self.stub.ForkSession, request, session_id=session_id).session
 
     # ---- profiling -------------------------------------------------------------------------
     def profile_model(self, model_ref: str = "", **params) -> pb.ProfileJob:

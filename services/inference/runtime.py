@@ -30,7 +30,9 @@ from .engine_loop import EngineLoop
 from .errors import Cancelled, InvalidArgument, SessionError, ShuttingDown
 from .leases import LeaseKeeper
 from .requests import RequestRegistry, check_request_id
+from . import transfer
 from .sessions import SessionStore
+from .spilled_header import ModelShape
 
 log = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 1000
@@ -359,6 +361,31 @@ class Runtime:
             raise InvalidArgument(f"page_size must be within 0..{MAX_PAGE_SIZE} (0 = 50), got {page_size}")
         page, more = self.store.page(tenant, page_token, page_size or 50)
         return page, (page[-1].session_id if more and page else "")
+
+    # ---- session transfer: export, import, fork (handler threads) -------------------------------
+    max_import_bytes: int = 2**30   # RAZOR_MAX_IMPORT_BYTES; build_server sets it from the settings
+
+    def export_session(self, sid: str, tenant: str) -> list[bytes]:
+        """The session's export blob (parts to concatenate); read off the model loop, restored on the I/O thread."""
+        return self.store.export_state(sid, tenant, on_io=self._on_io)
+
+    def fork_session(self, sid: str, tenant: str) -> str:
+        """A copy of the session under a new id of the same tenant."""
+        return self.store.fork(sid, tenant, on_io=self._on_io)
+
+    def import_session(self, pieces, tenant: str, declared_bytes: int = 0) -> tuple[str, dict]:
+        """(the new session's id, the export's header meta) from an export's streamed pieces."""
+        blob = transfer.gather(pieces, self.max_import_bytes, declared_bytes)
+        deployment = transfer.Deployment(self.loaded.fingerprint.id, self.store.dtype, ModelShape.of(self.loaded),
+                                         self.head_maps)
+        state, meta = transfer.unpack(blob, deployment, self.loaded.device)
+        return self.store.adopt_state(state, tenant), meta
+
+    def _on_io(self, fn, *args):
+        """Run ``fn`` on the I/O thread (where restores and spills run) and wait for it."""
+        if self._closed:
+            raise ShuttingDown("the service is shutting down; retry on another replica or after restart")
+        return self.io.submit(fn, *args).result()
 
 
 class TokenRate:

@@ -13,6 +13,7 @@ import inspect
 import logging
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
 
 import grpc
@@ -37,6 +38,7 @@ from .profile_jobs import BrokerUnavailable
 from .requests import DuplicateRequest, RequestNotFound
 from .runtime import Finished, Runtime, Turn
 from .spill import SpillUnavailable
+from .transfer import ExportDamaged, ExportIncompatible, ImportTooLarge, messages
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
@@ -56,6 +58,10 @@ _STATUS = (
     (SessionNotFound, Code.NOT_FOUND, ""),
     (NotFound, Code.NOT_FOUND, ""),
     (SessionLost, Code.DATA_LOSS, ""),
+    # session exports
+    (ExportDamaged, Code.DATA_LOSS, ""),
+    (ExportIncompatible, Code.FAILED_PRECONDITION, ""),
+    (ImportTooLarge, Code.RESOURCE_EXHAUSTED, ""),
     # capacity and availability of the service and its stores
     (BudgetExhausted, Code.RESOURCE_EXHAUSTED, ""),
     (StoreUnavailable, Code.UNAVAILABLE, ""),
@@ -220,6 +226,27 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     def Abort(self, request: pb.AbortRequest, context):
         self.runtime.abort(tenant_of(context), request.request_id)
         return pb.AbortResponse(found=True)
+    # ---- export, import and fork ---------------------------------------------------------------
+    @_grpc_errors
+    def ExportSession(self, request: pb.ExportSessionRequest, context):
+        parts = self.runtime.export_session(_session_id(request.session_id), tenant_of(context))
+        total = sum(len(part) for part in parts)
+        for i, piece in enumerate(messages(parts)):
+            yield pb.ExportSessionResponse(chunk=piece, total_bytes=total if i == 0 else 0)
+
+    @_grpc_errors
+    def ImportSession(self, request_iterator, context):
+        options, pieces = _import_parts(request_iterator)
+        tenant = tenant_of(context)
+        sid, meta = self.runtime.import_session(pieces, tenant, options.size_bytes)
+        return pb.ImportSessionResponse(session=session_pb(self.runtime.store.info(sid, tenant)),
+                                        source_session_id=meta["session_id"])
+
+    @_grpc_errors
+    def ForkSession(self, request: pb.ForkSessionRequest, context):
+        tenant = tenant_of(context)
+        sid = self.runtime.fork_session(_session_id(request.session_id), tenant)
+        return pb.ForkSessionResponse(session=session_pb(self.runtime.store.info(sid, tenant)))
 
 
 # ---- proto -> domain --------------------------------------------------------------------------
@@ -248,6 +275,21 @@ def _session_id(sid: str) -> str:
     if not sid:
         raise InvalidArgument("session_id is empty; pass the id a Generate stream returned")
     return sid
+
+
+def _import_parts(requests) -> tuple[pb.ImportOptions, Iterator[bytes]]:
+    """The options of an ImportSession stream (its first message) and the export's bytes that follow."""
+    first = next(requests, None)
+    if first is None or first.WhichOneof("part") != "options":
+        raise InvalidArgument("the first ImportSession message must carry `options` (it may be empty); then send "
+                              "the export's bytes as `chunk`s")
+
+    def pieces() -> Iterator[bytes]:
+        for message in requests:
+            if message.WhichOneof("part") != "chunk":
+                raise InvalidArgument("after the first ImportSession message, send only `chunk`s of the export")
+            yield message.chunk
+    return first.options, pieces()
 
 
 # ---- domain -> proto --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +36,7 @@ from .directory import Claimed, OwnedElsewhere, SessionDirectory, not_found_mess
 from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
                      SessionNotFound, StoreUnavailable)
 from .local_spill import LocalSpill, LocalSpills
+from . import transfer
 from .spill import Spill
 from .spilled import Refused, SpilledCopies
 from .spilled_header import ModelShape
@@ -569,9 +571,9 @@ class SessionStore:
             with self._mu:
                 entry.spilling = False
                 self._spilled.notify_all()
-        self._after_spill(sid, entry, release, still_ours)
+        self._after_spill(sid, entry, release, still_ours, wrote=not saved)
 
-    def _after_spill(self, sid: str, entry: SessionEntry, released: bool, still_ours: bool) -> None:
+    def _after_spill(self, sid: str, entry: SessionEntry, released: bool, still_ours: bool, wrote: bool = True) -> None:
         with self._mu:
             if self._entries.get(sid) is not entry:   # deleted while we wrote it
                 return
@@ -581,7 +583,9 @@ class SessionStore:
             elif released:
                 self._entries.pop(sid)
             else:
-                entry.state, entry.location, entry.saved, entry.spill_gen = None, "redis", True, entry.gen
+                entry.state, entry.location, entry.saved = None, "redis", True
+                if wrote:   # else Redis's spill is unchanged: still of the generation it was written at
+                    entry.spill_gen = entry.gen
                 entry.turn_recorded = False
         if still_ours:
             log.info("spilled session %s (%d bytes, %d tokens)", sid, entry.nbytes, entry.length)
@@ -627,6 +631,44 @@ class SessionStore:
             return 1
         log.warning("local copy of session %s is older than Redis's (it moved on); discarded", spill.sid)
         return 0
+
+    # ---- export, import and fork (handler threads) ----------------------------------------------
+    # A session is read as a turn reads it: acquired (busy, so no turn runs on it meanwhile, and owned here), and
+    # restored on the I/O thread when spilled (``on_io`` runs a function there); the copy is made before release.
+    def export_state(self, sid: str, tenant: str, on_io=None) -> list[bytes]:
+        """The export blob of ``sid`` (`transfer.pack`: its spill header and tensors, framed and checksummed)."""
+        with self._held(sid, tenant, on_io) as (entry, state):
+            meta = {"session_id": sid, "fingerprint_id": self.fingerprint_id,
+                    "head_map_version": state.head_map_version, "dtype": self.dtype,
+                    "token_count": len(state.token_ids), "nbytes": state.nbytes(), "full_nbytes": state.full_nbytes(),
+                    "stored_nbytes": state.stored_nbytes(), "created_at": entry.created_at,
+                    "last_used": entry.last_used}
+            return transfer.pack(state, meta)
+
+    def fork(self, sid: str, tenant: str, on_io=None) -> str:
+        """A copy of ``sid`` under a new id of the same tenant; both then continue independently."""
+        with self._held(sid, tenant, on_io) as (_, state):
+            copy = transfer.copy_state(state)
+        return self.adopt_state(copy, tenant)
+
+    def adopt_state(self, state, tenant: str) -> str:
+        """Register ``state`` (an import or a fork) as a new session of ``tenant``, owned here and resident; an
+        idle session over the budget is then spilled (fenced) like any other. Returns the new id."""
+        sid = self.create(tenant)
+        self.put(sid, state)
+        self.release(sid)
+        self.defer(self.settle)
+        return sid
+
+    @contextmanager
+    def _held(self, sid: str, tenant: str, on_io):
+        """(the entry, the live state) of ``sid`` while this caller holds it as a turn would."""
+        on_io = on_io or (lambda fn, *args: fn(*args))   # no runtime: on this thread
+        entry = self.acquire(sid, tenant)
+        try:
+            yield entry, on_io(self.load, sid, lambda n: self.make_room(n, keep=sid))
+        finally:
+            self.release(sid)
 
 
 _SUMMARY = ("created_at", "last_used", "length", "nbytes", "stored_nbytes", "full_nbytes", "head_map_version",
