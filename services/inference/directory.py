@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import redis
 
 from .errors import SessionLost, SessionModelMismatch, SessionNotFound, StoreUnavailable
-from .spill import REDIS_ERRORS, lease_key, meta_key, spill_key
+from .spill import lease_key, meta_key, spill_key, translated
 
 log = logging.getLogger(__name__)
 
@@ -295,14 +295,6 @@ def _text(value) -> str | None:
     return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
 
 
-class _redis:  # context manager: redis errors -> StoreUnavailable (UNAVAILABLE to the client)
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is not None and isinstance(exc, REDIS_ERRORS):
-            raise StoreUnavailable(f"could not {self.what}: Redis is unreachable ({exc}); retry when it is back") from exc
-        return False
+def _redis(what: str):
+    """Redis errors inside the block -> StoreUnavailable (UNAVAILABLE to the client)."""
+    return translated(what, StoreUnavailable, "could not {what}: Redis is unreachable ({exc}); retry when it is back")

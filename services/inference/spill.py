@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from contextlib import contextmanager
 
 import redis
 import redis.cluster
@@ -193,17 +194,18 @@ class Spill:
     def close(self) -> None:
         self._redis.close()
 
-    class _errors:  # context manager: redis errors -> SpillUnavailable
-        def __init__(self, what: str):
-            self.what = what
+    @staticmethod
+    def _errors(what: str):
+        return translated(what)
 
-        def __enter__(self):
-            return self
 
-        def __exit__(self, exc_type, exc, tb):
-            if exc is not None and isinstance(exc, REDIS_ERRORS):
-                raise SpillUnavailable(f"Redis {self.what} failed: {exc}") from exc
-            return False
+@contextmanager
+def translated(what: str, error: type[Exception] = SpillUnavailable, message: str = "Redis {what} failed: {exc}"):
+    """Redis errors inside the block -> `error(message)`: callers see one exception class, never redis-py's."""
+    try:
+        yield
+    except REDIS_ERRORS as exc:
+        raise error(message.format(what=what, exc=exc)) from exc
 
 
 def _fields(start: int, stop: int) -> list[str]:
