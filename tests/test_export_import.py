@@ -20,6 +20,8 @@ from services.engine import Engine, HeadMap, SamplingParams, load_model
 from services.inference import codec, transfer
 from services.inference.client import RazorClient
 
+from replay import replay as engine_replay
+
 # Longer than the tiny head map's window (sink 4 + 16), so local heads have folded tokens by export time.
 PROMPT = "The quick brown fox jumps over the lazy dog near the quiet river bank, again and again, " * 2
 NEW_TOKENS = 4
@@ -51,13 +53,7 @@ def wait_until(predicate, timeout_s: float = 30.0) -> None:
 
 def replay(loaded, head_map, turns: list[str]) -> list[list[int]]:
     """The engine alone: the tokens of the first reply to PROMPT and of each following turn."""
-    engine = Engine(loaded, head_map)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
-    state, first = engine.generate(engine.encode(text=PROMPT), params)
-    outs = [first.token_ids]
-    for text in turns:
-        outs.append(engine.continue_session(state, engine.encode_turn(state.last_token, text=text), params).token_ids)
-    return outs
+    return engine_replay(loaded, head_map, PROMPT, turns, NEW_TOKENS)[0]
 
 
 def turn(client: RazorClient, sid: str, text: str):

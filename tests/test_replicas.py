@@ -20,10 +20,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.engine import Engine, SamplingParams
 from services.inference.client import RazorClient
 
 from conftest import free_port
+from replay import replay as engine_replay
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 3
@@ -31,14 +31,7 @@ REDIS, LOST = 2, 3   # SessionLocation
 
 
 def replay(loaded, head_map, prompt: str, turns: list[str]) -> tuple[list[list[int]], int]:
-    """The engine alone: the first reply and each turn's tokens, and the final length."""
-    engine = Engine(loaded, head_map)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
-    state, first = engine.generate(engine.encode(text=prompt), params)
-    outs = [first.token_ids]
-    for text in turns:
-        outs.append(engine.continue_session(state, engine.encode_turn(state.last_token, text=text), params).token_ids)
-    return outs, len(state.token_ids)
+    return engine_replay(loaded, head_map, prompt, turns, NEW_TOKENS)
 
 
 def rpc_error(call) -> grpc.RpcError:
