@@ -17,7 +17,7 @@ import pytest
 
 from services.api.razorserve.v1 import razorserve_pb2 as pb
 from services.engine import Engine, HeadMap, SamplingParams, load_model
-from services.inference import codec, transfer
+from services.inference import codec, session_moves, transfer
 from services.inference.client import RazorClient
 
 from replay import replay as engine_replay
@@ -277,7 +277,7 @@ def test_a_restored_session_spilled_while_held_restores_again(service_redis_url,
     engine = Engine(tiny_loaded, tiny_head_map)
     state, _ = engine.generate(engine.encode(text=PROMPT), SamplingParams(max_new_tokens=NEW_TOKENS))
     store = SessionStore(Spill(service_redis_url, ttl_s=60), tiny_loaded.fingerprint.id, "cpu", budget_bytes=0)
-    sid = store.adopt_state(state, tenant="")   # then spilled idle (budget 0), its lease given back
+    sid = session_moves.adopt_state(store, state, tenant="")   # then spilled idle (budget 0), its lease given back
     assert store.info(sid).location == "redis" and not store.owned()
     store.acquire(sid)                                   # taken over at generation 2
     store.load(sid, lambda n: None)                      # restored: Redis holds exactly this state
@@ -286,4 +286,4 @@ def test_a_restored_session_spilled_while_held_restores_again(service_redis_url,
     restored = store.load(sid, lambda n: None)
     assert restored.token_ids == state.token_ids
     store.release(sid)
-    assert store.fork(sid, tenant="") != sid
+    assert session_moves.fork(store, sid, tenant="") != sid

@@ -269,13 +269,6 @@ def not_found_message(sid: str, expired: bool = False) -> str:
     return (f"no session {sid}: check the id (sessions expire RAZOR_SESSION_TTL_S seconds after their last use)")
 
 
-def summary_fields(entry) -> dict:
-    """What other replicas show for a session (GetSession, ListSessions), from a SessionEntry."""
-    return {"length": entry.length, "nbytes": entry.nbytes, "stored_nbytes": entry.stored_nbytes,
-            "full_nbytes": entry.full_nbytes, "head_map_version": entry.head_map_version,
-            "last_used": entry.last_used, "last_token": "" if entry.last_token is None else entry.last_token}
-
-
 class _Script:
     """A Lua script run by its SHA on the node that holds its keys, and sent whole (EVAL, which caches it there)
     when that node lacks it. redis-py's `register_script` loads a missing script on every primary of a Redis

@@ -30,7 +30,7 @@ from .engine_loop import EngineLoop
 from .errors import Cancelled, InvalidArgument, SessionError, ShuttingDown
 from .leases import LeaseKeeper
 from .requests import RequestRegistry, check_request_id
-from . import transfer
+from . import session_moves, transfer
 from .sessions import SessionStore
 from .spilled_header import ModelShape
 
@@ -367,11 +367,11 @@ class Runtime:
 
     def export_session(self, sid: str, tenant: str) -> list[bytes]:
         """The session's export blob (parts to concatenate); read off the model loop, restored on the I/O thread."""
-        return self.store.export_state(sid, tenant, on_io=self._on_io)
+        return session_moves.export_state(self.store, sid, tenant, on_io=self._on_io)
 
     def fork_session(self, sid: str, tenant: str) -> str:
         """A copy of the session under a new id of the same tenant."""
-        return self.store.fork(sid, tenant, on_io=self._on_io)
+        return session_moves.fork(self.store, sid, tenant, on_io=self._on_io)
 
     def import_session(self, pieces, tenant: str, declared_bytes: int = 0) -> tuple[str, dict]:
         """(the new session's id, the export's header meta) from an export's streamed pieces."""
@@ -379,7 +379,7 @@ class Runtime:
         deployment = transfer.Deployment(self.loaded.fingerprint.id, self.store.dtype, ModelShape.of(self.loaded),
                                          self.head_maps)
         state, meta = transfer.unpack(blob, deployment, self.loaded.device)
-        return self.store.adopt_state(state, tenant), meta
+        return session_moves.adopt_state(self.store, state, tenant), meta
 
     def _on_io(self, fn, *args):
         """Run ``fn`` on the I/O thread (where restores and spills run) and wait for it."""

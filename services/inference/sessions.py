@@ -27,56 +27,20 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
 
 import torch
 
-from .directory import Claimed, OwnedElsewhere, SessionDirectory, not_found_message, summary_fields
+from .directory import Claimed, OwnedElsewhere, SessionDirectory, not_found_message
 from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
                      SessionNotFound, StoreUnavailable)
 from .local_spill import LocalSpill, LocalSpills
-from . import transfer
+from .session_entry import (SUMMARY, SessionEntry, entry_from_meta, identity_fields, lifetime_fields,  # noqa: F401
+                            summary_fields)
 from .spill import Spill
 from .spilled import Refused, SpilledCopies
 from .spilled_header import ModelShape
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SessionEntry:
-    session_id: str
-    created_at: float
-    last_used: float
-    state: object | None = None  # SessionState while resident
-    location: str = "device"     # "device" | "redis" | "lost"
-    busy: bool = False
-    pinned: bool = False            # its turn is in the running batch: never spilled
-    spilling: bool = False          # a spill of it is being written
-    length: int = 0
-    nbytes: int = 0                 # allocated on the device (what the budget counts)
-    stored_nbytes: int = 0          # what the compressed cache keeps
-    full_nbytes: int = 0
-    head_map_version: str = ""
-    fingerprint_id: str = ""
-    lost_reason: str = ""
-    last_token: int | None = None   # what a continued chat turn's template delta depends on
-    tenant: str = ""
-    owner: str = ""                 # the replica holding it ("" when only Redis has it)
-    ttl_s: int = 0                  # it expires this long after its last use
-    keep_resident: bool = False     # pinned by its user: never spilled
-    # ---- ownership, for the sessions this replica owns --------------------------------------------
-    gen: int = 0                    # the fencing generation we own it at
-    spill_gen: int = 0              # the generation whose state Redis's spill holds
-    saved: bool = False             # the spill holds exactly the resident state
-    turn_recorded: bool = False     # Redis knows a turn changed the state since the spill (meta `dirty`)
-    lease_until: float = 0.0        # monotonic time until which our lease is surely valid
-    hand_over: bool = False         # another replica asked for it: hand it over once idle
-    fenced: bool = False            # another replica took it over: drop our copy once idle
-
-    def snapshot(self) -> "SessionEntry":
-        return replace(self, state=None)
 
 
 class SessionStore:
@@ -132,7 +96,7 @@ class SessionStore:
                     self._check_pin_room()
                 entry.ttl_s = entry.ttl_s if ttl_s is None else self._ttl(ttl_s)
                 entry.keep_resident = entry.keep_resident if pin is None else pin
-                fields, gen, identity = _lifetime_fields(entry), entry.gen, _identity(entry)
+                fields, gen, identity = lifetime_fields(entry), entry.gen, identity_fields(entry)
             if not self.directory.fenced(sid, gen, "note", fields, **identity):
                 raise SessionBusy(f"session {sid} was taken over by another replica meanwhile; retry")
             with self._mu:
@@ -191,14 +155,14 @@ class SessionStore:
             return local   # Redis is down: what this replica holds is still right
         if described is None:
             raise SessionNotFound(not_found_message(sid))
-        return local if local is not None and local.gen and not described.get("lost") else _entry_from_meta(described)
+        return local if local is not None and local.gen and not described.get("lost") else entry_from_meta(described)
 
     def page(self, tenant: str, after: str, size: int) -> tuple[list[SessionEntry], bool]:
         """A page of ``tenant``'s sessions in id order, as every replica sees them, and whether more follow."""
         described, more = self.directory.page(tenant, after, size)
         with self._mu:
             local = {e.session_id: e.snapshot() for e in self._entries.values() if e.gen}
-        return [local.get(d["session_id"]) or _entry_from_meta(d) for d in described], more
+        return [local.get(d["session_id"]) or entry_from_meta(d) for d in described], more
 
     def pinned_count(self) -> int:
         with self._mu:
@@ -249,7 +213,7 @@ class SessionStore:
             entry.length, entry.head_map_version = len(state.token_ids), state.head_map_version
             entry.nbytes, entry.full_nbytes = state.nbytes(), state.full_nbytes()
             entry.stored_nbytes, entry.last_token = state.stored_nbytes(), state.last_token
-            fields, gen, identity = summary_fields(entry), entry.gen, _identity(entry)
+            fields, gen, identity = summary_fields(entry), entry.gen, identity_fields(entry)
         self.defer(self._note, sid, gen, fields, identity)
 
     def resident_state(self, sid: str):
@@ -388,7 +352,7 @@ class SessionStore:
                 self._expire(entry)
                 continue
             started = time.monotonic()
-            if self.directory.fenced(entry.session_id, entry.gen, "renew", **_identity(entry)):
+            if self.directory.fenced(entry.session_id, entry.gen, "renew", **identity_fields(entry)):
                 self._extend(entry.session_id, started)
             else:
                 self._fence(entry.session_id)
@@ -435,7 +399,7 @@ class SessionStore:
         if entry.turn_recorded and time.monotonic() < entry.lease_until:
             return True
         started = time.monotonic()
-        if not self.directory.fenced(entry.session_id, entry.gen, "begin", **_identity(entry)):
+        if not self.directory.fenced(entry.session_id, entry.gen, "begin", **identity_fields(entry)):
             return False
         entry.turn_recorded = True
         self._extend(entry.session_id, started)
@@ -447,9 +411,9 @@ class SessionStore:
         sid = entry.session_id
         started = time.monotonic()
         claimed: Claimed = self._with_handover(sid, lambda: self.directory.claim(sid, tenant))
-        described = _entry_from_meta({**(self.directory.describe(sid, tenant) or {}), "session_id": sid})
+        described = entry_from_meta({**(self.directory.describe(sid, tenant) or {}), "session_id": sid})
         with self._mu:
-            for name in _SUMMARY:
+            for name in SUMMARY:
                 setattr(entry, name, getattr(described, name))
             entry.owner, entry.location, entry.gen, entry.spill_gen = self.replica_id, "redis", claimed.gen, claimed.spill_gen
             entry.turn_recorded, entry.saved = False, True
@@ -559,7 +523,7 @@ class SessionStore:
             entry = self._entries[sid]
             entry.spilling = True
             release = not entry.busy
-            state, gen, saved, fields, identity = entry.state, entry.gen, entry.saved, summary_fields(entry), _identity(entry)
+            state, gen, saved, fields, identity = entry.state, entry.gen, entry.saved, summary_fields(entry), identity_fields(entry)
         try:
             if saved:   # Redis already holds exactly this state: nothing to write
                 still_ours = self.directory.fenced(sid, gen, "release" if release else "renew", **identity)
@@ -632,76 +596,7 @@ class SessionStore:
         log.warning("local copy of session %s is older than Redis's (it moved on); discarded", spill.sid)
         return 0
 
-    # ---- export, import and fork (handler threads) ----------------------------------------------
-    # A session is read as a turn reads it: acquired (busy, so no turn runs on it meanwhile, and owned here), and
-    # restored on the I/O thread when spilled (``on_io`` runs a function there); the copy is made before release.
-    def export_state(self, sid: str, tenant: str, on_io=None) -> list[bytes]:
-        """The export blob of ``sid`` (`transfer.pack`: its spill header and tensors, framed and checksummed)."""
-        with self._held(sid, tenant, on_io) as (entry, state):
-            meta = {"session_id": sid, "fingerprint_id": self.fingerprint_id,
-                    "head_map_version": state.head_map_version, "dtype": self.dtype,
-                    "token_count": len(state.token_ids), "nbytes": state.nbytes(), "full_nbytes": state.full_nbytes(),
-                    "stored_nbytes": state.stored_nbytes(), "created_at": entry.created_at,
-                    "last_used": entry.last_used}
-            return transfer.pack(state, meta)
-
-    def fork(self, sid: str, tenant: str, on_io=None) -> str:
-        """A copy of ``sid`` under a new id of the same tenant; both then continue independently."""
-        with self._held(sid, tenant, on_io) as (_, state):
-            copy = transfer.copy_state(state)
-        return self.adopt_state(copy, tenant)
-
-    def adopt_state(self, state, tenant: str) -> str:
-        """Register ``state`` (an import or a fork) as a new session of ``tenant``, owned here and resident; an
-        idle session over the budget is then spilled (fenced) like any other. Returns the new id."""
-        sid = self.create(tenant)
-        self.put(sid, state)
-        self.release(sid)
-        self.defer(self.settle)
-        return sid
-
-    @contextmanager
-    def _held(self, sid: str, tenant: str, on_io):
-        """(the entry, the live state) of ``sid`` while this caller holds it as a turn would."""
-        on_io = on_io or (lambda fn, *args: fn(*args))   # no runtime: on this thread
-        entry = self.acquire(sid, tenant)
-        try:
-            yield entry, on_io(self.load, sid, lambda n: self.make_room(n, keep=sid))
-        finally:
-            self.release(sid)
-
-
-_SUMMARY = ("created_at", "last_used", "length", "nbytes", "stored_nbytes", "full_nbytes", "head_map_version",
-            "fingerprint_id", "last_token", "ttl_s", "keep_resident")
-
-
-def _identity(entry: SessionEntry) -> dict:
-    """What re-registers a session whose metadata Redis lost."""
-    return {"tenant": entry.tenant, "created_at": entry.created_at, "ttl_s": entry.ttl_s,
-            "pinned": entry.keep_resident}
-
-
-def _lifetime_fields(entry: SessionEntry) -> dict:
-    return {"ttl": entry.ttl_s, "pinned": int(entry.keep_resident)}
 
 
 def new_replica_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-def _entry_from_meta(d: dict) -> SessionEntry:
-    def number(key, kind=int, default=0):
-        try:
-            return kind(d.get(key) or default)
-        except ValueError:
-            return default
-
-    lost = d.get("lost") or ""
-    location = "lost" if lost else ("device" if d.get("holder") else "redis")
-    last_token = d.get("last_token")
-    return SessionEntry(d["session_id"], number("created_at", float), number("last_used", float), location=location,
-                        length=number("length"), nbytes=number("nbytes"), stored_nbytes=number("stored_nbytes"),
-                        full_nbytes=number("full_nbytes"), head_map_version=d.get("head_map_version") or "",
-                        fingerprint_id=d.get("fingerprint_id") or "", lost_reason=lost, tenant=d.get("tenant") or "",
-                        owner=d.get("holder") or "", ttl_s=number("ttl"), keep_resident=d.get("pinned") == "1",
-                        last_token=int(last_token) if last_token not in (None, "", "None") else None)
