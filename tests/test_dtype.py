@@ -1,5 +1,6 @@
 """RAZOR_DTYPE: models load in bfloat16 / float16 / float32, the fingerprint stays the same across dtypes,
-the full map reproduces transformers' own bfloat16 generation, and the compensation token stays float32."""
+the full map generates as transformers does in bfloat16 (its tokens, as close to float32), and the
+compensation token stays float32."""
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,6 @@ from services.engine.models import (DTYPE_CHOICES, DTYPES, cast_weights, embedde
 from services.inference import codec
 from services.settings import Settings
 from tests.engine_models import smollm2, tiny
-
-BF16_TOL = dict(atol=2e-2, rtol=2e-2)   # a few bfloat16 ulps (8 mantissa bits) on logits of order 1
 
 
 @lru_cache(maxsize=None)
@@ -100,7 +99,20 @@ def test_checkpoint_fingerprint_is_the_same_in_every_dtype(tmp_path, stored, cap
     assert loaded["bfloat16"].model.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
-# ---- exactness in bfloat16 -----------------------------------------------------------------------
+# ---- accuracy in bfloat16 ------------------------------------------------------------------------
+# The engine and transformers run the same bfloat16 arithmetic (bfloat16 weights and KV, float32 accumulation
+# in the kernels) but not the same kernel shapes: a one-session decode step folds each GQA group into query
+# rows ([1, n_kv_heads, G, D]) where transformers passes [1, n_heads, 1, D] with enable_gqa. The CPU flash
+# kernel then now and then rounds one output element to the other neighbouring bfloat16 (which element depends
+# on the CPU's vector ISA), equally close to float32 either way. Through SmolLM2's 30 bfloat16 layers one such
+# flip grows to ~0.4 in the logits, as much as bfloat16 itself is off float32, and can flip a greedy token at a
+# near tie. So the engine is held to transformers' bfloat16 accuracy against float32, not to its bits.
+# Engine's RMS logit error / transformers'. Measured on AVX-512 and AVX2: 0.73-1.26 on SmolLM2 (6 prompts),
+# 1.00 on the tiny model; with the KV cache rounded through float8 after every step: 1.2-3.3 on SmolLM2 (its
+# own bfloat16 noise hides small errors), 3.1-5.1 on the tiny model (where the negative control runs).
+BF16_ERROR_RATIO = 1.75
+
+
 @pytest.fixture(scope="module")
 def varied_checkpoint(tmp_path_factory):
     """A float32 checkpoint of a tiny Llama whose larger weights make greedy decoding pick varied tokens
@@ -111,48 +123,100 @@ def varied_checkpoint(tmp_path_factory):
     return path
 
 
-@torch.no_grad()
-def transformers_generate(loaded, prompt: torch.Tensor, steps: int):
-    """transformers' own greedy generation (sdpa, DynamicCache) on a copy of the model: (tokens, logits)."""
-    ref_model = copy.deepcopy(loaded.model)
+def sdpa_copy(model):
+    """A copy of `model` on transformers' own attention (an Engine installs razor attention on the original)."""
+    ref_model = copy.deepcopy(model)
     ref_model.set_attn_implementation("sdpa")
+    return ref_model
+
+
+@torch.no_grad()
+def transformers_generate(loaded, prompt: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' own greedy generation (sdpa, DynamicCache): (tokens, logits [steps, V])."""
+    ref_model = sdpa_copy(loaded.model)
     out = ref_model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              cache=DynamicCache(config=ref_model.config), output_logits=True,
                              return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[0, prompt.shape[1]:].tolist(), [step[0].float() for step in out.logits]
+    return out.sequences[0, prompt.shape[1]:].tolist(), torch.stack([step[0].float() for step in out.logits])
 
 
 @torch.no_grad()
-def assert_engine_matches(loaded, prompt: torch.Tensor, ref_tokens: list[int], ref_logits: list[torch.Tensor]):
-    steps = len(ref_tokens)
-    engine = Engine(loaded, HeadMap.full(loaded.fingerprint))
-    # Teacher-forced on the reference tokens: the logits at every step.
-    cache = engine.new_cache()
-    got = forward(loaded.model, prompt[0].tolist(), cache)
-    for step in range(steps):
-        torch.testing.assert_close(got.float(), ref_logits[step], **BF16_TOL, msg=lambda m: f"step {step}: {m}")
-        if step + 1 < steps:
-            got = forward(loaded.model, [ref_tokens[step]], cache)
+def float32_logits(model, prompt: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """The truth both bfloat16 runs are measured against: the float32 model's logits [steps, V] at the
+    positions that predict `tokens`, teacher-forced in one forward."""
+    ids = torch.cat([prompt, torch.tensor([tokens])], dim=1)
+    return sdpa_copy(model)(ids).logits[0, prompt.shape[1] - 1:-1].float()
+
+
+@torch.no_grad()
+def engine_logits(loaded, prompt: torch.Tensor, tokens: list[int], after_step=None) -> torch.Tensor:
+    """The engine's logits [steps, V] under the full map, teacher-forced on `tokens`; `after_step(cache)` runs
+    after every forward but the last."""
+    cache = Engine(loaded, HeadMap.full(loaded.fingerprint)).new_cache()
+    logits = [forward(loaded.model, prompt[0].tolist(), cache)]
+    for token in tokens[:-1]:
+        if after_step is not None:
+            after_step(cache)
+        logits.append(forward(loaded.model, [token], cache))
     assert cache.layers[0].keys.dtype == loaded.dtype
-    # Free-running: the engine's own greedy loop picks the same tokens (it stops at EOS, generate did not).
-    _, result = engine.generate(prompt[0].tolist(), SamplingParams(max_new_tokens=steps))
-    eos = engine.eos_ids
-    stop = next((i + 1 for i, t in enumerate(ref_tokens) if t in eos), steps)
-    assert result.token_ids == ref_tokens[:stop]
+    return torch.stack(logits).float()
+
+
+def rms(x: torch.Tensor) -> float:
+    return x.pow(2).mean().sqrt().item()
+
+
+def assert_as_accurate_as_transformers(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor) -> None:
+    """got, ref, truth: [steps, V] logits of the engine (bfloat16), transformers (bfloat16) and float32."""
+    got_error, ref_error = rms(got - truth), rms(ref - truth)
+    assert ref_error > 0, "the reference ran in float32, not bfloat16"
+    assert got_error <= BF16_ERROR_RATIO * ref_error, (
+        f"the engine's bfloat16 logits are {got_error:.3f} RMS off float32, transformers' {ref_error:.3f}")
+
+
+def assert_same_greedy_tokens(got: list[int], ref: list[int], ref_logits, truth, eos) -> None:
+    """The engine's own greedy loop picks transformers' tokens up to the first EOS (it stops there, generate
+    did not). They may part only at a near tie: two tokens float32 ranks closer than transformers' largest
+    bfloat16 logit error at that step, which bfloat16 may order either way (after it the contexts differ)."""
+    stop = next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))
+    part = next((i for i, (a, b) in enumerate(zip(got, ref[:stop])) if a != b), None)
+    if part is None:
+        assert got == ref[:stop]
+        return
+    gap = (truth[part, ref[part]] - truth[part, got[part]]).abs().item()
+    noise = (ref_logits[part] - truth[part]).abs().max().item()
+    assert gap <= noise, (f"step {part}: the engine picked {got[part]}, transformers {ref[part]}: {gap:.3f} "
+                          f"apart in float32, more than bfloat16's error there ({noise:.3f})")
+
+
+def assert_engine_matches(loaded, prompt: torch.Tensor, tokens: list[int], ref_logits, truth) -> None:
+    assert_as_accurate_as_transformers(engine_logits(loaded, prompt, tokens), ref_logits, truth)
+    engine = Engine(loaded, HeadMap.full(loaded.fingerprint))
+    _, result = engine.generate(prompt[0].tolist(), SamplingParams(max_new_tokens=len(tokens)))
+    assert_same_greedy_tokens(result.token_ids, tokens, ref_logits, truth, engine.eos_ids)
+
+
+def round_kv_through_float8(cache) -> None:
+    """A KV cache cast wrongly: every stored key and value rounded to float8 and back."""
+    for layer in cache.layers:
+        for stored in (layer.keys, layer.values):
+            stored.copy_(stored.to(torch.float8_e4m3fn).to(stored.dtype))
 
 
 def test_full_map_matches_transformers_bfloat16_generation(varied_checkpoint):
-    """Same greedy tokens over 32 steps as transformers' generate in bfloat16, logits within bf16 tolerance."""
+    """Greedy tokens over 32 steps as transformers' generate in bfloat16, logits as close to float32 as its."""
     loaded = load_model(str(varied_checkpoint), "cpu", dtype="bfloat16")
+    fp32 = load_model(str(varied_checkpoint), "cpu", dtype="float32")
     assert loaded.dtype == torch.bfloat16
     prompt = torch.randint(100, 20000, (1, 48), generator=torch.Generator().manual_seed(0))
     tokens, logits = transformers_generate(loaded, prompt, 32)
     assert len(set(tokens)) > 8, "greedy decoding of this model varies"
-    assert_engine_matches(loaded, prompt, tokens, logits)
-    # The tolerance tells the dtypes apart: float32 logits of the same checkpoint fall outside it.
-    fp32 = load_model(str(varied_checkpoint), "cpu", dtype="float32")
-    _, fp32_logits = transformers_generate(fp32, prompt, 32)
-    assert not all(torch.allclose(a, b, **BF16_TOL) for a, b in zip(fp32_logits, logits))
+    truth = float32_logits(fp32.model, prompt, tokens)
+    assert_engine_matches(loaded, prompt, tokens, logits, truth)
+    # The bound tells a wrongly cast KV cache apart.
+    degraded = engine_logits(loaded, prompt, tokens, after_step=round_kv_through_float8)
+    with pytest.raises(AssertionError, match="RMS off float32"):
+        assert_as_accurate_as_transformers(degraded, logits, truth)
 
 
 @pytest.mark.slow
@@ -164,7 +228,7 @@ def test_full_map_matches_transformers_bfloat16_generation_smollm2():
     assert loaded.dtype == torch.bfloat16
     prompt = loaded.tokenizer("The history of the river valley begins with", return_tensors="pt").input_ids
     tokens, logits = transformers_generate(loaded, prompt, 16)
-    assert_engine_matches(loaded, prompt, tokens, logits)
+    assert_engine_matches(loaded, prompt, tokens, logits, float32_logits(fp32.model, prompt, tokens))
 
 
 @torch.no_grad()
