@@ -5,7 +5,9 @@
         more = client.continue_session(reply.session_id, text=" Tell me more.")
 
 ``generate``/``continue_session`` collect a whole turn; ``stream_generate``/``stream_continue``
-yield the raw ``GenerateResponse`` messages as they arrive.
+yield the raw ``GenerateResponse`` messages as they arrive. A failed call raises the typed error of its
+status (``client_errors``: ``NotFound``, ``InvalidArgument``, ``Unavailable``, ...; each a grpc.RpcError).
+``aio_client.AsyncRazorClient`` is the asyncio variant.
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.api import ensure_generated
+from services.api import require_generated
 
-ensure_generated()
+require_generated()
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
+
+from . import client_errors as errors  # noqa: E402,F401 - `client.errors.NotFound`, ...
+from .client_errors import TypedStream, typed_errors  # noqa: E402
 
 FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
                 pb.FINISH_REASON_CANCELLED: "cancelled"}
@@ -88,7 +93,10 @@ class RazorClient:
         self.channel.close()
 
     def _call(self, method, request, timeout_s=None):
-        return method(request, metadata=self.metadata, timeout=timeout_s or self.timeout_s)
+        """Every RPC goes through here: failures raise typed errors (a stream's as it is read)."""
+        with typed_errors():
+            result = method(request, metadata=self.metadata, timeout=timeout_s or self.timeout_s)
+        return TypedStream(result) if isinstance(result, grpc.Call) else result
 
     # ---- turns -----------------------------------------------------------------------------
     def stream_generate(self, prompt: str | None = None, messages: list[dict] | None = None, *,
