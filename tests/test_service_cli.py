@@ -28,3 +28,7 @@ def test_cli_generate_continue_sessions_info(start_server):
     assert info["modelRef"] == "tiny-random" and info["memory"]["redisReachable"]
     bad = cli(target, "continue", "no-such-session", "hi")
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+    updated = json.loads(cli(target, "update", reply["session_id"], "--ttl", "600", "--pin").stdout)
+    assert updated["ttlS"] == 600 and updated["pinned"]
+    load = json.loads(cli(target, "load").stdout)
+    assert load["residentSessions"] == 1 and load["pinnedSessions"] == 1

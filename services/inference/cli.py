@@ -64,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="model, device, head map and memory")
     abort = sub.add_parser("abort", help="stop a running turn by its request id")
     abort.add_argument("request_id")
+    update = sub.add_parser("update", help="set a session's TTL or pin it resident")
+    update.add_argument("session_id")
+    update.add_argument("--ttl", type=int, metavar="SECONDS", help="expire this long after its last use")
+    update.add_argument("--pin", action=argparse.BooleanOptionalAction, help="keep it resident (--no-pin: not)")
+    sub.add_parser("load", help="this replica's turns, sessions and KV bytes")
     _add_transfer(sub)
     return p
 
@@ -146,6 +151,10 @@ def run(args) -> None:
             else:
                 for session in client.list_sessions():
                     print(json.dumps(MessageToDict(session)))
+        elif args.command == "update":
+            print(json.dumps(MessageToDict(client.update_session(args.session_id, ttl_s=args.ttl, pinned=args.pin))))
+        elif args.command == "load":
+            print(json.dumps(MessageToDict(client.get_load())))
         elif args.command == "abort":
             print(json.dumps({"found": client.abort(args.request_id)}))
         elif args.command == "export":
