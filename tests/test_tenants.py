@@ -230,3 +230,13 @@ def test_the_server_process_refuses_to_start_open_without_keys():
     assert done.returncode == 1, done.stderr
     assert "refusing to serve without authentication on RAZOR_HOST='0.0.0.0'" in done.stderr
     assert "RAZOR_API_KEYS" in done.stderr and "/nonexistent/model" not in done.stderr, "refused before loading"
+
+
+def test_a_tenants_new_session_whose_first_turn_fails_leaves_nothing_in_redis(start_server, service_redis_url):
+    server = start_server(api_keys=API_KEYS)
+    with RazorClient(server.target, token=KEY_A) as alice:
+        # Registered, then refused once tokenized: together with max_new_tokens it exceeds the context.
+        error = rpc_error(lambda: alice.stream_generate(prompt=PROMPT, max_new_tokens=4090))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in error.details()
+        assert list(alice.list_sessions()) == []
+    assert not list(redis.Redis.from_url(service_redis_url).scan_iter("razor:{*}:meta"))

@@ -136,9 +136,10 @@ class SessionStore:
 
     def discard(self, sid: str) -> None:
         """Forget a session created by ``create`` whose first turn failed."""
+        tenant = self._tenant_of(sid)
         self._drop(sid)
         try:
-            self.directory.delete(sid, self._tenant_of(sid))
+            self.directory.delete(sid, tenant)
         except (StoreUnavailable, OwnedElsewhere) as exc:
             log.warning("could not remove the failed new session %s from Redis: %s", sid, exc)
 
