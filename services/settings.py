@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     # --- replicas: session ownership through Redis ------------------------------------------
     replica_id: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9_.-]*$",
                             description="this replica's name in session leases (empty = a random one per process)")
-    lease_ttl_s: float = Field(10.0, gt=0, le=3600, description="session lease TTL; a dead replica's sessions free up after it")
+    lease_ttl_s: float = Field(10.0, gt=0, le=3600,
+                               description="session lease TTL; a dead replica's sessions free up after it")
     max_pinned_sessions: int = Field(16, ge=0, description="sessions one replica keeps pinned resident (UpdateSession / pin_session)")
     handoff_timeout_s: float = Field(10.0, ge=0, description="how long a request waits for another replica to hand a session over")
     local_spill_dir: str = Field("~/.cache/razorserve/spill",

@@ -39,7 +39,8 @@ class LocalSpills:
     def save(self, spill: LocalSpill) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         intro = {"format": FORMAT, "session_id": spill.sid, "owner": spill.owner, "gen": spill.gen,
-                 "tenant": spill.tenant, "created_at": spill.created_at, "fields": spill.fields, "header_bytes": len(spill.header), "chunk_bytes": [len(c) for c in spill.chunks]}
+                 "tenant": spill.tenant, "created_at": spill.created_at, "fields": spill.fields,
+                 "header_bytes": len(spill.header), "chunk_bytes": [len(c) for c in spill.chunks]}
         path = self.directory / f"{spill.sid}{SUFFIX}"
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:

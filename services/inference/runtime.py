@@ -163,8 +163,10 @@ class Runtime:
 
     def _start_turn(self, turn: Turn, cancel: threading.Event) -> tuple[str, queue.SimpleQueue]:
         entry = self.store.acquire(turn.session_id, turn.tenant) if turn.session_id is not None else None
-        sid = turn.session_id if entry is not None else (self.store.create(turn.tenant, turn.session_ttl_s, turn.pin_session)
-                                                         if turn.keep_session else "")
+        if entry is not None:
+            sid = turn.session_id
+        else:
+            sid = self.store.create(turn.tenant, turn.session_ttl_s, turn.pin_session) if turn.keep_session else ""
         events: queue.SimpleQueue = queue.SimpleQueue()
         try:
             with self._mu:

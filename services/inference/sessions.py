@@ -31,8 +31,8 @@ from collections import OrderedDict
 import torch
 
 from .directory import Claimed, OwnedElsewhere, SessionDirectory, not_found_message
-from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError, SessionLost, SessionModelMismatch,  # noqa: F401
-                     SessionNotFound, StoreUnavailable)
+from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError, SessionLost,  # noqa: F401
+                     SessionModelMismatch, SessionNotFound, StoreUnavailable)
 from .local_spill import LocalSpill, LocalSpills
 from .session_entry import (SUMMARY, SessionEntry, entry_from_meta, identity_fields, lifetime_fields,  # noqa: F401
                             summary_fields)
@@ -54,7 +54,8 @@ class SessionStore:
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
         self.dtype = dtype   # of the caches this service holds; a spill in another dtype is refused
         self.replica_id = replica_id or new_replica_id()
-        self.directory = SessionDirectory(spill.client, self.replica_id, lease_ttl_s, spill.ttl_s, fingerprint_id, dtype)
+        self.directory = SessionDirectory(spill.client, self.replica_id, lease_ttl_s, spill.ttl_s, fingerprint_id,
+                                          dtype)
         # Restores verify the deployment's spill key (`RAZOR_SPILL_KEY`) and, given `shape`, this model's geometry.
         self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device, key=spill_key, shape=shape)
         self.local_spills = local_spills
@@ -416,7 +417,8 @@ class SessionStore:
         with self._mu:
             for name in SUMMARY:
                 setattr(entry, name, getattr(described, name))
-            entry.owner, entry.location, entry.gen, entry.spill_gen = self.replica_id, "redis", claimed.gen, claimed.spill_gen
+            entry.owner, entry.location = self.replica_id, "redis"
+            entry.gen, entry.spill_gen = claimed.gen, claimed.spill_gen
             entry.turn_recorded, entry.saved = False, True
             entry.lease_until = started + 0.8 * self.lease_ttl_s
 
@@ -486,7 +488,8 @@ class SessionStore:
             pinned = sum(e.nbytes for e in self._entries.values() if e.keep_resident and e.location == "device")
         if pinned and pinned + need_bytes > self.budget_bytes:
             raise BudgetExhausted(f"pinned sessions hold {pinned} of the {self.budget_bytes}-byte KV budget and this "
-                                  f"turn needs {need_bytes} more; unpin some (UpdateSession pinned=false) or delete them")
+                                  f"turn needs {need_bytes} more; unpin some (UpdateSession pinned=false) or delete "
+                                  "them")
 
     def _check_pin_room(self) -> None:
         """Caller holds the mutex."""
@@ -524,7 +527,8 @@ class SessionStore:
             entry = self._entries[sid]
             entry.spilling = True
             release = not entry.busy
-            state, gen, saved, fields, identity = entry.state, entry.gen, entry.saved, summary_fields(entry), identity_fields(entry)
+            state, gen, saved = entry.state, entry.gen, entry.saved
+            fields, identity = summary_fields(entry), identity_fields(entry)
         try:
             if saved:   # Redis already holds exactly this state: nothing to write
                 still_ours = self.directory.fenced(sid, gen, "release" if release else "renew", **identity)

@@ -3,8 +3,9 @@
 Key ``razor:{<id>}:spill`` holds field ``header`` (the codec's JSON header) and fields
 ``c0 .. c<n-1>`` (the blob's chunks). Every key of one session carries the session id as its hash tag
 (``{<id>}``), so its spill, metadata and lease share one Redis Cluster slot and one Lua script or MULTI
-can touch them together (`services.inference.directory` writes spills fenced by ownership). A write is one MULTI/EXEC (DEL, HSET, EXPIRE), so a
-reader sees the old spill or the new one, never a mix. Reads are batched: one HMGET per batch
+can touch them together (`services.inference.directory` writes spills fenced by ownership). An unfenced write
+here (tools, tests) is one MULTI/EXEC (DEL, HSET, EXPIRE), so a reader sees the old spill or the new one, never a
+mix. Reads are batched: one HMGET per batch
 of chunks (at most ``READ_BATCH_BYTES`` of the codec's chunks per reply), so restoring N chunks takes
 about N / batch round trips, not N; ``read`` gets the header with the first batch. Every Redis failure
 surfaces as ``SpillUnavailable``; redis-py reconnects on the next call once Redis is back.
