@@ -91,20 +91,27 @@ def _store() -> HeadMapStore:
     return HeadMapStore(_redis())
 
 
-def _attempt(task) -> int:
-    """This delivery's attempt number; raises Ignore for a stale redelivery of a finished job."""
+def _drop_if_finished(task) -> None:
+    """Raise Ignore for a stale redelivery of a job that already finished."""
     meta = task.backend.get_task_meta(task.request.id)
     if meta.get("status") in ("SUCCESS", "FAILURE"):
         log.info("profile job %s already %s; dropping its redelivered message", task.request.id, meta["status"])
         raise Ignore()
-    previous = meta.get("result") if meta.get("status") == "PROGRESS" else None
-    earlier = previous.get("attempt", 1) if isinstance(previous, dict) else 0
-    return max(earlier, task.request.retries) + 1
+
+
+def _count_attempt(task) -> int:
+    """This run's number, counted in Redis once per delivery that holds the job's lease: the result backend's
+    state cannot count it (a worker-lost redelivery may find it RETRY, with no attempt recorded)."""
+    key = f"razor:profile:attempts:{task.request.id}"
+    client = _redis()
+    attempt = int(client.incr(key))
+    client.expire(key, 7 * 86400)
+    return attempt
 
 
 def _claim(task) -> JobLease:
     """This delivery's lease on the job; Ignore when the job is finished or another delivery holds it."""
-    _attempt(task)   # a finished job's late redelivery is dropped before waiting for any lease
+    _drop_if_finished(task)   # before waiting for any lease
     entry = {"args": list(task.request.args or ()), "kwargs": dict(task.request.kwargs or {}),
              "worker": task.request.hostname or "?"}
     lease = JobLease(_redis(), task.request.id, settings.profile_lease_s, entry)
@@ -159,7 +166,8 @@ def profile_model(self, model_ref: str, params: dict | None = None, calibrate: b
 
 
 def _profile_claimed(task, lease: JobLease, model_ref: str, params: dict | None, calibrate: bool | None) -> dict:
-    attempt = _attempt(task)   # read again: the job may have finished while this delivery waited
+    _drop_if_finished(task)   # again: the job may have finished while this delivery waited
+    attempt = _count_attempt(task)
     if attempt > settings.profile_max_retries + 1:
         raise RuntimeError(f"profiling gave up after {attempt - 1} attempts: the worker was lost each time "
                            f"(out of memory or killed?)")
