@@ -8,7 +8,6 @@ unsigned prove the MAC. Also: the header checks against the tensors and the mode
 from __future__ import annotations
 
 import json
-import time
 from typing import NamedTuple
 
 import grpc
@@ -21,23 +20,11 @@ from services.inference import codec, spilled_header
 from services.inference.client import RazorClient
 from services.inference.spill import Spill
 from services.inference.spilled_header import HeaderInvalid, ModelShape
+from tests.test_service import rpc_error, wait_until
 
 KEY = "integrity-test-key-0123456789"
 PROMPT = ("The quick brown fox jumps over the lazy dog near the river bank while the sun sets "
           "slowly behind the distant hills and the birds sing their evening songs")
-
-
-def rpc_error(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        list(call())
-    return info.value
-
-
-def wait_until(predicate, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def spilled_session(client) -> str:

@@ -26,17 +26,10 @@ from services.inference.runtime import FixedHeadMaps
 from services.inference.server import build_server
 from services.inference.spill import SpillUnavailable
 from services.settings import Settings
+from tests.test_service import rpc_error
 
 Code = grpc.StatusCode
 MAX_CHARS = 25_000
-
-
-def rpc_error(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        result = call()
-        if hasattr(result, "__iter__"):
-            list(result)
-    return info.value
 
 
 @pytest.fixture
