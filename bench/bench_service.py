@@ -4,6 +4,7 @@
    service without spill would have), per history length.
 2. gRPC streaming vs calling the engine in-process for the same generation (ratio, and the
    overhead per streamed token).
+3. The same gRPC generation with top-N logprobs (k = 20) against none.
 
 Every ratio is against a baseline measured in the same run, on the same machine.
 
@@ -101,6 +102,19 @@ def bench_streaming(engine: Engine, target: str, prompt_len: int, token_counts: 
     return rows
 
 
+def bench_top_logprobs(engine: Engine, target: str, prompt_len: int, n: int, repeats: int, k: int = 20) -> list[str]:
+    """The cost of top-N logprobs: the same gRPC generation with top_logprobs=k against 0, in one run."""
+    prompt = engine.tokenizer.decode(history_ids(engine, prompt_len), skip_special_tokens=True)
+    rows = ["| new tokens | top_logprobs=0 ms | top_logprobs=%d ms | ratio | extra ms per token |" % k,
+            "|---:|---:|---:|---:|---:|"]
+    with RazorClient(target) as client:
+        plain, top = timed_pair(
+            lambda: client.generate(prompt=prompt, max_new_tokens=n, keep_session=False),
+            lambda: client.generate(prompt=prompt, max_new_tokens=n, keep_session=False, top_logprobs=k), repeats)
+    rows.append(f"| {n} | {plain * 1e3:.1f} | {top * 1e3:.1f} | {top / plain:.2f}x | {(top - plain) / n * 1e3:.2f} |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-random", help="tiny-random (default), smollm2, or a path")
@@ -126,6 +140,9 @@ def main() -> None:
         print("\ngRPC streaming vs in-process engine (prompt of 64 tokens, greedy)")
         print("\n".join(bench_streaming(engine, server.target, 64, [int(x) for x in args.tokens.split(",")],
                                         args.repeats)))
+        n = max(int(x) for x in args.tokens.split(","))
+        print(f"\nTop-N logprobs over gRPC (prompt of 64 tokens, greedy, {n} new tokens)")
+        print("\n".join(bench_top_logprobs(engine, server.target, 64, n, args.repeats)))
     finally:
         server.stop(0)
         if proc is not None:
