@@ -251,7 +251,7 @@ class Runtime:
         self._continued.discard(id(request))
         self._restore_errors.pop(id(request), None)
         if isinstance(outcome, BaseException):
-            self._abandon(turn, sid, outcome)
+            self._abandon(turn, sid, outcome, redis_work=self.io.submit)   # model loop: no Redis here
             events.put(_Failed(outcome))
         else:
             if sid and request.state is not None:   # None: cancelled before its spilled session came back
@@ -277,15 +277,17 @@ class Runtime:
         except Exception:  # noqa: BLE001 - a metrics hook must never break serving
             log.exception("on_turn hook failed")
 
-    def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None) -> None:
+    def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None, redis_work=None) -> None:
+        """`redis_work` runs the Redis part of dropping a session (the model loop passes the I/O thread's submit)."""
         if not sid:
             return
+        redis_work = redis_work or (lambda fn, *args: fn(*args))
         if turn.session_id is None:
-            self.store.discard(sid)  # a new session whose first turn failed never existed
+            self.store.discard(sid, redis_work)  # a new session whose first turn failed never existed
         elif exc is None or isinstance(exc, _REFUSED_UNTOUCHED):
             self.store.release(sid)  # refused before the cache was touched
         else:
-            self.store.mark_lost(sid, f"an internal error interrupted a turn ({exc!r})")
+            self.store.mark_lost(sid, f"an internal error interrupted a turn ({exc!r})", redis_work)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def healthy(self, timeout_s: float = 5.0) -> bool:

@@ -102,7 +102,7 @@ def wire_metrics(metrics, runtime: Runtime) -> None:
     store = runtime.store
     metrics.resident_sessions.set_function(lambda: store.usage()[1])
     metrics.spilled_sessions.set_function(lambda: store.usage()[2])
-    metrics.resident_kv_bytes.set_function(lambda: store.usage()[0])
+    metrics.resident_kv_bytes.set_function(store.resident_bytes)
     metrics.kv_bytes_saved.set_function(
         lambda: sum(e.full_nbytes - e.stored_nbytes for e in store.owned() if e.location == "device"))
 

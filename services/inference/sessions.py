@@ -43,6 +43,10 @@ from .spilled_header import ModelShape
 log = logging.getLogger(__name__)
 
 
+def _now(fn, *args):
+    return fn(*args)
+
+
 class SessionStore:
     def __init__(self, spill: Spill, fingerprint_id: str, device: torch.device | str,
                  budget_bytes: int, max_sessions: int = 10_000, clock=time.time, reserved_bytes=None,
@@ -63,7 +67,7 @@ class SessionStore:
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
         # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
         self.reserved_bytes = reserved_bytes or (lambda: 0)
-        self.defer = lambda fn, *args: fn(*args)   # the runtime routes Redis work to its I/O thread
+        self.defer = _now   # the runtime routes Redis work to its I/O thread
         self._mu = threading.Lock()
         self._spilled = threading.Condition(self._mu)   # notified when a spill ends
         self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
@@ -135,10 +139,14 @@ class SessionStore:
         elif hand_over:
             self.defer(self.hand_over, sid)
 
-    def discard(self, sid: str) -> None:
-        """Forget a session created by ``create`` whose first turn failed."""
+    def discard(self, sid: str, redis_work=_now) -> None:
+        """Forget a session created by ``create`` whose first turn failed; ``redis_work`` runs its Redis part
+        (the model loop passes the I/O thread's submit)."""
         tenant = self._tenant_of(sid)
         self._drop(sid)
+        redis_work(self._unregister, sid, tenant)
+
+    def _unregister(self, sid: str, tenant: str) -> None:
         try:
             self.directory.delete(sid, tenant)
         except (StoreUnavailable, OwnedElsewhere) as exc:
@@ -236,10 +244,13 @@ class SessionStore:
             return entry.nbytes if entry is not None and entry.location == "device" else 0
 
     def resident_bytes(self) -> int:
-        return self.usage()[0]
+        """Bytes resident here (no Redis: the model loop's admission asks on every check)."""
+        with self._mu:
+            return sum(e.nbytes for e in self._entries.values() if e.location == "device")
 
     def usage(self) -> tuple[int, int, int]:
-        """(resident bytes, resident sessions, sessions in Redis not resident here — 0 while Redis is down)."""
+        """(resident bytes, resident sessions, sessions in Redis not resident here — 0 while Redis is down).
+        Reads Redis: for reports (ServerInfo, GetLoad, metrics), never the model loop."""
         with self._mu:
             resident = [e for e in self._entries.values() if e.location == "device"]
         try:
@@ -285,7 +296,7 @@ class SessionStore:
             try:
                 self._spill_one(victim)
             except StoreUnavailable as exc:
-                used, _, _ = self.usage()
+                used = self.resident_bytes()
                 raise BudgetExhausted(
                     f"KV budget is full ({used} of {self.budget_bytes} bytes resident, {need_bytes} more needed) "
                     f"and idle sessions cannot be spilled because Redis is unreachable ({exc}); retry later, "
@@ -359,10 +370,14 @@ class SessionStore:
             else:
                 self._fence(entry.session_id)
 
-    def mark_lost(self, sid: str, reason: str) -> None:
-        """Forget a session whose state can no longer be trusted, remembering why (in Redis, for every replica)."""
+    def mark_lost(self, sid: str, reason: str, redis_work=_now) -> None:
+        """Forget a session whose state can no longer be trusted, remembering why (in Redis, for every replica;
+        ``redis_work`` runs that part, as in `discard`)."""
         log.error("session %s lost: %s", sid, reason)
         self._drop(sid)
+        redis_work(self._record_lost, sid, reason)
+
+    def _record_lost(self, sid: str, reason: str) -> None:
         try:
             self.directory.mark_lost(sid, reason)
         except StoreUnavailable as exc:
