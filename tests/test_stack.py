@@ -55,17 +55,18 @@ class Stack:
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def wait_healthy(self) -> None:
+        """Wait as a person does, for the stack's ready banner (printed once every replica and the proxy are
+        SERVING), then check health. Polling the proxy earlier would fail on replicas still loading, and nginx
+        then sets those replicas aside for its fail_timeout, skewing which replica serves what."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"stack exited with {self.proc.returncode}:\n{self.log()}"
-            try:
+            if "RazorServe is ready on" in self.log():
                 with grpc.insecure_channel(self.target) as channel:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(1.0)
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, self.log()
+                return
+            time.sleep(0.5)
         pytest.fail(f"stack not healthy within {READY_TIMEOUT_S:.0f} s:\n{self.log()}")
 
     def interrupt(self) -> int:
