@@ -4,8 +4,8 @@
 tokens. It asks the step target (`batch.StepBatch`) for the output; the target calls the functions here:
   split_cache_attention   one session's queries against its layer: retrieval heads SDPA over the full group,
                           local heads over sink + window with the compensation token merged through log-sum-exp
-  decode_attention        one decode token for each of several sessions with the same head layout, their
-                          different cache lengths padded and masked, in one kernel call per head group
+  decode_attention        one session's decode token (outside a scheduler: evaluation, calibration)
+A scheduler's decoding sessions attend together in their `slab.DecodeSlab`, through the kernels here.
 The local group's kernel never sees the compensation token, so it stays FlashAttention-compatible (eq. 5 is
 recovered exactly by the LSE merge). With a probe kwarg it instead computes eager attention and hands the
 probabilities to the profiler.
@@ -135,7 +135,7 @@ def split_cache_attention(query: torch.Tensor, layer, scale: float) -> torch.Ten
     # query: [B, Hq, Q, D]; query heads h*G .. h*G+G-1 read KV head h (GQA, as repeat_kv lays them out)
     bsz, n_heads, q_len, head_dim = query.shape
     if q_len == 1 and bsz == 1:
-        return decode_attention(query, [layer], None, scale)
+        return decode_attention(query, layer, scale)
     group = n_heads // layer.n_kv_heads
     out = query.new_empty(bsz, n_heads, q_len, head_dim)
     if layer.retrieval_heads:
@@ -163,50 +163,25 @@ def _query_heads_cached(kv_heads: tuple[int, ...], group: int, device) -> torch.
     return torch.tensor([h * group + g for h in kv_heads for g in range(group)], device=device)
 
 
-def decode_attention(q: torch.Tensor, layers: list, masks, scale: float) -> torch.Tensor:
-    """One decode query per session, sessions sharing a head layout. q: [B, Hq, 1, D] -> [B, Hq, 1, D].
+def decode_attention(q: torch.Tensor, layer, scale: float) -> torch.Tensor:
+    """One session's decode query against its own cache views. q: [1, Hq, 1, D] -> [1, Hq, 1, D].
 
-    `layers`: each session's RazorLayer for this layer index. One session (`masks` None) attends to its cache
-    views directly; several are zero padded to the longest and masked by `masks` (a `batch.DecodeMasks`).
-    With one query per session there is no causal mask, so each KV head's G query heads ride as G query rows
-    of that head: GQA without repeating keys and values."""
-    first = layers[0]
+    (A scheduler's decoding sessions attend together in their `slab.DecodeSlab` instead.) With one query there is
+    no causal mask, so each KV head's G query heads ride as G query rows of that head: GQA without repeating
+    keys and values."""
     bsz, n_heads, _, head_dim = q.shape
-    q_kv = q.view(bsz, first.n_kv_heads, n_heads // first.n_kv_heads, head_dim)          # [B, Hkv, G, D]
+    q_kv = q.view(bsz, layer.n_kv_heads, n_heads // layer.n_kv_heads, head_dim)           # [1, Hkv, G, D]
     out = torch.empty_like(q_kv)
-    if first.retrieval_heads:
-        keys, values = _gathered([l.keys for l in layers]), _gathered([l.values for l in layers])   # [B, r, S, D]
-        mask = None if masks is None else masks.retrieval
-        out[:, first._r_idx] = F.scaled_dot_product_attention(q_kv[:, first._r_idx], keys, values,
-                                                               attn_mask=mask, scale=scale)
-    if first.local_heads:
-        q_local = q_kv[:, first._l_idx]                                                    # [B, l, G, D]
-        keys, values = _gathered([l.local_keys for l in layers]), _gathered([l.local_values for l in layers])
-        if masks is None:
-            o, lse = attend_with_lse_masked(q_local, keys, values, None, scale)
-            comp_k, comp_v, count = first.comp_keys, first.comp_values, first.comp_count
-        else:
-            o, lse = attend_with_lse_masked(q_local, keys, values, masks.local_bias, scale)
-            (comp_k, comp_v), count = _stacked_comp(layers, keys), masks.comp_count
-        no_comp = isinstance(count, int) and count == 0
-        out[:, first._l_idx] = o if no_comp else merge_compensation(o, lse, q_local, comp_k, comp_v, count, scale)
+    if layer.retrieval_heads:
+        out[:, layer._r_idx] = F.scaled_dot_product_attention(q_kv[:, layer._r_idx], layer.keys, layer.values,
+                                                               scale=scale)
+    if layer.local_heads:
+        q_local = q_kv[:, layer._l_idx]                                                    # [1, l, G, D]
+        o, lse = attend_with_lse_masked(q_local, layer.local_keys, layer.local_values, None, scale)
+        if layer.comp_count:
+            o = merge_compensation(o, lse, q_local, layer.comp_keys, layer.comp_values, layer.comp_count, scale)
+        out[:, layer._l_idx] = o
     return out.view(bsz, n_heads, 1, head_dim)
-
-
-def _gathered(views: list[torch.Tensor]) -> torch.Tensor:
-    """[1, h, S_i, D] views -> [B, h, max S_i, D], zero padded after each session's rows (one: the view)."""
-    if len(views) == 1:
-        return views[0]
-    rows = [v[0].transpose(0, 1) for v in views]                                          # [S_i, h, D]
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).transpose(1, 2)       # [B, h, S, D]
-
-
-def _stacked_comp(layers: list, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compensation means [B, l, 1, D] float32; zeros for sessions with none yet (their count is 0)."""
-    zero = torch.zeros(like.shape[1], 1, like.shape[3], dtype=torch.float32, device=like.device)
-    keys = torch.stack([zero if l.comp_keys is None else l.comp_keys[0] for l in layers])
-    values = torch.stack([zero if l.comp_values is None else l.comp_values[0] for l in layers])
-    return keys, values
 
 
 def attend_with_lse_masked(q, k, v, bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,14 +2,16 @@
 
 Each session contributes a segment of the packed sequence (one decode token, or a chunk of its prompt) and
 keeps its own `CompressedKVCache`. The batch is the step target `hf.forward_step` runs against:
-  append   splits each layer's new K/V by segment into the sessions' caches (no copy of the caches)
-  attend   chunk segments: per session (`split_cache_attention`, causal within the chunk);
-           decode segments: grouped by head layout (sessions under different head maps differ per layer),
-           each group in one padded, masked call (`decode_attention`), or per session when alone.
+  append   each layer's new K/V by segment: decoding sessions seated in a `slab.DecodeSlab` all at once (one
+           row per session), the others split into their own caches (no copy of the caches)
+  attend   seated sessions: one call per slab and head group (`DecodeSlab.attend`); the others (prompt chunks,
+           or a decode step outside a scheduler) per session (`split_cache_attention`, causal within the chunk)
+A scheduler seats its decoding turns before each step (`slab.SlabPool.arrange`); every member of a slab must
+then be in the batch, since a slab steps all of its slots together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,22 +30,6 @@ class Segment:
         return len(self.token_ids)
 
 
-@dataclass
-class DecodeGroup:
-    """Decode segments whose caches share a head layout, with what their padded attention needs."""
-
-    segments: list[Segment]
-    positions: torch.Tensor    # [B] offsets in the packed sequence
-    masks: dict = field(default_factory=dict)   # per-session (retrieval rows, local rows, comp count) -> DecodeMasks
-
-
-@dataclass(frozen=True)
-class DecodeMasks:
-    retrieval: torch.Tensor    # [B, 1, 1, S_r] bool, True = a real key
-    local_bias: torch.Tensor   # [B, 1, 1, S_l] float, 0 or -inf
-    comp_count: torch.Tensor   # [B, 1, 1] float, tokens folded into each compensation token
-
-
 class StepBatch:
     def __init__(self, segments: list[tuple[CompressedKVCache, list[int]]], device):
         self.segments, start = [], 0
@@ -52,14 +38,18 @@ class StepBatch:
             self.segments.append(Segment(cache, list(ids), start))
             start += len(ids)
         self.n_tokens, self.device = start, torch.device(device)
-        by_layout: dict = {}
+        by_slab: dict = {}
         for seg in self.segments:
-            if seg.length == 1:
-                by_layout.setdefault(seg.cache.layout, []).append(seg)
-        self.groups = [DecodeGroup(segs, torch.tensor([s.start for s in segs], device=self.device))
-                       for segs in by_layout.values() if len(segs) > 1]
-        grouped = {id(s) for g in self.groups for s in g.segments}
-        self.singles = [s for s in self.segments if id(s) not in grouped]   # attended one session at a time
+            if seg.cache.seat is not None:
+                assert seg.length == 1, "a seated session decodes one token per step"
+                by_slab.setdefault(id(seg.cache.seat), (seg.cache.seat, []))[1].append(seg)
+        self.slabs = []   # (slab, positions [B] of its members' tokens in slot order)
+        for slab, segs in by_slab.values():
+            start_of = {id(s.cache): s.start for s in segs}
+            assert len(segs) == len(slab.members), "every member of a slab steps together"
+            self.slabs.append((slab, torch.tensor([start_of[id(c)] for c in slab.members], device=self.device)))
+            slab.begin_step()   # rows and masks of this step, shared by every layer
+        self.singles = [s for s in self.segments if s.cache.seat is None]   # attended one session at a time
 
     # --- inputs -----------------------------------------------------------------------------------
     def input_ids(self) -> torch.Tensor:
@@ -77,8 +67,11 @@ class StepBatch:
     def append(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # key_states, value_states: [1, n_kv_heads, T, D]
         assert key_states.shape[2] == self.n_tokens, (key_states.shape, self.n_tokens)
+        for slab, positions in self.slabs:   # [B, n_kv_heads, D] each
+            slab.append(layer_idx, key_states[0, :, positions].transpose(0, 1),
+                        value_states[0, :, positions].transpose(0, 1))
         split: dict = {}   # head layout -> the whole step's rows split once into (retrieval, local) heads
-        for seg in self.segments:
+        for seg in self.singles:
             layer = seg.cache.layers[layer_idx]
             if seg.cache.layout not in split:
                 split[seg.cache.layout] = (layer.split(key_states), layer.split(value_states))
@@ -88,43 +81,27 @@ class StepBatch:
 
     def attend(self, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
         # query: [1, Hq, T, D] -> [1, Hq, T, D]
-        if len(self.segments) == 1:
+        if len(self.segments) == 1 and not self.slabs:
             return attention.split_cache_attention(query, self.segments[0].cache.layers[layer_idx], scale)
         out = torch.empty_like(query)
         for seg in self.singles:
             span = slice(seg.start, seg.start + seg.length)
             out[:, :, span] = attention.split_cache_attention(query[:, :, span], seg.cache.layers[layer_idx], scale)
-        for group in self.groups:
-            out[0, :, group.positions] = self._attend_group(group, layer_idx, query, scale)
+        for slab, positions in self.slabs:
+            q = query[0, :, positions].transpose(0, 1).unsqueeze(2)                             # [B, Hq, 1, D]
+            out[0, :, positions] = slab.attend(layer_idx, q, scale)[:, :, 0].transpose(0, 1)
         return out
 
-    def _attend_group(self, group: DecodeGroup, layer_idx: int, query: torch.Tensor, scale: float) -> torch.Tensor:
-        """-> [Hq, B, D] for the group's rows of the packed output."""
-        layers = [s.cache.layers[layer_idx] for s in group.segments]
-        q = query[0, :, group.positions].transpose(0, 1).unsqueeze(2)                      # [B, Hq, 1, D]
-        lengths = tuple((l.retrieval_length(), l.local_length(), l.comp_count) for l in layers)
-        masks = group.masks.get(lengths)
-        if masks is None:   # layers of one layout mostly share lengths: built once or twice per step
-            masks = group.masks[lengths] = decode_masks(lengths, self.device)
-        return attention.decode_attention(q, layers, masks, scale)[:, :, 0].transpose(0, 1)
-
     def compress(self, caches: list[CompressedKVCache] | None = None) -> None:
-        """Compress `caches` (default: every segment's). A session midway through a chunked prefill is left
-        uncompressed until its last chunk, so chunking never changes what its prompt's tokens attend to."""
+        """Compress `caches` (default: every segment's) after the forward; seated ones through their slab, which
+        compresses all its members. A session midway through a chunked prefill is left uncompressed until its
+        last chunk, so chunking never changes what its prompt's tokens attend to."""
         for cache in (caches if caches is not None else [s.cache for s in self.segments]):
-            cache.compress()
+            if cache.seat is None:
+                cache.compress()
+        for slab, _ in self.slabs:
+            slab.end_step()
 
 
 def _rows(pair: tuple, rows: slice) -> tuple:
     return tuple(None if t is None else t[:, :, rows] for t in pair)
-
-
-def decode_masks(lengths: tuple[tuple[int, int, int], ...], device) -> DecodeMasks:
-    """Key-padding masks from each session's (retrieval rows, local rows, compensation count)."""
-    r_len = torch.tensor([r for r, _, _ in lengths], device=device)
-    l_len = torch.tensor([n for _, n, _ in lengths], device=device)
-    retrieval = torch.arange(int(r_len.max()), device=device)[None, :] < r_len[:, None]          # [B, S_r]
-    local = torch.arange(int(l_len.max()), device=device)[None, :] < l_len[:, None]              # [B, S_l]
-    bias = torch.zeros(local.shape, device=device).masked_fill(~local, float("-inf"))
-    counts = torch.tensor([float(c) for _, _, c in lengths], device=device)
-    return DecodeMasks(retrieval[:, None, None], bias[:, None, None], counts[:, None, None])

@@ -93,6 +93,8 @@ class RazorLayer:
         """Append (retrieval, local) pairs as `split` returns them, each [1, h, Q, D]."""
         (k_r, k_l), (v_r, v_l) = keys, values
         like = k_r if k_r is not None else k_l
+        if self._r_idx is None:   # another session of the layout may have split the batch's rows
+            self._index(like.device)
         if self.retrieval is None and self.local is None:
             self._allocate(like)
         if self.retrieval is not None:
@@ -200,6 +202,7 @@ class CompressedKVCache:
         self.n_kv_heads = n_kv_heads
         # Sessions with equal layouts split every layer the same way, so a batch attends to them together.
         self.layout = (tuple(tuple(h) for h in self.retrieval_kv_heads), params)
+        self.seat = None   # the `slab.DecodeSlab` holding this cache while its turn decodes (its layers hold none)
 
     @property
     def seq_length(self) -> int:
@@ -223,16 +226,25 @@ class CompressedKVCache:
         self.layers[layer_idx].append(key_states, value_states)
 
     def compress(self) -> None:
+        self._check_settled()
         for layer in self.layers:
             layer.compress()
 
     def nbytes(self) -> int:
+        if self.seat is not None:
+            return self.seat.slot_nbytes()
         return sum(layer.nbytes() for layer in self.layers)
 
     def stored_nbytes(self) -> int:
+        self._check_settled()
         return sum(layer.stored_nbytes() for layer in self.layers)
 
+    def _check_settled(self) -> None:
+        if self.seat is not None:
+            raise RuntimeError("this cache is in a decode slab: its turn is still decoding")
+
     def full_nbytes(self) -> int:
+        self._check_settled()
         return sum(layer.full_nbytes() for layer in self.layers)
 
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
@@ -241,6 +253,7 @@ class CompressedKVCache:
 
     # --- spilling: a flat dict of tensors plus JSON-safe metadata ----------------------------------
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        self._check_settled()
         tensors = {f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.to_tensors().items()}
         meta = {"n_kv_heads": self.n_kv_heads, "params": self.params.to_dict(),
                 "retrieval_kv_heads": self.retrieval_kv_heads,

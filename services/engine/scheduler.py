@@ -19,6 +19,7 @@ import torch
 
 from . import hf
 from .batch import StepBatch
+from .slab import SlabPool
 from .sampling import SamplingParams, make_generator, sample
 
 if TYPE_CHECKING:   # generation imports the scheduler at call time; the scheduler needs its types only here
@@ -76,6 +77,7 @@ class Scheduler:
         self._inbox: collections.deque[TurnRequest] = collections.deque()   # appends are thread-safe
         self.waiting: collections.deque[TurnRequest] = collections.deque()
         self.running: list[_Turn] = []
+        self.slabs = SlabPool(engine.dims.head_dim, engine.loaded.dtype, engine.device)   # decoding turns' caches
 
     def submit(self, request: TurnRequest) -> None:
         """Queue a turn (any thread); it joins the batch at a coming step. A turn may come without its state
@@ -98,6 +100,7 @@ class Scheduler:
         plan = self._plan()
         if not plan:
             return 0
+        self.slabs.arrange([(t.request.state.cache, _final_length(t)) for t, ids in plan if not t.prefilling])
         batch = StepBatch([(t.request.state.cache, ids) for t, ids in plan], self.engine.device)
         sampling = [i for i, (t, ids) in enumerate(plan) if len(ids) == len(t.pending)]
         try:
@@ -187,6 +190,9 @@ class Scheduler:
     def _finish(self, turn: _Turn, reason: str = "", error: BaseException | None = None) -> None:
         if turn in self.running:
             self.running.remove(turn)
+        state = turn.request.state
+        if state is not None and state.cache.seat is not None:
+            self.slabs.unseat(state.cache)   # the session owns its cache again before anyone sees it
         _call(turn.request.on_done, error if error is not None else self.engine.result(turn, reason))
 
     def run_until_idle(self) -> None:
@@ -200,6 +206,11 @@ class Scheduler:
             turn.request.deadline = 0.0
         for request in list(self.waiting) + list(self._inbox):
             request.deadline = 0.0
+
+
+def _final_length(turn: _Turn) -> int:
+    """The most tokens a decoding turn's cache holds by its end (each step appends one, up to the limit)."""
+    return turn.request.state.cache.seq_length + turn.request.params.max_new_tokens - len(turn.generated)
 
 
 def _stopped(request: TurnRequest, now: float) -> bool:

@@ -1,0 +1,335 @@
+"""DecodeSlab: the storage of the sessions that are decoding, batched per head layout and size class.
+
+While a turn decodes, its session's cache lives in one slot of a slab instead of in its own `KVBuffer`s, so a
+decode step appends, attends and compresses every session of the slab with a few tensor ops per layer: no
+per-session work and no gathering of caches into a padded batch. Per decoder layer:
+  retrieval     [B, r, rows, D]            token t at row t (rows: the slab's size class, >= every final length)
+  local         [B, l, sink + ring, D]     token t < sink at row t, later tokens at sink + (t - sink) % ring
+  compensation  [B, l, 1, D] float32       running means of the evicted keys and values; counts per slot
+Attention does not depend on the order of keys, so the window can be a ring: evicting a token moves nothing (it
+is folded into the compensation mean and its row is reused). `ring` = W(rows) + 1 holds the window and the new
+token of a step before the window is trimmed, as `RazorLayer.compress` orders it. Masks say which rows are live.
+
+A slab's storage is rebuilt (one copy of its slots) only when its members change, i.e. when a turn starts or
+stops decoding; between those, every step writes one row per session and layer. A slot holds at most the bytes
+`CompressedKVCache.bytes_bound` reserves for the turn, so the service's KV budget still holds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import attention
+from .cache import CompressedKVCache
+from .kvbuffer import KVBuffer
+
+CLASS_GROWTH = 1.2   # size classes grow by 1.2x: a slot is at most 1.2x its turn's final length (bytes_bound: 1.25x)
+SMALLEST_CLASS = 16
+
+
+def size_class(tokens: int) -> int:
+    """The rows of the retrieval slot for a turn whose cache grows to `tokens` tokens."""
+    rows = SMALLEST_CLASS
+    while rows < tokens:
+        rows = math.ceil(rows * CLASS_GROWTH)
+    return rows
+
+
+@dataclass
+class LayerSlots:
+    """One layer's storage for every slot; None for a head group the layer does not have."""
+
+    keys: torch.Tensor | None            # [B, r, rows, D]
+    values: torch.Tensor | None
+    local_keys: torch.Tensor | None      # [B, l, sink + ring, D]
+    local_values: torch.Tensor | None
+    comp_keys: torch.Tensor | None       # [B, l, 1, D] float32
+    comp_values: torch.Tensor | None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values, self.local_keys, self.local_values, self.comp_keys,
+                            self.comp_values) if t is not None]
+
+
+class DecodeSlab:
+    """The decoding sessions of one head layout and size class. Slot i holds `members[i]`."""
+
+    def __init__(self, template: CompressedKVCache, rows: int, head_dim: int, dtype: torch.dtype, device):
+        self.layout, self.params, self.rows = template.layout, template.params, rows
+        self.key = (template.layout, rows)
+        self.ring = self.params.window(rows) + 1
+        self.local_rows = self.params.sink + self.ring
+        self.head_dim, self.dtype, self.device = head_dim, dtype, torch.device(device)
+        self.r_heads = [len(layer.retrieval_heads) for layer in template.layers]
+        self.l_heads = [len(layer.local_heads) for layer in template.layers]
+        group_idx = [_head_indices(layer, self.device) for layer in template.layers]
+        self.r_idx, self.l_idx = [r for r, _ in group_idx], [l for _, l in group_idx]
+        self.members: list[CompressedKVCache] = []
+        self.storage: list[LayerSlots] = []
+        self._stored: list[CompressedKVCache] = []    # who occupies the storage's slots (members, until a rebuild)
+
+    # --- membership ---------------------------------------------------------------------------------
+    def set_members(self, caches: list[CompressedKVCache]) -> None:
+        """Seat `caches` (the members that stay keep their order); rebuilds the storage if anything changed."""
+        staying = [c for c in self.members if any(c is x for x in caches)]
+        for cache in self.members:
+            if not any(cache is x for x in staying):
+                self.unseat(cache)
+        joining = [c for c in caches if not any(c is x for x in staying)]
+        members = staying + joining
+        if _same(members, self._stored):
+            return
+        self._rebuild(members)
+
+    def unseat(self, cache: CompressedKVCache) -> None:
+        """Copy `cache`'s slot back into its own KVBuffers; the slot is reclaimed at the next rebuild."""
+        slot = _index(self._stored, cache)
+        for layer, slots in zip(cache.layers, self.storage):
+            self._unpack(layer, slots, slot)
+        self.members = [c for c in self.members if c is not cache]
+        cache.seat = None
+        if not self.members:   # free the memory now: an idle scheduler may not step again for a while
+            self.storage, self._stored = [], []
+
+    def _rebuild(self, members: list[CompressedKVCache]) -> None:
+        kept = [_index(self._stored, c) for c in members if c.seat is self]
+        storage = [self._allocate(layer_idx, len(members)) for layer_idx in range(len(self.r_heads))]
+        if kept:
+            kept_idx = torch.tensor(kept, device=self.device)
+            for new, old in zip(storage, self.storage):
+                for dst, src in zip(new.tensors(), old.tensors()):
+                    dst[:len(kept)] = src.index_select(0, kept_idx)
+        for slot, cache in enumerate(members[len(kept):], start=len(kept)):
+            for layer, slots in zip(cache.layers, storage):
+                self._pack(layer, slots, slot)
+            cache.seat = self
+        self.members, self._stored, self.storage = list(members), list(members), storage
+
+    def _allocate(self, layer_idx: int, n: int) -> LayerSlots:
+        # Zeros, not empty: masked rows still meet the values in a matmul, and 0 * NaN would be NaN.
+        def zeros(heads: int, rows: int, dtype=self.dtype):
+            return torch.zeros(n, heads, rows, self.head_dim, dtype=dtype, device=self.device) if heads else None
+        r, l = self.r_heads[layer_idx], self.l_heads[layer_idx]
+        return LayerSlots(zeros(r, self.rows), zeros(r, self.rows), zeros(l, self.local_rows),
+                          zeros(l, self.local_rows), zeros(l, 1, torch.float32), zeros(l, 1, torch.float32))
+
+    # --- a session's rows in and out of a slot ------------------------------------------------------
+    def _local_token_rows(self, seq_len: int, n_window: int) -> torch.Tensor:
+        """Rows of the last `n_window` tokens (those after the sinks) of a session of `seq_len` tokens."""
+        sink = self.params.sink
+        return torch.tensor([sink + (t - sink) % self.ring for t in range(seq_len - n_window, seq_len)],
+                            dtype=torch.long, device=self.device)
+
+    def _pack(self, layer, slots: LayerSlots, slot: int) -> None:
+        """Move one layer of a session into `slot`, then free its own storage."""
+        n = layer.seq_len
+        assert n < self.rows, (n, self.rows)
+        if layer.retrieval is not None:
+            slots.keys[slot, :, :n] = layer.retrieval.keys[0]
+            slots.values[slot, :, :n] = layer.retrieval.values[0]
+        if layer.local is not None:
+            stored = len(layer.local)
+            n_sink = min(self.params.sink, stored)
+            n_window = stored - n_sink
+            assert n_window < self.ring, (n_window, self.ring)   # compressed: at most W(n) <= W(rows) tokens
+            rows = self._local_token_rows(n, n_window)
+            for dst, src in ((slots.local_keys, layer.local.keys), (slots.local_values, layer.local.values)):
+                dst[slot, :, :n_sink] = src[0, :, :n_sink]
+                dst[slot, :, rows] = src[0, :, n_sink:]
+            if layer.comp_keys is not None:
+                slots.comp_keys[slot] = layer.comp_keys[0]
+                slots.comp_values[slot] = layer.comp_values[0]
+        layer.retrieval = layer.local = layer.comp_keys = layer.comp_values = None
+
+    def _unpack(self, layer, slots: LayerSlots, slot: int) -> None:
+        """Copy one layer of `slot` back into the session's own (new) KVBuffers, sinks then window in order."""
+        n = layer.seq_len
+        if slots.keys is not None:
+            layer.retrieval = KVBuffer.holding(slots.keys[slot:slot + 1, :, :n], slots.values[slot:slot + 1, :, :n])
+        if slots.local_keys is not None:
+            n_sink = min(self.params.sink, n)
+            rows = self._local_token_rows(n, min(n - n_sink, self.params.window(n)))
+            keys = torch.cat([slots.local_keys[slot, :, :n_sink], slots.local_keys[slot, :, rows]], dim=1)
+            values = torch.cat([slots.local_values[slot, :, :n_sink], slots.local_values[slot, :, rows]], dim=1)
+            layer.local = KVBuffer.holding(keys[None], values[None])
+            if layer.comp_count:
+                layer.comp_keys = slots.comp_keys[slot:slot + 1].clone()
+                layer.comp_values = slots.comp_values[slot:slot + 1].clone()
+
+    # --- one decode step over every member ----------------------------------------------------------
+    def begin_step(self) -> None:
+        """Rows to write and masks to read for this step (shared by every layer)."""
+        assert _same(self.members, self._stored), "a slab steps only with its storage rebuilt for its members"
+        sink, device = self.params.sink, self.device
+        self._lengths = [c.seq_length for c in self.members]                # N before the step
+        assert max(self._lengths) < self.rows, (self._lengths, self.rows)
+        n = torch.tensor(self._lengths, device=device)                      # [B]
+        self._slots = torch.arange(len(self.members), device=device)
+        self._row = n                                                       # the new token's retrieval row
+        self._local_row = torch.where(n < sink, n, sink + (n - sink) % self.ring)
+        self._flat: dict = {}
+        self._span = max(self._lengths) + 1                                 # retrieval rows worth reading
+        self._r_mask = (torch.arange(self._span, device=device) < (n + 1)[:, None])[:, None, None]   # [B,1,1,S]
+        self._l_bias = self._local_bias(n)                                  # [B, 1, 1, sink + ring]
+        counts = [_comp_count(c) for c in self.members]
+        self._counts = counts
+        self._comp_counts = torch.tensor(counts, dtype=torch.float32, device=device)[:, None, None]   # [B,1,1]
+
+    def _local_bias(self, n: torch.Tensor) -> torch.Tensor:
+        """0 for the live local rows after this step's append (sinks, window and the new token), else -inf."""
+        sink, device = self.params.sink, self.device
+        keep = torch.tensor([self.params.window(x) + 1 for x in self._lengths], device=device)     # [B]
+        present = n + 1                                                                             # tokens
+        sink_live = torch.arange(sink, device=device)[None, :] < present[:, None]                  # [B, sink]
+        ring_idx = torch.arange(self.ring, device=device)[None, :]                                 # [1, ring]
+        after_sink = (present - sink)[:, None]                                                      # [B, 1]
+        age = (after_sink - 1 - ring_idx) % self.ring                                               # [B, ring]
+        ring_live = (ring_idx < after_sink) & (age < keep[:, None])
+        live = torch.cat([sink_live, ring_live], dim=1)
+        bias = torch.zeros(live.shape, device=device).masked_fill(~live, float("-inf"))
+        return bias[:, None, None]
+
+    def append(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """This step's token of every member: keys, values [B, n_kv_heads, D] (after RoPE)."""
+        slots = self.storage[layer_idx]
+        if slots.keys is not None:
+            r_idx = self.r_idx[layer_idx]
+            rows = self._flat_rows(len(r_idx), self.rows, self._row)
+            _write_rows(slots.keys, rows, keys.index_select(1, r_idx))
+            _write_rows(slots.values, rows, values.index_select(1, r_idx))
+        if slots.local_keys is not None:
+            l_idx = self.l_idx[layer_idx]
+            rows = self._flat_rows(len(l_idx), self.local_rows, self._local_row)
+            _write_rows(slots.local_keys, rows, keys.index_select(1, l_idx))
+            _write_rows(slots.local_values, rows, values.index_select(1, l_idx))
+
+    def _flat_rows(self, heads: int, rows: int, row: torch.Tensor) -> torch.Tensor:
+        """Indices into a [B * heads * rows, D] view of a store of each member's `row` in every head: [B * heads]."""
+        key = (heads, rows)
+        if key not in self._flat:   # per step and store shape, shared by every layer with that many heads
+            base = (self._slots[:, None] * heads + torch.arange(heads, device=self.device)[None, :]) * rows
+            self._flat[key] = (base + row[:, None]).reshape(-1)
+        return self._flat[key]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: [B, Hq, 1, D], one decode query per member -> [B, Hq, 1, D].
+
+        With one query per session there is no causal mask, so each KV head's G query heads ride as G query
+        rows of that head: GQA without repeating keys and values."""
+        slots = self.storage[layer_idx]
+        bsz, n_heads, _, head_dim = q.shape
+        n_kv = self.r_heads[layer_idx] + self.l_heads[layer_idx]
+        q_kv = q.view(bsz, n_kv, n_heads // n_kv, head_dim)                                  # [B, Hkv, G, D]
+        out = torch.empty_like(q_kv)
+        if slots.keys is not None:
+            r_idx = self.r_idx[layer_idx]
+            span = self._span
+            o = F.scaled_dot_product_attention(q_kv.index_select(1, r_idx), slots.keys[:, :, :span],
+                                               slots.values[:, :, :span], attn_mask=self._r_mask, scale=scale)
+            out.index_copy_(1, r_idx, o)
+        if slots.local_keys is not None:
+            l_idx = self.l_idx[layer_idx]
+            q_local = q_kv.index_select(1, l_idx)                                             # [B, l, G, D]
+            o, lse = attention.attend_with_lse_masked(q_local, slots.local_keys, slots.local_values, self._l_bias,
+                                                      scale)
+            if any(self._counts):
+                o = attention.merge_compensation(o, lse, q_local, slots.comp_keys, slots.comp_values,
+                                                 self._comp_counts, scale)
+            out.index_copy_(1, l_idx, o)
+        return out.view(bsz, n_heads, 1, head_dim)
+
+    def end_step(self) -> None:
+        """Fold the token that left each member's window into its compensation token; every member grew by one."""
+        params, sink = self.params, self.params.sink
+        leaving, weights = [], []
+        for n, count in zip(self._lengths, self._counts):
+            first_before, first_after = max(sink, n - params.window(n)), max(sink, n + 1 - params.window(n + 1))
+            gone = params.compensation and first_after > first_before      # at most one token per step
+            leaving.append(sink + (first_before - sink) % self.ring if gone else self._ring_row(n))
+            weights.append(1.0 / (count + 1) if gone else 0.0)
+        if any(weights):
+            self._fold(torch.tensor(leaving, device=self.device),
+                       torch.tensor(weights, dtype=torch.float32, device=self.device)[:, None, None, None])
+        for cache, count, w in zip(self.members, self._counts, weights):
+            for layer in cache.layers:
+                layer.seq_len += 1
+                if layer.local_heads and w:
+                    layer.comp_count = count + 1
+
+    def _ring_row(self, n: int) -> int:
+        return n if n < self.params.sink else self.params.sink + (n - self.params.sink) % self.ring
+
+    def _fold(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        # rows: [B] local row leaving each member (a live row, weight 0, for members with none); weights [B,1,1,1]
+        for slots in self.storage:
+            if slots.local_keys is None:
+                continue
+            for comp, store in ((slots.comp_keys, slots.local_keys), (slots.comp_values, slots.local_values)):
+                comp.lerp_(store[self._slots, :, rows].unsqueeze(2).float(), weights)   # [B, l, 1, D]
+
+    # --- accounting ---------------------------------------------------------------------------------
+    def slot_nbytes(self) -> int:
+        """Bytes one slot holds on the device."""
+        per_layer = sum(t[0].numel() * t.element_size() for slots in self.storage for t in slots.tensors())
+        return per_layer
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for slots in self.storage for t in slots.tensors())
+
+
+def _write_rows(store: torch.Tensor, flat_rows: torch.Tensor, rows: torch.Tensor) -> None:
+    """store [B, h, S, D]; rows [B, h, D] written at `flat_rows` of the store seen as [B * h * S, D]."""
+    store.view(-1, store.shape[-1]).index_copy_(0, flat_rows, rows.reshape(-1, rows.shape[-1]))
+
+
+def _comp_count(cache: CompressedKVCache) -> int:
+    """Tokens folded into the session's compensation tokens (every layer with local heads folds the same ones)."""
+    return max(layer.comp_count for layer in cache.layers)
+
+
+def _head_indices(layer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(layer.retrieval_heads, dtype=torch.long, device=device),
+            torch.tensor(layer.local_heads, dtype=torch.long, device=device))
+
+
+def _index(caches: list[CompressedKVCache], cache: CompressedKVCache) -> int:
+    return next(i for i, c in enumerate(caches) if c is cache)
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+class SlabPool:
+    """Every slab of one scheduler: seats the decoding turns' caches each step, by head layout and size class."""
+
+    def __init__(self, head_dim: int, dtype: torch.dtype, device):
+        self.head_dim, self.dtype, self.device = head_dim, dtype, device
+        self.slabs: dict[tuple, DecodeSlab] = {}
+
+    def arrange(self, decoding: list[tuple[CompressedKVCache, int]]) -> None:
+        """Seat every (cache, final length) of this step's decoding turns; unseat everyone else."""
+        wanted: dict[tuple, list[CompressedKVCache]] = {}
+        for cache, final in decoding:
+            key = cache.seat.key if cache.seat is not None else (cache.layout, size_class(final + 1))
+            wanted.setdefault(key, []).append(cache)
+        for key in list(self.slabs):
+            if key not in wanted:
+                self.slabs.pop(key).set_members([])
+        for key, caches in wanted.items():
+            if key not in self.slabs:
+                self.slabs[key] = DecodeSlab(caches[0], key[1], self.head_dim, self.dtype, self.device)
+            self.slabs[key].set_members(caches)
+
+    def unseat(self, cache: CompressedKVCache) -> None:
+        """Give `cache` its own storage back (its turn ended); a slab left empty is dropped."""
+        slab = cache.seat
+        slab.unseat(cache)
+        if not slab.members:
+            self.slabs.pop(slab.key, None)
+
+    def nbytes(self) -> int:
+        return sum(slab.nbytes() for slab in self.slabs.values())
