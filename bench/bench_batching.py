@@ -5,9 +5,9 @@
    admitted on the bytes its cache may grow to by the end of the turn (`CompressedKVCache.bytes_bound`, as the
    service's admission does); every admitted session then decodes `--decode` tokens in one Scheduler batch, and
    the aggregate tokens/s at each map's own capacity is measured.
-2. Step cost against session length: one session's decode step (ms) at each `--lengths` value, full map vs
-   shipped map, and the storage work a step does: appending one token in place (KVBuffer) against the
-   `torch.cat` of every layer's groups that the first build did on every step (measured on the same shapes).
+2. Step cost against session length: one session's decode step (ms, seated in a scheduler's decode slab) at each
+   `--lengths` value, full map vs shipped map, and the storage work a step does: writing one token into the slab
+   (every layer) against the `torch.cat` of every layer's groups that the first build did on every step.
 
 Caches are derived from one full prefill of the longest length (`CompressedKVCache.from_full` on prefixes), so
 the bench prefills once.
@@ -25,8 +25,8 @@ import torch
 from services.engine import (CompressedKVCache, Engine, HeadMap, SamplingParams, Scheduler, SchedulerConfig,
                              SessionState, TurnRequest, load_model)
 from services.engine.evaluation import full_prefill
-from services.engine.generation import forward
 from services.engine.headmap import shipped_head_map
+from services.engine.slab import DecodeSlab, size_class
 
 
 def derived(engine: Engine, full_kv, ids: list[int], head_map: HeadMap, n: int) -> SessionState:
@@ -74,28 +74,41 @@ def capacity_rows(engine: Engine, full_kv, ids, maps: dict, args) -> list[list]:
 
 
 def step_ms(engine: Engine, state: SessionState, steps: int) -> float:
-    token = state.token_ids[-1]
-    forward(engine.model, [token], state.cache)   # warm
+    """ms per decode step of one session in a Scheduler (seated in a decode slab, as the service runs it)."""
+    scheduler = Scheduler(engine, SchedulerConfig(max_running=1, step_tokens=64))
+    scheduler.submit(TurnRequest(state, [state.token_ids[-1]], SamplingParams(max_new_tokens=steps + 3)))
+    scheduler.step()
+    scheduler.step()       # untimed: the one-token "prefill", then the step that seats the session
     start = time.perf_counter()
     for _ in range(steps):
-        token = int(forward(engine.model, [token], state.cache).argmax())
-    return (time.perf_counter() - start) / steps * 1e3
+        scheduler.step()
+    elapsed = time.perf_counter() - start
+    scheduler.run_until_idle()
+    return elapsed / steps * 1e3
 
 
-def storage_ms(state: SessionState, repeats: int = 20) -> tuple[float, float]:
-    """(ms per step appending one token in place, ms per step the old per-step torch.cat would copy)."""
+def storage_ms(engine: Engine, state: SessionState, repeats: int = 20) -> tuple[float, float]:
+    """(ms per step writing one token into a decode slab, every layer; ms per step the first build's torch.cat
+    of every layer's groups would copy)."""
     buffers = [b for layer in state.cache.layers for b in (layer.retrieval, layer.local) if b is not None]
     rows = [b.keys[:, :, -1:].clone() for b in buffers]            # one token's keys for each group
-
-    def per_step_ms(work) -> float:
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for buf, new in zip(buffers, rows):
-                work(buf, new)
-        return (time.perf_counter() - start) / repeats * 1e3
-
-    cat_ms = per_step_ms(lambda b, new: (torch.cat([b.keys, new], dim=-2), torch.cat([b.values, new], dim=-2)))
-    return per_step_ms(lambda b, new: b.append(new, new)), cat_ms
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for b, new in zip(buffers, rows):
+            torch.cat([b.keys, new], dim=-2), torch.cat([b.values, new], dim=-2)
+    cat_ms = (time.perf_counter() - start) / repeats * 1e3
+    fp = engine.loaded.fingerprint
+    slab = DecodeSlab(state.cache, size_class(state.seq_length + 2), fp.head_dim, engine.loaded.dtype, engine.device)
+    slab.set_members([state.cache])
+    slab.begin_step()
+    token = torch.randn(1, fp.n_kv_heads, fp.head_dim, dtype=engine.loaded.dtype)   # [B, n_kv_heads, D]
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for layer_idx in range(fp.n_layers):
+            slab.append(layer_idx, token, token)
+    slab_ms = (time.perf_counter() - start) / repeats * 1e3
+    slab.set_members([])
+    return slab_ms, cat_ms
 
 
 def length_rows(engine: Engine, full_kv, ids, maps: dict, args) -> list[list]:
@@ -105,7 +118,7 @@ def length_rows(engine: Engine, full_kv, ids, maps: dict, args) -> list[list]:
         for name, hm in maps.items():
             state = derived(engine, full_kv, ids, hm, n)
             ms = step_ms(engine, state, args.steps)
-            append_ms, cat_ms = storage_ms(derived(engine, full_kv, ids, hm, n))
+            append_ms, cat_ms = storage_ms(engine, derived(engine, full_kv, ids, hm, n))
             row += [f"{state.stored_nbytes() / 2**20:.1f}", f"{ms:.1f}", f"{append_ms:.2f}", f"{cat_ms:.2f}"]
             print(f"  length {n}: {name}: {ms:.1f} ms/step", flush=True)
         rows.append(row)
@@ -138,8 +151,8 @@ def main() -> None:
     print(common.table(["map", "MiB per session (bound)", "sessions that fit", "aggregate tok/s",
                         "sessions vs full", "tok/s vs full"], cap))
     rows = length_rows(engine, full_kv, ids, maps, args)
-    print("\nOne session's decode step against its length (ms), and the storage work per step: in-place append "
-          "(now) vs torch.cat of every group (the first build):\n")
+    print("\nOne session's decode step against its length (ms, in a scheduler's decode slab), and the storage work "
+          "per step: writing the token into the slab (now) vs torch.cat of every group (the first build):\n")
     cols = ["tokens"] + [f"{name}: {c}" for name in maps for c in ("KV MiB", "step ms", "append ms", "old cat ms")]
     print(common.table(cols, rows))
     print(f"\nbench_batching: {clock}")

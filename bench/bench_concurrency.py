@@ -13,11 +13,13 @@ token and ITL the gap between a stream's consecutive tokens.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import threading
 import time
 
 import common
+import torch
 from services.engine import CompressionParams, HeadMap, load_model
 from services.engine.headmap import shipped_head_map
 from services.inference.client import RazorClient
@@ -81,9 +83,35 @@ def run_level(target: str, clients: int, requests: int, words: int, new_tokens: 
     processed = generated + sum(r["prompt"] for r in results)
     lat = sorted(r["latency"] for r in results)
     gaps = sorted(g for r in results for g in r["gaps"]) or [0.0]
-    return {"itl_p50": percentile(gaps, 0.5), "itl_p95": percentile(gaps, 0.95),"requests": len(results), "wall": wall, "gen_tps": generated / wall, "all_tps": processed / wall,
-            "generated": generated, "p50": statistics.median(lat), "p95": percentile(lat, 0.95),
+    return {"itl_p50": percentile(gaps, 0.5), "itl_p95": percentile(gaps, 0.95), "requests": len(results), "wall": wall, "gen_tps": generated / wall, "all_tps": processed / wall,
+            "generated": generated, "prompt_mean": statistics.mean(r["prompt"] for r in results), "p50": statistics.median(lat), "p95": percentile(lat, 0.95),
             "ttft": statistics.median(r["ttft"] for r in results)}
+
+
+def forward_ms(model, tokens: int, repeats: int = 5) -> float:
+    """Fastest of `repeats` bare forwards (no cache, one logit row) over `tokens` tokens, in ms."""
+    ids = torch.full((1, tokens), 100)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            model(ids, use_cache=False, logits_to_keep=1)
+            times.append(time.perf_counter() - start)
+    return min(times[1:]) * 1e3
+
+
+def compute_bound(model, clients: list[int], requests: int, prompt_tokens: int, new_tokens: int,
+                  step_tokens: int) -> dict[int, float]:
+    """Each level's ratio to one client if the service cost nothing but the model's forwards: prompts prefilled in
+    `step_tokens` chunks, then `new_tokens` steps of one token per client (bare forwards, timed here)."""
+    one = requests * (forward_ms(model, prompt_tokens) + new_tokens * forward_ms(model, 1))
+    bound = {}
+    for c in clients:
+        rounds = max(1, requests // c)
+        prefill_steps = math.ceil(c * prompt_tokens / step_tokens)
+        level = rounds * (prefill_steps * forward_ms(model, step_tokens) + new_tokens * forward_ms(model, c))
+        bound[c] = (one / level) * (max(requests, c) / requests)   # a level with more clients than requests runs more
+    return bound
 
 
 def main() -> None:
@@ -94,6 +122,7 @@ def main() -> None:
     ap.add_argument("--prompt-words", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--step-tokens", type=int, default=256, help="RAZOR_STEP_TOKENS: tokens per model step")
+    ap.add_argument("--no-bound", action="store_true", help="skip timing the bare forwards of the compute bound")
     args = ap.parse_args()
     clock = common.Stopwatch()
     print(common.header())
@@ -113,17 +142,23 @@ def main() -> None:
         server.stop(0)
         redis_proc.kill()
         redis_proc.wait()
+    prompt_tokens = round(levels[args.clients[0]]["prompt_mean"])
+    bound = {} if args.no_bound else compute_bound(loaded.model, args.clients, args.requests, prompt_tokens,
+                                                   args.new_tokens, args.step_tokens)
     base = levels[args.clients[0]]
     print(f"\nmodel {loaded.ref or 'smollm2'} ({loaded.fingerprint.id}), head map {head_map.version} "
           f"({head_map.kv_fraction:.0%} of KV heads full); prompts of ~{args.prompt_words} words, greedy, "
           f"{args.new_tokens} new tokens, {args.requests} requests per level, no session kept\n")
     rows = [[c, r["requests"], r["generated"], f"{r['wall']:.1f}", f"{r['gen_tps']:.1f}",
              f"{r['gen_tps'] / base['gen_tps']:.2f}x", f"{r['all_tps']:.0f}", f"{r['ttft'] * 1e3:.0f}",
-             f"{r['itl_p50'] * 1e3:.0f}", f"{r['itl_p95'] * 1e3:.0f}", f"{r['p50']:.2f}", f"{r['p95']:.2f}"]
+             f"{r['itl_p50'] * 1e3:.0f}", f"{r['itl_p95'] * 1e3:.0f}", f"{r['p50']:.2f}", f"{r['p95']:.2f}",
+             f"{bound[c] / bound[args.clients[0]]:.2f}x" if bound else "-"]
             for c, r in levels.items()]
     print(common.table(["clients", "requests", "generated tokens", "wall s", "generated tok/s",
                         f"vs {args.clients[0]} client", "prompt+generated tok/s", "TTFT p50 ms", "ITL p50 ms",
-                        "ITL p95 ms", "latency p50 s", "latency p95 s"], rows, align="r" * 12))
+                        "ITL p95 ms", "latency p50 s", "latency p95 s", "compute bound"], rows, align="r" * 13))
+    print("\ncompute bound: the ratio if serving cost nothing but bare model forwards (prompts prefilled in "
+          f"{args.step_tokens}-token chunks, then one token per client per step), timed in this process")
     print(f"\nbench_concurrency: {clock}")
 
 
