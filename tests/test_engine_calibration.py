@@ -14,7 +14,8 @@ def test_calibration_recovers_exactly_the_planted_head():
     loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
     base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
     seen = []
-    params = CalibrationParams(task="copy", lengths=(300,), n_tasks=4, windows=(16, 32), sinks=(2,), ratio=1e9)
+    params = CalibrationParams(families=("copy",), lengths=(300,), n_tasks=4, windows=(16, 32), sinks=(2,),
+                               ratios=(1e9,))
     head_map = calibrate(Engine(loaded, base), base, params, lambda d, t, stage: seen.append(stage))
     assert head_map.retrieval_kv_heads == [[], [1]]            # layer 1, KV head 2 // group 2
     record = head_map.calibration
@@ -35,8 +36,8 @@ def test_kl_target_alone_recovers_the_planted_head():
     induction head: compressing it makes the continuations of repetitive text diverge from the full cache."""
     loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
     base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
-    shape = dict(task="copy", lengths=(300,), n_tasks=2, n_validation=2, windows=(16,), sinks=(2,), ratio=1e9,
-                 max_accuracy_drop=1.0)
+    shape = dict(families=("copy",), lengths=(300,), n_tasks=2, n_validation=2, windows=(16,), sinks=(2,),
+                 ratios=(1e9,), max_accuracy_drop=1.0, min_kept=0.0)
     loose = calibrate(Engine(loaded, base), base, CalibrationParams(**shape))
     assert loose.retrieval_kv_heads == [[], []]                # nothing needed: no target binds
     bounded = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, max_kl=0.5))
@@ -49,8 +50,8 @@ def test_kl_target_alone_recovers_the_planted_head():
 
 
 def test_calibration_params_validation():
-    with pytest.raises(ValueError, match="task"):
-        CalibrationParams(task="trivia")
+    with pytest.raises(ValueError, match="families"):
+        CalibrationParams(families=("trivia",))
     with pytest.raises(ValueError, match="max_accuracy_drop"):
         CalibrationParams(max_accuracy_drop=2)
     with pytest.raises(ValueError, match="max_kl"):
