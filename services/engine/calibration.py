@@ -9,7 +9,9 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    cache on real text is measured beside them (and bounds the choice when `max_kl` is set).
 2. The TARGET, per family and length, against the full cache on the same documents: accuracy within
    `max_accuracy_drop`, and at least `min_kept` of the tasks the full cache answers still answered.
-3. Ablation scores: how much each task's answer log-prob drops when only one KV head is compressed.
+3. A ranking of KV heads: by default the attention mass each head puts, from the answer's positions, on the
+   fact in the document (one forward per task, fact_attention.py); or (`ranking="ablation"`) how much each
+   task's answer log-prob drops when only that head is compressed (one scoring pass per head: ~10x dearer).
 4. The BYTES search: for every window, sink size and ratio C (1e9 = a fixed window), the smallest k such that
    the top-k heads by ablation score meet the target (binary search; a shape that cannot beat the cheapest
    point found so far at equal bytes is dropped after one probe). The cheapest point wins.
@@ -30,11 +32,12 @@ from typing import Callable
 
 from .cache import CompressionParams
 from .generation import Engine
+from .fact_attention import fact_attention
 from .headmap import HeadMap
 from .retrieval_tasks import FAMILIES
 from .task_bench import Progress, Target, TaskBench
 
-KNOWN_FAMILIES = FAMILIES + ("passkey", "copy")
+KNOWN_FAMILIES = FAMILIES + ("passkey", "copy", "copy-edge")
 FIXED = 1e9   # a ratio C this large keeps min_window tokens at every length: a fixed window
 
 
@@ -42,8 +45,8 @@ FIXED = 1e9   # a ratio C this large keeps min_window tokens at every length: a 
 class CalibrationParams:
     families: tuple[str, ...] = FAMILIES   # task families (retrieval_tasks.py); "copy" needs no tokenizer
     lengths: tuple[int, ...] = (400, 1000, 2000)   # document tokens: calibrate at the lengths you serve
-    n_tasks: int = 3                   # per family and length
-    n_validation: int = 4              # held-out tasks per family and length (0 = skip validation)
+    n_tasks: int = 2                   # per family and length
+    n_validation: int = 3              # held-out tasks per family and length (0 = skip validation)
     seed: int = 1234                   # calibration documents; validation uses seed + 1000 and another text
     max_accuracy_drop: float = 0.02    # target, per family and length: accuracy >= the full cache's - this
     min_kept: float = 0.97             # target: of the full cache's correct answers, at least this kept
@@ -53,7 +56,9 @@ class CalibrationParams:
     sinks: tuple[int, ...] = (4,)              # N0 candidates
     ratios: tuple[float, ...] = (FIXED, 10.0)  # C candidates; FIXED = no growth with length
     leave_one_out: bool = True         # re-run the search without each family and check it on that family
-    ablation_length: int | None = None  # single-head ablations run on this length's tasks (None: the middle one)
+    ranking: str = "attention"         # "attention": mass on the fact (one forward per task; fact_attention.py)
+                                       # "ablation": answer log-prob lost when one head is compressed (one per head)
+    ablation_length: int | None = None  # the ranking's tasks: this length's (None: the middle one)
 
     @classmethod
     def for_model(cls, loaded, **overrides) -> "CalibrationParams":
@@ -79,6 +84,8 @@ class CalibrationParams:
             raise ValueError(f"kl_tokens must be >= 1, got {self.kl_tokens}")
         if not self.windows or min(self.windows) < 1 or not self.sinks or min(self.sinks) < 0:
             raise ValueError("windows must be positive token counts and sinks non-negative")
+        if self.ranking not in ("attention", "ablation"):
+            raise ValueError(f"ranking must be 'attention' or 'ablation', got {self.ranking!r}")
         if self.ablation_length is not None and self.ablation_length not in self.lengths:
             raise ValueError(f"ablation_length must be one of lengths {self.lengths}, got {self.ablation_length}")
         if not self.ratios or min(self.ratios) < 1:
@@ -112,7 +119,9 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
                       params.kl_tokens, report, "prefilling calibration tasks")
     shapes = params.shapes()
     ablated = params.ablation_length or params.lengths[len(params.lengths) // 2]
-    damage = _ablation(bench, params.ablation_shape(), bench.indices(lengths=(ablated,)), report)
+    which = bench.indices(lengths=(ablated,))
+    damage = (_ablation(bench, params.ablation_shape(), which, report) if params.ranking == "ablation"
+              else _fact_attention(bench, which, report))
     order = _ranking(bench, base, damage, params.families)
     candidates = []
     for i, shape in enumerate(shapes):
@@ -126,7 +135,7 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
         held_out_full = _rounded(held_out.full)
         best = _validate(held_out, order, best, params.target, checks, report)
         if params.leave_one_out and len(params.families) > 1:
-            lofo = _leave_one_out(bench, held_out, base, damage, _shape_of(best), params, report)
+            lofo = _leave_one_out(bench, held_out, base, damage, best, params, report)
     chosen = bench.head_map(set(map(tuple, order[:best["k"]])), _shape_of(best))
     record = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()},
               "full": _rounded(bench.full), "full_accuracy": bench.full["accuracy"],
@@ -156,9 +165,22 @@ def _ablation(bench: TaskBench, shape: CompressionParams, which: list[int], repo
     return damage
 
 
+def _fact_attention(bench: TaskBench, which: list[int], report: Progress) -> dict:
+    """(layer, head) -> {task index: attention mass from the answer onto the fact} (the same shape as
+    `_ablation`'s, so either ranks heads)."""
+    scores = {head: {} for head in bench.all_heads}
+    for n, i in enumerate(which):
+        mass = fact_attention(bench.engine, bench.tasks[i])                 # [n_layers, n_kv_heads] or None
+        if mass is not None:
+            for layer, h in bench.all_heads:
+                scores[(layer, h)][i] = float(mass[layer, h])
+        report(n + 1, len(which), "scoring heads' attention on the facts")
+    return scores
+
+
 def _ranking(bench: TaskBench, base: HeadMap, damage: dict, families) -> Order:
     """KV heads by their summed damage on `families`' tasks (ties: the profiler's higher score first)."""
-    which = [i for i in bench.indices(families) if i in damage[bench.all_heads[0]]]
+    which = [i for i in bench.indices(families) if i in damage[bench.all_heads[0]]]   # tasks the ranking saw
     group = bench.fp.group_size
 
     def profile_score(head):
@@ -235,14 +257,14 @@ def _validate(held_out: TaskBench, order: Order, best: dict, target: Target, che
         k = min(len(order), k + step)
 
 
-def _leave_one_out(bench: TaskBench, held_out: TaskBench, base: HeadMap, damage: dict, shape: CompressionParams,
+def _leave_one_out(bench: TaskBench, held_out: TaskBench, base: HeadMap, damage: dict, best: dict,
                    params: CalibrationParams, report: Progress) -> list[dict]:
     """Per family: rank and search on the OTHER families only, then check that family's held-out documents."""
-    out = []
+    out, shape, k_all = [], _shape_of(best), best["k"]
     for i, family in enumerate(params.families):
         others = tuple(f for f in params.families if f != family)
         order = _ranking(bench, base, damage, others)
-        lo, hi = 0, len(order)
+        lo, hi = 0, min(len(order), 2 * k_all + 1)   # a fold needing twice the heads is a miss anyway
         while lo < hi:
             k = (lo + hi) // 2
             if params.target.met_by(_point(bench, order, k, shape, others), bench.full):

@@ -9,7 +9,7 @@ Task FAMILIES, each one retrieval skill, over varied prose from one part of `cor
   edge     a code or a name in the first or last tenth of the document
 (and next-token KL on real text, which calibration measures beside these; see calibration.py).
 The older single-skill tasks stay: `passkey` (a key stated twice in one repeated filler sentence) and `copy`
-(random ids, for models without a tokenizer).
+(random ids, for models without a tokenizer), with `copy-edge`, its block in the first or last tenth.
 
 Questions are completion-style ("... The access code for the boathouse is"), so the answer is the next
 tokens and can be scored teacher-forced (every answer token the argmax) as well as generated greedily.
@@ -17,7 +17,7 @@ tokens and can be scored teacher-forced (every answer token the argmax) as well 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .corpus import filler
 
@@ -157,9 +157,11 @@ def retrieval_tasks(kind: str, length: int, n: int, seed: int, tokenizer=None,
                     part: str = "calibration") -> list[RetrievalTask]:
     """`n` tasks of one family (or "passkey" / "copy") at depths spread evenly over 10%..90%."""
     depths = [0.1 + 0.8 * i / max(1, n - 1) for i in range(n)]
-    if kind == "copy":
+    if kind in ("copy", "copy-edge"):
         rng = random.Random(seed)
-        return [make_copy_task(vocab, bos, length, d, rng) for d in depths]
+        if kind == "copy-edge":   # alternately in the first and the last tenth
+            depths = [0.02 + 0.06 * d if i % 2 == 0 else 0.92 + 0.06 * d for i, d in enumerate(depths)]
+        return [replace(make_copy_task(vocab, bos, length, d, rng), kind=kind) for d in depths]
     if tokenizer is None:
         raise ValueError(f"{kind!r} tasks need a tokenizer; use kind='copy' for models without one")
     if kind == "passkey":
