@@ -23,7 +23,7 @@ def test_corpus_parts_are_disjoint_and_never_repeat_a_sentence():
             if a < b:
                 assert not set(parts[a]) & set(parts[b]), (a, b)
                 assert not sentences[a] & sentences[b], (a, b)   # not even one sentence shared
-    every = [s for ps in parts.values() for passage in ps for s in corpus._SENTENCE_END.split(passage)]
+    every = [s for ps in parts.values() for passage in ps for s in SENTENCE_END.split(passage)]
     assert len(every) == len(set(every))
     assert all(corpus.part_of(x) == p for p, ps in parts.items() for x in ps[:50])
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 PARTS = ("calibration", "validation", "bench")
 _PART_OF_BUCKET = ("calibration",) * 6 + ("validation",) * 2 + ("bench",) * 2   # hash % 10 -> part
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")   # where passages may be cut
+_ANY_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")          # finer, for "no sentence twice"
 _MAX_PASSAGE_CHARS = 420      # about 90 tokens: fine-grained enough to place a fact at a tenth of 400 tokens
 
 
@@ -93,8 +94,9 @@ def _split_corpus() -> dict[str, tuple[str, ...]]:
     parts: dict[str, list[str]] = {p: [] for p in PARTS}
     for text in _pydoc_texts() + _stdlib_docstrings() + _license_text():
         for passage in _passages(text):
-            sentences = _SENTENCE_END.split(passage)
-            if not _is_prose(passage) or any(s in seen_sentences for s in sentences):
+            sentences = _ANY_SENTENCE_END.split(passage)
+            if (not _is_prose(passage) or len(set(sentences)) < len(sentences)
+                    or any(s in seen_sentences for s in sentences)):
                 continue
             seen_sentences.update(sentences)
             parts[part_of(passage)].append(passage)
