@@ -1,4 +1,5 @@
-"""Calibration: recovers planted retrieval heads; the shipped SmolLM2 map holds on held-out keys."""
+"""Calibration: recovers planted retrieval heads, per family and with each family left out; the shipped SmolLM2
+map holds on held-out keys."""
 from __future__ import annotations
 
 import pytest
