@@ -23,7 +23,8 @@ def test_calibration_recovers_exactly_the_planted_head():
     assert record["full_accuracy"] == 1.0 and record["chosen"]["accuracy"] == 1.0
     assert record["chosen"]["window"] == 16                     # the cheapest window that meets the target
     assert any(c["k"] == 0 and c["accuracy"] < 1.0 for c in record["candidates"])
-    assert {"prefilling calibration tasks", "scoring heads' attention on the facts", "prefilling validation tasks"} <= set(seen)
+    stages = {"prefilling calibration tasks", "scoring heads' attention on the facts", "prefilling validation tasks"}
+    assert stages <= set(seen)
     assert record["validation"][-1]["accuracy"] == 1.0  # confirmed on held-out copy tasks
     assert record["chosen"]["measured_on"] == "held-out" and record["validation_full"]["accuracy"] == 1.0
     # another point on the recorded curve, without re-profiling

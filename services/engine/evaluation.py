@@ -1,7 +1,7 @@
 """Synthetic retrieval tasks and quality measures over compressed caches (for benchmarks and calibration).
 
-Everything is generated on the fly (retrieval_tasks.py, corpus.py); nothing is downloaded. A document is prefilled ONCE with full
-attention; every compressed variant is derived from that full cache (`CompressedKVCache.from_full`), which is
+Everything is generated on the fly (retrieval_tasks.py, corpus.py); nothing is downloaded. A document is
+prefilled ONCE with full attention; every compressed variant is derived from that full cache (`CompressedKVCache.from_full`), which is
 exactly what prefilling with that head map would give, and the question is asked in a continued turn so the
 answer comes from the compressed cache.
 """
