@@ -1,19 +1,21 @@
-"""Quality on the embedded SmolLM2: passkey retrieval and KL to the full cache, full vs compressed variants.
+"""Quality on the embedded SmolLM2: five retrieval families at several lengths, full cache vs compressed variants.
 
-Each passkey document is prefilled ONCE with full attention (`full_prefill`); every variant is derived from that
-cache (`session_from_full`) and the question is asked in a continued turn, so the answer comes from the
-compressed cache. Compressed rows use the issue-7 setting: 4 sinks and a FIXED window of 64 (C = 1e9).
+Documents come from the corpus's BENCH part (calibration searched on another part and validated on a third)
+with seeds calibration never used. Each document is prefilled ONCE with full attention; every variant is
+derived from that cache and the question is asked in a later turn (the "turn" family caches an intervening
+turn first), so answers come from the compressed cache. A task counts as answered when every answer token is
+the model's greedy choice (teacher-forced, batched: what greedy generation would produce first).
 
-Table 1 (greedy generation, `answer_generated`): full cache; the paper's selection (induction 15% + echo 1% of
-query heads, widened to KV heads); window only (StreamingLLM: sinks + window, no full heads, no compensation);
-the paper's selection without the compensation token; random KV heads at the paper's KV-head count; the
-calibrated map. Plus mean KL(full || variant) over continuations of real text (`continuation_kl`).
-Table 2 (sweep at one length, teacher-forced `score_answer`: correct iff every answer token is the argmax):
-the fraction of KV heads kept by three rankings (paper induction score, calibrated order, random) and the
-window; plotted as accuracy against KV bytes kept.
+Table 1 (per family x length): the full cache; the paper's selection (induction 15% + echo 1% of query heads,
+widened to KV heads, C = 5, S0 = 256, the engine's default compression); window only (no full heads, the
+shipped map's window, no compensation); random KV heads at the shipped map's count and compression (equal
+bytes); the shipped map. Accuracy, kept (of the full cache's answers, the fraction still answered) and bytes.
+Table 2 / plot: the frontier, accuracy against bytes along the shipped map's recorded head order at several
+windows (fixed), per family, at the frontier lengths; the lowest per-family margin to the full cache decides
+whether a point meets the target.
 
-    .venv/bin/python bench/bench_quality.py            # full size (~10 min on 2 idle cores)
-    .venv/bin/python bench/bench_quality.py --quick    # smoke run (~1-2 min)
+    .venv/bin/python bench/bench_quality.py            # full size
+    .venv/bin/python bench/bench_quality.py --quick    # smoke run
 """
 from __future__ import annotations
 
@@ -21,194 +23,152 @@ import argparse
 import random
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import common
 import torch
 
-from services.engine import CalibrationParams, CompressionParams, Engine, HeadMap, calibrate, load_model
-from services.engine.evaluation import (answer_generated, continuation_kl, full_prefill, real_text, retrieval_tasks,
-                                        score_answer, session_from_full)
+from services.engine import CompressionParams, Engine, HeadMap, load_model
+from services.engine.evaluation import FAMILIES, full_prefill, retrieval_tasks, score_answers, session_from_full
 from services.engine.headmap import shipped_head_map
 from services.engine.profiling import ProfileParams, select_heads
 
-FIXED_64 = CompressionParams(sink=4, min_window=64, ratio=1e9)
+BENCH_SEED = 777_000   # calibration uses 1234 (+1000 for validation) on other corpus parts
 
 
-class Maps:
-    """Head maps over one model: a KV-head set + compression -> a cached `HeadMap`."""
-
-    def __init__(self, base: HeadMap):
-        self.base, self.fp = base, base.fingerprint
-        self.all_heads = [(layer, h) for layer in range(self.fp.n_layers) for h in range(self.fp.n_kv_heads)]
-
-    def make(self, heads, compression: CompressionParams, method: str) -> HeadMap:
-        heads = set(map(tuple, heads))
-        kv = [[h for h in range(self.fp.n_kv_heads) if (layer, h) in heads] for layer in range(self.fp.n_layers)]
-        return HeadMap(self.fp, self.base.induction, self.base.echo, [], kv, compression, method=method)
-
-    def heads_of(self, hm: HeadMap) -> list[tuple[int, int]]:
-        return [(layer, h) for layer, hs in enumerate(hm.retrieval_kv_heads) for h in hs]
-
-    def paper_ranking(self) -> list[tuple[int, int]]:
-        """KV heads by the max induction score of their query heads (ties: echo), as the paper's GQA rule."""
-        g = self.fp.group_size
-
-        def score(head):
-            layer, h = head
-            q = range(h * g, (h + 1) * g)
-            return (max(self.base.induction[layer][j] for j in q), max(self.base.echo[layer][j] for j in q))
-        return sorted(self.all_heads, key=score, reverse=True)
-
-    def random_ranking(self, seed: int) -> list[tuple[int, int]]:
-        order = list(self.all_heads)
-        random.Random(seed).shuffle(order)
-        return order
+def make_map(base: HeadMap, heads, compression: CompressionParams, method: str) -> HeadMap:
+    fp, heads = base.fingerprint, set(map(tuple, heads))
+    kv = [[h for h in range(fp.n_kv_heads) if (layer, h) in heads] for layer in range(fp.n_layers)]
+    return HeadMap(fp, base.induction, base.echo, [], kv, compression, method=method)
 
 
-def calibrated_map(engine: Engine, shipped: HeadMap, paper: HeadMap, path: str,
-                   quick: bool) -> tuple[HeadMap, str]:
-    """One from `path`, else the shipped map when it is calibrated, else calibrate here (and say so)."""
-    if path:
-        return HeadMap.from_json(Path(path).read_text(), expect=shipped.fingerprint), f"from {path}"
-    if shipped.calibration:
-        return shipped, "the shipped map"
-    # Calibration prefills its own tasks (seed 1234, never the bench's keys); a smoke run uses a tiny one.
-    params = CalibrationParams(ratio=1e9, windows=(64,), **(dict(lengths=(400,), n_tasks=2) if quick else {}))
-    start = time.perf_counter()
-    hm = calibrate(engine, paper, params)
-    return hm, (f"calibrated in this run with {params} in {time.perf_counter() - start:.0f} s "
-                "(the shipped map is not calibrated)")
+def heads_of(hm: HeadMap) -> list[tuple[int, int]]:
+    return [(layer, h) for layer, hs in enumerate(hm.retrieval_kv_heads) for h in hs]
 
 
-def main_rows(maps: Maps, shipped: HeadMap, calibrated: HeadMap, seed: int) -> dict[str, HeadMap]:
-    fp = maps.fp
+def variants(shipped: HeadMap, seed: int) -> dict[str, HeadMap]:
+    fp = shipped.fingerprint
     _, paper_kv = select_heads(torch.tensor(shipped.induction), torch.tensor(shipped.echo), ProfileParams(), fp)
-    paper_heads = [(layer, h) for layer, hs in enumerate(paper_kv) for h in hs]
-    no_comp = replace(FIXED_64, compensation=False)
-    c = calibrated.compression
-    return {
-        "full cache": HeadMap.full(fp, FIXED_64),
-        "RazorServe, paper selection": maps.make(paper_heads, FIXED_64, "paper"),
-        "window only (StreamingLLM)": maps.make([], no_comp, "window-only"),
-        "paper selection, no compensation": maps.make(paper_heads, no_comp, "paper-no-comp"),
-        "random KV heads, same count": maps.make(maps.random_ranking(seed)[:len(paper_heads)], FIXED_64, "random"),
-        f"RazorServe calibrated (window {c.min_window}{'' if c.ratio >= 1e6 else f', C={c.ratio:g}'})": calibrated,
-    }
+    paper = [(layer, h) for layer, hs in enumerate(paper_kv) for h in hs]
+    everything = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
+    random.Random(seed).shuffle(everything)
+    c = shipped.compression
+    return {"full cache": HeadMap.full(fp),
+            "paper selection (C=5, S0=256)": make_map(shipped, paper, CompressionParams(), "paper"),
+            f"window only ({c.sink}+{c.min_window})": make_map(shipped, [], replace(c, compensation=False), "window"),
+            "random KV heads, equal bytes": make_map(shipped, everything[:len(heads_of(shipped))], c, "random"),
+            "shipped map": shipped}
 
 
-def sweep_maps(maps: Maps, rows: dict[str, HeadMap], calibrated: HeadMap, fractions, windows,
-               draws: int, seed: int) -> list[tuple[str, float, int, HeadMap]]:
-    """(curve, fraction or window, KV heads full, map) for the fraction and window sweeps."""
-    n = len(maps.all_heads)
-    rankings = {"paper ranking": maps.paper_ranking()}
-    if calibrated.calibration:
-        rankings["calibrated ranking"] = [tuple(h) for h in calibrated.calibration["order"]]
-    rankings.update({f"random ranking #{d}": maps.random_ranking(seed + d) for d in range(draws)})
+def frontier_maps(shipped: HeadMap, ks, windows) -> list[tuple[int, int, HeadMap]]:
+    order = [tuple(h) for h in shipped.calibration["order"]]
+    c = replace(shipped.compression, ratio=1e9)
+    return [(k, w, make_map(shipped, order[:k], replace(c, min_window=w), "frontier")) for w in windows for k in ks]
+
+
+def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
+    """{family: hits per task} and the bytes fraction (first task) for one map on one length's tasks."""
+    hits = [hit for _, hit in score_answers(engine, tasks, kvs, hm)]
+    by_family: dict[str, list[bool]] = {}
+    for task, hit in zip(tasks, hits):
+        by_family.setdefault(task.kind, []).append(hit)
+    state = session_from_full(engine, tasks[0].document, kvs[0], hm)
+    return {"hits": by_family, "bytes": state.stored_nbytes() / state.full_nbytes()}
+
+
+def run_length(engine: Engine, length: int, n: int, rows: dict, frontier: list, args) -> tuple[dict, dict]:
+    tasks = [t for family in FAMILIES
+             for t in retrieval_tasks(family, length, n, BENCH_SEED + length, engine.tokenizer, part="bench")]
+    kvs = [full_prefill(engine, t.document) for t in tasks]
+    table = {name: evaluate(engine, tasks, kvs, hm) for name, hm in rows.items()}
+    sweep = {}
+    if length in args.frontier_lengths:
+        sweep = {(k, w): evaluate(engine, tasks, kvs, hm) for k, w, hm in frontier}
+    print(f"  {length} tokens: {len(tasks)} tasks ({args.clock})", flush=True)
+    return table, sweep
+
+
+def cell(result: dict, full: dict, family: str) -> tuple[float, float]:
+    """(accuracy, kept) of one family: kept = of the full cache's answers, the fraction still answered."""
+    hits, full_hits = result["hits"][family], full["hits"][family]
+    answered = [h for h, f in zip(hits, full_hits) if f]
+    return statistics.mean(hits), (statistics.mean(answered) if answered else 1.0)
+
+
+def meets(result: dict, full: dict) -> bool:
+    for family in FAMILIES:
+        acc, kept = cell(result, full, family)
+        if acc < statistics.mean(full["hits"][family]) - 0.02 - 1e-9 or kept < 0.97 - 1e-9:
+            return False
+    return True
+
+
+def print_main(rows: dict, tables: dict, args) -> None:
+    cols = ["variant", "KV heads full", "family", *[f"@{n}" for n in tables]]
+    out = []
+    for name, hm in rows.items():
+        for family in FAMILIES:
+            cells = []
+            for length, table in tables.items():
+                acc, kept = cell(table[name], table["full cache"], family)
+                cells.append(f"{acc:.2f}" if name == "full cache" else f"{acc:.2f} ({kept:.0%})")
+            out.append([name, f"{hm.kv_fraction:.0%}", family, *cells])
+        bytes_ = [f"{table[name]['bytes']:.3f}" for table in tables.values()]
+        target = ["meets" if meets(t[name], t["full cache"]) else "misses" for t in tables.values()]
+        out.append([name, "", "**bytes / full**", *bytes_])
+        out.append([name, "", "target", *target])
+    print(f"\nPer family: accuracy (in brackets: of the full cache's answers, the fraction kept); "
+          f"{args.tasks} tasks per family per length up to 2,000 tokens, {args.long_tasks} at 4k and 8k\n")
+    print(common.table(cols, out))
+
+
+def print_frontier(frontier: list, sweeps: dict, tables: dict, args) -> list[dict]:
     points = []
-    for name, order in rankings.items():
-        for f in fractions:
-            k = round(f * n)
-            points.append((name, f, k, maps.make(order[:k], FIXED_64, "sweep")))  # one method: equal sets run once
-    selections = {"window only": ([], replace(FIXED_64, compensation=False)),
-                  "paper selection": (maps.heads_of(rows["RazorServe, paper selection"]), FIXED_64),
-                  "calibrated selection": (maps.heads_of(calibrated),
-                                           replace(FIXED_64, sink=calibrated.compression.sink))}
-    for name, (heads, comp) in selections.items():
-        for w in windows:
-            hm = maps.make(heads, replace(comp, min_window=w), "sweep")
-            points.append((name + ", window sweep", w, len(heads), hm))
+    for k, w, hm in frontier:
+        per = {n: sweeps[n][(k, w)] for n in args.frontier_lengths}
+        worst = min(min(cell(r, tables[n]["full cache"], f)[0] - statistics.mean(tables[n]["full cache"]["hits"][f])
+                        for f in FAMILIES) for n, r in per.items())
+        kept = min(min(cell(r, tables[n]["full cache"], f)[1] for f in FAMILIES) for n, r in per.items())
+        points.append({"k": k, "window": w, "bytes": statistics.mean(r["bytes"] for r in per.values()),
+                       "worst_margin": worst, "worst_kept": kept,
+                       "meets": all(meets(r, tables[n]["full cache"]) for n, r in per.items()),
+                       "acc": {f: statistics.mean(cell(r, tables[n]["full cache"], f)[0] for n, r in per.items())
+                               for f in FAMILIES}})
+    cols = ["KV heads full", "window", "bytes / full", *FAMILIES, "worst family vs full", "worst kept", "target"]
+    print(f"\nFrontier at {' and '.join(map(str, args.frontier_lengths))} tokens (shipped map's head order, "
+          "fixed windows; accuracy averaged over those lengths)\n")
+    print(common.table(cols, [[p["k"], p["window"], f"{p['bytes']:.3f}", *[f"{p['acc'][f]:.2f}" for f in FAMILIES],
+                               f"{p['worst_margin']:+.2f}", f"{p['worst_kept']:.0%}",
+                               "meets" if p["meets"] else ""] for p in points]))
     return points
 
 
-def run(engine: Engine, rows: dict, sweep: list, args) -> tuple[dict, dict]:
-    """Prefill each document once; -> per-row {length: (hits, bytes fractions)}, per-sweep-map results."""
-    tok = engine.tokenizer
-    table = {name: {} for name in rows}
-    memo: dict[str, list] = {}  # map version -> teacher-forced results (identical sweep points run once)
-    for length in args.lengths:
-        for task in retrieval_tasks("passkey", length, args.keys, args.seed + length, tok):
-            kv = full_prefill(engine, task.document)
-            full_bytes = session_from_full(engine, task.document, kv, rows["full cache"]).stored_nbytes()
-            for name, hm in rows.items():
-                hit, nbytes = answer_generated(engine, task, kv, hm)
-                table[name].setdefault(length, []).append((hit, nbytes / full_bytes))
-            if length != args.sweep_length:
-                continue
-            for _, _, _, hm in sweep:
-                if len(memo.setdefault(hm.version, [])) < len(table["full cache"][length]):
-                    nbytes = session_from_full(engine, task.document, kv, hm).stored_nbytes()
-                    memo[hm.version].append((*score_answer(engine, task, kv, hm), nbytes / full_bytes))
-        print(f"  passkey at {length} tokens done ({args.keys} keys, {args.clock})", flush=True)
-    return table, memo
-
-
-def mean_kl(engine: Engine, rows: dict, args) -> dict[str, float]:
-    kls = {name: [] for name in rows}
-    span = args.kl_context + args.kl_continuation
-    for i in range(args.kl_texts):
-        ids = real_text(engine.tokenizer, span, offset=i * span)
-        context, continuation = ids[:args.kl_context], ids[args.kl_context:]
-        kv = full_prefill(engine, context)
-        for name, hm in rows.items():
-            kls[name].append(continuation_kl(engine, context, continuation, kv, hm))
-    return {name: statistics.mean(v) for name, v in kls.items()}
-
-
-def print_tables(rows: dict, table: dict, kl: dict, sweep: list, memo: dict, args) -> None:
-    full_acc = {n: statistics.mean(h for h, _ in table["full cache"][n]) for n in args.lengths}
-    cols = ["variant", "KV heads full", *[f"acc @{n}" for n in args.lengths], "acc / full (mean)",
-            *[f"bytes/full @{n}" for n in args.lengths], "mean KL (nats)"]
-    out = []
-    for name, hm in rows.items():
-        accs = [statistics.mean(h for h, _ in table[name][n]) for n in args.lengths]
-        ratio = statistics.mean(a / full_acc[n] for a, n in zip(accs, args.lengths) if full_acc[n] > 0)
-        out.append([name, f"{hm.kv_fraction:.0%}", *[f"{a:.2f}" for a in accs], f"{ratio:.2f}",
-                    *[f"{statistics.mean(b for _, b in table[name][n]):.3f}" for n in args.lengths],
-                    f"{kl[name]:.3f}"])
-    print(f"\nPasskey retrieval, greedy answer from the compressed cache ({args.keys} keys per length, depths "
-          f"10-90%, seed {args.seed}+length); KL over {args.kl_texts} real-text continuations of "
-          f"{args.kl_continuation} tokens after {args.kl_context}\n")
-    print(common.table(cols, out))
-    print(f"\nSweep at {args.sweep_length} tokens: teacher-forced passkey accuracy (all answer tokens argmax) "
-          "against KV bytes kept; fractions at window 64\n")
-    sweep_out = []
-    for curve, x, k, hm in sweep:
-        res = memo[hm.version]
-        sweep_out.append([curve, f"{x:g}", f"{k} ({hm.kv_fraction:.0%})",
-                          f"{statistics.mean(r[2] for r in res):.3f}", f"{statistics.mean(r[1] for r in res):.2f}",
-                          f"{statistics.mean(r[0] for r in res):.2f}"])
-    print(common.table(["curve", "fraction / window", "KV heads full", "bytes/full", "accuracy",
-                        "answer log-prob"], sweep_out))
-
-
-def plot(sweep: list, memo: dict, rows: dict, table: dict, args, path: Path) -> None:
+def plot(points: list[dict], tables: dict, rows: dict, args, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list] = {}
-    for curve, x, _, hm in sweep:
-        res = memo[hm.version]
-        key = "random ranking (mean)" if curve.startswith("random ranking") else curve
-        curves.setdefault(key, {}).setdefault(x, []).append(
-            (statistics.mean(r[2] for r in res), statistics.mean(r[1] for r in res)))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (key, by_x) in enumerate(curves.items()):
-        pts = sorted((statistics.mean(b for b, _ in v), statistics.mean(a for _, a in v)) for v in by_x.values())
-        ax.plot([100 * b for b, _ in pts], [a for _, a in pts], "--" if "window" in key else "-",
-                marker="os^vDP"[i % 6], markersize=7 - i % 3, alpha=0.85, label=key)
-    n = args.sweep_length
-    full = statistics.mean(h for h, _ in table["full cache"][n])
-    ax.axhline(full, color="gray", lw=0.8, ls=":", label=f"full cache (generated) {full:.2f}")
-    ax.set(xlabel=f"KV bytes kept (% of full cache, {n}-token documents)", ylabel="passkey accuracy",
-           title=f"SmolLM2-135M passkey at {n} tokens: accuracy vs KV bytes (sink 4; fractions at window 64)",
-           ylim=(-0.03, 1.03))
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(args.windows), figsize=(5 * len(args.windows), 4.5), sharey=True, squeeze=False)
+    for ax, w in zip(axes[0], args.windows):
+        pts = sorted((p for p in points if p["window"] == w), key=lambda p: p["bytes"])
+        for i, family in enumerate(FAMILIES):
+            ax.plot([100 * p["bytes"] for p in pts], [p["acc"][family] for p in pts], marker="os^vD"[i],
+                    ms=4, alpha=0.8, label=family)
+        ax.plot([100 * p["bytes"] for p in pts], [p["worst_kept"] for p in pts], "k--", lw=1,
+                label="worst family: share of full's answers kept")
+        for p in pts:
+            if p["meets"]:
+                ax.axvline(100 * p["bytes"], color="green", lw=0.8, ls=":")
+                break
+        ax.axvline(25, color="red", lw=0.8, ls="-.", label="goal: 25% of the bytes")
+        ax.set(xlabel="KV bytes kept (% of full)", title=f"fixed window {w}", ylim=(-0.03, 1.03))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (teacher-forced greedy)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"SmolLM2-135M: accuracy vs KV bytes along the calibrated head order, "
+                 f"{' and '.join(map(str, args.frontier_lengths))}-token documents (green: first point meeting "
+                 "the target on every family)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -217,27 +177,22 @@ def plot(sweep: list, memo: dict, rows: dict, table: dict, args, path: Path) -> 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 length, 3 keys, a small sweep")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 400 tokens, 2 tasks, a small frontier")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[400, 800, 1200])
-    ap.add_argument("--keys", type=int, default=20, help="passkeys per length")
-    ap.add_argument("--seed", type=int, default=2024, help="task seed (calibration used 1234)")
-    ap.add_argument("--sweep-length", type=int, default=800)
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0, .1, .2, .3, .4, .6, 1])
-    ap.add_argument("--windows", type=int, nargs="+", default=[32, 64, 128, 256])
-    ap.add_argument("--random-draws", type=int, default=2, help="random rankings averaged in the sweep")
-    ap.add_argument("--kl-texts", type=int, default=4)
-    ap.add_argument("--kl-context", type=int, default=800)
-    ap.add_argument("--kl-continuation", type=int, default=64)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[400, 1000, 2000])
+    ap.add_argument("--long-lengths", type=int, nargs="*", default=[4000, 8000])
+    ap.add_argument("--tasks", type=int, default=6, help="tasks per family per length")
+    ap.add_argument("--long-tasks", type=int, default=2, help="tasks per family at the long lengths")
+    ap.add_argument("--seed", type=int, default=2024, help="random-heads draw")
+    ap.add_argument("--frontier-lengths", type=int, nargs="+", default=[1000, 2000])
+    ap.add_argument("--ks", type=int, nargs="+", default=[0, 6, 10, 14, 18, 22, 26, 30, 36, 45, 60, 90])
+    ap.add_argument("--windows", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--calibrated-map", default="", help="a calibrated head map JSON (default: the shipped map)")
-    ap.add_argument("--png", default=None, help="plot path (default docs/quality-vs-bytes.png; --quick: a temp file)")
+    ap.add_argument("--png", default=None, help="plot path (default docs/quality-vs-bytes.png)")
     args = ap.parse_args()
     if args.quick:
-        args.lengths, args.keys, args.sweep_length = [400], 3, 400
-        args.fractions, args.windows, args.random_draws = [0, .3, 1], [64], 1
-        args.kl_texts, args.kl_context = 1, 400
-    if args.sweep_length not in args.lengths:
-        raise SystemExit(f"--sweep-length {args.sweep_length} must be one of --lengths {args.lengths}")
+        args.lengths, args.long_lengths, args.tasks, args.frontier_lengths = [400], [], 2, [400]
+        args.ks, args.windows = [0, 14, 90], [64]
     if args.png is None:
         args.png = (Path(tempfile.gettempdir()) / "quality-vs-bytes-quick.png" if args.quick
                     else common.DOCS / "quality-vs-bytes.png")
@@ -246,27 +201,27 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
-    clock = args.clock = common.Stopwatch()
+    args.clock = common.Stopwatch()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(common.header())
     loaded = load_model("smollm2", "cpu")
     engine = Engine(loaded)
-    shipped = shipped_head_map(loaded.fingerprint)
-    if shipped is None:
-        raise SystemExit("no shipped head map for the embedded SmolLM2")
-    maps = Maps(shipped)
-    paper = main_rows(maps, shipped, shipped, args.seed)["RazorServe, paper selection"]
-    calibrated, source = calibrated_map(engine, shipped, paper, args.calibrated_map, args.quick)
-    rows = main_rows(maps, shipped, calibrated, args.seed)
-    print(f"calibrated map: {source}; {calibrated.kv_fraction:.0%} of KV heads full ({clock})", flush=True)
-    sweep = sweep_maps(maps, rows, calibrated, args.fractions, args.windows, args.random_draws, args.seed)
-    table, memo = run(engine, rows, sweep, args)
-    kl = mean_kl(engine, rows, args)
-    print(f"  KL done ({clock})", flush=True)
-    print_tables(rows, table, kl, sweep, memo, args)
-    plot(sweep, memo, rows, table, args, Path(args.png))
-    print(f"\nplot: {args.png}\nbench_quality: {clock}")
+    shipped = (HeadMap.from_json(Path(args.calibrated_map).read_text(), expect=loaded.fingerprint)
+               if args.calibrated_map else shipped_head_map(loaded.fingerprint))
+    if shipped is None or not shipped.calibration:
+        raise SystemExit("no calibrated head map for the embedded SmolLM2")
+    print(f"map {shipped.version}: {len(heads_of(shipped))} KV heads full, {shipped.compression}", flush=True)
+    rows = variants(shipped, args.seed)
+    frontier = frontier_maps(shipped, args.ks, args.windows)
+    tables, sweeps = {}, {}
+    for length in args.lengths + args.long_lengths:
+        n = args.tasks if length in args.lengths else args.long_tasks
+        tables[length], sweeps[length] = run_length(engine, length, n, rows, frontier, args)
+    print_main(rows, tables, args)
+    points = print_frontier(frontier, sweeps, tables, args)
+    plot(points, tables, rows, args, Path(args.png))
+    print(f"\nplot: {args.png}\nbench_quality: {args.clock}")
 
 
 if __name__ == "__main__":

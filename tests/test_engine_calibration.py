@@ -1,4 +1,5 @@
-"""Calibration: recovers planted retrieval heads; the shipped SmolLM2 map holds on held-out keys."""
+"""Calibration: recovers planted retrieval heads, per family and with each family left out; the shipped SmolLM2
+map holds on held-out keys."""
 from __future__ import annotations
 
 import pytest
@@ -14,14 +15,16 @@ def test_calibration_recovers_exactly_the_planted_head():
     loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
     base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
     seen = []
-    params = CalibrationParams(task="copy", lengths=(300,), n_tasks=4, windows=(16, 32), sinks=(2,), ratio=1e9)
+    params = CalibrationParams(families=("copy",), lengths=(300,), n_tasks=4, windows=(16, 32), sinks=(2,),
+                               ratios=(1e9,))
     head_map = calibrate(Engine(loaded, base), base, params, lambda d, t, stage: seen.append(stage))
     assert head_map.retrieval_kv_heads == [[], [1]]            # layer 1, KV head 2 // group 2
     record = head_map.calibration
     assert record["full_accuracy"] == 1.0 and record["chosen"]["accuracy"] == 1.0
     assert record["chosen"]["window"] == 16                     # the cheapest window that meets the target
     assert any(c["k"] == 0 and c["accuracy"] < 1.0 for c in record["candidates"])
-    assert {"prefilling calibration tasks", "ablating KV heads", "prefilling validation tasks"} <= set(seen)
+    stages = {"prefilling calibration tasks", "scoring heads' attention on the facts", "prefilling validation tasks"}
+    assert stages <= set(seen)
     assert record["validation"][-1]["accuracy"] == 1.0  # confirmed on held-out copy tasks
     assert record["chosen"]["measured_on"] == "held-out" and record["validation_full"]["accuracy"] == 1.0
     # another point on the recorded curve, without re-profiling
@@ -35,8 +38,8 @@ def test_kl_target_alone_recovers_the_planted_head():
     induction head: compressing it makes the continuations of repetitive text diverge from the full cache."""
     loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
     base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
-    shape = dict(task="copy", lengths=(300,), n_tasks=2, n_validation=2, windows=(16,), sinks=(2,), ratio=1e9,
-                 max_accuracy_drop=1.0)
+    shape = dict(families=("copy",), lengths=(300,), n_tasks=2, n_validation=2, windows=(16,), sinks=(2,),
+                 ratios=(1e9,), max_accuracy_drop=1.0, min_kept=0.0, ranking="ablation")
     loose = calibrate(Engine(loaded, base), base, CalibrationParams(**shape))
     assert loose.retrieval_kv_heads == [[], []]                # nothing needed: no target binds
     bounded = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, max_kl=0.5))
@@ -49,8 +52,8 @@ def test_kl_target_alone_recovers_the_planted_head():
 
 
 def test_calibration_params_validation():
-    with pytest.raises(ValueError, match="task"):
-        CalibrationParams(task="trivia")
+    with pytest.raises(ValueError, match="families"):
+        CalibrationParams(families=("trivia",))
     with pytest.raises(ValueError, match="max_accuracy_drop"):
         CalibrationParams(max_accuracy_drop=2)
     with pytest.raises(ValueError, match="max_kl"):
@@ -73,3 +76,23 @@ def test_shipped_calibrated_map_retrieves_held_out_keys():
             if not answer_generated(engine, task, kv, head_map)[0]:
                 misses.append((length, round(task.depth, 2)))
     assert len(misses) <= 1, f"calibrated map missed held-out passkeys at (length, depth) {misses}"
+
+
+def test_two_families_are_validated_per_family_and_left_out_in_turn():
+    loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
+    base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
+    params = CalibrationParams(families=("copy", "copy-edge"), lengths=(200, 300), n_tasks=2, n_validation=2,
+                               windows=(16,), sinks=(2,), ratios=(1e9, 4.0))
+    head_map = calibrate(Engine(loaded, base), base, params)
+    assert head_map.retrieval_kv_heads == [[], [1]]
+    record = head_map.calibration
+    assert set(record["full"]["accuracy_by_family"]) == {"copy", "copy-edge"}
+    assert all(len(accs) == 2 for accs in record["chosen"]["accuracy_by_family"].values())   # per length
+    assert {c["ratio"] for c in record["candidates"]} <= {1e9, 4.0}
+    assert record["chosen"]["ratio"] == 1e9          # a fixed window is cheaper than N / 4 at these lengths
+    lofo = {x["family"]: x for x in record["leave_one_out"]}
+    assert set(lofo) == {"copy", "copy-edge"}
+    assert all(x["k"] == 1 and x["met"] for x in lofo.values())   # the planted head serves both skills
+    assert record["validated_on"]["families"] == ["copy", "copy-edge"]
+    assert record["validated_on"]["lengths"] == [200, 300]
+    assert record["validated_on"]["families_held_when_left_out"] == ["copy", "copy-edge"]

@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--min-window", type=int, default=c.min_window)
     prof.add_argument("--ratio", type=float, default=c.ratio)
     prof.add_argument("--calibrate", action="store_true",
-                      help="refine the selection with measured passkey retrieval (see calibration.py)")
+                      help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()
     prof.add_argument("--max-accuracy-drop", type=float, default=cal.max_accuracy_drop,
-                      help="calibration target: accuracy within this of the full cache at every length")
+                      help="calibration target: accuracy within this of the full cache per task family and length")
     prof.add_argument("--max-kl", type=float, default=cal.max_kl,
                       help="calibration target (also): mean KL to the full cache on real text below this (nats)")
     prof.add_argument("--out", default="headmap.json")

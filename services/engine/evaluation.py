@@ -1,78 +1,22 @@
 """Synthetic retrieval tasks and quality measures over compressed caches (for benchmarks and calibration).
 
-Everything is generated on the fly; nothing is downloaded. A passkey document is prefilled ONCE with full
-attention; every compressed variant is derived from that full cache (`CompressedKVCache.from_full`), which is
+Everything is generated on the fly (retrieval_tasks.py, corpus.py); nothing is downloaded. A document is
+prefilled ONCE with full attention; every compressed variant is derived from that full cache (`CompressedKVCache.from_full`), which is
 exactly what prefilling with that head map would give, and the question is asked in a continued turn so the
 answer comes from the compressed cache.
 """
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-
 import torch
 
 from .cache import CompressedKVCache, CompressionParams
+from . import hf
+from .batch import StepBatch
 from .generation import Engine, SessionState, forward, forward_all
 from .headmap import HeadMap
+from .retrieval_tasks import (FAMILIES, RetrievalTask, make_copy_task, make_family_task,  # noqa: F401 (re-exported)
+                              make_passkey_task, retrieval_tasks)
 from .sampling import SamplingParams
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n")
-QUESTION = "\nWhat is the pass key? The pass key is"
-
-
-@dataclass(frozen=True)
-class RetrievalTask:
-    document: list[int]      # cached first
-    question: list[int]      # asked in a continued turn
-    answer: list[int]        # the tokens a correct model produces next
-    answer_text: str         # what generated text must contain (passkey)
-    depth: float             # where the needle sits in the document
-    kind: str                # "passkey" | "copy"
-
-
-def make_passkey_task(tokenizer, length: int, depth: float, rng: random.Random) -> RetrievalTask:
-    """A document of about `length` tokens with a random 5-digit key at relative `depth`."""
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
-    filler_ids = tokenizer(FILLER, add_special_tokens=False).input_ids
-    fixed = len(tokenizer(INTRO + needle, add_special_tokens=True).input_ids)
-    n_fill = max(1, (length - fixed) // len(filler_ids))
-    before = round(n_fill * depth)
-    text = INTRO + FILLER * before + needle + FILLER * (n_fill - before)
-    document = tokenizer(text, add_special_tokens=True).input_ids
-    question = tokenizer(QUESTION, add_special_tokens=False).input_ids
-    answer = tokenizer(" " + key, add_special_tokens=False).input_ids
-    return RetrievalTask(document, question, answer, key, depth, "passkey")
-
-
-def make_copy_task(vocab: tuple[int, int], bos: int, length: int, depth: float,
-                   rng: random.Random, block: int = 16, prompt: int = 4) -> RetrievalTask:
-    """Random ids with a random block at `depth`; the question repeats the block's start and the answer is
-    the rest of it. Needs no tokenizer: an induction (copy) task for any model."""
-    needle = rng.sample(range(*vocab), block)
-    taken = set(needle)  # the needle must be the only earlier occurrence of its tokens
-    filler = [t for t in (rng.randrange(*vocab) for _ in range(2 * length)) if t not in taken]
-    filler = filler[:max(0, length - block - 1)]
-    at = round(len(filler) * depth)
-    document = [bos] + filler[:at] + needle + filler[at:]
-    return RetrievalTask(document, needle[:prompt], needle[prompt:], "", depth, "copy")
-
-
-def retrieval_tasks(kind: str, length: int, n: int, seed: int, tokenizer=None,
-                    vocab: tuple[int, int] = (1000, 20000), bos: int = 1) -> list[RetrievalTask]:
-    """`n` tasks at depths spread evenly over 10%..90%."""
-    rng = random.Random(seed)
-    depths = [0.1 + 0.8 * i / max(1, n - 1) for i in range(n)]
-    if kind == "passkey":
-        if tokenizer is None:
-            raise ValueError("passkey tasks need a tokenizer; use kind='copy' for models without one")
-        return [make_passkey_task(tokenizer, length, d, rng) for d in depths]
-    if kind == "copy":
-        return [make_copy_task(vocab, bos, length, d, rng) for d in depths]
-    raise ValueError(f"unknown task kind {kind!r}; use 'passkey' or 'copy'")
 
 
 @torch.no_grad()
@@ -89,10 +33,19 @@ def session_from_full(engine: Engine, ids: list[int], full_kv, head_map: HeadMap
     return SessionState(list(ids), cache, head_map.version, engine.loaded.fingerprint.id)
 
 
+def _with_interlude(engine: Engine, task: RetrievalTask, state: SessionState) -> SessionState:
+    """Cache the task's intervening turn (if any) as its own step: it is compressed before the question."""
+    if task.interlude:
+        forward(engine.model, list(task.interlude), state.cache)
+        state.token_ids.extend(task.interlude)
+    return state
+
+
 def answer_generated(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap) -> tuple[bool, int]:
-    """Greedy generation over the compressed document -> (answer found, KV bytes held)."""
+    """Greedy generation over the compressed document -> (answer found, KV bytes held by the document)."""
     state = session_from_full(engine, task.document, full_kv, head_map)
     nbytes = state.stored_nbytes()
+    _with_interlude(engine, task, state)
     result = engine.continue_session(state, task.question, SamplingParams(max_new_tokens=len(task.answer) + 3))
     if task.answer_text:
         return task.answer_text in result.text, nbytes
@@ -102,11 +55,54 @@ def answer_generated(engine: Engine, task: RetrievalTask, full_kv, head_map: Hea
 @torch.no_grad()
 def score_answer(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap) -> tuple[float, bool]:
     """Teacher-forced question + answer in one forward -> (mean answer log-prob, every answer token argmax)."""
-    state = session_from_full(engine, task.document, full_kv, head_map)
+    state = _with_interlude(engine, task, session_from_full(engine, task.document, full_kv, head_map))
     logits = forward_all(engine.model, task.question + task.answer, state.cache)            # [Q + A, V]
     logp = torch.log_softmax(logits[len(task.question) - 1: -1].float(), dim=-1)    # [A, V]
     answer = torch.tensor(task.answer, device=logp.device)
     return float(logp.gather(1, answer[:, None]).mean()), bool((logp.argmax(-1) == answer).all())
+
+
+@torch.no_grad()
+def score_answers(engine: Engine, tasks: list[RetrievalTask], full_kvs: list, head_map: HeadMap,
+                  batch_size: int = 16) -> list[tuple[float, bool]]:
+    """`score_answer` for many tasks, `batch_size` at a time in one packed forward each (the same numbers:
+    every task attends only to its own cache; the projections and MLPs run once for the whole batch)."""
+    out = []
+    for i in range(0, len(tasks), batch_size):
+        out += _score_batch(engine, tasks[i:i + batch_size], full_kvs[i:i + batch_size], head_map)
+    return out
+
+
+def _score_batch(engine: Engine, tasks: list[RetrievalTask], full_kvs: list, head_map: HeadMap) -> list:
+    caches = [session_from_full(engine, t.document, kv, head_map).cache for t, kv in zip(tasks, full_kvs)]
+    with_interlude = [(c, list(t.interlude)) for t, c in zip(tasks, caches) if t.interlude]
+    if with_interlude:   # cached (and compressed) in a step of its own, before the question
+        _packed_forward(engine, with_interlude, None)
+    turns = [(c, t.question + t.answer) for t, c in zip(tasks, caches)]
+    # The logits that predict each answer token: the positions from the question's last token on.
+    at, start = [], 0
+    for t in tasks:
+        at += range(start + len(t.question) - 1, start + len(t.question) + len(t.answer) - 1)
+        start += len(t.question) + len(t.answer)
+    logp = torch.log_softmax(_packed_forward(engine, turns, at).float(), dim=-1)          # [sum A, V]
+    answers = torch.tensor([a for t in tasks for a in t.answer], device=logp.device)      # [sum A]
+    token_logp = logp.gather(1, answers[:, None])[:, 0]
+    token_hit = logp.argmax(-1) == answers
+    out, j = [], 0
+    for t in tasks:
+        span = slice(j, j + len(t.answer))
+        out.append((float(token_logp[span].mean()), bool(token_hit[span].all())))
+        j += len(t.answer)
+    return out
+
+
+def _packed_forward(engine: Engine, segments: list[tuple], logits_at: list[int] | None) -> torch.Tensor:
+    batch = StepBatch(segments, engine.device)
+    at = None if logits_at is None else torch.tensor(logits_at, device=engine.device)
+    logits = hf.forward_step(engine.model, batch.input_ids(), batch.position_ids(), batch,
+                             at if at is not None else torch.tensor([batch.n_tokens - 1], device=engine.device))
+    batch.compress()
+    return logits
 
 
 @torch.no_grad()

@@ -1,0 +1,94 @@
+"""Task families and the prose corpus: disjoint parts, no repeated sentence, facts where they are said to be."""
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from services.engine import corpus
+from services.engine.evaluation import FAMILIES, retrieval_tasks
+from services.engine.task_bench import Target
+from tests.engine_models import smollm2
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def test_corpus_parts_are_disjoint_and_never_repeat_a_sentence():
+    parts = {p: corpus.passages(p) for p in corpus.PARTS}
+    sentences = {p: {s for passage in ps for s in SENTENCE_END.split(passage)} for p, ps in parts.items()}
+    for a in corpus.PARTS:
+        assert len(parts[a]) >= 200, a                          # enough prose for 8k-token documents
+        for b in corpus.PARTS:
+            if a < b:
+                assert not set(parts[a]) & set(parts[b]), (a, b)
+                assert not sentences[a] & sentences[b], (a, b)   # not even one sentence shared
+    every = [s for ps in parts.values() for passage in ps for s in SENTENCE_END.split(passage)]
+    assert len(every) == len(set(every))
+    assert all(corpus.part_of(x) == p for p, ps in parts.items() for x in ps[:50])
+
+
+def test_corpus_rejects_code():
+    assert not corpus._is_prose(">>> import os\n>>> os.getcwd() returns the current directory of the process")
+    assert corpus._is_prose("A plain sentence about files and directories. " * 4)
+    with pytest.raises(ValueError, match="part"):
+        corpus.passages("test")
+
+
+def test_target_is_per_family_and_length_and_counts_lost_answers():
+    full = {"accuracy_by_family": {"digits": [1.0, 0.5], "word": [1.0, 1.0]}}
+    ok = {"accuracy_by_family": {"digits": [1.0, 0.5], "word": [1.0, 1.0]},
+          "kept_by_family": {"digits": [1.0, 1.0], "word": [1.0, 1.0]}}
+    assert Target().met_by(ok, full)
+    # same accuracy overall and per cell, but one of the full cache's answers lost (and another gained)
+    swapped = {**ok, "kept_by_family": {"digits": [1.0, 0.0], "word": [1.0, 1.0]}}
+    assert not Target().met_by(swapped, full)
+    one_cell_down = {**ok, "accuracy_by_family": {"digits": [1.0, 0.5], "word": [0.9, 1.0]}}
+    assert not Target().met_by(one_cell_down, full)
+    assert Target(max_accuracy_drop=0.1, min_kept=0.0).met_by(one_cell_down, full)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2().tokenizer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_documents_hold_the_fact_once_in_varied_prose(tokenizer, family):
+    tasks = retrieval_tasks(family, 400, 3, seed=5, tokenizer=tokenizer, part="bench")
+    for task in tasks:
+        text = tokenizer.decode(task.document)
+        answer = task.answer_text
+        assert text.count(answer) == 1, (family, answer)          # stated once, nowhere else
+        assert abs(len(task.document) - 400) < 80
+        assert tokenizer.decode(task.answer).strip() == answer
+        sentences = [s for s in SENTENCE_END.split(text) if len(s) > 20]
+        assert len(sentences) == len(set(sentences))              # no sentence repeats
+        fact_at = text.index(answer) / len(text)
+        if family == "edge":
+            assert fact_at < 0.15 or fact_at > 0.85, fact_at
+        else:
+            assert abs(fact_at - task.depth) < 0.25, (fact_at, task.depth)
+        assert bool(task.interlude) == (family == "turn")
+        if family == "turn":                                      # the interlude answers another fact of the text
+            assert answer not in tokenizer.decode(task.interlude)
+    assert len({t.answer_text for t in tasks}) == len(tasks)
+
+
+def test_multi_family_states_four_facts_and_asks_one(tokenizer):
+    task = retrieval_tasks("multi", 600, 1, seed=3, tokenizer=tokenizer)[0]
+    text = tokenizer.decode(task.document)
+    assert text.count("The access code for the") == 4
+    asked = tokenizer.decode(task.question).split("for the ")[1].split("?")[0]
+    assert text.count(f"The access code for the {asked} is{' ' + task.answer_text}.") == 1
+
+
+def test_tasks_differ_by_corpus_part_and_seed(tokenizer):
+    calib = retrieval_tasks("word", 400, 2, seed=1, tokenizer=tokenizer, part="calibration")
+    bench = retrieval_tasks("word", 400, 2, seed=1, tokenizer=tokenizer, part="bench")
+    again = retrieval_tasks("word", 400, 2, seed=1, tokenizer=tokenizer, part="calibration")
+    assert [t.document for t in calib] == [t.document for t in again]          # reproducible
+    calib_text = tokenizer.decode(calib[0].document)
+    bench_passages = corpus.passages("bench")
+    assert not any(p[:80] in calib_text for p in random.Random(0).sample(bench_passages, 100))
+    assert calib[0].document != bench[0].document
