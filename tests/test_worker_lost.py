@@ -37,8 +37,18 @@ def _kill_whole_worker(proc) -> None:
     members = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     os.killpg(proc.pid, signal.SIGKILL)   # start_worker gives each worker its own process group
     proc.wait(timeout=30)
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in members)
+    # The pool child dies on its own schedule (SIGKILL is delivered asynchronously): give it a moment.
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in members) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in members)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _runner(url: str, job_id: str, deadline_s: float = 60) -> str:
