@@ -58,7 +58,7 @@ class DecodeSlab:
     """The decoding sessions of one head layout and size class. Slot i holds `members[i]`."""
 
     def __init__(self, template: CompressedKVCache, rows: int, head_dim: int, dtype: torch.dtype, device):
-        self.layout, self.params, self.rows = template.layout, template.params, rows
+        self.params, self.rows = template.params, rows
         self.key = (template.layout, rows)
         self.ring = self.params.window(rows) + 1
         self.local_rows = self.params.sink + self.ring
@@ -74,11 +74,12 @@ class DecodeSlab:
     # --- membership ---------------------------------------------------------------------------------
     def set_members(self, caches: list[CompressedKVCache]) -> None:
         """Seat `caches` (the members that stay keep their order); rebuilds the storage if anything changed."""
-        staying = [c for c in self.members if any(c is x for x in caches)]
-        for cache in self.members:
-            if not any(cache is x for x in staying):
-                self.unseat(cache)
-        joining = [c for c in caches if not any(c is x for x in staying)]
+        wanted = {id(c) for c in caches}
+        staying = [c for c in self.members if id(c) in wanted]
+        for cache in [c for c in self.members if id(c) not in wanted]:
+            self.unseat(cache)
+        seated = {id(c) for c in staying}
+        joining = [c for c in caches if id(c) not in seated]
         members = staying + joining
         if _same(members, self._stored):
             return
@@ -119,8 +120,7 @@ class DecodeSlab:
     # --- a session's rows in and out of a slot ------------------------------------------------------
     def _local_token_rows(self, seq_len: int, n_window: int) -> torch.Tensor:
         """Rows of the last `n_window` tokens (those after the sinks) of a session of `seq_len` tokens."""
-        sink = self.params.sink
-        return torch.tensor([sink + (t - sink) % self.ring for t in range(seq_len - n_window, seq_len)],
+        return torch.tensor([self._ring_row(t) for t in range(seq_len - n_window, seq_len)],
                             dtype=torch.long, device=self.device)
 
     def _pack(self, layer, slots: LayerSlots, slot: int) -> None:
@@ -248,7 +248,7 @@ class DecodeSlab:
         for n, count in zip(self._lengths, self._counts):
             first_before, first_after = max(sink, n - params.window(n)), max(sink, n + 1 - params.window(n + 1))
             gone = params.compensation and first_after > first_before      # at most one token per step
-            leaving.append(sink + (first_before - sink) % self.ring if gone else self._ring_row(n))
+            leaving.append(self._ring_row(first_before if gone else n))
             weights.append(1.0 / (count + 1) if gone else 0.0)
         if any(weights):
             self._fold(torch.tensor(leaving, device=self.device),
@@ -259,8 +259,10 @@ class DecodeSlab:
                 if layer.local_heads and w:
                     layer.comp_count = count + 1
 
-    def _ring_row(self, n: int) -> int:
-        return n if n < self.params.sink else self.params.sink + (n - self.params.sink) % self.ring
+    def _ring_row(self, token: int) -> int:
+        """The local row of token `token` (the tensor form is `_local_row` in `begin_step`)."""
+        sink = self.params.sink
+        return token if token < sink else sink + (token - sink) % self.ring
 
     def _fold(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
         # rows: [B] local row leaving each member (a live row, weight 0, for members with none); weights [B,1,1,1]
@@ -273,8 +275,7 @@ class DecodeSlab:
     # --- accounting ---------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:
         """Bytes one slot holds on the device."""
-        per_layer = sum(t[0].numel() * t.element_size() for slots in self.storage for t in slots.tensors())
-        return per_layer
+        return sum(t[0].numel() * t.element_size() for slots in self.storage for t in slots.tensors())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for slots in self.storage for t in slots.tensors())
@@ -314,7 +315,7 @@ class SlabPool:
         """Seat every (cache, final length) of this step's decoding turns; unseat everyone else."""
         wanted: dict[tuple, list[CompressedKVCache]] = {}
         for cache, final in decoding:
-            key = cache.seat.key if cache.seat is not None else (cache.layout, size_class(final + 1))
+            key = cache.seat.key if cache.seat is not None else (cache.layout, size_class(final))
             wanted.setdefault(key, []).append(cache)
         for key in list(self.slabs):
             if key not in wanted:
