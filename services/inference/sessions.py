@@ -8,8 +8,8 @@ owner to hand it over if another replica holds it) until it is spilled idle or h
 under the lease, so a replica that lost a session can never overwrite a newer copy.
 
 Concurrency model:
-* Handler threads call ``create``, ``acquire``, ``release``, ``info``, ``page`` and ``delete``; a mutex guards
-  the table; Redis round trips happen outside it.
+* Handler threads call ``create``, ``acquire``, ``release``, ``info``, ``page`` and ``delete``; one mutex (the
+  `SessionTable`'s) guards the table; Redis round trips happen outside it.
 * The runtime's I/O thread calls what moves tensors (``load``, ``make_room``, ``settle``, ``spill_all``,
   ``hand_over``), so Redis never stalls the model loop; the model loop ``pin``s a session when its turn joins
   the running batch and ``put``s it after the turn. A pinned session is never spilled; one whose turn still
@@ -23,10 +23,8 @@ make room raises ``BudgetExhausted`` and nothing is dropped; at shutdown session
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
 
 import torch
 
@@ -36,6 +34,7 @@ from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError
 from .local_spill import LocalSpill, LocalSpills
 from .session_entry import (SUMMARY, SessionEntry, entry_from_meta, identity_fields, lifetime_fields,  # noqa: F401
                             summary_fields)
+from .session_table import SessionTable
 from .spill import Spill
 from .spilled import Refused, SpilledCopies
 from .spilled_header import ModelShape
@@ -68,9 +67,8 @@ class SessionStore:
         # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
         self.reserved_bytes = reserved_bytes or (lambda: 0)
         self.defer = _now   # the runtime routes Redis work to its I/O thread
-        self._mu = threading.Lock()
-        self._spilled = threading.Condition(self._mu)   # notified when a spill ends
-        self._entries: OrderedDict[str, SessionEntry] = OrderedDict()  # LRU first
+        self.table = SessionTable()
+        self._mu, self._entries = self.table.mu, self.table.entries   # the one lock, and the LRU-ordered entries
 
     # ---- handler threads -----------------------------------------------------------------
     def create(self, tenant: str = "", ttl_s: int = 0, pin: bool = False) -> str:
@@ -112,13 +110,13 @@ class SessionStore:
     def acquire(self, sid: str, tenant: str = "") -> SessionEntry:
         """Take ``sid`` for one turn: from this replica's table, or from Redis (after asking its owner to hand it
         over); raises SessionNotFound for an unknown id or another tenant's session."""
-        entry = self._mark_busy(sid, tenant)
+        entry = self.table.mark_busy(sid, tenant, self._clock)
         try:
             if entry.state is not None or entry.gen:
                 if self._begin_turn(entry):
                     return entry.snapshot()
-                self._drop(sid)   # another replica took it over meanwhile: our copy is stale
-                entry = self._mark_busy(sid, tenant)
+                self.table.drop(sid)   # another replica took it over meanwhile: our copy is stale
+                entry = self.table.mark_busy(sid, tenant, self._clock)
             self._take_over(entry, tenant)
             return entry.snapshot()
         except BaseException:
@@ -135,15 +133,15 @@ class SessionStore:
             # Not resident (its turn never ran): nothing to keep here, so the lease goes back at once.
             hand_over, fenced = entry.hand_over or entry.state is None, entry.fenced
         if fenced:
-            self._drop(sid)
+            self.table.drop(sid)
         elif hand_over:
             self.defer(self.hand_over, sid)
 
     def discard(self, sid: str, redis_work=_now) -> None:
         """Forget a session created by ``create`` whose first turn failed; ``redis_work`` runs its Redis part
         (the model loop passes the I/O thread's submit)."""
-        tenant = self._tenant_of(sid)
-        self._drop(sid)
+        tenant = self.table.tenant_of(sid)
+        self.table.drop(sid)
         redis_work(self._unregister, sid, tenant)
 
     def _unregister(self, sid: str, tenant: str) -> None:
@@ -186,7 +184,7 @@ class SessionStore:
     def delete(self, sid: str, tenant: str = "") -> bool:
         """Delete a session wherever it lives (its owner hands it over first); False when there was none."""
         try:
-            entry = self._mark_busy(sid, tenant)
+            entry = self.table.mark_busy(sid, tenant, self._clock)
         except SessionNotFound:   # another tenant's: as if there were none
             return False
         try:
@@ -194,7 +192,7 @@ class SessionStore:
         except BaseException:
             self._unmark(sid, entry)
             raise
-        self._drop(sid)
+        self.table.drop(sid)
         return found
 
     # ---- model loop ----------------------------------------------------------------------
@@ -277,7 +275,7 @@ class SessionStore:
         # The turn runs once this returns: from now on the spill is stale (a turn cancelled before this point
         # leaves the session exactly as its spill holds it).
         if not self._begin_turn(entry):
-            self._drop(sid)
+            self.table.drop(sid)
             raise SessionBusy(f"session {sid} was taken over by another replica while its turn waited; retry")
         with self._mu:
             entry.state, entry.location, entry.nbytes = state, "device", state.nbytes()
@@ -328,10 +326,10 @@ class SessionStore:
         """Graceful shutdown: every session here to Redis, or to the local spill directory while Redis is down.
         Returns counts: spilled, saved_locally, lost."""
         counts = {"spilled": 0, "saved_locally": 0, "lost": 0}
-        for entry in self._snapshot():   # owned but not resident (their turns never ran): only the lease goes back
+        for entry in self.table.snapshot():   # owned but not resident (their turns never ran): only the lease goes back
             if entry.state is None and entry.gen:
                 self.hand_over(entry.session_id)
-        for sid in [e.session_id for e in self._snapshot() if e.state is not None and e.length]:
+        for sid in [e.session_id for e in self.table.snapshot() if e.state is not None and e.length]:
             try:
                 self._spill_one(sid)
                 counts["spilled"] += 1
@@ -358,7 +356,7 @@ class SessionStore:
         """LeaseKeeper: renew every lease here; a session another replica took over is dropped (once idle), and
         an idle one past its TTL is deleted (a spilled one expires in Redis by itself)."""
         now = self._clock()
-        for entry in self._snapshot():
+        for entry in self.table.snapshot():
             if not entry.gen:
                 continue
             if not entry.busy and not entry.pinned and entry.last_used + entry.ttl_s < now:
@@ -374,7 +372,7 @@ class SessionStore:
         """Forget a session whose state can no longer be trusted, remembering why (in Redis, for every replica;
         ``redis_work`` runs that part, as in `discard`)."""
         log.error("session %s lost: %s", sid, reason)
-        self._drop(sid)
+        self.table.drop(sid)
         redis_work(self._record_lost, sid, reason)
 
     def _record_lost(self, sid: str, reason: str) -> None:
@@ -384,24 +382,6 @@ class SessionStore:
             log.warning("could not record in Redis that session %s is lost: %s", sid, exc)
 
     # ---- internals: ownership ----------------------------------------------------------------
-    def _mark_busy(self, sid: str, tenant: str) -> SessionEntry:
-        """The local entry of ``sid`` marked busy (a placeholder when it is not owned here)."""
-        with self._mu:
-            entry = self._entries.get(sid)
-            while entry is not None and entry.spilling and not entry.busy:   # an LRU spill: wait for it to end
-                self._spilled.wait(timeout=1.0)
-                entry = self._entries.get(sid)
-            if entry is not None and entry.tenant != tenant:
-                raise SessionNotFound(not_found_message(sid))
-            if entry is not None and entry.busy:
-                raise SessionBusy(f"session {sid} is busy with another request; retry when that stream ends")
-            if entry is None:
-                now = self._clock()
-                entry = self._entries[sid] = SessionEntry(sid, now, now, location="redis", tenant=tenant)
-                self._entries.move_to_end(sid, last=False)
-            entry.busy = True
-            return entry
-
     def _unmark(self, sid: str, entry: SessionEntry) -> None:
         with self._mu:
             placeholder = self._entries.get(sid) is entry and not entry.gen
@@ -469,7 +449,7 @@ class SessionStore:
             idle = not (entry.busy or entry.pinned or entry.spilling)
         log.warning("session %s was taken over by another replica; dropping this replica's copy", sid)
         if idle:
-            self._drop(sid)
+            self.table.drop(sid)
 
     def _note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
         try:
@@ -478,17 +458,13 @@ class SessionStore:
         except StoreUnavailable as exc:
             log.info("session %s summary not updated in Redis: %s", sid, exc)
 
-    def _drop(self, sid: str) -> None:
-        with self._mu:
-            self._entries.pop(sid, None)
-
     def _expire(self, entry: SessionEntry) -> None:
         log.info("session %s expired (%d s after its last use)", entry.session_id, entry.ttl_s)
         try:
             self.directory.delete(entry.session_id, entry.tenant)
         except OwnedElsewhere:
             pass   # taken over meanwhile: its new owner decides
-        self._drop(entry.session_id)
+        self.table.drop(entry.session_id)
 
     def _ttl(self, ttl_s: int) -> int:
         """A session's TTL: at most RAZOR_SESSION_TTL_S (the default)."""
@@ -513,16 +489,6 @@ class SessionStore:
             raise BudgetExhausted(f"this replica already pins {pinned} sessions (RAZOR_MAX_PINNED_SESSIONS); unpin "
                                   "one with UpdateSession(pinned=false) or delete it")
 
-    def _tenant_of(self, sid: str) -> str:
-        with self._mu:
-            entry = self._entries.get(sid)
-            return "" if entry is None else entry.tenant
-
-    def _snapshot(self) -> list[SessionEntry]:
-        with self._mu:
-            return list(self._entries.values())
-
-    # ---- internals: spilling -----------------------------------------------------------------
     def _victim(self, need_bytes: int, keep: str | None) -> str | None:
         with self._mu:
             used = sum(e.nbytes for e in self._entries.values() if e.location == "device")
@@ -554,7 +520,7 @@ class SessionStore:
         finally:
             with self._mu:
                 entry.spilling = False
-                self._spilled.notify_all()
+                self.table.spill_ended.notify_all()
         self._after_spill(sid, entry, release, still_ours, wrote=not saved)
 
     def _after_spill(self, sid: str, entry: SessionEntry, released: bool, still_ours: bool, wrote: bool = True) -> None:
@@ -586,7 +552,7 @@ class SessionStore:
             state, meta = self.copies.read_state(sid)
             if meta.get("gen") != spill_gen:
                 raise Refused(SessionLost, f"its spill is from generation {meta.get('gen')}, Redis names {spill_gen}")
-            if meta.get("tenant") != self._tenant_of(sid):
+            if meta.get("tenant") != self.table.tenant_of(sid):
                 raise Refused(SessionLost, "its spilled copy names another tenant than Redis's record")
         except Refused as refused:
             self.mark_lost(sid, refused.reason)
@@ -595,8 +561,7 @@ class SessionStore:
         return state
 
     def _save_locally(self, sid: str) -> bool:
-        with self._mu:
-            entry = self._entries.get(sid)
+        entry = self.table.get(sid)
         if self.local_spills is None or entry is None or entry.state is None:
             return False
         header, chunks = self.copies.encode(entry.state, self._spill_meta(entry))
