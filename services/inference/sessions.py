@@ -28,11 +28,12 @@ import uuid
 
 import torch
 
-from .directory import Claimed, OwnedElsewhere, SessionDirectory, not_found_message
+from .directory import OwnedElsewhere, SessionDirectory, not_found_message
 from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError, SessionLost,  # noqa: F401
                      SessionModelMismatch, SessionNotFound, StoreUnavailable)
 from .local_spill import LocalSpill, LocalSpills
-from .session_entry import (SUMMARY, SessionEntry, entry_from_meta, identity_fields, lifetime_fields,  # noqa: F401
+from .ownership import Ownership, run_here
+from .session_entry import (SessionEntry, entry_from_meta, identity_fields, lifetime_fields,  # noqa: F401
                             summary_fields)
 from .session_table import SessionTable
 from .spill import Spill
@@ -42,8 +43,10 @@ from .spilled_header import ModelShape
 log = logging.getLogger(__name__)
 
 
-def _now(fn, *args):
-    return fn(*args)
+def _setting_of(part: str, name: str) -> property:
+    """A store attribute kept by one of its collaborators (``store.<part>.<name>``), read and set through it."""
+    return property(lambda store: getattr(getattr(store, part), name),
+                    lambda store, value: setattr(getattr(store, part), name, value))
 
 
 class SessionStore:
@@ -62,13 +65,17 @@ class SessionStore:
         # Restores verify the deployment's spill key (`RAZOR_SPILL_KEY`) and, given `shape`, this model's geometry.
         self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device, key=spill_key, shape=shape)
         self.local_spills = local_spills
-        self.lease_ttl_s, self.handoff_timeout_s, self.max_pinned = lease_ttl_s, handoff_timeout_s, max_pinned
+        self.lease_ttl_s, self.max_pinned = lease_ttl_s, max_pinned
         self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
         # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
         self.reserved_bytes = reserved_bytes or (lambda: 0)
-        self.defer = _now   # the runtime routes Redis work to its I/O thread
+        self.defer = run_here   # the runtime routes Redis work to its I/O thread
         self.table = SessionTable()
         self._mu, self._entries = self.table.mu, self.table.entries   # the one lock, and the LRU-ordered entries
+        self.ownership = Ownership(self.table, self.directory, lease_ttl_s, handoff_timeout_s, clock)
+
+    # Settings kept where they are used; the runtime and tests read (and may set) them here.
+    handoff_timeout_s = _setting_of("ownership", "handoff_timeout_s")
 
     # ---- handler threads -----------------------------------------------------------------
     def create(self, tenant: str = "", ttl_s: int = 0, pin: bool = False) -> str:
@@ -85,7 +92,7 @@ class SessionStore:
         with self._mu:
             self._entries[sid] = SessionEntry(sid, now, now, busy=True, fingerprint_id=self.fingerprint_id,
                                               tenant=tenant, owner=self.replica_id, gen=gen, turn_recorded=True,
-                                              lease_until=lease_from + 0.8 * self.lease_ttl_s, ttl_s=ttl_s,
+                                              lease_until=self.ownership.lease_until(lease_from), ttl_s=ttl_s,
                                               keep_resident=pin)
         return sid
 
@@ -113,11 +120,11 @@ class SessionStore:
         entry = self.table.mark_busy(sid, tenant, self._clock)
         try:
             if entry.state is not None or entry.gen:
-                if self._begin_turn(entry):
+                if self.ownership.begin_turn(entry):
                     return entry.snapshot()
                 self.table.drop(sid)   # another replica took it over meanwhile: our copy is stale
                 entry = self.table.mark_busy(sid, tenant, self._clock)
-            self._take_over(entry, tenant)
+            self.ownership.take_over(entry, tenant)
             return entry.snapshot()
         except BaseException:
             self._unmark(sid, entry)
@@ -137,7 +144,7 @@ class SessionStore:
         elif hand_over:
             self.defer(self.hand_over, sid)
 
-    def discard(self, sid: str, redis_work=_now) -> None:
+    def discard(self, sid: str, redis_work=run_here) -> None:
         """Forget a session created by ``create`` whose first turn failed; ``redis_work`` runs its Redis part
         (the model loop passes the I/O thread's submit)."""
         tenant = self.table.tenant_of(sid)
@@ -188,7 +195,7 @@ class SessionStore:
         except SessionNotFound:   # another tenant's: as if there were none
             return False
         try:
-            found = self._with_handover(sid, lambda: self.directory.delete(sid, tenant))
+            found = self.ownership.with_handover(sid, lambda: self.directory.delete(sid, tenant))
         except BaseException:
             self._unmark(sid, entry)
             raise
@@ -222,7 +229,7 @@ class SessionStore:
             entry.nbytes, entry.full_nbytes = state.nbytes(), state.full_nbytes()
             entry.stored_nbytes, entry.last_token = state.stored_nbytes(), state.last_token
             fields, gen, identity = summary_fields(entry), entry.gen, identity_fields(entry)
-        self.defer(self._note, sid, gen, fields, identity)
+        self.defer(self.ownership.note, sid, gen, fields, identity)
 
     def resident_state(self, sid: str):
         """The live state of a resident session, or None when it is spilled."""
@@ -274,7 +281,7 @@ class SessionStore:
         state = self._restore(sid, spill_gen)
         # The turn runs once this returns: from now on the spill is stale (a turn cancelled before this point
         # leaves the session exactly as its spill holds it).
-        if not self._begin_turn(entry):
+        if not self.ownership.begin_turn(entry):
             self.table.drop(sid)
             raise SessionBusy(f"session {sid} was taken over by another replica while its turn waited; retry")
         with self._mu:
@@ -353,35 +360,14 @@ class SessionStore:
         return n
 
     def renew_leases(self) -> None:
-        """LeaseKeeper: renew every lease here; a session another replica took over is dropped (once idle), and
-        an idle one past its TTL is deleted (a spilled one expires in Redis by itself)."""
-        now = self._clock()
-        for entry in self.table.snapshot():
-            if not entry.gen:
-                continue
-            if not entry.busy and not entry.pinned and entry.last_used + entry.ttl_s < now:
-                self._expire(entry)
-                continue
-            started = time.monotonic()
-            if self.directory.fenced(entry.session_id, entry.gen, "renew", **identity_fields(entry)):
-                self._extend(entry.session_id, started)
-            else:
-                self._fence(entry.session_id)
+        """LeaseKeeper: renew every lease here, dropping sessions taken over and deleting idle expired ones."""
+        self.ownership.renew_leases()
 
-    def mark_lost(self, sid: str, reason: str, redis_work=_now) -> None:
-        """Forget a session whose state can no longer be trusted, remembering why (in Redis, for every replica;
-        ``redis_work`` runs that part, as in `discard`)."""
-        log.error("session %s lost: %s", sid, reason)
-        self.table.drop(sid)
-        redis_work(self._record_lost, sid, reason)
+    def mark_lost(self, sid: str, reason: str, redis_work=run_here) -> None:
+        """Forget a session whose state can no longer be trusted, recording why in Redis (via ``redis_work``)."""
+        self.ownership.mark_lost(sid, reason, redis_work)
 
-    def _record_lost(self, sid: str, reason: str) -> None:
-        try:
-            self.directory.mark_lost(sid, reason)
-        except StoreUnavailable as exc:
-            log.warning("could not record in Redis that session %s is lost: %s", sid, exc)
-
-    # ---- internals: ownership ----------------------------------------------------------------
+    # ---- internals: the table ----------------------------------------------------------------
     def _unmark(self, sid: str, entry: SessionEntry) -> None:
         with self._mu:
             placeholder = self._entries.get(sid) is entry and not entry.gen
@@ -389,82 +375,6 @@ class SessionStore:
                 del self._entries[sid]
         if not placeholder:
             self.release(sid)
-
-    def _begin_turn(self, entry: SessionEntry) -> bool:
-        """A turn starts on a session owned here: make sure it is still ours, and that Redis knows the spill is
-        about to go stale (so a takeover after a crash reports it lost rather than continuing an old copy)."""
-        if entry.turn_recorded and time.monotonic() < entry.lease_until:
-            return True
-        started = time.monotonic()
-        if not self.directory.fenced(entry.session_id, entry.gen, "begin", **identity_fields(entry)):
-            return False
-        entry.turn_recorded = True
-        self._extend(entry.session_id, started)
-        return True
-
-    def _take_over(self, entry: SessionEntry, tenant: str) -> None:
-        """Claim ownership of a session no replica holds (asking its owner first); its spill stays current until
-        `load` restores it for the turn."""
-        sid = entry.session_id
-        started = time.monotonic()
-        claimed: Claimed = self._with_handover(sid, lambda: self.directory.claim(sid, tenant))
-        described = entry_from_meta({**(self.directory.describe(sid, tenant) or {}), "session_id": sid})
-        with self._mu:
-            for name in SUMMARY:
-                setattr(entry, name, getattr(described, name))
-            entry.owner, entry.location = self.replica_id, "redis"
-            entry.gen, entry.spill_gen = claimed.gen, claimed.spill_gen
-            entry.turn_recorded, entry.saved = False, True
-            entry.lease_until = started + 0.8 * self.lease_ttl_s
-
-    def _with_handover(self, sid: str, attempt):
-        """``attempt()`` until no other replica holds ``sid``: ask the owner to hand it over, wait, retry."""
-        deadline, asked_at, pause = time.monotonic() + self.handoff_timeout_s, 0.0, 0.01
-        while True:
-            try:
-                return attempt()
-            except OwnedElsewhere as owned:
-                now = time.monotonic()
-                if now > deadline:
-                    raise SessionBusy(f"session {sid} is in use on replica {owned.owner}; retry when its current "
-                                      "stream ends") from None
-                if now - asked_at > 1.0:   # pub/sub is fire-and-forget: ask again now and then
-                    self.directory.request_release(owned.owner, sid)
-                    asked_at = now
-                time.sleep(pause)
-                pause = min(0.1, pause * 2)
-
-    def _extend(self, sid: str, renewed_at: float) -> None:
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is not None:
-                entry.lease_until = renewed_at + 0.8 * self.lease_ttl_s
-
-    def _fence(self, sid: str) -> None:
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is None:
-                return
-            entry.fenced = True
-            idle = not (entry.busy or entry.pinned or entry.spilling)
-        log.warning("session %s was taken over by another replica; dropping this replica's copy", sid)
-        if idle:
-            self.table.drop(sid)
-
-    def _note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
-        try:
-            if not self.directory.fenced(sid, gen, "note", fields, **identity):
-                self._fence(sid)
-        except StoreUnavailable as exc:
-            log.info("session %s summary not updated in Redis: %s", sid, exc)
-
-    def _expire(self, entry: SessionEntry) -> None:
-        log.info("session %s expired (%d s after its last use)", entry.session_id, entry.ttl_s)
-        try:
-            self.directory.delete(entry.session_id, entry.tenant)
-        except OwnedElsewhere:
-            pass   # taken over meanwhile: its new owner decides
-        self.table.drop(entry.session_id)
 
     def _ttl(self, ttl_s: int) -> int:
         """A session's TTL: at most RAZOR_SESSION_TTL_S (the default)."""

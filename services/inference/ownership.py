@@ -1,0 +1,146 @@
+"""Ownership: this replica's claim on the sessions it holds — leases, fencing, take-over, and sessions lost.
+
+`SessionDirectory` is the truth in Redis (a lease plus a fencing generation per session); this keeps the local
+side in step with it: ``lease_until`` (until when our lease is surely valid, so a turn need not ask Redis), and
+``fenced`` (another replica took the session over: our copy goes once idle). It takes sessions over from other
+replicas (asking their owner to hand them over first), renews leases for `LeaseKeeper`, expires idle sessions
+past their TTL, and records in Redis why a session was lost. It moves no tensors (that is `Spiller`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from .directory import Claimed, OwnedElsewhere, SessionDirectory
+from .errors import SessionBusy, StoreUnavailable
+from .session_entry import SUMMARY, SessionEntry, entry_from_meta, identity_fields
+from .session_table import SessionTable
+
+log = logging.getLogger(__name__)
+
+
+def run_here(fn, *args):
+    """Run Redis work on the calling thread (the default where a caller may route it elsewhere)."""
+    return fn(*args)
+
+
+class Ownership:
+    def __init__(self, table: SessionTable, directory: SessionDirectory, lease_ttl_s: float,
+                 handoff_timeout_s: float, clock):
+        self.table, self.directory, self._clock = table, directory, clock
+        self.lease_ttl_s, self.handoff_timeout_s = lease_ttl_s, handoff_timeout_s
+
+    def lease_until(self, renewed_at: float) -> float:
+        """Until when a lease renewed at ``renewed_at`` (monotonic, taken before the round trip) is surely ours:
+        a margin short of its TTL."""
+        return renewed_at + 0.8 * self.lease_ttl_s
+
+    # ---- taking sessions -----------------------------------------------------------------------
+    def begin_turn(self, entry: SessionEntry) -> bool:
+        """A turn starts on a session owned here: make sure it is still ours, and that Redis knows the spill is
+        about to go stale (so a takeover after a crash reports it lost rather than continuing an old copy)."""
+        if entry.turn_recorded and time.monotonic() < entry.lease_until:
+            return True
+        started = time.monotonic()
+        if not self.directory.fenced(entry.session_id, entry.gen, "begin", **identity_fields(entry)):
+            return False
+        entry.turn_recorded = True
+        self._extend(entry.session_id, started)
+        return True
+
+    def take_over(self, entry: SessionEntry, tenant: str) -> None:
+        """Claim ownership of a session no replica holds (asking its owner first); its spill stays current until
+        `Spiller.load` restores it for the turn."""
+        sid = entry.session_id
+        started = time.monotonic()
+        claimed: Claimed = self.with_handover(sid, lambda: self.directory.claim(sid, tenant))
+        described = entry_from_meta({**(self.directory.describe(sid, tenant) or {}), "session_id": sid})
+        with self.table.mu:
+            for name in SUMMARY:
+                setattr(entry, name, getattr(described, name))
+            entry.owner, entry.location = self.directory.replica_id, "redis"
+            entry.gen, entry.spill_gen = claimed.gen, claimed.spill_gen
+            entry.turn_recorded, entry.saved = False, True
+            entry.lease_until = self.lease_until(started)
+
+    def with_handover(self, sid: str, attempt):
+        """``attempt()`` until no other replica holds ``sid``: ask the owner to hand it over, wait, retry."""
+        deadline, asked_at, pause = time.monotonic() + self.handoff_timeout_s, 0.0, 0.01
+        while True:
+            try:
+                return attempt()
+            except OwnedElsewhere as owned:
+                now = time.monotonic()
+                if now > deadline:
+                    raise SessionBusy(f"session {sid} is in use on replica {owned.owner}; retry when its current "
+                                      "stream ends") from None
+                if now - asked_at > 1.0:   # pub/sub is fire-and-forget: ask again now and then
+                    self.directory.request_release(owned.owner, sid)
+                    asked_at = now
+                time.sleep(pause)
+                pause = min(0.1, pause * 2)
+
+    # ---- keeping them (LeaseKeeper, summaries) ---------------------------------------------------
+    def renew_leases(self) -> None:
+        """Renew every lease here; a session another replica took over is dropped (once idle), and an idle one
+        past its TTL is deleted (a spilled one expires in Redis by itself)."""
+        now = self._clock()
+        for entry in self.table.snapshot():
+            if not entry.gen:
+                continue
+            if not entry.busy and not entry.pinned and entry.last_used + entry.ttl_s < now:
+                self._expire(entry)
+                continue
+            started = time.monotonic()
+            if self.directory.fenced(entry.session_id, entry.gen, "renew", **identity_fields(entry)):
+                self._extend(entry.session_id, started)
+            else:
+                self.fence(entry.session_id)
+
+    def note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
+        """Write a session's summary under our lease (for other replicas' listings); best effort."""
+        try:
+            if not self.directory.fenced(sid, gen, "note", fields, **identity):
+                self.fence(sid)
+        except StoreUnavailable as exc:
+            log.info("session %s summary not updated in Redis: %s", sid, exc)
+
+    def fence(self, sid: str) -> None:
+        """Another replica took ``sid`` over: our copy is stale; drop it now if idle, else once its turn ends."""
+        with self.table.mu:
+            entry = self.table.entries.get(sid)
+            if entry is None:
+                return
+            entry.fenced = True
+            idle = not (entry.busy or entry.pinned or entry.spilling)
+        log.warning("session %s was taken over by another replica; dropping this replica's copy", sid)
+        if idle:
+            self.table.drop(sid)
+
+    def _extend(self, sid: str, renewed_at: float) -> None:
+        with self.table.mu:
+            entry = self.table.entries.get(sid)
+            if entry is not None:
+                entry.lease_until = self.lease_until(renewed_at)
+
+    def _expire(self, entry: SessionEntry) -> None:
+        log.info("session %s expired (%d s after its last use)", entry.session_id, entry.ttl_s)
+        try:
+            self.directory.delete(entry.session_id, entry.tenant)
+        except OwnedElsewhere:
+            pass   # taken over meanwhile: its new owner decides
+        self.table.drop(entry.session_id)
+
+    # ---- losing them ---------------------------------------------------------------------------
+    def mark_lost(self, sid: str, reason: str, redis_work=run_here) -> None:
+        """Forget a session whose state can no longer be trusted, remembering why (in Redis, for every replica;
+        ``redis_work`` runs that part)."""
+        log.error("session %s lost: %s", sid, reason)
+        self.table.drop(sid)
+        redis_work(self._record_lost, sid, reason)
+
+    def _record_lost(self, sid: str, reason: str) -> None:
+        try:
+            self.directory.mark_lost(sid, reason)
+        except StoreUnavailable as exc:
+            log.warning("could not record in Redis that session %s is lost: %s", sid, exc)
