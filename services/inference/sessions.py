@@ -33,6 +33,7 @@ from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError
                      SessionModelMismatch, SessionNotFound, StoreUnavailable)
 from .local_spill import LocalSpill, LocalSpills
 from .ownership import Ownership, run_here
+from .residency import Residency
 from .session_entry import (SessionEntry, entry_from_meta, identity_fields, lifetime_fields,  # noqa: F401
                             summary_fields)
 from .session_table import SessionTable
@@ -65,16 +66,21 @@ class SessionStore:
         # Restores verify the deployment's spill key (`RAZOR_SPILL_KEY`) and, given `shape`, this model's geometry.
         self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device, key=spill_key, shape=shape)
         self.local_spills = local_spills
-        self.lease_ttl_s, self.max_pinned = lease_ttl_s, max_pinned
-        self.budget_bytes, self.max_sessions, self._clock = budget_bytes, max_sessions, clock
-        # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
-        self.reserved_bytes = reserved_bytes or (lambda: 0)
+        self.lease_ttl_s = lease_ttl_s
+        self.max_sessions, self._clock = max_sessions, clock
         self.defer = run_here   # the runtime routes Redis work to its I/O thread
         self.table = SessionTable()
         self._mu, self._entries = self.table.mu, self.table.entries   # the one lock, and the LRU-ordered entries
         self.ownership = Ownership(self.table, self.directory, lease_ttl_s, handoff_timeout_s, clock)
+        self.residency = Residency(self.table, budget_bytes, max_pinned, self.directory.count, self._spill_one)
+        if reserved_bytes is not None:
+            self.reserved_bytes = reserved_bytes
 
     # Settings kept where they are used; the runtime and tests read (and may set) them here.
+    budget_bytes = _setting_of("residency", "budget_bytes")
+    max_pinned = _setting_of("residency", "max_pinned")
+    # Bytes running turns may still grow into (the runtime's admission reservations): room is made for them.
+    reserved_bytes = _setting_of("residency", "reserved_bytes")
     handoff_timeout_s = _setting_of("ownership", "handoff_timeout_s")
 
     # ---- handler threads -----------------------------------------------------------------
@@ -86,7 +92,7 @@ class SessionStore:
                 raise BudgetExhausted(f"the service holds {self.max_sessions} sessions (its limit): delete some "
                                       "with DeleteSession or generate with keep_session=false")
             if pin:
-                self._check_pin_room()
+                self.residency.check_pin_room()
         lease_from = time.monotonic()
         gen = self.directory.create(sid, tenant, ttl_s=ttl_s, pinned=pin)
         with self._mu:
@@ -103,7 +109,7 @@ class SessionStore:
             with self._mu:
                 entry = self._entries[sid]
                 if pin and not entry.keep_resident:
-                    self._check_pin_room()
+                    self.residency.check_pin_room()
                 entry.ttl_s = entry.ttl_s if ttl_s is None else self._ttl(ttl_s)
                 entry.keep_resident = entry.keep_resident if pin is None else pin
                 fields, gen, identity = lifetime_fields(entry), entry.gen, identity_fields(entry)
@@ -179,10 +185,6 @@ class SessionStore:
             local = {e.session_id: e.snapshot() for e in self._entries.values() if e.gen}
         return [local.get(d["session_id"]) or entry_from_meta(d) for d in described], more
 
-    def pinned_count(self) -> int:
-        with self._mu:
-            return sum(e.keep_resident for e in self._entries.values())
-
     def owned(self) -> list[SessionEntry]:
         """Snapshots of the sessions this replica owns (metrics, tests)."""
         with self._mu:
@@ -204,19 +206,11 @@ class SessionStore:
 
     # ---- model loop ----------------------------------------------------------------------
     def pin(self, sid: str):
-        """Model loop, when a turn joins the batch: the resident state, pinned; None while spilled or spilling."""
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is None or entry.state is None or entry.spilling:
-                return None
-            entry.pinned = True
-            return entry.state
+        """When a turn joins the batch: the resident state, pinned; None while spilled or spilling."""
+        return self.residency.pin(sid)
 
     def unpin(self, sid: str) -> None:
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is not None:
-                entry.pinned = False
+        self.residency.unpin(sid)
 
     def put(self, sid: str, state) -> None:
         """Record the (new or grown) state of a session after a turn; its summary reaches Redis off the loop."""
@@ -242,27 +236,21 @@ class SessionStore:
             entry = self._entries.get(sid)
             return None if entry is None else entry.last_token
 
+    # ---- the budget (Residency) ----------------------------------------------------------------
     def counted_bytes(self, sid: str) -> int:
         """The bytes the budget counts for ``sid`` now (0 when spilled or unknown)."""
-        with self._mu:
-            entry = self._entries.get(sid) if sid else None
-            return entry.nbytes if entry is not None and entry.location == "device" else 0
+        return self.residency.counted_bytes(sid)
 
     def resident_bytes(self) -> int:
         """Bytes resident here (no Redis: the model loop's admission asks on every check)."""
-        with self._mu:
-            return sum(e.nbytes for e in self._entries.values() if e.location == "device")
+        return self.residency.resident_bytes()
 
     def usage(self) -> tuple[int, int, int]:
-        """(resident bytes, resident sessions, sessions in Redis not resident here — 0 while Redis is down).
-        Reads Redis: for reports (ServerInfo, GetLoad, metrics), never the model loop."""
-        with self._mu:
-            resident = [e for e in self._entries.values() if e.location == "device"]
-        try:
-            elsewhere = max(0, self.directory.count() - len(resident))
-        except StoreUnavailable:
-            elsewhere = 0
-        return sum(e.nbytes for e in resident), len(resident), elsewhere
+        """(resident bytes, resident sessions, sessions only in Redis); reads Redis: for reports only."""
+        return self.residency.usage()
+
+    def pinned_count(self) -> int:
+        return self.residency.pinned_count()
 
     # ---- I/O thread ----------------------------------------------------------------------
     def load(self, sid: str, make_room) -> object:
@@ -289,30 +277,12 @@ class SessionStore:
         return state
 
     def make_room(self, need_bytes: int, keep: str | None = None) -> None:
-        """Spill LRU sessions that are not in the running batch until ``need_bytes`` more fit the budget.
-
-        Raises ``BudgetExhausted`` when a needed spill fails because Redis is unreachable.
-        """
-        while True:
-            victim = self._victim(need_bytes, keep)
-            if victim is None:
-                self._check_pins_leave_room(need_bytes)
-                return
-            try:
-                self._spill_one(victim)
-            except StoreUnavailable as exc:
-                used = self.resident_bytes()
-                raise BudgetExhausted(
-                    f"KV budget is full ({used} of {self.budget_bytes} bytes resident, {need_bytes} more needed) "
-                    f"and idle sessions cannot be spilled because Redis is unreachable ({exc}); retry later, "
-                    "or free memory with DeleteSession") from exc
+        """Spill LRU sessions not in the running batch until ``need_bytes`` more fit (or BudgetExhausted)."""
+        self.residency.make_room(need_bytes, keep)
 
     def settle(self) -> None:
         """After a turn: spill LRU idle sessions while over budget; Redis failures only log."""
-        try:
-            self.make_room(0)
-        except BudgetExhausted as exc:
-            log.warning("over KV budget, keeping sessions resident: %s", exc)
+        self.residency.settle()
 
     def hand_over(self, sid: str) -> None:
         """Another replica asked for ``sid``: spill it and drop our lease now, or once its turn ends."""
@@ -383,34 +353,7 @@ class SessionStore:
                                   f"0 or unset = that), got {ttl_s}")
         return ttl_s or self.spill.ttl_s
 
-    def _check_pins_leave_room(self, need_bytes: int) -> None:
-        """Pinned sessions never spill: a turn that cannot fit beside them is refused rather than left waiting."""
-        with self._mu:
-            pinned = sum(e.nbytes for e in self._entries.values() if e.keep_resident and e.location == "device")
-        if pinned and pinned + need_bytes > self.budget_bytes:
-            raise BudgetExhausted(f"pinned sessions hold {pinned} of the {self.budget_bytes}-byte KV budget and this "
-                                  f"turn needs {need_bytes} more; unpin some (UpdateSession pinned=false) or delete "
-                                  "them")
-
-    def _check_pin_room(self) -> None:
-        """Caller holds the mutex."""
-        pinned = sum(e.keep_resident for e in self._entries.values())
-        if pinned >= self.max_pinned:
-            raise BudgetExhausted(f"this replica already pins {pinned} sessions (RAZOR_MAX_PINNED_SESSIONS); unpin "
-                                  "one with UpdateSession(pinned=false) or delete it")
-
-    def _victim(self, need_bytes: int, keep: str | None) -> str | None:
-        with self._mu:
-            used = sum(e.nbytes for e in self._entries.values() if e.location == "device")
-            if used + self.reserved_bytes() + need_bytes <= self.budget_bytes:
-                return None
-            for e in self._entries.values():  # least recently used first
-                if (e.location == "device" and e.state is not None and not e.pinned and not e.spilling
-                        and not e.keep_resident and e.session_id != keep):
-                    e.spilling = True
-                    return e.session_id
-            return None
-
+    # ---- internals: spilling -----------------------------------------------------------------
     def _spill_one(self, sid: str) -> None:
         """Spill one session under our lease. An idle one leaves this replica (its lease is dropped); one whose
         turn waits stays ours, its state in Redis until admission restores it."""
