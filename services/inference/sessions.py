@@ -7,9 +7,13 @@ is owned here from the moment a request takes it (``create``, or ``acquire`` tak
 owner to hand it over if another replica holds it) until it is spilled idle or handed over; spills are written
 under the lease, so a replica that lost a session can never overwrite a newer copy.
 
+The store keeps the table and per-request marking itself and delegates the rest, each collaborator in its own
+module: `Residency` (the device-byte budget, pins, which session to spill), `Spiller` (caches to and from Redis,
+hand-overs, shutdown and local spills) and `Ownership` (leases, fencing, take-over, lost sessions).
+
 Concurrency model:
 * Handler threads call ``create``, ``acquire``, ``release``, ``info``, ``page`` and ``delete``; one mutex (the
-  `SessionTable`'s) guards the table; Redis round trips happen outside it.
+  `SessionTable`'s, shared by every collaborator) guards the table; Redis round trips happen outside it.
 * The runtime's I/O thread calls what moves tensors (``load``, ``make_room``, ``settle``, ``spill_all``,
   ``hand_over``), so Redis never stalls the model loop; the model loop ``pin``s a session when its turn joins
   the running batch and ``put``s it after the turn. A pinned session is never spilled; one whose turn still
@@ -31,15 +35,15 @@ import torch
 from .directory import OwnedElsewhere, SessionDirectory, not_found_message
 from .errors import (BudgetExhausted, InvalidArgument, SessionBusy, SessionError, SessionLost,  # noqa: F401
                      SessionModelMismatch, SessionNotFound, StoreUnavailable)
-from .local_spill import LocalSpill, LocalSpills
+from .local_spill import LocalSpills
 from .ownership import Ownership, run_here
 from .residency import Residency
-from .session_entry import (SessionEntry, entry_from_meta, identity_fields, lifetime_fields,  # noqa: F401
-                            summary_fields)
+from .session_entry import SessionEntry, entry_from_meta, identity_fields, lifetime_fields, summary_fields
 from .session_table import SessionTable
 from .spill import Spill
-from .spilled import Refused, SpilledCopies
+from .spilled import SpilledCopies
 from .spilled_header import ModelShape
+from .spiller import Spiller
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +65,24 @@ class SessionStore:
         self.spill, self.fingerprint_id, self.device = spill, fingerprint_id, torch.device(device)
         self.dtype = dtype   # of the caches this service holds; a spill in another dtype is refused
         self.replica_id = replica_id or new_replica_id()
-        self.directory = SessionDirectory(spill.client, self.replica_id, lease_ttl_s, spill.ttl_s, fingerprint_id,
-                                          dtype)
+        self.lease_ttl_s, self.max_sessions, self._clock = lease_ttl_s, max_sessions, clock
+        self.directory = self._directory_of(self.replica_id)
         # Restores verify the deployment's spill key (`RAZOR_SPILL_KEY`) and, given `shape`, this model's geometry.
         self.copies = SpilledCopies(spill, fingerprint_id, dtype, self.device, key=spill_key, shape=shape)
         self.local_spills = local_spills
-        self.lease_ttl_s = lease_ttl_s
-        self.max_sessions, self._clock = max_sessions, clock
         self.defer = run_here   # the runtime routes Redis work to its I/O thread
         self.table = SessionTable()
         self._mu, self._entries = self.table.mu, self.table.entries   # the one lock, and the LRU-ordered entries
         self.ownership = Ownership(self.table, self.directory, lease_ttl_s, handoff_timeout_s, clock)
-        self.residency = Residency(self.table, budget_bytes, max_pinned, self.directory.count, self._spill_one)
+        self.spiller = Spiller(self.table, self.ownership, self.copies, local_spills, self._directory_of)
+        self.residency = Residency(self.table, budget_bytes, max_pinned, self.directory.count, self.spiller.spill_one)
         if reserved_bytes is not None:
             self.reserved_bytes = reserved_bytes
+
+    def _directory_of(self, replica_id: str) -> SessionDirectory:
+        """The directory as ``replica_id`` writes to it (ours, or a previous process's for its local spills)."""
+        return SessionDirectory(self.spill.client, replica_id, self.lease_ttl_s, self.spill.ttl_s,
+                                self.fingerprint_id, self.dtype)
 
     # Settings kept where they are used; the runtime and tests read (and may set) them here.
     budget_bytes = _setting_of("residency", "budget_bytes")
@@ -150,6 +158,15 @@ class SessionStore:
         elif hand_over:
             self.defer(self.hand_over, sid)
 
+    def _unmark(self, sid: str, entry: SessionEntry) -> None:
+        """Undo ``mark_busy`` after a failure: a placeholder goes, an owned session is released."""
+        with self._mu:
+            placeholder = self._entries.get(sid) is entry and not entry.gen
+            if placeholder:   # it never became ours
+                del self._entries[sid]
+        if not placeholder:
+            self.release(sid)
+
     def discard(self, sid: str, redis_work=run_here) -> None:
         """Forget a session created by ``create`` whose first turn failed; ``redis_work`` runs its Redis part
         (the model loop passes the I/O thread's submit)."""
@@ -204,6 +221,13 @@ class SessionStore:
         self.table.drop(sid)
         return found
 
+    def _ttl(self, ttl_s: int) -> int:
+        """A session's TTL: at most RAZOR_SESSION_TTL_S (the default)."""
+        if not 0 <= ttl_s <= self.spill.ttl_s:
+            raise InvalidArgument(f"session_ttl_s must be within 1..{self.spill.ttl_s} (RAZOR_SESSION_TTL_S; "
+                                  f"0 or unset = that), got {ttl_s}")
+        return ttl_s or self.spill.ttl_s
+
     # ---- model loop ----------------------------------------------------------------------
     def pin(self, sid: str):
         """When a turn joins the batch: the resident state, pinned; None while spilled or spilling."""
@@ -254,27 +278,8 @@ class SessionStore:
 
     # ---- I/O thread ----------------------------------------------------------------------
     def load(self, sid: str, make_room) -> object:
-        """The live state of an acquired session, restored from Redis if it is not resident.
-
-        ``make_room(nbytes)`` is called before a restore so the budget holds.
-        """
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is None:
-                raise SessionNotFound(not_found_message(sid))
-            if entry.state is not None:
-                return entry.state
-            nbytes, spill_gen = entry.nbytes, entry.spill_gen
-        make_room(nbytes)
-        state = self._restore(sid, spill_gen)
-        # The turn runs once this returns: from now on the spill is stale (a turn cancelled before this point
-        # leaves the session exactly as its spill holds it).
-        if not self.ownership.begin_turn(entry):
-            self.table.drop(sid)
-            raise SessionBusy(f"session {sid} was taken over by another replica while its turn waited; retry")
-        with self._mu:
-            entry.state, entry.location, entry.nbytes = state, "device", state.nbytes()
-        return state
+        """The live state of an acquired session, restored from Redis (after ``make_room(nbytes)``) if spilled."""
+        return self.spiller.load(sid, make_room)
 
     def make_room(self, need_bytes: int, keep: str | None = None) -> None:
         """Spill LRU sessions not in the running batch until ``need_bytes`` more fit (or BudgetExhausted)."""
@@ -286,49 +291,17 @@ class SessionStore:
 
     def hand_over(self, sid: str) -> None:
         """Another replica asked for ``sid``: spill it and drop our lease now, or once its turn ends."""
-        with self._mu:
-            entry = self._entries.get(sid)
-            if entry is None:
-                return
-            if entry.busy or entry.pinned or entry.spilling:
-                entry.hand_over = True
-                return
-            entry.spilling = True
-        try:
-            self._spill_one(sid)
-        except StoreUnavailable as exc:
-            log.warning("could not hand session %s over: %s", sid, exc)
+        self.spiller.hand_over(sid)
 
     def spill_all(self) -> dict:
-        """Graceful shutdown: every session here to Redis, or to the local spill directory while Redis is down.
-        Returns counts: spilled, saved_locally, lost."""
-        counts = {"spilled": 0, "saved_locally": 0, "lost": 0}
-        for entry in self.table.snapshot():   # owned but not resident (their turns never ran): only the lease goes back
-            if entry.state is None and entry.gen:
-                self.hand_over(entry.session_id)
-        for sid in [e.session_id for e in self.table.snapshot() if e.state is not None and e.length]:
-            try:
-                self._spill_one(sid)
-                counts["spilled"] += 1
-            except StoreUnavailable as exc:
-                counts["saved_locally" if self._save_locally(sid) else "lost"] += 1
-                log.warning("Redis unreachable at shutdown for session %s: %s", sid, exc)
-        return counts
+        """Graceful shutdown: every session to Redis (or locally); counts of spilled, saved_locally, lost."""
+        return self.spiller.spill_all()
 
     def upload_local_spills(self) -> int:
         """At start: upload sessions a previous process saved locally while Redis was down; returns how many."""
-        if self.local_spills is None:
-            return 0
-        n = 0
-        for path in self.local_spills.paths():
-            try:
-                n += self._upload(self.local_spills.load(path))
-            except ValueError as exc:
-                log.error("local spill %s is unreadable, skipped: %s", path.name, exc)
-                continue
-            path.unlink(missing_ok=True)
-        return n
+        return self.spiller.upload_local_spills()
 
+    # ---- ownership (Ownership) -----------------------------------------------------------------
     def renew_leases(self) -> None:
         """LeaseKeeper: renew every lease here, dropping sessions taken over and deleting idle expired ones."""
         self.ownership.renew_leases()
@@ -336,104 +309,6 @@ class SessionStore:
     def mark_lost(self, sid: str, reason: str, redis_work=run_here) -> None:
         """Forget a session whose state can no longer be trusted, recording why in Redis (via ``redis_work``)."""
         self.ownership.mark_lost(sid, reason, redis_work)
-
-    # ---- internals: the table ----------------------------------------------------------------
-    def _unmark(self, sid: str, entry: SessionEntry) -> None:
-        with self._mu:
-            placeholder = self._entries.get(sid) is entry and not entry.gen
-            if placeholder:   # it never became ours
-                del self._entries[sid]
-        if not placeholder:
-            self.release(sid)
-
-    def _ttl(self, ttl_s: int) -> int:
-        """A session's TTL: at most RAZOR_SESSION_TTL_S (the default)."""
-        if not 0 <= ttl_s <= self.spill.ttl_s:
-            raise InvalidArgument(f"session_ttl_s must be within 1..{self.spill.ttl_s} (RAZOR_SESSION_TTL_S; "
-                                  f"0 or unset = that), got {ttl_s}")
-        return ttl_s or self.spill.ttl_s
-
-    # ---- internals: spilling -----------------------------------------------------------------
-    def _spill_one(self, sid: str) -> None:
-        """Spill one session under our lease. An idle one leaves this replica (its lease is dropped); one whose
-        turn waits stays ours, its state in Redis until admission restores it."""
-        with self._mu:
-            entry = self._entries[sid]
-            entry.spilling = True
-            release = not entry.busy
-            state, gen, saved = entry.state, entry.gen, entry.saved
-            fields, identity = summary_fields(entry), identity_fields(entry)
-        try:
-            if saved:   # Redis already holds exactly this state: nothing to write
-                still_ours = self.directory.fenced(sid, gen, "release" if release else "renew", **identity)
-            else:
-                header, chunks = self.copies.encode(state, self._spill_meta(entry))
-                mode = "save_release" if release else "save"
-                still_ours = self.directory.fenced(sid, gen, mode, fields, blob=(header, chunks), **identity)
-        finally:
-            with self._mu:
-                entry.spilling = False
-                self.table.spill_ended.notify_all()
-        self._after_spill(sid, entry, release, still_ours, wrote=not saved)
-
-    def _after_spill(self, sid: str, entry: SessionEntry, released: bool, still_ours: bool, wrote: bool = True) -> None:
-        with self._mu:
-            if self._entries.get(sid) is not entry:   # deleted while we wrote it
-                return
-            if not still_ours:
-                log.warning("session %s was taken over by another replica before it spilled; copy dropped", sid)
-                self._entries.pop(sid)
-            elif released:
-                self._entries.pop(sid)
-            else:
-                entry.state, entry.location, entry.saved = None, "redis", True
-                if wrote:   # else Redis's spill is unchanged: still of the generation it was written at
-                    entry.spill_gen = entry.gen
-                entry.turn_recorded = False
-        if still_ours:
-            log.info("spilled session %s (%d bytes, %d tokens)", sid, entry.nbytes, entry.length)
-
-    def _spill_meta(self, entry: SessionEntry) -> dict:
-        return {"session_id": entry.session_id, "fingerprint_id": entry.fingerprint_id,
-                "head_map_version": entry.head_map_version, "token_count": entry.length,
-                "nbytes": entry.nbytes, "full_nbytes": entry.full_nbytes, "stored_nbytes": entry.stored_nbytes,
-                "created_at": entry.created_at, "last_used": entry.last_used, "tenant": entry.tenant,
-                "gen": entry.gen}
-
-    def _restore(self, sid: str, spill_gen: int):
-        try:
-            state, meta = self.copies.read_state(sid)
-            if meta.get("gen") != spill_gen:
-                raise Refused(SessionLost, f"its spill is from generation {meta.get('gen')}, Redis names {spill_gen}")
-            if meta.get("tenant") != self.table.tenant_of(sid):
-                raise Refused(SessionLost, "its spilled copy names another tenant than Redis's record")
-        except Refused as refused:
-            self.mark_lost(sid, refused.reason)
-            raise refused.error(f"session {sid} cannot be continued: {refused.reason}") from refused
-        log.info("restored session %s (%d tokens)", sid, len(state.token_ids))
-        return state
-
-    def _save_locally(self, sid: str) -> bool:
-        entry = self.table.get(sid)
-        if self.local_spills is None or entry is None or entry.state is None:
-            return False
-        header, chunks = self.copies.encode(entry.state, self._spill_meta(entry))
-        spill = LocalSpill(sid, self.replica_id, entry.gen, entry.tenant, entry.created_at, summary_fields(entry),
-                           header, chunks)
-        log.warning("saved session %s to %s", sid, self.local_spills.save(spill))
-        return True
-
-    def _upload(self, spill: LocalSpill) -> int:
-        """Fenced as a spill by the replica and generation that saved it: refused once the session moved on."""
-        uploader = SessionDirectory(self.spill.client, spill.owner, self.lease_ttl_s, self.spill.ttl_s,
-                                    self.fingerprint_id, self.dtype)
-        if uploader.fenced(spill.sid, spill.gen, "save_release", spill.fields, blob=(spill.header, spill.chunks),
-                           tenant=spill.tenant, created_at=spill.created_at):
-            log.info("uploaded session %s saved locally at the last shutdown", spill.sid)
-            return 1
-        log.warning("local copy of session %s is older than Redis's (it moved on); discarded", spill.sid)
-        return 0
-
 
 
 def new_replica_id() -> str:
