@@ -6,13 +6,18 @@ derived from that cache and the question is asked in a later turn (the "turn" fa
 turn first), so answers come from the compressed cache. A task counts as answered when every answer token is
 the model's greedy choice (teacher-forced, batched: what greedy generation would produce first).
 
-Table 1 (per family x length): the full cache; the paper's selection (induction 15% + echo 1% of query heads,
+Table 1 (per family x length): the full cache; the full cache with its keys and values rounded to bfloat16 (an
+innocuous perturbation: the answers it loses are the noise floor of "kept"); the paper's selection (induction 15% + echo 1% of query heads,
 widened to KV heads, C = 5, S0 = 256, the engine's default compression); window only (no full heads, the
 shipped map's window, no compensation); random KV heads at the shipped map's count and compression (equal
 bytes); the shipped map. Accuracy, kept (of the full cache's answers, the fraction still answered) and bytes.
-Table 2 / plot: the frontier, accuracy against bytes along the shipped map's recorded head order at several
-windows (fixed), per family, at the frontier lengths; the lowest per-family margin to the full cache decides
-whether a point meets the target.
+Table 2 / plot: the frontier, accuracy against bytes at several fixed windows, per family, at the frontier
+lengths, along two head orders: the heads' attention on the facts (`fact_attention`, ranked here on tasks of
+the calibration part, every family one vote) and the shipped map's recorded calibration order. The lowest
+per-family margin to the full cache decides whether a point meets the target.
+
+Tasks are prefilled `--chunk` at a time and every map is scored on a chunk before the next, so the number of
+tasks is bounded by time, not memory.
 
     .venv/bin/python bench/bench_quality.py            # full size
     .venv/bin/python bench/bench_quality.py --quick    # smoke run
@@ -31,10 +36,13 @@ import torch
 
 from services.engine import CompressionParams, Engine, HeadMap, load_model
 from services.engine.evaluation import FAMILIES, full_prefill, retrieval_tasks, score_answers, session_from_full
+from services.engine.fact_attention import fact_attention, one_vote_per_family
 from services.engine.headmap import shipped_head_map
 from services.engine.profiling import ProfileParams, select_heads
 
 BENCH_SEED = 777_000   # calibration uses 1234 (+1000 for validation) on other corpus parts
+RANK_SEED = 555_000    # the attention ranking's tasks (calibration part, never the bench's)
+NOISE_ROW = "full cache, keys/values rounded to bf16"
 
 
 def make_map(base: HeadMap, heads, compression: CompressionParams, method: str) -> HeadMap:
@@ -54,21 +62,44 @@ def variants(shipped: HeadMap, seed: int) -> dict[str, HeadMap]:
     everything = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
     random.Random(seed).shuffle(everything)
     c = shipped.compression
-    return {"full cache": HeadMap.full(fp),
+    return {"full cache": HeadMap.full(fp), NOISE_ROW: HeadMap.full(fp),
             "paper selection (C=5, S0=256)": make_map(shipped, paper, CompressionParams(), "paper"),
             f"window only ({c.sink}+{c.min_window})": make_map(shipped, [], replace(c, compensation=False), "window"),
             "random KV heads, equal bytes": make_map(shipped, everything[:len(heads_of(shipped))], c, "random"),
             "shipped map": shipped}
 
 
-def frontier_maps(shipped: HeadMap, ks, windows) -> list[tuple[int, int, HeadMap]]:
-    order = [tuple(h) for h in shipped.calibration["order"]]
+def frontier_maps(shipped: HeadMap, orders: dict[str, list], ks, windows) -> list[tuple[str, int, int, HeadMap]]:
+    """(order name, k, window, map): the top `k` heads of each order kept full, the rest at a fixed window."""
     c = replace(shipped.compression, ratio=1e9)
-    return [(k, w, make_map(shipped, order[:k], replace(c, min_window=w), "frontier")) for w in windows for k in ks]
+    return [(name, k, w, make_map(shipped, order[:k], replace(c, min_window=w), "frontier"))
+            for name, order in orders.items() for w in windows for k in ks]
+
+
+def attention_order(engine: Engine, length: int, n: int) -> list[tuple[int, int]]:
+    """KV heads ranked by their attention on the facts (fact_attention.py) over `n` tasks per family of the
+    CALIBRATION part, one vote per family, as calibration ranks them."""
+    fp = engine.loaded.fingerprint
+    heads = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
+    by_family = {}
+    for family in FAMILIES:
+        masses = [m for t in retrieval_tasks(family, length, n, RANK_SEED, engine.tokenizer, part="calibration")
+                  if (m := fact_attention(engine, t)) is not None]                 # [n_layers, n_kv_heads] each
+        mean = torch.stack(masses).mean(0)
+        by_family[family] = {head: float(mean[head]) for head in heads}
+        print(f"  ranked heads on {len(masses)} {family} tasks", flush=True)
+    votes = one_vote_per_family(by_family)
+    return sorted(heads, key=lambda head: -votes[head])
+
+
+def rounded_kv(full_kv, dtype=torch.bfloat16):
+    """The full cache with every key and value rounded through `dtype`: an innocuous perturbation whose lost
+    answers measure how many of the full cache's answers sit on a knife's edge (the noise floor)."""
+    return tuple([t.to(dtype).to(t.dtype) for t in group] for group in full_kv)
 
 
 def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
-    """{family: hits per task} and the bytes fraction (first task) for one map on one length's tasks."""
+    """{family: hits per task} and the bytes fraction (first task) for one map on one chunk of tasks."""
     hits = [hit for _, hit in score_answers(engine, tasks, kvs, hm)]
     by_family: dict[str, list[bool]] = {}
     for task, hit in zip(tasks, hits):
@@ -77,15 +108,32 @@ def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
     return {"hits": by_family, "bytes": state.stored_nbytes() / state.full_nbytes()}
 
 
+def merged(into: dict | None, part: dict) -> dict:
+    """Two chunks' `evaluate` results as one (hits appended per family; bytes from the first chunk)."""
+    if into is None:
+        return part
+    for family, hits in part["hits"].items():
+        into["hits"].setdefault(family, []).extend(hits)
+    return into
+
+
 def run_length(engine: Engine, length: int, n: int, rows: dict, frontier: list, args) -> tuple[dict, dict]:
+    """Every row and (at the frontier lengths) every frontier point on `n` tasks per family, prefilled
+    `args.chunk` at a time: each chunk's full caches are dropped before the next (2k tokens is 92 MiB each)."""
     tasks = [t for family in FAMILIES
              for t in retrieval_tasks(family, length, n, BENCH_SEED + length, engine.tokenizer, part="bench")]
-    kvs = [full_prefill(engine, t.document) for t in tasks]
-    table = {name: evaluate(engine, tasks, kvs, hm) for name, hm in rows.items()}
-    sweep = {}
-    if length in args.frontier_lengths:
-        sweep = {(k, w): evaluate(engine, tasks, kvs, hm) for k, w, hm in frontier}
-    print(f"  {length} tokens: {len(tasks)} tasks ({args.clock})", flush=True)
+    points = [((name, k, w), hm) for name, k, w, hm in frontier] if length in args.frontier_lengths else []
+    table: dict = dict.fromkeys(rows)
+    sweep: dict = dict.fromkeys(key for key, _ in points)
+    for start in range(0, len(tasks), args.chunk):
+        chunk = tasks[start:start + args.chunk]
+        kvs = [full_prefill(engine, t.document) for t in chunk]
+        for name, hm in rows.items():
+            chunk_kvs = [rounded_kv(kv) for kv in kvs] if name == NOISE_ROW else kvs
+            table[name] = merged(table[name], evaluate(engine, chunk, chunk_kvs, hm))
+        for key, hm in points:
+            sweep[key] = merged(sweep[key], evaluate(engine, chunk, kvs, hm))
+        print(f"  {length} tokens: {start + len(chunk)}/{len(tasks)} tasks ({args.clock})", flush=True)
     return table, sweep
 
 
@@ -125,54 +173,64 @@ def print_main(rows: dict, tables: dict, args) -> None:
 
 def print_frontier(frontier: list, sweeps: dict, tables: dict, args) -> list[dict]:
     points = []
-    for k, w, hm in frontier:
-        per = {n: sweeps[n][(k, w)] for n in args.frontier_lengths}
+    for name, k, w, hm in frontier:
+        per = {n: sweeps[n][(name, k, w)] for n in args.frontier_lengths}
         worst = min(min(cell(r, tables[n]["full cache"], f)[0] - statistics.mean(tables[n]["full cache"]["hits"][f])
                         for f in FAMILIES) for n, r in per.items())
         kept = min(min(cell(r, tables[n]["full cache"], f)[1] for f in FAMILIES) for n, r in per.items())
-        points.append({"k": k, "window": w, "bytes": statistics.mean(r["bytes"] for r in per.values()),
+        points.append({"order": name, "k": k, "window": w, "bytes": statistics.mean(r["bytes"] for r in per.values()),
                        "worst_margin": worst, "worst_kept": kept,
                        "meets": all(meets(r, tables[n]["full cache"]) for n, r in per.items()),
                        "acc": {f: statistics.mean(cell(r, tables[n]["full cache"], f)[0] for n, r in per.items())
-                               for f in FAMILIES}})
-    cols = ["KV heads full", "window", "bytes / full", *FAMILIES, "worst family vs full", "worst kept", "target"]
-    print(f"\nFrontier at {' and '.join(map(str, args.frontier_lengths))} tokens (shipped map's head order, "
-          "fixed windows; accuracy averaged over those lengths)\n")
-    print(common.table(cols, [[p["k"], p["window"], f"{p['bytes']:.3f}", *[f"{p['acc'][f]:.2f}" for f in FAMILIES],
-                               f"{p['worst_margin']:+.2f}", f"{p['worst_kept']:.0%}",
-                               "meets" if p["meets"] else ""] for p in points]))
+                               for f in FAMILIES},
+                       "kept": {f: min(cell(r, tables[n]["full cache"], f)[1] for n, r in per.items())
+                                for f in FAMILIES}})
+    cols = ["head order", "KV heads full", "window", "bytes / full",
+            *[f"{f} (kept)" for f in FAMILIES], "worst family vs full", "target"]
+    print(f"\nFrontier at {' and '.join(map(str, args.frontier_lengths))} tokens (fixed windows; accuracy averaged "
+          "over those lengths, in brackets the lowest share of the full cache's answers kept)\n")
+    print(common.table(cols, [[p["order"], p["k"], p["window"], f"{p['bytes']:.3f}",
+                               *[f"{p['acc'][f]:.2f} ({p['kept'][f]:.0%})" for f in FAMILIES],
+                               f"{p['worst_margin']:+.2f}", "meets" if p["meets"] else ""] for p in points]))
     return points
 
 
-def plot(points: list[dict], tables: dict, rows: dict, args, path: Path) -> None:
+def plot(points: list[dict], args, path: Path) -> None:
+    """One panel per (head order, window): each family's accuracy against the bytes kept."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.windows), figsize=(5 * len(args.windows), 4.5), sharey=True, squeeze=False)
-    for ax, w in zip(axes[0], args.windows):
-        pts = sorted((p for p in points if p["window"] == w), key=lambda p: p["bytes"])
-        for i, family in enumerate(FAMILIES):
-            ax.plot([100 * p["bytes"] for p in pts], [p["acc"][family] for p in pts], marker="os^vD"[i],
-                    ms=4, alpha=0.8, label=family)
-        ax.plot([100 * p["bytes"] for p in pts], [p["worst_kept"] for p in pts], "k--", lw=1,
-                label="worst family: share of full's answers kept")
-        for p in pts:
-            if p["meets"]:
-                ax.axvline(100 * p["bytes"], color="green", lw=0.8, ls=":")
-                break
-        ax.axvline(25, color="red", lw=0.8, ls="-.", label="goal: 25% of the bytes")
-        ax.set(xlabel="KV bytes kept (% of full)", title=f"fixed window {w}", ylim=(-0.03, 1.03))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy (teacher-forced greedy)")
+    orders = list(dict.fromkeys(p["order"] for p in points))
+    fig, axes = plt.subplots(len(orders), len(args.windows), figsize=(5 * len(args.windows), 4 * len(orders)),
+                             sharey=True, squeeze=False)
+    for row, order in zip(axes, orders):
+        for ax, w in zip(row, args.windows):
+            pts = sorted((p for p in points if p["window"] == w and p["order"] == order), key=lambda p: p["bytes"])
+            _plot_panel(ax, pts, f"{order} order, fixed window {w}")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy (teacher-forced greedy)")
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"SmolLM2-135M: accuracy vs KV bytes along the calibrated head order, "
-                 f"{' and '.join(map(str, args.frontier_lengths))}-token documents (green: first point meeting "
-                 "the target on every family)", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M: accuracy against KV bytes, {' and '.join(map(str, args.frontier_lengths))}-token "
+                 f"documents, {args.tasks} per family and length\n(green: the first point meeting the target "
+                 "on every family; red: the goal of 25% of the bytes)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_panel(ax, pts: list[dict], title: str) -> None:
+    x = [100 * p["bytes"] for p in pts]
+    for i, family in enumerate(FAMILIES):
+        ax.plot(x, [p["acc"][family] for p in pts], marker="os^vD"[i], ms=4, alpha=0.8, label=family)
+    ax.plot(x, [p["worst_kept"] for p in pts], "k--", lw=1, label="worst family: share of full's answers kept")
+    meeting = [p for p in pts if p["meets"]]
+    if meeting:
+        ax.axvline(100 * meeting[0]["bytes"], color="green", lw=0.8, ls=":")
+    ax.axvline(25, color="red", lw=0.8, ls="-.")
+    ax.set(xlabel="KV bytes kept (% of full)", title=title, ylim=(-0.03, 1.03))
+    ax.grid(alpha=0.3)
 
 
 def parse_args():
@@ -188,11 +246,17 @@ def parse_args():
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 6, 10, 14, 18, 22, 26, 30, 36, 45, 60, 90])
     ap.add_argument("--windows", type=int, nargs="+", default=[32, 64, 128])
     ap.add_argument("--calibrated-map", default="", help="a calibrated head map JSON (default: the shipped map)")
+    ap.add_argument("--orders", nargs="+", default=["attention", "shipped"], choices=["attention", "shipped"],
+                    help="frontier head orders: attention on the facts (ranked here, calibration part) and/or the "
+                         "map's recorded calibration order")
+    ap.add_argument("--rank-tasks", type=int, default=6, help="tasks per family that rank heads by attention")
+    ap.add_argument("--rank-length", type=int, default=1000, help="their document length")
+    ap.add_argument("--chunk", type=int, default=20, help="tasks prefilled (and held in memory) at a time")
     ap.add_argument("--png", default=None, help="plot path (default docs/quality-vs-bytes.png)")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.long_lengths, args.tasks, args.frontier_lengths = [400], [], 2, [400]
-        args.ks, args.windows = [0, 14, 90], [64]
+        args.ks, args.windows, args.rank_tasks, args.rank_length = [0, 14, 90], [64], 1, 400
     if args.png is None:
         args.png = (Path(tempfile.gettempdir()) / "quality-vs-bytes-quick.png" if args.quick
                     else common.DOCS / "quality-vs-bytes.png")
@@ -213,14 +277,17 @@ def main() -> None:
         raise SystemExit("no calibrated head map for the embedded SmolLM2")
     print(f"map {shipped.version}: {len(heads_of(shipped))} KV heads full, {shipped.compression}", flush=True)
     rows = variants(shipped, args.seed)
-    frontier = frontier_maps(shipped, args.ks, args.windows)
+    orders = {"shipped": [tuple(h) for h in shipped.calibration["order"]]} if "shipped" in args.orders else {}
+    if "attention" in args.orders:
+        orders = {"attention": attention_order(engine, args.rank_length, args.rank_tasks), **orders}
+    frontier = frontier_maps(shipped, orders, args.ks, args.windows)
     tables, sweeps = {}, {}
     for length in args.lengths + args.long_lengths:
         n = args.tasks if length in args.lengths else args.long_tasks
         tables[length], sweeps[length] = run_length(engine, length, n, rows, frontier, args)
     print_main(rows, tables, args)
     points = print_frontier(frontier, sweeps, tables, args)
-    plot(points, tables, rows, args, Path(args.png))
+    plot(points, args, Path(args.png))
     print(f"\nplot: {args.png}\nbench_quality: {args.clock}")
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from services.engine import CalibrationParams, Engine, HeadMap, ProfileParams, calibrate, profile_model, variant_at
 from services.engine.evaluation import answer_generated, full_prefill, retrieval_tasks
+from services.engine.fact_attention import one_vote_per_family
 from services.engine.headmap import shipped_head_map
 from tests.engine_models import smollm2
 from tests.planted_loaded import planted_loaded
@@ -96,3 +97,13 @@ def test_two_families_are_validated_per_family_and_left_out_in_turn():
     assert record["validated_on"]["families"] == ["copy", "copy-edge"]
     assert record["validated_on"]["lengths"] == [200, 300]
     assert record["validated_on"]["families_held_when_left_out"] == ["copy", "copy-edge"]
+
+
+def test_each_family_gets_one_vote_in_the_head_ranking():
+    # "digits" draws ten times the attention of "word": summed raw, digits' second head would outrank word's
+    # best one; with one vote per family, word's best head (1.0) ties digits' best and beats digits' second.
+    scores = {"digits": {(0, 0): 10.0, (0, 1): 8.0, (1, 0): 0.0},
+              "word": {(0, 0): 0.0, (0, 1): 0.0, (1, 0): 1.0}}
+    votes = one_vote_per_family(scores)
+    assert votes == {(0, 0): 1.0, (0, 1): 0.8, (1, 0): 1.0}
+    assert one_vote_per_family({"edge": {(0, 0): 0.0}}) == {(0, 0): 0.0}   # no attention at all: no votes

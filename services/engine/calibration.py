@@ -32,7 +32,7 @@ from typing import Callable
 
 from .cache import CompressionParams
 from .generation import Engine
-from .fact_attention import fact_attention
+from .fact_attention import fact_attention, one_vote_per_family
 from .headmap import HeadMap
 from .retrieval_tasks import FAMILIES
 from .task_bench import Progress, Target, TaskBench
@@ -179,15 +179,22 @@ def _fact_attention(bench: TaskBench, which: list[int], report: Progress) -> dic
 
 
 def _ranking(bench: TaskBench, base: HeadMap, damage: dict, families) -> Order:
-    """KV heads by their summed damage on `families`' tasks (ties: the profiler's higher score first)."""
+    """KV heads by their damage on `families`' tasks, one vote per family (`one_vote_per_family`: a family
+    whose facts draw more attention does not outvote the others); ties: the profiler's higher score first."""
     which = [i for i in bench.indices(families) if i in damage[bench.all_heads[0]]]   # tasks the ranking saw
     group = bench.fp.group_size
+    by_family: dict = {}
+    for i in which:
+        per_head = by_family.setdefault(bench.cells[i][0], dict.fromkeys(bench.all_heads, 0.0))
+        for head in bench.all_heads:
+            per_head[head] += damage[head][i]
+    votes = one_vote_per_family(by_family)
 
     def profile_score(head):
         layer, h = head
         return max(max(base.induction[layer][j], base.echo[layer][j]) for j in range(h * group, (h + 1) * group))
 
-    ranked = sorted(bench.all_heads, key=lambda hd: (-round(sum(damage[hd][i] for i in which), 4), -profile_score(hd)))
+    ranked = sorted(bench.all_heads, key=lambda hd: (-round(votes[hd], 4), -profile_score(hd)))
     return [list(h) for h in ranked]
 
 

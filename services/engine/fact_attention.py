@@ -49,3 +49,14 @@ def fact_attention(engine, task: RetrievalTask) -> torch.Tensor | None:
     hf.probe_forward(engine.model, torch.tensor([ids], device=engine.device), probe)
     per_kv = probe.mass.view(fp.n_layers, fp.n_kv_heads, fp.group_size)           # [L, Hkv, G]
     return per_kv.amax(-1)
+
+
+def one_vote_per_family(scores: dict[str, dict]) -> dict:
+    """{family: {head: score}} -> {head: votes}: each family's scores scaled to its best head's and summed, so
+    every retrieval skill weighs the same however much attention (or damage) its tasks happen to carry."""
+    votes: dict = {}
+    for per_head in scores.values():
+        top = max(per_head.values(), default=0.0)
+        for head, score in per_head.items():
+            votes[head] = votes.get(head, 0.0) + (score / top if top > 0 else 0.0)
+    return votes
