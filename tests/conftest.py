@@ -159,7 +159,7 @@ class RedisClusterNodes:
     """
 
     def __init__(self, workdir: Path, n_nodes: int = 3, full_coverage: bool = True):
-        self.workdir, self.ports = workdir, [_free_cluster_port() for _ in range(n_nodes)]
+        self.workdir, self.ports = workdir, _free_cluster_ports(n_nodes)
         self.full_coverage = full_coverage   # False: live nodes keep serving their slots while one is down
         self.procs: list[subprocess.Popen] = []
 
@@ -238,6 +238,22 @@ class RedisClusterNodes:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the local Redis Cluster did not become ready: {infos}")
             time.sleep(0.1)
+
+
+def _free_cluster_ports(n: int) -> list[int]:
+    """`n` node ports whose client and cluster-bus ports (port + 10000, fixed in redis 6.2) are all free and all
+    different: one node's client port must never be another's bus port (the later node would fail to bind)."""
+    ports: list[int] = []
+    taken: set[int] = set()
+    for _ in range(100 * n):
+        port = _free_cluster_port()
+        if {port, port + 10000} & taken:
+            continue
+        ports.append(port)
+        taken |= {port, port + 10000}
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} distinct free port pairs for a Redis Cluster")
 
 
 def _free_cluster_port() -> int:
