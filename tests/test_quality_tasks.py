@@ -9,7 +9,7 @@ import pytest
 from services.engine import corpus
 from services.engine.evaluation import FAMILIES, retrieval_tasks
 from services.engine.task_bench import Target
-from tests.engine_models import smollm2
+from tests.engine_models import smollm2, tiny
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -92,3 +92,22 @@ def test_tasks_differ_by_corpus_part_and_seed(tokenizer):
     bench_passages = corpus.passages("bench")
     assert not any(p[:80] in calib_text for p in random.Random(0).sample(bench_passages, 100))
     assert calib[0].document != bench[0].document
+
+
+def test_held_full_caches_take_half_the_bytes_and_come_back_in_the_models_dtype():
+    import torch
+
+    from services.engine import Engine, HeadMap
+    from services.engine.evaluation import full_prefill, held, session_from_full
+
+    engine = Engine(tiny())
+    ids = list(range(5, 69))
+    full = full_prefill(engine, ids)
+    kept = held(full)
+    assert all(t.dtype == torch.bfloat16 for group in kept for t in group)
+    assert sum(t.nbytes for g in kept for t in g) * 2 == sum(t.nbytes for g in full for t in g)
+    assert held(kept)[0][0] is kept[0][0]                       # 16-bit caches are held as they are
+    state = session_from_full(engine, ids, kept, HeadMap.full(engine.loaded.fingerprint))
+    keys = state.cache.layers[0].keys
+    assert keys.dtype == torch.float32
+    assert torch.equal(keys, full[0][0].to(torch.bfloat16).float())   # the rounding, nothing else

@@ -1,9 +1,9 @@
 """Synthetic retrieval tasks and quality measures over compressed caches (for benchmarks and calibration).
 
 Everything is generated on the fly (retrieval_tasks.py, corpus.py); nothing is downloaded. A document is
-prefilled ONCE with full attention; every compressed variant is derived from that full cache (`CompressedKVCache.from_full`), which is
-exactly what prefilling with that head map would give, and the question is asked in a continued turn so the
-answer comes from the compressed cache.
+prefilled ONCE with full attention; every compressed variant is derived from that full cache
+(`CompressedKVCache.from_full`), which is exactly what prefilling with that head map would give, and the
+question is asked in a continued turn so the answer comes from the compressed cache.
 """
 from __future__ import annotations
 
@@ -28,8 +28,20 @@ def full_prefill(engine: Engine, ids: list[int]) -> tuple[list[torch.Tensor], li
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 
+def held(full_kv) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A float32 full cache as bfloat16, for benches that hold many documents' caches at once (half the
+    memory); `session_from_full` casts it back. Rounding every key and value to bfloat16 changed none of 800
+    answers of the quality bench (docs/benchmarks.md §3.2: the noise-floor row)."""
+    keys, values = full_kv
+    if keys[0].dtype != torch.float32:
+        return keys, values   # already 16-bit: bfloat16 would lose float16's mantissa bits
+    return [k.to(torch.bfloat16) for k in keys], [v.to(torch.bfloat16) for v in values]
+
+
 def session_from_full(engine: Engine, ids: list[int], full_kv, head_map: HeadMap) -> SessionState:
-    cache = CompressedKVCache.from_full(*full_kv, head_map.retrieval_kv_heads, head_map.compression)
+    dtype = engine.loaded.dtype
+    keys, values = ([t.to(dtype) for t in group] for group in full_kv)   # no copy when already in `dtype`
+    cache = CompressedKVCache.from_full(keys, values, head_map.retrieval_kv_heads, head_map.compression)
     return SessionState(list(ids), cache, head_map.version, engine.loaded.fingerprint.id)
 
 

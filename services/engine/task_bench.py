@@ -14,7 +14,7 @@ from typing import Callable
 
 from .cache import CompressionParams
 from .corpus import prose_ids
-from .evaluation import (continuation_logprobs, full_prefill, kl_divergence, retrieval_tasks, score_answers,
+from .evaluation import (continuation_logprobs, full_prefill, held, kl_divergence, retrieval_tasks, score_answers,
                          session_from_full)
 from .generation import Engine
 from .headmap import HeadMap
@@ -55,12 +55,12 @@ class TaskBench:
         total = len(self.tasks) + len(self.kl_docs)
         self.kvs = []
         for i, task in enumerate(self.tasks):
-            self.kvs.append(full_prefill(engine, task.document))
+            self.kvs.append(held(full_prefill(engine, task.document)))   # all held: half the bytes
             progress(i + 1, total, stage)
         self.kl_kvs, self.kl_full = [], []   # full-cache next-token log-probs [T, V] per KL document
         full_map = HeadMap.full(self.fp)
         for i, (context, continuation) in enumerate(self.kl_docs):
-            self.kl_kvs.append(full_prefill(engine, context))
+            self.kl_kvs.append(held(full_prefill(engine, context)))
             self.kl_full.append(continuation_logprobs(engine, context, continuation, self.kl_kvs[-1], full_map))
             progress(len(self.tasks) + i + 1, total, stage)
         self.all_heads = [(layer, h) for layer in range(self.fp.n_layers) for h in range(self.fp.n_kv_heads)]
