@@ -1,4 +1,5 @@
-"""TaskBench: a fixed set of retrieval tasks (and KL texts), prefilled once, scored under any head map.
+"""TaskBench: a fixed set of retrieval tasks (and KL texts), prefilled once (caches held in bfloat16), scored
+under any head map.
 
 Calibration builds one on the corpus's calibration part and one on its validation part (other seeds). Each
 task belongs to a CELL (family, length); the target (`Target.met_by`) is checked per cell against the full
