@@ -83,9 +83,10 @@ def run_level(target: str, clients: int, requests: int, words: int, new_tokens: 
     processed = generated + sum(r["prompt"] for r in results)
     lat = sorted(r["latency"] for r in results)
     gaps = sorted(g for r in results for g in r["gaps"]) or [0.0]
-    return {"itl_p50": percentile(gaps, 0.5), "itl_p95": percentile(gaps, 0.95), "requests": len(results), "wall": wall, "gen_tps": generated / wall, "all_tps": processed / wall,
-            "generated": generated, "prompt_mean": statistics.mean(r["prompt"] for r in results), "p50": statistics.median(lat), "p95": percentile(lat, 0.95),
-            "ttft": statistics.median(r["ttft"] for r in results)}
+    return {"itl_p50": percentile(gaps, 0.5), "itl_p95": percentile(gaps, 0.95), "requests": len(results),
+            "wall": wall, "gen_tps": generated / wall, "all_tps": processed / wall, "generated": generated,
+            "prompt_mean": statistics.mean(r["prompt"] for r in results), "p50": statistics.median(lat),
+            "p95": percentile(lat, 0.95), "ttft": statistics.median(r["ttft"] for r in results)}
 
 
 def forward_ms(model, tokens: int, repeats: int = 5) -> float:
@@ -105,11 +106,12 @@ def compute_bound(model, clients: list[int], requests: int, prompt_tokens: int, 
     """Each level's ratio to one client if the service cost nothing but the model's forwards: prompts prefilled in
     `step_tokens` chunks, then `new_tokens` steps of one token per client (bare forwards, timed here)."""
     one = requests * (forward_ms(model, prompt_tokens) + new_tokens * forward_ms(model, 1))
+    chunk_ms = forward_ms(model, step_tokens)   # one full prefill step, the same at every level
     bound = {}
     for c in clients:
         rounds = max(1, requests // c)
         prefill_steps = math.ceil(c * prompt_tokens / step_tokens)
-        level = rounds * (prefill_steps * forward_ms(model, step_tokens) + new_tokens * forward_ms(model, c))
+        level = rounds * (prefill_steps * chunk_ms + new_tokens * forward_ms(model, c))
         bound[c] = (one / level) * (max(requests, c) / requests)   # a level with more clients than requests runs more
     return bound
 

@@ -36,14 +36,15 @@ import common
 import torch
 
 from services.engine import CompressionParams, Engine, HeadMap, load_model
-from services.engine.evaluation import FAMILIES, full_prefill, retrieval_tasks, score_answers, session_from_full
+from services.engine.evaluation import (FAMILIES, full_prefill, held, retrieval_tasks, score_answers,
+                                       session_from_full)
 from services.engine.fact_attention import fact_attention, one_vote_per_family
 from services.engine.headmap import shipped_head_map
 from services.engine.profiling import ProfileParams, select_heads
 
 BENCH_SEED = 777_000   # calibration uses 1234 (+1000 for validation) on other corpus parts
 RANK_SEED = 555_000    # the attention ranking's tasks (calibration part, never the bench's)
-NOISE_ROW = "full cache, keys/values rounded to bf16"
+NOISE_ROW = "full cache, keys/values rounded to bf16"   # `evaluation.held`: the noise floor of "kept"
 
 
 def make_map(base: HeadMap, heads, compression: CompressionParams, method: str) -> HeadMap:
@@ -93,12 +94,6 @@ def attention_order(engine: Engine, length: int, n: int) -> list[tuple[int, int]
     return sorted(heads, key=lambda head: -votes[head])
 
 
-def rounded_kv(full_kv, dtype=torch.bfloat16):
-    """The full cache with every key and value rounded through `dtype`: an innocuous perturbation whose lost
-    answers measure how many of the full cache's answers sit on a knife's edge (the noise floor)."""
-    return tuple([t.to(dtype).to(t.dtype) for t in group] for group in full_kv)
-
-
 def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
     """{family: hits per task} and the bytes fraction (first task) for one map on one chunk of tasks."""
     hits = [hit for _, hit in score_answers(engine, tasks, kvs, hm)]
@@ -130,7 +125,7 @@ def run_length(engine: Engine, length: int, n: int, rows: dict, frontier: list, 
         chunk = tasks[start:start + args.chunk]
         kvs = [full_prefill(engine, t.document) for t in chunk]
         for name, hm in rows.items():
-            chunk_kvs = [rounded_kv(kv) for kv in kvs] if name == NOISE_ROW else kvs
+            chunk_kvs = [held(kv) for kv in kvs] if name == NOISE_ROW else kvs   # bf16, cast back on use
             table[name] = merged(table[name], evaluate(engine, chunk, chunk_kvs, hm))
         for key, hm in points:
             sweep[key] = merged(sweep[key], evaluate(engine, chunk, kvs, hm))

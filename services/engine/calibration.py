@@ -13,8 +13,8 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    fact in the document (one forward per task, fact_attention.py); or (`ranking="ablation"`) how much each
    task's answer log-prob drops when only that head is compressed (one scoring pass per head: ~10x dearer).
 4. The BYTES search: for every window, sink size and ratio C (1e9 = a fixed window), the smallest k such that
-   the top-k heads by ablation score meet the target (binary search; a shape that cannot beat the cheapest
-   point found so far at equal bytes is dropped after one probe). The cheapest point wins.
+   the top-k heads of the ranking (one vote per family) meet the target (binary search; a shape that cannot
+   beat the cheapest point found so far at equal bytes is dropped after one probe). The cheapest point wins.
 5. Validation on held-out documents (the corpus's validation part, other seeds): while the choice misses the
    target there, ~3% more KV heads are added (the authors' own fallback). Then LEAVE ONE FAMILY OUT: for each
    family, the search is re-run without it (its ranking and its k from the other families only) and the
