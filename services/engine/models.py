@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .threads import in_passing_thread
+
 log = logging.getLogger(__name__)
 
 # Decoder-only models whose attention is Llama's: RoPE, GQA, `cache.update` then the attention interface.
@@ -153,6 +155,11 @@ def load_model(ref: str | None = None, device: str | None = None, threads: int =
     """
     if threads:
         torch.set_num_threads(threads)
+    # Loading and casting run parallel ops: on a passing thread, so the caller's keeps no OpenMP team (threads.py).
+    return in_passing_thread(lambda: _load(ref, device, dtype))
+
+
+def _load(ref: str | None, device: str | None, dtype: str | torch.dtype | None) -> LoadedModel:
     ref = (ref or "").strip()
     dev = pick_device(device)
     target = resolve_dtype(dtype, dev)

@@ -11,7 +11,9 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from services.engine import Scheduler
+import torch
+
+from services.engine import Scheduler, threads
 
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05   # how long a loop whose waiting turns cannot be admitted yet sleeps before retrying
@@ -20,6 +22,7 @@ _IDLE_WAIT_S = 0.05   # how long a loop whose waiting turns cannot be admitted y
 class EngineLoop:
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
+        self._n_threads = torch.get_num_threads()   # the constructing thread's count, before any helper's serial()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -47,6 +50,7 @@ class EngineLoop:
         self.thread.join()
 
     def _run(self) -> None:
+        threads.parallel(self._n_threads)
         while True:
             self._run_jobs()
             if self.scheduler.has_work:

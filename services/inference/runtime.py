@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from services.engine import (Engine, GenerationResult, HeadMap, InvalidRequest, LoadedModel, SamplingParams,
+from services.engine import (Engine, threads, GenerationResult, HeadMap, InvalidRequest, LoadedModel, SamplingParams,
                              SchedulerConfig, Scheduler, TokenEvent, TurnRequest)
 
 from .admission import Admission
@@ -121,7 +121,7 @@ class Runtime:
         self.max_input_chars = max_input_chars or 32 * loaded.max_context
         self.limits = Limits(loaded.max_context, self.max_input_chars, self.engine.dims.vocab_size,
                              chat_template=bool(getattr(loaded.tokenizer, "chat_template", None)))
-        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="razor-io")
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="razor-io", initializer=threads.serial)
         self.scheduler = Scheduler(self.engine, scheduler, admit=self._admit)
         self.loop = EngineLoop(self.scheduler)
         self.admission = Admission(store, self.io, self.loop.wake, fp.head_dim, itemsize)
