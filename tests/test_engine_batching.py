@@ -514,6 +514,37 @@ def test_slab_seats_and_unseats_a_session_unchanged_and_its_decoding_equals_the_
     assert_same_cache(seated, solo)
 
 
+def test_turns_of_one_layout_share_one_slab_where_every_slot_fits_its_bound(engine, maps):
+    """Decoding turns of one head layout whose final lengths fall in different size classes share one slab (a step
+    costs per slab) when each slot stays within its turn's bound; a turn that would push a slot past another's
+    bound gets a slab of its own class, nobody else moves, and a slab that is large enough is kept."""
+    from services.engine.slab import SlabPool, size_class, slot_bytes
+
+    head_dim, dtype = engine.dims.head_dim, engine.loaded.dtype
+    short, mid, long = (engine.new_cache(maps["a"]) for _ in range(3))
+    for i, cache in enumerate((short, mid, long)):
+        forward_all(engine.model, ids(20, 40 + i), cache)
+    bound = {id(c): c.bytes_bound(final, 1, head_dim, dtype.itemsize) for c, final in ((short, 30), (mid, 45),
+                                                                                        (long, 60))}
+    pool = SlabPool(head_dim, dtype, engine.device)
+    pool.arrange([(short, 30), (mid, 45)])
+    assert size_class(30) != size_class(45) and short.seat is mid.seat and len(pool.slabs) == 1
+    shared = short.seat
+    assert shared.rows == size_class(45) and shared.slot_nbytes() == slot_bytes(short, shared.rows, head_dim,
+                                                                                 dtype.itemsize)
+    assert all(shared.slot_nbytes() <= bound[id(c)] for c in (short, mid))
+
+    pool.arrange([(short, 30), (mid, 45), (long, 75)])   # one slab of size_class(75) rows would not fit `short`
+    assert slot_bytes(short, size_class(75), head_dim, dtype.itemsize) > bound[id(short)]
+    assert short.seat is shared and mid.seat is shared and long.seat is not shared
+    assert long.seat.rows == size_class(75) and long.seat.slot_nbytes() <= bound[id(long)]
+
+    pool.arrange([(short, 30)])                          # the others left: `short` stays where it is
+    assert short.seat is shared and mid.seat is None and long.seat is None and len(pool.slabs) == 1
+    pool.arrange([])
+    assert short.seat is None and not pool.slabs
+
+
 def test_kvbuffer_compacts_at_most_every_min_slack_appends():
     """kvbuffer.MIN_SLACK's contract: "a compaction moves the live rows at most every 16 appends". A local group
     whose window grew until its live rows nearly fill the store (as in decoding with a ratio-based window) is

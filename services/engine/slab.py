@@ -1,4 +1,5 @@
-"""DecodeSlab: the storage of the sessions that are decoding, batched per head layout and size class.
+"""DecodeSlab: the storage of the sessions that are decoding, batched per head layout (and size class, where
+one slab for the whole layout would give some turn a slot larger than its bound).
 
 While a turn decodes, its session's cache lives in one slot of a slab instead of in its own `KVBuffer`s, so a
 decode step appends, attends and compresses every session of the slab with a few tensor ops per layer: no
@@ -281,6 +282,17 @@ class DecodeSlab:
         return sum(t.numel() * t.element_size() for slots in self.storage for t in slots.tensors())
 
 
+def slot_bytes(template: CompressedKVCache, rows: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of one slot of a slab of `rows` rows for `template`'s head layout (what `_allocate` makes per slot)."""
+    params = template.params
+    local_rows = params.sink + params.window(rows) + 1
+    total = 0
+    for layer in template.layers:
+        r, l = len(layer.retrieval_heads), len(layer.local_heads)
+        total += 2 * head_dim * (itemsize * (r * rows + l * local_rows) + 4 * l)   # K and V; compensation float32
+    return total
+
+
 def _write_rows(store: torch.Tensor, flat_rows: torch.Tensor, rows: torch.Tensor) -> None:
     """store [B, h, S, D]; rows [B, h, D] written at `flat_rows` of the store seen as [B * h * S, D]."""
     store.view(-1, store.shape[-1]).index_copy_(0, flat_rows, rows.reshape(-1, rows.shape[-1]))
@@ -312,11 +324,21 @@ class SlabPool:
         self.slabs: dict[tuple, DecodeSlab] = {}
 
     def arrange(self, decoding: list[tuple[CompressedKVCache, int]]) -> None:
-        """Seat every (cache, final length) of this step's decoding turns; unseat everyone else."""
+        """Seat every (cache, final length) of this step's decoding turns; unseat everyone else.
+
+        The turns of one head layout share one slab, sized for the longest, when every one of them still fits its
+        slot within its own bound (a step costs per slab, nearly whatever its members: two slabs of 14 and 2 cost
+        almost twice one of 16); otherwise each size class has its own."""
         wanted: dict[tuple, list[CompressedKVCache]] = {}
+        by_layout: dict[tuple, list[tuple[CompressedKVCache, int]]] = {}
         for cache, final in decoding:
-            key = cache.seat.key if cache.seat is not None else (cache.layout, size_class(final))
-            wanted.setdefault(key, []).append(cache)
+            by_layout.setdefault(cache.layout, []).append((cache, final))
+        for layout, turns in by_layout.items():
+            shared = self._shared_rows(layout, turns)
+            for cache, final in turns:
+                key = ((layout, shared) if shared else cache.seat.key if cache.seat is not None
+                       else (layout, size_class(final)))
+                wanted.setdefault(key, []).append(cache)
         for key in list(self.slabs):
             if key not in wanted:
                 self.slabs.pop(key).set_members([])
@@ -324,6 +346,18 @@ class SlabPool:
             if key not in self.slabs:
                 self.slabs[key] = DecodeSlab(caches[0], key[1], self.head_dim, self.dtype, self.device)
             self.slabs[key].set_members(caches)
+
+    def _shared_rows(self, layout: tuple, turns: list[tuple[CompressedKVCache, int]]) -> int | None:
+        """Rows of one slab for all `turns` of `layout` (a present slab's if it is large enough, so a leaving long
+        turn moves nobody), or None when some turn's slot would exceed its bound there."""
+        rows = size_class(max(final for _, final in turns))
+        present = [key[1] for key in self.slabs if key[0] == layout and key[1] >= rows]
+        rows = min(present, default=rows)
+        itemsize = self.dtype.itemsize
+        template = turns[0][0]
+        slot = slot_bytes(template, rows, self.head_dim, itemsize)
+        fits = all(slot <= cache.bytes_bound(final, 1, self.head_dim, itemsize) for cache, final in turns)
+        return rows if fits else None
 
     def unseat(self, cache: CompressedKVCache) -> None:
         """Give `cache` its own storage back (its turn ended); a slab left empty is dropped."""
