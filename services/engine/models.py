@@ -99,6 +99,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles, with which oneDNN's bfloat16 matmuls outrun float32 on batches."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)   # a private torch probe: guarded
+    return bool(probe is not None and probe())
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """A `RAZOR_DTYPE` value (or a torch dtype) as the torch dtype to load in on `device`.
 
@@ -112,6 +118,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         key = (dtype or "auto").strip().lower()
         if key == "auto":
             if device.type != "cuda":
+                if cpu_has_amx():
+                    log.info("this CPU has AMX: RAZOR_DTYPE=bfloat16 serves concurrent sessions faster than the "
+                             "float32 of 'auto' (docs/benchmarks.md, section 4)")
                 return torch.float32
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if key not in DTYPES:
