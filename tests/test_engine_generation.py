@@ -41,6 +41,22 @@ def test_seeded_sampling_is_reproducible_and_differs_by_seed():
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
 
 
+def test_batched_sampling_equals_each_row_sampled_alone():
+    """`sample_rows` (one argmax for the plain greedy rows of a step) gives every row what `sample` gives it:
+    greedy with and without log-probabilities, and seeded sampling with its own generator."""
+    import torch
+
+    from services.engine.sampling import make_generator, sample, sample_rows
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)   # [n, V]
+    params = [SamplingParams(), SamplingParams(logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0.8, top_k=20, seed=7), SamplingParams()]
+    batched = sample_rows(logits, params, [make_generator(p, torch.device("cpu")) for p in params])
+    alone = [sample(logits[row], p, make_generator(p, torch.device("cpu"))) for row, p in enumerate(params)]
+    assert batched == alone
+    assert batched[0].token == int(logits[0].float().argmax()) and batched[1].logprob is not None
+
+
 def test_stop_token_stop_string_cancel_and_context():
     loaded = tiny()
     engine = Engine(loaded)

@@ -91,6 +91,17 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     return Sampled(token, float(logp[token]) if params.logprobs else None, top_logprobs(logp, params.top_logprobs))
 
 
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]
+                ) -> list[Sampled]:
+    """logits: [n, V], one row per turn -> each row sampled under its own params; the plain greedy rows (no
+    log-probabilities asked) take one argmax over the batch, the others `sample`."""
+    assert logits.dim() == 2 and logits.shape[0] == len(params) == len(gens), (logits.shape, len(params))
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1).tolist()
+    return [Sampled(greedy[row], None) if p.greedy and not (p.logprobs or p.top_logprobs) else
+            sample(logits[row], p, gen) for row, (p, gen) in enumerate(zip(params, gens))]
+
+
 def top_logprobs(logp: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
     """logp: [V] log-probabilities -> the k most likely (token id, logprob), most likely first."""
     if k == 0:

@@ -20,7 +20,7 @@ import torch
 from . import hf
 from .batch import StepBatch
 from .slab import SlabPool
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import Sampled, SamplingParams, make_generator, sample_rows
 
 if TYPE_CHECKING:   # generation imports the scheduler at call time; the scheduler needs its types only here
     from .generation import SessionState, TextStream, TokenEvent
@@ -114,8 +114,10 @@ class Scheduler:
             return 0
         for turn, ids in plan:
             del turn.pending[:len(ids)]
-        for row, i in enumerate(sampling):
-            self._advance(plan[i][0], logits[row])
+        turns = [plan[i][0] for i in sampling]
+        for turn, sampled in zip(turns, sample_rows(logits, [t.request.params for t in turns],
+                                                   [t.generator for t in turns])):
+            self._advance(turn, sampled)
         return batch.n_tokens
 
     def _drop_cancelled(self) -> None:
@@ -168,10 +170,10 @@ class Scheduler:
         return plan
 
     # --- sampling and streaming -------------------------------------------------------------------
-    def _advance(self, turn: _Turn, logits: torch.Tensor) -> None:
-        """Sample the turn's next token from logits [V], stream it, and decide whether the turn goes on."""
+    def _advance(self, turn: _Turn, sampled: Sampled) -> None:
+        """Take the turn's sampled next token, stream it, and decide whether the turn goes on."""
         params, state = turn.request.params, turn.request.state
-        token, logprob, top = sample(logits, params, turn.generator)   # this turn's row: its own k
+        token, logprob, top = sampled
         turn.generated.append(token)
         state.token_ids.append(token)
         is_stop = token in turn.stops

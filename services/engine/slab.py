@@ -5,11 +5,14 @@ While a turn decodes, its session's cache lives in one slot of a slab instead of
 decode step appends, attends and compresses every session of the slab with a few tensor ops per layer: no
 per-session work and no gathering of caches into a padded batch. Per decoder layer:
   retrieval     [B, r, rows, D]            token t at row t (rows: the slab's size class, >= every final length)
-  local         [B, l, sink + ring, D]     token t < sink at row t, later tokens at sink + (t - sink) % ring
+  local         [B, l, sink + ring + 1, D] token t < sink at row t, later tokens at sink + (t - sink) % ring; the
+                                           last row is the compensation token in the cache dtype
   compensation  [B, l, 1, D] float32       running means of the evicted keys and values; counts per slot
 Attention does not depend on the order of keys, so the window can be a ring: evicting a token moves nothing (it
 is folded into the compensation mean and its row is reused). `ring` = W(rows) + 1 holds the window and the new
-token of a step before the window is trimmed, as `RazorLayer.compress` orders it. Masks say which rows are live.
+token of a step before the window is trimmed, as `RazorLayer.compress` orders it. Masks say which rows are live;
+the compensation row's bias is log(count), so one attention call weighs it as `count` copies (paper eq. 5) where
+the per-session path merges it in through the log-sum-exp.
 
 A slab's storage is rebuilt (one copy of its slots) only when its members change, i.e. when a turn starts or
 stops decoding; between those, every step writes one row per session and layer. A slot holds at most the bytes
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import attention
 from .cache import CompressedKVCache
 from .kvbuffer import KVBuffer
 
@@ -62,7 +64,7 @@ class DecodeSlab:
         self.params, self.rows = template.params, rows
         self.key = (template.layout, rows)
         self.ring = self.params.window(rows) + 1
-        self.local_rows = self.params.sink + self.ring
+        self.local_rows = self.params.sink + self.ring + 1   # + the compensation row, last
         self.head_dim, self.dtype, self.device = head_dim, dtype, torch.device(device)
         self.r_heads = [len(layer.retrieval_heads) for layer in template.layers]
         self.l_heads = [len(layer.local_heads) for layer in template.layers]
@@ -143,6 +145,8 @@ class DecodeSlab:
             if layer.comp_keys is not None:
                 slots.comp_keys[slot] = layer.comp_keys[0]
                 slots.comp_values[slot] = layer.comp_values[0]
+                slots.local_keys[slot, :, -1] = layer.comp_keys[0, :, 0]
+                slots.local_values[slot, :, -1] = layer.comp_values[0, :, 0]
         layer.retrieval = layer.local = layer.comp_keys = layer.comp_values = None
 
     def _unpack(self, layer, slots: LayerSlots, slot: int) -> None:
@@ -174,13 +178,12 @@ class DecodeSlab:
         self._flat: dict = {}
         self._span = max(self._lengths) + 1                                 # retrieval rows worth reading
         self._r_mask = (torch.arange(self._span, device=device) < (n + 1)[:, None])[:, None, None]   # [B,1,1,S]
-        self._l_bias = self._local_bias(n)                                  # [B, 1, 1, sink + ring]
-        counts = [_comp_count(c) for c in self.members]
-        self._counts = counts
-        self._comp_counts = torch.tensor(counts, dtype=torch.float32, device=device)[:, None, None]   # [B,1,1]
+        self._counts = [_comp_count(c) for c in self.members]
+        self._l_bias = self._local_bias(n)                                  # [B, 1, 1, sink + ring + 1]
 
     def _local_bias(self, n: torch.Tensor) -> torch.Tensor:
-        """0 for the live local rows after this step's append (sinks, window and the new token), else -inf."""
+        """0 for the live local rows after this step's append (sinks, window and the new token), else -inf; the
+        compensation row's is log(count) (-inf for none). In the cache dtype, as the attention kernel takes it."""
         sink, device = self.params.sink, self.device
         keep = torch.tensor([self.params.window(x) + 1 for x in self._lengths], device=device)     # [B]
         present = n + 1                                                                             # tokens
@@ -191,7 +194,8 @@ class DecodeSlab:
         ring_live = (ring_idx < after_sink) & (age < keep[:, None])
         live = torch.cat([sink_live, ring_live], dim=1)
         bias = torch.zeros(live.shape, device=device).masked_fill(~live, float("-inf"))
-        return bias[:, None, None]
+        log_count = torch.tensor(self._counts, dtype=torch.float32, device=device).log()[:, None]   # [B, 1]
+        return torch.cat([bias, log_count], dim=1).to(self.dtype)[:, None, None]
 
     def append(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """This step's token of every member: keys, values [B, n_kv_heads, D] (after RoPE)."""
@@ -233,12 +237,8 @@ class DecodeSlab:
             out.index_copy_(1, r_idx, o)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
-            q_local = q_kv.index_select(1, l_idx)                                             # [B, l, G, D]
-            o, lse = attention.attend_with_lse_masked(q_local, slots.local_keys, slots.local_values, self._l_bias,
-                                                      scale)
-            if any(self._counts):
-                o = attention.merge_compensation(o, lse, q_local, slots.comp_keys, slots.comp_values,
-                                                 self._comp_counts, scale)
+            o = F.scaled_dot_product_attention(q_kv.index_select(1, l_idx), slots.local_keys, slots.local_values,
+                                               attn_mask=self._l_bias, scale=scale)                 # [B, l, G, D]
             out.index_copy_(1, l_idx, o)
         return out.view(bsz, n_heads, 1, head_dim)
 
@@ -272,6 +272,7 @@ class DecodeSlab:
                 continue
             for comp, store in ((slots.comp_keys, slots.local_keys), (slots.comp_values, slots.local_values)):
                 comp.lerp_(store[self._slots, :, rows].unsqueeze(2).float(), weights)   # [B, l, 1, D]
+                store[:, :, -1] = comp[:, :, 0]                                          # the row attention reads
 
     # --- accounting ---------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:
@@ -285,7 +286,7 @@ class DecodeSlab:
 def slot_bytes(template: CompressedKVCache, rows: int, head_dim: int, itemsize: int) -> int:
     """Bytes of one slot of a slab of `rows` rows for `template`'s head layout (what `_allocate` makes per slot)."""
     params = template.params
-    local_rows = params.sink + params.window(rows) + 1
+    local_rows = params.sink + params.window(rows) + 2   # the ring (window + the step's new token), compensation
     total = 0
     for layer in template.layers:
         r, l = len(layer.retrieval_heads), len(layer.local_heads)
