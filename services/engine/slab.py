@@ -354,6 +354,8 @@ class SlabPool:
         rows = size_class(max(final for _, final in turns))
         present = [key[1] for key in self.slabs if key[0] == layout and key[1] >= rows]
         rows = min(present, default=rows)
+        if all(cache.seat is not None and cache.seat.rows == rows for cache, _ in turns):
+            return rows   # everyone is seated there already (each was checked when it joined)
         itemsize = self.dtype.itemsize
         template = turns[0][0]
         slot = slot_bytes(template, rows, self.head_dim, itemsize)
