@@ -1,31 +1,54 @@
-"""Issue 6 §2 on a GPU: prefill and decode speed, KV bytes and peak memory of a random-weight Llama
-(32 layers, 32 query / 8 KV heads x 128, bf16 — a Llama-3-8B shape) at 8k–32k tokens, full cache vs
-RazorAttention, in the same process. Only shapes and kernels matter for speed and bytes, so the weights
-are random and the retrieval heads are a seeded random 16% of KV heads (what calibration keeps on SmolLM2).
+"""Issue 6 §2 and issue 12 on a GPU, on a random-weight Llama (32 layers, 32 query / 8 KV heads x 128, bf16 — a
+Llama-3-8B shape), full cache vs RazorAttention, in the same process:
+
+1. Per session at 8k–32k tokens: prefill and decode speed, KV bytes and peak memory.
+2. Capacity at equal KV memory (bench_batching's capacity table on this model): in a KV budget of
+   `--budget-sessions` full-cache sessions, how many `--capacity-length`-token sessions each cache admits (on the
+   bytes a session may reach by the end of its turn, `CompressedKVCache.bytes_bound`, as the service's admission
+   does), and the aggregate tokens/s of all of them decoding `--batch-decode` tokens together in one Scheduler
+   batch, with the peak GPU memory of that run. The sessions are sliced from one full prefill of the prompt.
+
+Only shapes and kernels matter for speed and bytes, so the weights are random and the retrieval heads are a
+seeded random 16% of KV heads (what calibration keeps on SmolLM2).
 
     .venv/bin/python bench/bench_gpu.py [--lengths 8192 16384 32768] [--decode 64] [--fraction 0.16]
+                                        [--capacity-length 8192] [--budget-sessions 4] [--batch-decode 32]
 
 Without CUDA it prints a note and exits 0 (`make bench` runs every bench script); `--small --device cpu`
-runs a 4-layer model through the same code, as a smoke test of the script.
+runs a 4-layer model through the same code (capacity length 2048 by default), as a smoke test of the script.
 """
 from __future__ import annotations
 
 import argparse
 import random
+from typing import Callable, TypeVar
 
 import common  # first: puts the repository root on sys.path
 import torch
+from bench_batching import decode_together, derived, turn_bound
 from bench_engine import measure
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from services.engine import CompressionParams, Engine, HeadMap, LoadedModel
 from services.engine.attention import flash_attn_func
+from services.engine.evaluation import full_prefill
 from services.engine.models import fingerprint
 
 LLAMA_8B_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0)
 SMALL_SHAPE = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+# Long enough that every razor map's window is shorter than the session (a 1024-token window keeps all of 512).
+SMALL_CAPACITY_LENGTH = 2048
+T = TypeVar("T")
+
+
+class NoText:
+    """The tokenizer of a random-weight model: the Scheduler streams text, and none of it would mean anything."""
+
+    @staticmethod
+    def decode(ids: list[int], skip_special_tokens: bool = False) -> str:
+        return ""
 
 
 def random_llama(shape: dict, max_len: int, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -39,7 +62,7 @@ def random_llama(shape: dict, max_len: int, device: torch.device, dtype: torch.d
             model = LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
-    return LoadedModel(model, None, fingerprint(model), "random-llama", device, max_len)
+    return LoadedModel(model, NoText(), fingerprint(model), "random-llama", device, max_len)
 
 
 def razor_maps(loaded: LoadedModel, fraction: float, seed: int) -> dict[str, HeadMap]:
@@ -57,14 +80,66 @@ def razor_maps(loaded: LoadedModel, fraction: float, seed: int) -> dict[str, Hea
             f"razor {pct} KV heads, window 1024": head_map(CompressionParams(sink=4, min_window=1024, ratio=1e9))}
 
 
-def run(engine: Engine, prompt: list[int], decode: int) -> dict:
-    cuda = engine.model.device.type == "cuda"
+def with_peak(device: torch.device, work: Callable[[], T]) -> tuple[T, float]:
+    """`work()` and the most GPU memory allocated while it ran, in GiB (nan off CUDA). Synchronized at both ends
+    so no queued kernel runs into or out of it; the timings inside sync too (measure's, and every Scheduler step
+    reads its sampled tokens back to the host)."""
+    cuda = device.type == "cuda"
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = measure(engine, prompt, decode)
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return result
+    result = work()
+    if cuda:
+        torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+
+
+def run(engine: Engine, prompt: list[int], decode: int) -> dict:
+    result, peak = with_peak(engine.device, lambda: measure(engine, prompt, decode))
+    return {**result, "peak_gib": peak}
+
+
+def random_prompt(n: int, loaded: LoadedModel, gen: torch.Generator) -> list[int]:
+    return torch.randint(100, loaded.model.config.vocab_size, (n,), generator=gen).tolist()
+
+
+def session_bound(engine: Engine, full_kv, ids: list[int], head_map: HeadMap, steps: int) -> int:
+    """The KV bytes admission charges a session of `ids` under `head_map` for a `steps`-token turn."""
+    return turn_bound(engine, derived(engine, full_kv, ids, head_map, len(ids)), steps)
+
+
+def capacity_run(engine: Engine, full_kv, ids: list[int], head_map: HeadMap, budget: int,
+                 steps: int) -> tuple[int, int, float, float]:
+    """(bytes per session, sessions that fit `budget`, their aggregate decode tok/s together, peak GiB)."""
+    one = session_bound(engine, full_kv, ids, head_map, steps)
+    states = [derived(engine, full_kv, ids, head_map, len(ids)) for _ in range(budget // one)]
+    tps, peak = with_peak(engine.device, lambda: decode_together(engine, states, steps))
+    return one, len(states), tps, peak
+
+
+def capacity_rows(engine: Engine, full_kv, ids: list[int], maps: dict[str, HeadMap], budget: int,
+                  steps: int) -> list[list]:
+    runs = {}
+    for name, head_map in maps.items():
+        runs[name] = capacity_run(engine, full_kv, ids, head_map, budget, steps)
+        print(f"  capacity: {name}: {runs[name][1]} sessions, {runs[name][2]:.1f} tok/s", flush=True)
+    _, base_fit, base_tps, _ = runs["full cache"]
+    return [[name, common.mib(one), fit, f"{tps:.1f}", f"{fit / base_fit:.2f}x", f"{tps / base_tps:.2f}x",
+             f"{peak:.2f}"] for name, (one, fit, tps, peak) in runs.items()]
+
+
+def capacity_table(engine: Engine, maps: dict[str, HeadMap], ids: list[int], args) -> None:
+    """Sessions of `ids` sliced from one full prefill (one that fits where 8k-token prefills do), not N prefills."""
+    full_kv = full_prefill(engine, ids)
+    warm = [derived(engine, full_kv, ids, hm, min(256, len(ids))) for hm in maps.values()]
+    decode_together(engine, warm, 2)   # warm-up: the batched decode path's kernels and slabs
+    budget = args.budget_sessions * session_bound(engine, full_kv, ids, maps["full cache"], args.batch_decode)
+    rows = capacity_rows(engine, full_kv, ids, maps, budget, args.batch_decode)
+    print(f"\nCapacity at equal KV memory: a budget of {budget / 2**20:.1f} MiB ({args.budget_sessions} full-cache "
+          f"sessions), {len(ids)}-token sessions each decoding {args.batch_decode} tokens together:\n")
+    print(common.table(["cache", "MiB per session (bound)", "sessions that fit", "aggregate tok/s",
+                        "sessions vs full", "tok/s vs full", "peak GiB"], rows))
 
 
 def main() -> None:
@@ -74,16 +149,21 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.16, help="share of KV heads kept in full")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a 4-layer model (smoke test, e.g. on the CPU)")
+    ap.add_argument("--capacity-length", type=int, default=None,
+                    help=f"session length in the capacity table (default 8192; {SMALL_CAPACITY_LENGTH} with --small)")
+    ap.add_argument("--budget-sessions", type=int, default=4, help="the KV budget, in full-cache sessions")
+    ap.add_argument("--batch-decode", type=int, default=32, help="tokens each session decodes in the capacity run")
     args = ap.parse_args()
+    capacity_length = args.capacity_length or (SMALL_CAPACITY_LENGTH if args.small else 8192)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; the GPU tables need the GPU machine (see docs/benchmarks.md).")
         return
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = random_llama(SMALL_SHAPE if args.small else LLAMA_8B_SHAPE, max(args.lengths) + args.decode + 64,
-                          device, dtype)
-    engines = {"full cache": Engine(loaded, HeadMap.full(loaded.fingerprint))}
-    engines.update({name: Engine(loaded, hm) for name, hm in razor_maps(loaded, args.fraction, seed=0).items()})
+    max_len = max(max(args.lengths) + args.decode, capacity_length + args.batch_decode) + 64
+    loaded = random_llama(SMALL_SHAPE if args.small else LLAMA_8B_SHAPE, max_len, device, dtype)
+    maps = {"full cache": HeadMap.full(loaded.fingerprint), **razor_maps(loaded, args.fraction, seed=0)}
+    engines = {name: Engine(loaded, hm) for name, hm in maps.items()}
     kernel = "flash-attn" if flash_attn_func is not None and device.type == "cuda" else "PyTorch SDPA + matmul LSE"
     print(common.header())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -93,7 +173,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n in args.lengths:
-        prompt = torch.randint(100, loaded.model.config.vocab_size, (n,), generator=gen).tolist()
+        prompt = random_prompt(n, loaded, gen)
         base = None
         for name, engine in engines.items():
             r = run(engine, prompt, args.decode)
@@ -105,6 +185,8 @@ def main() -> None:
             print(f"  {n} tokens, {name}: done", flush=True)
     print(common.table(["tokens", "cache", "KV MiB", "bytes / full", "prefill tok/s", "prefill vs full",
                         "decode tok/s", "decode vs full", "peak GiB"], rows, align="rlrrrrrrr"))
+    # The full-cache engine prefills; the Scheduler runs each session under its own cache's head layout.
+    capacity_table(engines["full cache"], maps, random_prompt(capacity_length, loaded, gen), args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -16,15 +17,21 @@ import torch
 from services.engine import threads
 
 TEAMS_SCRIPT = textwrap.dedent("""
-    import os, torch
+    import os, time, torch
     from services.engine import threads
     torch.set_num_threads(2)
     def n_threads(): return len(os.listdir("/proc/self/task"))
+    def settled(): # an exited thread's workers leave a moment after it
+        for _ in range(100):
+            time.sleep(0.05)
+            if n_threads() == before: break
+        return n_threads()
     def parallel_work(): return torch.ones(8_000_000).mul(2).sum().item()   # far above torch's grain size
     before = n_threads()
     threads.in_passing_thread(parallel_work)
-    passing = n_threads()
+    passing = settled()
     parallel_work()                                                       # on this (main) thread
+    time.sleep(0.5)                                                       # a team stays: this thread lives
     print(before, passing, n_threads())
 """)
 
@@ -43,6 +50,32 @@ def test_in_passing_thread_returns_the_value_and_reraises_the_error():
     assert threads.in_passing_thread(lambda: 41 + 1) == 42
     with pytest.raises(KeyError, match="missing"):
         threads.in_passing_thread(lambda: {}["missing"])
+
+
+def test_each_thread_keeps_its_own_count_whatever_another_thread_sets_later():
+    """torch gives a thread the count of the last `set_num_threads` of any thread when it first runs a parallel op;
+    `parallel` and `serial` fix the count for their own thread at once (without that, the loop read 1 here)."""
+    loop_set, helper_set = threading.Event(), threading.Event()
+    counts = {}
+
+    def loop():
+        threads.parallel(2)
+        loop_set.set()
+        helper_set.wait(10)
+        counts["loop"] = torch.get_num_threads()
+
+    def helper():
+        loop_set.wait(10)
+        threads.serial()
+        helper_set.set()
+        counts["helper"] = torch.get_num_threads()
+
+    workers = [threading.Thread(target=loop), threading.Thread(target=helper)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(10)
+    assert counts == {"loop": 2, "helper": 1}
 
 
 def test_parallel_refuses_a_thread_count_below_one():

@@ -38,7 +38,7 @@ def in_passing_thread(fn: Callable[[], T]) -> T:
 
 def serial() -> None:
     """Run this thread's torch ops on one intra-op thread (no OpenMP team): for helper threads. Call it first."""
-    torch.set_num_threads(1)
+    _set_for_this_thread(1)
 
 
 def parallel(n_threads: int) -> None:
@@ -46,4 +46,11 @@ def parallel(n_threads: int) -> None:
     `serial()` never decides the loop's count)."""
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    _set_for_this_thread(n_threads)
+
+
+def _set_for_this_thread(n_threads: int) -> None:
+    # torch sets a thread's count lazily, from the last `set_num_threads` of ANY thread, at its first parallel op;
+    # reading the count does that now, so another thread's later call cannot overwrite ours.
+    torch.get_num_threads()
     torch.set_num_threads(n_threads)
