@@ -83,10 +83,11 @@ def test_parallel_refuses_a_thread_count_below_one():
         threads.parallel(0)
 
 
-def test_the_io_thread_runs_serial_and_the_model_loop_keeps_the_process_count(start_server):
-    """The I/O thread (spill, restore) runs torch on one intra-op thread, and its `serial()` does not decide the
-    model loop's count, which is the count of the thread that built the runtime."""
+def test_io_and_handler_threads_run_serial_and_the_model_loop_keeps_the_process_count(start_server):
+    """The I/O thread (spill, restore) and the gRPC handlers (an import's tensors) run torch on one intra-op thread,
+    and their `serial()` does not decide the model loop's count: the count of the thread that built the runtime."""
     server = start_server()
     runtime = server.runtime
     assert runtime.io.submit(torch.get_num_threads).result(timeout=10) == 1
+    assert server.handlers.submit(torch.get_num_threads).result(timeout=10) == 1
     assert runtime.loop.call(torch.get_num_threads).result(timeout=10) == torch.get_num_threads()

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.engine import (CompressionParams, HeadMap, HeadMapError, LoadedModel, ProfileParams, SchedulerConfig,
-                             load_model, profile_model)
+                             load_model, profile_model, threads)
 from services import observability
 from services.engine.headmap import shipped_head_map
 from services.headmap_store import HeadMapStore
@@ -196,8 +196,9 @@ class RazorServer:
         self._metrics_http = None
         wire_metrics(observability.METRICS, runtime)
         jobs = CountedJobs(jobs, observability.METRICS.profiling_jobs) if jobs is not None else None
-        self.server = grpc.server(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="grpc"),
-                                  interceptors=interceptors)
+        # Handlers run serial torch (an import's tensors): only the model loop may own an OpenMP team (threads.py).
+        self.handlers = ThreadPoolExecutor(settings.max_workers, thread_name_prefix="grpc", initializer=threads.serial)
+        self.server = grpc.server(self.handlers, interceptors=interceptors)
         pb_grpc.add_RazorServeServicer_to_server(RazorServeServicer(runtime, jobs, head_map_store), self.server)
         self.health = RuntimeHealth(runtime)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
