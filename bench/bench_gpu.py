@@ -15,7 +15,7 @@ seeded random 16% of KV heads (what calibration keeps on SmolLM2).
                                         [--capacity-length 8192] [--budget-sessions 4] [--batch-decode 32]
 
 Without CUDA it prints a note and exits 0 (`make bench` runs every bench script); `--small --device cpu`
-runs a 4-layer model through the same code (capacity length 2048 by default), as a smoke test of the script.
+runs a 4-layer model through the same code (capacity length 4096 by default), as a smoke test of the script.
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ LLAMA_8B_SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=1433
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0)
 SMALL_SHAPE = dict(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, head_dim=32)
-# Long enough that every razor map's window is shorter than the session (a 1024-token window keeps all of 512).
-SMALL_CAPACITY_LENGTH = 2048
+# Over twice the 1024-token window, so that map's store gives back its prefill headroom (KVBuffer.shrink) and is
+# charged less than a full cache: at 2048 tokens both are charged about the same; at 512 the window keeps it all.
+SMALL_CAPACITY_LENGTH = 4096
 T = TypeVar("T")
 
 
@@ -130,7 +131,8 @@ def capacity_rows(engine: Engine, full_kv, ids: list[int], maps: dict[str, HeadM
 
 
 def capacity_table(engine: Engine, maps: dict[str, HeadMap], ids: list[int], args) -> None:
-    """Sessions of `ids` sliced from one full prefill (one that fits where 8k-token prefills do), not N prefills."""
+    """The capacity table for sessions of `ids`, all sliced from one full prefill: one prompt's prefill memory
+    and time (table 1 already prefills this long), not one prefill per session."""
     full_kv = full_prefill(engine, ids)
     warm = [derived(engine, full_kv, ids, hm, min(256, len(ids))) for hm in maps.values()]
     decode_together(engine, warm, 2)   # warm-up: the batched decode path's kernels and slabs
