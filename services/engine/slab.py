@@ -100,22 +100,27 @@ class DecodeSlab:
 
     def _rebuild(self, members: list[CompressedKVCache]) -> None:
         kept = [_index(self._stored, c) for c in members if c.seat is self]
-        storage = [self._allocate(layer_idx, len(members)) for layer_idx in range(len(self.r_heads))]
+        storage = [self._allocate(layer_idx, len(members), len(kept)) for layer_idx in range(len(self.r_heads))]
         if kept:
             kept_idx = torch.tensor(kept, device=self.device)
             for new, old in zip(storage, self.storage):
                 for dst, src in zip(new.tensors(), old.tensors()):
-                    dst[:len(kept)] = src.index_select(0, kept_idx)
+                    torch.index_select(src, 0, kept_idx, out=dst[:len(kept)])   # straight into place
         for slot, cache in enumerate(members[len(kept):], start=len(kept)):
             for layer, slots in zip(cache.layers, storage):
                 self._pack(layer, slots, slot)
             cache.seat = self
         self.members, self._stored, self.storage = list(members), list(members), storage
 
-    def _allocate(self, layer_idx: int, n: int) -> LayerSlots:
-        # Zeros, not empty: masked rows still meet the values in a matmul, and 0 * NaN would be NaN.
+    def _allocate(self, layer_idx: int, n: int, copied: int) -> LayerSlots:
+        """Storage for `n` slots, the first `copied` of which the caller fills whole; the others are zeros, not
+        empty: their masked rows still meet the values in a matmul, and 0 * NaN would be NaN."""
         def zeros(heads: int, rows: int, dtype=self.dtype):
-            return torch.zeros(n, heads, rows, self.head_dim, dtype=dtype, device=self.device) if heads else None
+            if not heads:
+                return None
+            store = torch.empty(n, heads, rows, self.head_dim, dtype=dtype, device=self.device)
+            store[copied:].zero_()
+            return store
         r, l = self.r_heads[layer_idx], self.l_heads[layer_idx]
         return LayerSlots(zeros(r, self.rows), zeros(r, self.rows), zeros(l, self.local_rows),
                           zeros(l, self.local_rows), zeros(l, 1, torch.float32), zeros(l, 1, torch.float32))
