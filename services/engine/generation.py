@@ -18,6 +18,7 @@ from .errors import ContextLengthError, InvalidRequest, SessionMismatchError
 from .headmap import HeadMap
 from .models import LoadedModel
 from .sampling import SamplingParams
+from .text_stream import TextStream
 
 
 @dataclass
@@ -91,38 +92,6 @@ def forward_all(model, ids: list[int], cache: CompressedKVCache, last_only: bool
                              batch.last_positions() if last_only else None)
     batch.compress()
     return logits
-
-
-class TextStream:
-    """Incremental detokenisation that holds back text a stop string might still claim."""
-
-    def __init__(self, tokenizer, stop_strings: tuple[str, ...]):
-        self.tokenizer, self.stop_strings = tokenizer, stop_strings
-        self.holdback = max((len(s) for s in stop_strings), default=1) - 1
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.stopped = False
-        self.text = ""
-
-    def push(self, token_id: int | None, flush: bool) -> str:
-        """Add a token (None for a stop token, which has no text) -> the text now safe to emit."""
-        if token_id is not None:
-            self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in self.stop_strings if s in text]
-        if hits:
-            self.stopped, text = True, text[: min(hits)]
-            safe = len(text)
-        elif flush:
-            safe = len(text)
-        else:
-            safe = len(text) - self.holdback
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                safe = min(safe, len(text) - 1)
-        delta = text[self.emitted: max(safe, self.emitted)]
-        self.emitted += len(delta)
-        self.text = text
-        return delta
 
 
 class Engine:

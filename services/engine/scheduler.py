@@ -23,7 +23,8 @@ from .slab import SlabPool
 from .sampling import Sampled, SamplingParams, make_generator, sample_rows
 
 if TYPE_CHECKING:   # generation imports the scheduler at call time; the scheduler needs its types only here
-    from .generation import SessionState, TextStream, TokenEvent
+    from .generation import SessionState, TokenEvent
+    from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
