@@ -120,7 +120,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             if device.type != "cuda":
                 if cpu_has_amx():
                     log.info("this CPU has AMX: RAZOR_DTYPE=bfloat16 serves concurrent sessions faster than the "
-                             "float32 of 'auto' (docs/benchmarks.md, section 4)")
+                             "float32 of 'auto', but is not batch invariant (docs/benchmarks.md, section 4)")
                 return torch.float32
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if key not in DTYPES:
