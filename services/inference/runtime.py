@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from services.engine import (Engine, threads, GenerationResult, HeadMap, InvalidRequest, LoadedModel, SamplingParams,
-                             SchedulerConfig, Scheduler, TokenEvent, TurnRequest)
+from services.engine import (Engine, GenerationResult, HeadMap, InvalidRequest, LoadedModel, SamplingParams,
+                             SchedulerConfig, Scheduler, TokenEvent, TurnRequest, threads)
 
 from .admission import Admission
 from .engine_loop import EngineLoop
