@@ -47,8 +47,9 @@ class TextStream:
             self._prefix, self._read = self._read, len(self.ids)
 
     def _find_stop(self) -> None:
-        # A stop string found now ends after what was searched before: look only at the tail it can start in.
-        start = max(0, self._searched - max((len(s) for s in self.stop_strings), default=0) + 1)
+        # A stop string found now ends after what was searched before: look only at the tail it can start in
+        # (the longest one's length less one back, which is the holdback).
+        start = max(0, self._searched - self.holdback)
         hits = [at for at in (self.text.find(s, start) for s in self.stop_strings) if at >= 0]
         self._searched = len(self.text)
         if hits:
