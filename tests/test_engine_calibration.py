@@ -12,19 +12,21 @@ from tests.engine_models import smollm2
 from tests.planted_loaded import planted_loaded
 
 
-def test_calibration_recovers_exactly_the_planted_head():
+@pytest.mark.parametrize("ranking, stage", [("gates", "training KV-head gates"),
+                                            ("attention", "scoring heads' attention on the facts")])
+def test_calibration_recovers_exactly_the_planted_head(ranking, stage):
     loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
     base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
     seen = []
     params = CalibrationParams(families=("copy",), lengths=(300,), n_tasks=4, windows=(16, 32), sinks=(2,),
-                               ratios=(1e9,))
+                               ratios=(1e9,), ranking=ranking)
     head_map = calibrate(Engine(loaded, base), base, params, lambda d, t, stage: seen.append(stage))
     assert head_map.retrieval_kv_heads == [[], [1]]            # layer 1, KV head 2 // group 2
     record = head_map.calibration
     assert record["full_accuracy"] == 1.0 and record["chosen"]["accuracy"] == 1.0
     assert record["chosen"]["window"] == 16                     # the cheapest window that meets the target
     assert any(c["k"] == 0 and c["accuracy"] < 1.0 for c in record["candidates"])
-    stages = {"prefilling calibration tasks", "scoring heads' attention on the facts", "prefilling validation tasks"}
+    stages = {"prefilling calibration tasks", stage, "prefilling validation tasks"}
     assert stages <= set(seen)
     assert record["validation"][-1]["accuracy"] == 1.0  # confirmed on held-out copy tasks
     assert record["chosen"]["measured_on"] == "held-out" and record["validation_full"]["accuracy"] == 1.0

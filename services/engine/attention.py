@@ -8,7 +8,8 @@ tokens. It asks the step target (`batch.StepBatch`) for the output; the target c
 A scheduler's decoding sessions attend together in their `slab.DecodeSlab`, through the kernels here.
 The local group's kernel never sees the compensation token, so it stays FlashAttention-compatible (eq. 5 is
 recovered exactly by the LSE merge). With a probe kwarg it instead computes eager attention and hands the
-probabilities to the profiler.
+probabilities to the profiler; with a gates kwarg, gate training's mix of full and local attention
+(head_gates.py).
 """
 from __future__ import annotations
 
@@ -118,8 +119,10 @@ def eager_probs(q, k, scale: float) -> torch.Tensor:
 def razor_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
     """transformers attention interface. query: [1, Hq, T, D] -> ([1, T, Hq, D], None)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    step, probe = hf.step_kwargs(kwargs)
-    if probe is not None:
+    step, probe, gates = hf.step_kwargs(kwargs)
+    if gates is not None:
+        out = gates.attend(module.layer_idx, query, key, value, scale)
+    elif probe is not None:
         probs = eager_probs(query, key, scale)
         probe.record(module.layer_idx, probs)
         group = query.shape[1] // key.shape[1]

@@ -9,15 +9,19 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    cache on real text is measured beside them (and bounds the choice when `max_kl` is set).
 2. The TARGET, per family and length, against the full cache on the same documents: accuracy within
    `max_accuracy_drop`, and at least `min_kept` of the tasks the full cache answers still answered.
-3. A ranking of KV heads: by default the attention mass each head puts, from the answer's positions, on the
-   fact in the document (one forward per task, fact_attention.py); or (`ranking="ablation"`) how much each
-   task's answer log-prob drops when only that head is compressed (one scoring pass per head: ~10x dearer).
+3. A ranking of KV heads: by default learned gates (`ranking="gates"`, head_gates.py): one gate per KV head
+   mixing full and local attention for the turn, trained on every calibration task to keep the answers'
+   distribution under a growing L1 penalty, ranked by how long each gate survives; or the attention mass each
+   head puts, from the answer's positions, on the fact in the document (`"attention"`, one forward per task,
+   fact_attention.py); or (`"ablation"`) how much each task's answer log-prob drops when only that head is
+   compressed (one scoring pass per head: ~10x dearer). The attention and ablation scores give each family
+   one vote; the gates are trained on the families' tasks together.
 4. The BYTES search: for every window, sink size and ratio C (1e9 = a fixed window), the smallest k such that
    the top-k heads of the ranking (one vote per family) meet the target (binary search; a shape that cannot
    beat the cheapest point found so far at equal bytes is dropped after one probe). The cheapest point wins.
 5. Validation on held-out documents (the corpus's validation part, other seeds): while the choice misses the
    target there, ~3% more KV heads are added (the authors' own fallback). Then LEAVE ONE FAMILY OUT: for each
-   family, the search is re-run without it (its ranking and its k from the other families only) and the
+   family, the search is re-run without it (its ranking, gates retrained included, and its k from the other families only) and the
    result checked on the left-out family's held-out documents: does the selection generalise to a skill the
    search never saw? `calibration["validated_on"]` says which families and lengths held.
 Every point tried is recorded in `HeadMap.calibration`; `variant_at(...)` picks another point of the curve.
@@ -33,12 +37,14 @@ from typing import Callable
 from .cache import CompressionParams
 from .generation import Engine
 from .fact_attention import fact_attention, one_vote_per_family
+from .head_gates import GateParams, train_gates
 from .headmap import HeadMap
 from .retrieval_tasks import FAMILIES
 from .task_bench import Progress, Target, TaskBench
 
 KNOWN_FAMILIES = FAMILIES + ("passkey", "copy", "copy-edge")
 FIXED = 1e9   # a ratio C this large keeps min_window tokens at every length: a fixed window
+RANKINGS = ("gates", "attention", "ablation")
 
 
 @dataclass(frozen=True)
@@ -56,9 +62,11 @@ class CalibrationParams:
     sinks: tuple[int, ...] = (4,)              # N0 candidates
     ratios: tuple[float, ...] = (FIXED, 10.0)  # C candidates; FIXED = no growth with length
     leave_one_out: bool = True         # re-run the search without each family and check it on that family
-    ranking: str = "attention"         # "attention": mass on the fact (one forward per task; fact_attention.py)
+    ranking: str = "gates"             # "gates": learned per-head gates over every task (head_gates.py)
+                                       # "attention": mass on the fact (one forward per task; fact_attention.py)
                                        # "ablation": answer log-prob lost when one head is compressed (one per head)
-    ablation_length: int | None = None  # the ranking's tasks: this length's (None: the middle one)
+    ablation_length: int | None = None  # attention / ablation ranking's tasks: this length's (None: the middle one)
+    gates: GateParams = GateParams()   # gate training (ranking="gates"), at the middle window and the largest sink
 
     @classmethod
     def for_model(cls, loaded, **overrides) -> "CalibrationParams":
@@ -84,8 +92,8 @@ class CalibrationParams:
             raise ValueError(f"kl_tokens must be >= 1, got {self.kl_tokens}")
         if not self.windows or min(self.windows) < 1 or not self.sinks or min(self.sinks) < 0:
             raise ValueError("windows must be positive token counts and sinks non-negative")
-        if self.ranking not in ("attention", "ablation"):
-            raise ValueError(f"ranking must be 'attention' or 'ablation', got {self.ranking!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if self.ablation_length is not None and self.ablation_length not in self.lengths:
             raise ValueError(f"ablation_length must be one of lengths {self.lengths}, got {self.ablation_length}")
         if not self.ratios or min(self.ratios) < 1:
@@ -118,11 +126,8 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
     bench = TaskBench(engine, params.families, params.lengths, params.n_tasks, params.seed, "calibration",
                       params.kl_tokens, report, "prefilling calibration tasks")
     shapes = params.shapes()
-    ablated = params.ablation_length or params.lengths[len(params.lengths) // 2]
-    which = bench.indices(lengths=(ablated,))
-    damage = (_ablation(bench, params.ablation_shape(), which, report) if params.ranking == "ablation"
-              else _fact_attention(bench, which, report))
-    order = _ranking(bench, base, damage, params.families)
+    rank = _ranker(bench, base, params, report)
+    order = rank(params.families)
     candidates = []
     for i, shape in enumerate(shapes):
         _search_shape(bench, order, shape, params.target, candidates)
@@ -135,7 +140,7 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
         held_out_full = _rounded(held_out.full)
         best = _validate(held_out, order, best, params.target, checks, report)
         if params.leave_one_out and len(params.families) > 1:
-            lofo = _leave_one_out(bench, held_out, base, damage, best, params, report)
+            lofo = _leave_one_out(bench, held_out, rank, best, params, report)
     chosen = bench.head_map(set(map(tuple, order[:best["k"]])), _shape_of(best))
     record = {"params": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items()},
               "full": _rounded(bench.full), "full_accuracy": bench.full["accuracy"],
@@ -151,6 +156,28 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
 
 def _shape_of(point: dict) -> CompressionParams:
     return CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"])
+
+
+def _ranker(bench: TaskBench, base: HeadMap, params: CalibrationParams, report: Progress
+            ) -> Callable[[tuple[str, ...]], Order]:
+    """families -> their ranking of KV heads (leave-one-family-out asks for every family but one)."""
+    if params.ranking == "gates":
+        return lambda families: _gate_ranking(bench, base, params, families, report)
+    ablated = params.ablation_length or params.lengths[len(params.lengths) // 2]
+    which = bench.indices(lengths=(ablated,))
+    damage = (_ablation(bench, params.ablation_shape(), which, report) if params.ranking == "ablation"
+              else _fact_attention(bench, which, report))
+    return lambda families: _ranking(bench, base, damage, families)
+
+
+def _gate_ranking(bench: TaskBench, base: HeadMap, params: CalibrationParams, families, report: Progress) -> Order:
+    """KV heads by their trained gates' scores on `families`' tasks (head_gates.py), most needed first."""
+    which = bench.indices(families)
+    shape = params.ablation_shape()
+    scores = train_gates(bench.engine.model, [bench.tasks[i] for i in which], [bench.kvs[i] for i in which],
+                         bench.fp.n_layers, bench.fp.n_kv_heads, shape.sink, shape.min_window, params.gates,
+                         report)                                                  # [n_layers, n_kv_heads]
+    return _ordered(bench, base, {head: float(scores[head]) for head in bench.all_heads})
 
 
 def _ablation(bench: TaskBench, shape: CompressionParams, which: list[int], report: Progress) -> dict:
@@ -182,19 +209,23 @@ def _ranking(bench: TaskBench, base: HeadMap, damage: dict, families) -> Order:
     """KV heads by their damage on `families`' tasks, one vote per family (`one_vote_per_family`: a family
     whose facts draw more attention does not outvote the others); ties: the profiler's higher score first."""
     which = [i for i in bench.indices(families) if i in damage[bench.all_heads[0]]]   # tasks the ranking saw
-    group = bench.fp.group_size
     by_family: dict = {}
     for i in which:
         per_head = by_family.setdefault(bench.cells[i][0], dict.fromkeys(bench.all_heads, 0.0))
         for head in bench.all_heads:
             per_head[head] += damage[head][i]
-    votes = one_vote_per_family(by_family)
+    return _ordered(bench, base, one_vote_per_family(by_family))
+
+
+def _ordered(bench: TaskBench, base: HeadMap, scores: dict) -> Order:
+    """KV heads by score, highest first; ties: the profiler's higher score first."""
+    group = bench.fp.group_size
 
     def profile_score(head):
         layer, h = head
         return max(max(base.induction[layer][j], base.echo[layer][j]) for j in range(h * group, (h + 1) * group))
 
-    ranked = sorted(bench.all_heads, key=lambda hd: (-round(votes[hd], 4), -profile_score(hd)))
+    ranked = sorted(bench.all_heads, key=lambda hd: (-round(scores[hd], 4), -profile_score(hd)))
     return [list(h) for h in ranked]
 
 
@@ -264,13 +295,13 @@ def _validate(held_out: TaskBench, order: Order, best: dict, target: Target, che
         k = min(len(order), k + step)
 
 
-def _leave_one_out(bench: TaskBench, held_out: TaskBench, base: HeadMap, damage: dict, best: dict,
+def _leave_one_out(bench: TaskBench, held_out: TaskBench, rank: Callable[[tuple[str, ...]], Order], best: dict,
                    params: CalibrationParams, report: Progress) -> list[dict]:
     """Per family: rank and search on the OTHER families only, then check that family's held-out documents."""
     out, shape, k_all = [], _shape_of(best), best["k"]
     for i, family in enumerate(params.families):
         others = tuple(f for f in params.families if f != family)
-        order = _ranking(bench, base, damage, others)
+        order = rank(others)
         lo, hi = 0, min(len(order), 2 * k_all + 1)   # a fold needing twice the heads is a miss anyway
         while lo < hi:
             k = (lo + hi) // 2

@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 ATTN_NAME = "razor"
 STEP_KWARG = "razor_step"     # forward kwarg that reaches the attention function
 PROBE_KWARG = "razor_probe"   # forward kwarg of profiling runs (eager attention probabilities)
+GATES_KWARG = "razor_gates"   # forward kwarg of gate training (head_gates.py: full and local attention mixed)
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def install(model, attention_fn) -> None:
 
 
 def step_kwargs(kwargs: dict):
-    """(step target, probe) from the attention function's kwargs."""
-    return kwargs.get(STEP_KWARG), kwargs.get(PROBE_KWARG)
+    """(step target, probe, gates) from the attention function's kwargs."""
+    return kwargs.get(STEP_KWARG), kwargs.get(PROBE_KWARG), kwargs.get(GATES_KWARG)
 
 
 @torch.no_grad()
@@ -108,3 +109,10 @@ def forward_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, tar
 def probe_forward(model, input_ids: torch.Tensor, probe) -> None:
     """A cache-less forward whose attention hands its probabilities to `probe` (profiling)."""
     model(input_ids, use_cache=False, **{PROBE_KWARG: probe})
+
+
+def gated_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, gates) -> torch.Tensor:
+    """A cache-less forward of a turn whose attention `gates` computes over a document it holds (gate
+    training: runs with gradients). input_ids, position_ids: [1, T] -> logits [1, T, V]."""
+    assert input_ids.shape == position_ids.shape and input_ids.shape[0] == 1, (input_ids.shape, position_ids.shape)
+    return model(input_ids, position_ids=position_ids, use_cache=False, **{GATES_KWARG: gates}).logits
