@@ -13,8 +13,9 @@ compression); window only (no full heads, the shipped map's window, no compensat
 shipped map's count and compression (equal bytes); the shipped map. Accuracy, kept (of the full cache's
 answers, the fraction still answered) and bytes.
 Table 2 / plot: the frontier, accuracy against bytes at several fixed windows, per family, at the frontier
-lengths, along the heads' attention on the facts (`fact_attention`, ranked here on tasks of the calibration
-part, every family one vote) and, with `--orders attention shipped`, the shipped map's recorded order too.
+lengths, along head orders ranked here on tasks of the calibration part: learned gates (`head_gates`, how
+calibration ranks by default), the heads' attention on the facts (`fact_attention`, every family one vote)
+and the shipped map's recorded order (`--orders gates attention shipped`).
 The lowest per-family margin to the full cache decides whether a point meets the target.
 
 Tasks are prefilled `--chunk` at a time and every map is scored on a chunk before the next, so the number of
@@ -39,6 +40,7 @@ from services.engine import CompressionParams, Engine, HeadMap, load_model
 from services.engine.evaluation import (FAMILIES, full_prefill, held, retrieval_tasks, score_answers,
                                        session_from_full)
 from services.engine.fact_attention import fact_attention, one_vote_per_family
+from services.engine.head_gates import GateParams, train_gates
 from services.engine.headmap import shipped_head_map
 from services.engine.profiling import ProfileParams, select_heads
 
@@ -92,6 +94,25 @@ def attention_order(engine: Engine, length: int, n: int) -> list[tuple[int, int]
         print(f"  ranked heads on {len(masses)} {family} tasks", flush=True)
     votes = one_vote_per_family(by_family)
     return sorted(heads, key=lambda head: -votes[head])
+
+
+def gate_order(engine: Engine, lengths: list[int], n: int, sink: int, window: int,
+               params: GateParams) -> list[tuple[int, int]]:
+    """KV heads ranked by learned gates (head_gates.py, as calibration ranks them by default), trained on `n`
+    tasks per family and length of the CALIBRATION part."""
+    fp = engine.loaded.fingerprint
+    tasks = [t for family in FAMILIES for length in lengths
+             for t in retrieval_tasks(family, length, n, RANK_SEED + length, engine.tokenizer, part="calibration")]
+    kvs = [held(full_prefill(engine, t.document)) for t in tasks]
+    print(f"  prefilled {len(tasks)} gate-training tasks ({sink}+{window}) ", flush=True)
+
+    def progress(done, total, stage):
+        if done % 25 == 0 or done == total:
+            print(f"  {stage}: step {done}/{total}", flush=True)
+
+    scores = train_gates(engine.model, tasks, kvs, fp.n_layers, fp.n_kv_heads, sink, window, params, progress)
+    heads = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
+    return sorted(heads, key=lambda head: -float(scores[head]))
 
 
 def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
@@ -242,17 +263,21 @@ def parse_args():
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 6, 10, 14, 18, 22, 26, 30, 36, 45, 60, 90])
     ap.add_argument("--windows", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--calibrated-map", default="", help="a calibrated head map JSON (default: the shipped map)")
-    ap.add_argument("--orders", nargs="+", default=["attention"], choices=["attention", "shipped"],
-                    help="frontier head orders: attention on the facts (ranked here, calibration part) and/or the "
-                         "map's recorded calibration order")
+    ap.add_argument("--orders", nargs="+", default=["gates"], choices=["gates", "attention", "shipped"],
+                    help="frontier head orders: learned gates and/or attention on the facts (both ranked here, "
+                         "calibration part) and/or the map's recorded calibration order")
     ap.add_argument("--rank-tasks", type=int, default=6, help="tasks per family that rank heads by attention")
     ap.add_argument("--rank-length", type=int, default=1000, help="their document length")
+    ap.add_argument("--gate-tasks", type=int, default=8, help="gate-training tasks per family and length")
+    ap.add_argument("--gate-window", type=int, default=64, help="the local window the gates train against")
+    ap.add_argument("--gate-steps", type=int, default=150, help="gate-training optimiser steps (of 8 tasks)")
     ap.add_argument("--chunk", type=int, default=20, help="tasks prefilled (and held in memory) at a time")
     ap.add_argument("--png", default=None, help="plot path (default docs/quality-vs-bytes.png)")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.long_lengths, args.tasks, args.frontier_lengths = [400], [], 2, [400]
         args.ks, args.windows, args.rank_tasks, args.rank_length = [0, 14, 90], [64], 1, 400
+        args.gate_tasks, args.gate_steps = 1, 20
     if args.png is None:
         args.png = (Path(tempfile.gettempdir()) / "quality-vs-bytes-quick.png" if args.quick
                     else common.DOCS / "quality-vs-bytes.png")
@@ -276,6 +301,11 @@ def main() -> None:
     orders = {"shipped": [tuple(h) for h in shipped.calibration["order"]]} if "shipped" in args.orders else {}
     if "attention" in args.orders:
         orders = {"attention": attention_order(engine, args.rank_length, args.rank_tasks), **orders}
+    if "gates" in args.orders:
+        lengths = [n for n in args.lengths if n <= 2000]
+        orders = {"gates": gate_order(engine, lengths, args.gate_tasks, shipped.compression.sink, args.gate_window,
+                                      GateParams(steps=args.gate_steps, batch=8)),
+                  **orders}
     frontier = frontier_maps(shipped, orders, args.ks, args.windows)
     tables, sweeps = {}, {}
     for length in args.lengths + args.long_lengths:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,12 +34,14 @@ def test_gates_at_zero_and_one_equal_the_compressed_cache(n_full):
     for head in heads:
         alpha[head] = 1.0
     ctx = GateContext(alpha, shape.sink, shape.min_window)
-    for task in retrieval_tasks("copy", 200, 3, seed=5, vocab=(10, 200)):
-        full_kv = full_prefill(engine, task.document)
-        expected, _ = score_answer(engine, task, full_kv, head_map)
-        with torch.no_grad():
-            got = _mean_answer_logprob(answer_logprobs(engine.model, task, full_kv, ctx), task.answer)
-        assert got == pytest.approx(expected, abs=1e-4)
+    tasks = retrieval_tasks("copy", 200, 2, seed=5, vocab=(10, 200))
+    tasks += [replace(t, question=t.question[:2]) for t in retrieval_tasks("copy", 120, 2, seed=6, vocab=(10, 200))]
+    kvs = [full_prefill(engine, t.document) for t in tasks]
+    with torch.no_grad():   # one batch: documents of two lengths, turns of two lengths (right-padded)
+        got = answer_logprobs(engine.model, tasks, kvs, ctx)
+    for task, kv, logp in zip(tasks, kvs, got):
+        expected, _ = score_answer(engine, task, kv, head_map)
+        assert _mean_answer_logprob(logp, task.answer) == pytest.approx(expected, abs=1e-4)
 
 
 def test_all_full_equals_the_full_cache():
@@ -50,8 +53,8 @@ def test_all_full_equals_the_full_cache():
     full_kv = full_prefill(engine, task.document)
     expected, _ = score_answer(engine, task, full_kv, HeadMap.full(loaded.fingerprint))
     with torch.no_grad():
-        assert _mean_answer_logprob(answer_logprobs(engine.model, task, full_kv, ctx), task.answer) == \
-            pytest.approx(expected, abs=1e-4)
+        logp, = answer_logprobs(engine.model, [task], [full_kv], ctx)
+    assert _mean_answer_logprob(logp, task.answer) == pytest.approx(expected, abs=1e-4)
 
 
 def test_local_view_keeps_sink_window_and_one_weighted_mean():
@@ -78,9 +81,9 @@ def test_training_ranks_the_planted_induction_head_first():
 
 
 def test_gate_params():
-    params = GateParams(steps=100, final_penalty=0.4)
-    assert params.penalty(0) == pytest.approx(0.4 / 512) and params.penalty(99) == pytest.approx(0.4)
-    assert params.penalty(50) == pytest.approx(0.4 / 16)
-    for bad in (dict(steps=5), dict(batch=0), dict(lr=0), dict(final_penalty=-1)):
+    params = GateParams(steps=101, first_penalty=0.01, last_penalty=1.0)
+    assert params.penalty(0) == pytest.approx(0.01) and params.penalty(100) == pytest.approx(1.0)
+    assert params.penalty(50) == pytest.approx(0.1)
+    for bad in (dict(steps=5), dict(batch=0), dict(lr=0), dict(first_penalty=0), dict(first_penalty=2.0)):
         with pytest.raises(ValueError, match="gate training"):
             GateParams(**bad)

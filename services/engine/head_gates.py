@@ -9,9 +9,9 @@ penalty on the gates. The document's own K/V come from the full prefill (RazorAt
 attention, then compresses), so only the turn's few tokens run with gradients: a task costs about one short
 forward and backward.
 
-The penalty doubles every tenth of the steps, a regularisation path: a head whose gate falls to zero under a
-small penalty is needed least. A head's score is the optimiser step at which its gate first reached zero (never: the number
-of steps), plus its final gate; the ranking is by score, highest first.
+The penalty grows geometrically over the steps, a regularisation path: a head whose gate falls to zero under
+a small penalty is needed least. A head's score is the last optimiser step after which its gate was still open,
+plus its final gate; the ranking is by score, highest first.
 """
 from __future__ import annotations
 
@@ -29,41 +29,50 @@ from .retrieval_tasks import RetrievalTask
 
 @dataclass(frozen=True)
 class GateParams:
-    steps: int = 150               # optimiser steps, whatever the number of tasks
-    batch: int = 8                 # tasks per step (drawn in shuffled passes over the tasks)
-    final_penalty: float = 0.4     # L1 weight per 10 gates over the last tenth of the steps
+    steps: int = 80                # optimiser steps, whatever the number of tasks (bench_quality: 150)
+    batch: int = 4                 # tasks per step (drawn in shuffled passes over the tasks; bench_quality: 8)
+    first_penalty: float = 1e-3    # L1 weight per gate at the first step; it grows geometrically ...
+    last_penalty: float = 1.0      # ... to this at the last, where few gates survive
     lr: float = 0.05               # Adam on the gates
     seed: int = 0                  # task order
 
     def __post_init__(self):
-        if self.steps < 10 or self.batch < 1 or not self.lr > 0 or not self.final_penalty > 0:
-            raise ValueError("gate training needs steps >= 10, batch >= 1, lr > 0 and final_penalty > 0")
+        if self.steps < 10 or self.batch < 1 or not self.lr > 0 or not 0 < self.first_penalty <= self.last_penalty:
+            raise ValueError("gate training needs steps >= 10, batch >= 1, lr > 0 and "
+                             "0 < first_penalty <= last_penalty")
 
     def penalty(self, step: int) -> float:
-        """Halved for every tenth of the steps still to come: 0.4 / 512 at the start, 0.4 at the end."""
-        return self.final_penalty * 2.0 ** (step * 10 // self.steps - 9)
+        return self.first_penalty * (self.last_penalty / self.first_penalty) ** (step / (self.steps - 1))
 
 
 class GateContext:
-    """What the gated attention reads during one task's forward: the gates, the document's full K/V, the
-    local heads' shape. `alpha` [n_layers, n_kv_heads] are the raw gates (clamped to 0..1 where used)."""
+    """What the gated attention reads during one forward: the gates, each batch row's document cache and the
+    local heads' shape. `alpha` [n_layers, n_kv_heads] are the gates, each within 0..1."""
 
     def __init__(self, alpha: torch.Tensor, sink: int, window: int):
         self.alpha, self.sink, self.window = alpha, sink, window
-        self.keys: list[torch.Tensor] = []     # per layer [1, Hkv, N, D]: the document's full cache
-        self.values: list[torch.Tensor] = []
+        self.documents: list = []              # per batch row: (keys, values), per layer [1, Hkv, N, D]
         self.all_full = False                  # True: every head full (the target distribution)
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float) -> torch.Tensor:
-        """query [1, Hq, T, D]; key, value: the turn's own [1, Hkv, T, D] (after RoPE) -> [1, Hq, T, D]."""
-        doc_k, doc_v = self.keys[layer_idx].to(query.dtype), self.values[layer_idx].to(query.dtype)
+        """query [B, Hq, T, D]; key, value: the turns' own [B, Hkv, T, D] (after RoPE) -> [B, Hq, T, D]."""
+        assert query.shape[0] == len(self.documents), (query.shape, len(self.documents))
+        gate = self.alpha[layer_idx].repeat_interleave(query.shape[1] // key.shape[1])   # [Hq]
+        rows = []
+        for b, (keys, values) in enumerate(self.documents):
+            row = slice(b, b + 1)
+            rows.append(self._row(query[row], key[row], value[row], keys[layer_idx], values[layer_idx], gate,
+                                  scale))
+        return torch.cat(rows)
+
+    def _row(self, query, key, value, doc_k, doc_v, gate, scale: float) -> torch.Tensor:
+        doc_k, doc_v = doc_k.to(query.dtype), doc_v.to(query.dtype)
         full = _attend(query, torch.cat([doc_k, key], 2), torch.cat([doc_v, value], 2), None, scale)
         if self.all_full:
             return full
         local_k, local_v, bias = local_view(doc_k, doc_v, self.sink, self.window)
         local = _attend(query, torch.cat([local_k, key], 2), torch.cat([local_v, value], 2), bias, scale)
-        gate = self.alpha[layer_idx].clamp(0, 1).repeat_interleave(query.shape[1] // key.shape[1])   # [Hq]
         gate = gate[None, :, None, None]
         return gate * full + (1 - gate) * local
 
@@ -101,15 +110,21 @@ def _attend(query, keys, values, prefix_bias, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale, enable_gqa=True)
 
 
-def answer_logprobs(model, task: RetrievalTask, full_kv, ctx: GateContext) -> torch.Tensor:
-    """[A, V] log-probabilities at the positions that predict the answer's tokens, the turn (interlude,
-    question, answer) run over the document's cache through `ctx`."""
-    ctx.keys, ctx.values = full_kv
-    ids = list(task.interlude) + list(task.question) + list(task.answer)
-    start = len(task.document)
-    logits = hf.gated_forward(model, torch.tensor([ids]), torch.arange(start, start + len(ids))[None], ctx)
-    first = len(ids) - len(task.answer) - 1                                    # predicts the first answer token
-    return torch.log_softmax(logits[0, first:len(ids) - 1].float(), dim=-1)
+def answer_logprobs(model, tasks: list[RetrievalTask], full_kvs: list, ctx: GateContext) -> list[torch.Tensor]:
+    """Per task, [A, V] log-probabilities at the positions that predict its answer's tokens: each turn
+    (interlude, question, answer) over its document's cache through `ctx`, the tasks in one batch. Turns are
+    right-padded to the longest: causal attention keeps the padding out of every real position."""
+    turns = [list(t.interlude) + list(t.question) + list(t.answer) for t in tasks]
+    width = max(map(len, turns))
+    ids = torch.tensor([turn + [turn[-1]] * (width - len(turn)) for turn in turns])            # [B, T]
+    positions = torch.stack([torch.arange(len(t.document), len(t.document) + width) for t in tasks])   # [B, T]
+    ctx.documents = list(full_kvs)
+    logits = hf.gated_forward(model, ids, positions, ctx)                                      # [B, T, V]
+    out = []
+    for b, (task, turn) in enumerate(zip(tasks, turns)):
+        first = len(turn) - len(task.answer) - 1                                  # predicts the first answer token
+        out.append(torch.log_softmax(logits[b, first:len(turn) - 1].float(), dim=-1))
+    return out
 
 
 Progress = Callable[[int, int, str], None]
@@ -122,21 +137,23 @@ def train_gates(model, tasks: list[RetrievalTask], full_kvs: list, n_layers: int
     report = progress or (lambda done, total, stage: None)
     alpha = torch.ones(n_layers, n_kv_heads, requires_grad=True)
     ctx = GateContext(alpha, sink, window)
-    targets = _full_targets(model, tasks, full_kvs, ctx)
+    targets = _full_targets(model, tasks, full_kvs, ctx, params.batch)
     opt = torch.optim.Adam([alpha], lr=params.lr)
-    zero_at = torch.full((n_layers, n_kv_heads), float(params.steps))
+    alive_until = torch.zeros(n_layers, n_kv_heads)   # the last step each gate was open after
+
     batches = _batches(len(tasks), params)
     for step in range(params.steps):
         batch = next(batches)
         opt.zero_grad()
-        loss = sum(_kl(targets[i], answer_logprobs(model, tasks[i], full_kvs[i], ctx)) for i in batch)
-        (loss / len(batch) + params.penalty(step) * alpha.clamp(0, 1).sum() / 10).backward()
+        got = answer_logprobs(model, [tasks[i] for i in batch], [full_kvs[i] for i in batch], ctx)
+        loss = sum(_kl(targets[i], logp) for i, logp in zip(batch, got))
+        (loss / len(batch) + params.penalty(step) * alpha.sum()).backward()
         opt.step()
         with torch.no_grad():
-            alpha.clamp_(-0.2, 1.2)   # a little room either side, so a gate can cross back
-            zero_at[(alpha < 0) & (zero_at == params.steps)] = step
+            alpha.clamp_(0, 1)        # projected: a gate at 0 or 1 still feels both gradients
+            alive_until[alpha > 0] = step + 1
         report(step + 1, params.steps, "training KV-head gates")
-    return zero_at + alpha.detach().clamp(0, 1)
+    return alive_until + alpha.detach()
 
 
 def _batches(n_tasks: int, params: GateParams):
@@ -152,10 +169,11 @@ def _batches(n_tasks: int, params: GateParams):
 
 
 @torch.no_grad()
-def _full_targets(model, tasks, full_kvs, ctx: GateContext) -> list[torch.Tensor]:
+def _full_targets(model, tasks, full_kvs, ctx: GateContext, batch: int) -> list[torch.Tensor]:
     ctx.all_full = True
     try:
-        return [answer_logprobs(model, t, kv, ctx) for t, kv in zip(tasks, full_kvs)]
+        return [logp for i in range(0, len(tasks), batch)
+                for logp in answer_logprobs(model, tasks[i:i + batch], full_kvs[i:i + batch], ctx)]
     finally:
         ctx.all_full = False
 

@@ -112,7 +112,7 @@ def probe_forward(model, input_ids: torch.Tensor, probe) -> None:
 
 
 def gated_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, gates) -> torch.Tensor:
-    """A cache-less forward of a turn whose attention `gates` computes over a document it holds (gate
-    training: runs with gradients). input_ids, position_ids: [1, T] -> logits [1, T, V]."""
-    assert input_ids.shape == position_ids.shape and input_ids.shape[0] == 1, (input_ids.shape, position_ids.shape)
+    """A cache-less forward of turns whose attention `gates` computes over the documents it holds (gate
+    training: runs with gradients). input_ids, position_ids: [B, T] -> logits [B, T, V]."""
+    assert input_ids.shape == position_ids.shape, (input_ids.shape, position_ids.shape)
     return model(input_ids, position_ids=position_ids, use_cache=False, **{GATES_KWARG: gates}).logits
