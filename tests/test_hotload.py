@@ -29,7 +29,7 @@ from test_worker import JOB_DEADLINE_S, StateRecorder, start_worker, stop_worker
 
 # Small enough for seconds of profiling (plus calibration, on by default); compression keys included.
 FAST = {"seq_len": 32, "repeats": 2, "n_samples": 2, "sink": 4, "min_window": 16, "ratio": 5.0}
-CALIBRATION_STAGES = {"prefilling calibration tasks", "scoring heads' attention on the facts"}
+CALIBRATION_STAGES = {"prefilling calibration tasks", "training KV-head gates"}
 FINISHED = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED)
 
 
