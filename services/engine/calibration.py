@@ -70,9 +70,11 @@ class CalibrationParams:
 
     @classmethod
     def for_model(cls, loaded, **overrides) -> "CalibrationParams":
-        """Every task family for a model with a tokenizer; copy tasks (more of them) for one without."""
+        """Every task family for a model with a tokenizer; copy tasks (more of them) for one without, whose one
+        skill needs a short gate training (a model without a tokenizer is a test or random-weight model)."""
         if loaded.tokenizer is None:
-            overrides = {"families": ("copy",), "n_tasks": 6, "n_validation": 10, **overrides}
+            overrides = {"families": ("copy",), "n_tasks": 6, "n_validation": 10,
+                         "gates": GateParams(steps=20), **overrides}
         return cls(**overrides)
 
     def __post_init__(self):

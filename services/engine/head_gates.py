@@ -140,7 +140,6 @@ def train_gates(model, tasks: list[RetrievalTask], full_kvs: list, n_layers: int
     targets = _full_targets(model, tasks, full_kvs, ctx, params.batch)
     opt = torch.optim.Adam([alpha], lr=params.lr)
     alive_until = torch.zeros(n_layers, n_kv_heads)   # the last step each gate was open after
-
     batches = _batches(len(tasks), params)
     for step in range(params.steps):
         batch = next(batches)
