@@ -10,7 +10,7 @@ import torch
 
 from services.engine import CompressionParams, Engine, HeadMap
 from services.engine.evaluation import full_prefill, retrieval_tasks, score_answer
-from services.engine.head_gates import GateContext, GateParams, answer_logprobs, local_view, train_gates
+from services.engine.head_gates import GateContext, GateDocument, GateParams, answer_logprobs, train_gates
 from tests.engine_models import tiny
 from tests.planted_loaded import planted_loaded
 
@@ -33,12 +33,13 @@ def test_gates_at_zero_and_one_equal_the_compressed_cache(n_full):
     alpha = torch.zeros(fp.n_layers, fp.n_kv_heads)
     for head in heads:
         alpha[head] = 1.0
-    ctx = GateContext(alpha, shape.sink, shape.min_window)
+    ctx = GateContext(alpha)
     tasks = retrieval_tasks("copy", 200, 2, seed=5, vocab=(10, 200))
     tasks += [replace(t, question=t.question[:2]) for t in retrieval_tasks("copy", 120, 2, seed=6, vocab=(10, 200))]
     kvs = [full_prefill(engine, t.document) for t in tasks]
     with torch.no_grad():   # one batch: documents of two lengths, turns of two lengths (right-padded)
-        got = answer_logprobs(engine.model, tasks, kvs, ctx)
+        got = answer_logprobs(engine.model, tasks, [GateDocument(kv, shape.sink, shape.min_window) for kv in kvs],
+                              ctx)
     for task, kv, logp in zip(tasks, kvs, got):
         expected, _ = score_answer(engine, task, kv, head_map)
         assert _mean_answer_logprob(logp, task.answer) == pytest.approx(expected, abs=1e-4)
@@ -47,23 +48,23 @@ def test_gates_at_zero_and_one_equal_the_compressed_cache(n_full):
 def test_all_full_equals_the_full_cache():
     loaded = tiny()
     engine = Engine(loaded)
-    ctx = GateContext(torch.zeros(loaded.fingerprint.n_layers, loaded.fingerprint.n_kv_heads), 2, 8)
+    ctx = GateContext(torch.zeros(loaded.fingerprint.n_layers, loaded.fingerprint.n_kv_heads))
     ctx.all_full = True
     task = retrieval_tasks("copy", 150, 1, seed=9, vocab=(10, 200))[0]
     full_kv = full_prefill(engine, task.document)
     expected, _ = score_answer(engine, task, full_kv, HeadMap.full(loaded.fingerprint))
     with torch.no_grad():
-        logp, = answer_logprobs(engine.model, [task], [full_kv], ctx)
+        logp, = answer_logprobs(engine.model, [task], [GateDocument(full_kv, 2, 8)], ctx)
     assert _mean_answer_logprob(logp, task.answer) == pytest.approx(expected, abs=1e-4)
 
 
-def test_local_view_keeps_sink_window_and_one_weighted_mean():
-    keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 3)        # [1, Hkv, N, D]
-    k, v, bias = local_view(keys, keys + 100, sink=2, window=3)
-    assert k[0, 0, :, 0].tolist() == [0, 1, 7, 8, 9, 4.0]                 # 2..6 folded into their mean
+def test_a_documents_local_view_keeps_sink_window_and_one_weighted_mean():
+    keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 3).contiguous()   # [1, Hkv, N, D]
+    (k, v, bias), = GateDocument(([keys], [keys + 100]), sink=2, window=3).local
+    assert sorted(k[0, 0, :-1, 0].tolist()) == [0, 1, 7, 8, 9] and k[0, 0, -1, 0] == 4.0   # 2..6 as their mean
     assert v[0, 1, -1, 0].item() == 104.0
     assert bias.tolist() == pytest.approx([0, 0, 0, 0, 0, torch.log(torch.tensor(5.0)).item()])
-    k, _, bias = local_view(keys, keys, sink=4, window=20)                  # nothing dropped: no extra row
+    (k, _, bias), = GateDocument(([keys], [keys]), sink=4, window=20).local   # nothing dropped: no extra row
     assert k.shape[2] == 10 and bias.abs().sum() == 0
 
 

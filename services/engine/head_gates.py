@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hf
+from .cache import CompressedKVCache, CompressionParams
 from .retrieval_tasks import RetrievalTask
 
 
@@ -45,56 +46,57 @@ class GateParams:
         return self.first_penalty * (self.last_penalty / self.first_penalty) ** (step / (self.steps - 1))
 
 
-class GateContext:
-    """What the gated attention reads during one forward: the gates, each batch row's document cache and the
-    local heads' shape. `alpha` [n_layers, n_kv_heads] are the gates, each within 0..1."""
+class GateDocument:
+    """One task's document as gate training reads it: the full cache for full heads and, per layer, what a
+    local head keeps of it, built once by the engine's own compression (`CompressedKVCache.from_full`, every
+    head local, a fixed window): local keys and values [1, Hkv, S, D] with the compensation row last, and the
+    key bias [S] that weights that row by its count (paper eq. 5)."""
 
-    def __init__(self, alpha: torch.Tensor, sink: int, window: int):
-        self.alpha, self.sink, self.window = alpha, sink, window
-        self.documents: list = []              # per batch row: (keys, values), per layer [1, Hkv, N, D]
-        self.all_full = False                  # True: every head full (the target distribution)
+    def __init__(self, full_kv, sink: int, window: int):
+        self.keys, self.values = full_kv                       # per layer [1, Hkv, N, D]
+        shape = CompressionParams(sink=sink, min_window=window, ratio=1e9)   # 1e9: a fixed window
+        cache = CompressedKVCache.from_full(self.keys, self.values, [[] for _ in self.keys], shape)
+        self.local = [_with_compensation(layer) for layer in cache.layers]
+
+
+def _with_compensation(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keys, values = layer.local_keys.clone(), layer.local_values.clone()   # not the buffer's headroom
+    bias = torch.zeros(keys.shape[2], dtype=torch.float32, device=keys.device)
+    if layer.comp_count:
+        keys = torch.cat([keys, layer.comp_keys.to(keys.dtype)], 2)
+        values = torch.cat([values, layer.comp_values.to(values.dtype)], 2)
+        bias = torch.cat([bias, bias.new_full((1,), math.log(layer.comp_count))])
+    return keys, values, bias
+
+
+class GateContext:
+    """What the gated attention reads during one forward: the gates and each batch row's `GateDocument`.
+    `alpha` [n_layers, n_kv_heads] are the gates, each within 0..1."""
+
+    def __init__(self, alpha: torch.Tensor):
+        self.alpha = alpha
+        self.documents: list[GateDocument] = []   # one per batch row
+        self.all_full = False                     # True: every head full (the target distribution)
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float) -> torch.Tensor:
         """query [B, Hq, T, D]; key, value: the turns' own [B, Hkv, T, D] (after RoPE) -> [B, Hq, T, D]."""
         assert query.shape[0] == len(self.documents), (query.shape, len(self.documents))
         gate = self.alpha[layer_idx].repeat_interleave(query.shape[1] // key.shape[1])   # [Hq]
-        rows = []
-        for b, (keys, values) in enumerate(self.documents):
-            row = slice(b, b + 1)
-            rows.append(self._row(query[row], key[row], value[row], keys[layer_idx], values[layer_idx], gate,
-                                  scale))
+        rows = [self._row(query[b:b + 1], key[b:b + 1], value[b:b + 1], doc, layer_idx, gate, scale)
+                for b, doc in enumerate(self.documents)]
         return torch.cat(rows)
 
-    def _row(self, query, key, value, doc_k, doc_v, gate, scale: float) -> torch.Tensor:
-        doc_k, doc_v = doc_k.to(query.dtype), doc_v.to(query.dtype)
+    def _row(self, query, key, value, doc: GateDocument, layer_idx: int, gate, scale: float) -> torch.Tensor:
+        doc_k, doc_v = doc.keys[layer_idx].to(query.dtype), doc.values[layer_idx].to(query.dtype)
         full = _attend(query, torch.cat([doc_k, key], 2), torch.cat([doc_v, value], 2), None, scale)
         if self.all_full:
             return full
-        local_k, local_v, bias = local_view(doc_k, doc_v, self.sink, self.window)
-        local = _attend(query, torch.cat([local_k, key], 2), torch.cat([local_v, value], 2), bias, scale)
+        local_k, local_v, bias = doc.local[layer_idx]
+        local = _attend(query, torch.cat([local_k.to(query.dtype), key], 2),
+                        torch.cat([local_v.to(query.dtype), value], 2), bias, scale)
         gate = gate[None, :, None, None]
         return gate * full + (1 - gate) * local
-
-
-def local_view(keys: torch.Tensor, values: torch.Tensor, sink: int, window: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A local head's view of an N-token document, as `CompressedKVCache.from_full` keeps it: the first `sink`
-    tokens, the last `window`, and the mean of the rest as one compensation row weighted by its count (paper
-    eq. 4-5). keys, values [1, Hkv, N, D] -> keys, values [1, Hkv, S, D] and a key bias [S]."""
-    n = keys.shape[2]
-    sink = min(sink, n)
-    window = min(window, n - sink)
-    dropped = n - sink - window
-    rows = [slice(0, sink), slice(n - window, n)]
-    k = [keys[:, :, r] for r in rows]
-    v = [values[:, :, r] for r in rows]
-    bias = [keys.new_zeros(sink + window)]
-    if dropped > 0:
-        k.append(keys[:, :, sink:n - window].mean(2, keepdim=True))
-        v.append(values[:, :, sink:n - window].mean(2, keepdim=True))
-        bias.append(keys.new_full((1,), math.log(dropped)))
-    return torch.cat(k, 2), torch.cat(v, 2), torch.cat(bias)
 
 
 def _attend(query, keys, values, prefix_bias, scale: float) -> torch.Tensor:
@@ -110,7 +112,8 @@ def _attend(query, keys, values, prefix_bias, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scale, enable_gqa=True)
 
 
-def answer_logprobs(model, tasks: list[RetrievalTask], full_kvs: list, ctx: GateContext) -> list[torch.Tensor]:
+def answer_logprobs(model, tasks: list[RetrievalTask], documents: list[GateDocument], ctx: GateContext
+                    ) -> list[torch.Tensor]:
     """Per task, [A, V] log-probabilities at the positions that predict its answer's tokens: each turn
     (interlude, question, answer) over its document's cache through `ctx`, the tasks in one batch. Turns are
     right-padded to the longest: causal attention keeps the padding out of every real position."""
@@ -118,7 +121,7 @@ def answer_logprobs(model, tasks: list[RetrievalTask], full_kvs: list, ctx: Gate
     width = max(map(len, turns))
     ids = torch.tensor([turn + [turn[-1]] * (width - len(turn)) for turn in turns])            # [B, T]
     positions = torch.stack([torch.arange(len(t.document), len(t.document) + width) for t in tasks])   # [B, T]
-    ctx.documents = list(full_kvs)
+    ctx.documents = list(documents)
     logits = hf.gated_forward(model, ids, positions, ctx)                                      # [B, T, V]
     out = []
     for b, (task, turn) in enumerate(zip(tasks, turns)):
@@ -136,15 +139,16 @@ def train_gates(model, tasks: list[RetrievalTask], full_kvs: list, n_layers: int
     """Train the gates on `tasks` -> scores [n_layers, n_kv_heads], higher = needed more (module docstring)."""
     report = progress or (lambda done, total, stage: None)
     alpha = torch.ones(n_layers, n_kv_heads, requires_grad=True)
-    ctx = GateContext(alpha, sink, window)
-    targets = _full_targets(model, tasks, full_kvs, ctx, params.batch)
+    ctx = GateContext(alpha)
+    documents = [GateDocument(kv, sink, window) for kv in full_kvs]
+    targets = _full_targets(model, tasks, documents, ctx, params.batch)
     opt = torch.optim.Adam([alpha], lr=params.lr)
     alive_until = torch.zeros(n_layers, n_kv_heads)   # the last step each gate was open after
     batches = _batches(len(tasks), params)
     for step in range(params.steps):
         batch = next(batches)
         opt.zero_grad()
-        got = answer_logprobs(model, [tasks[i] for i in batch], [full_kvs[i] for i in batch], ctx)
+        got = answer_logprobs(model, [tasks[i] for i in batch], [documents[i] for i in batch], ctx)
         loss = sum(_kl(targets[i], logp) for i, logp in zip(batch, got))
         (loss / len(batch) + params.penalty(step) * alpha.sum()).backward()
         opt.step()
@@ -168,11 +172,11 @@ def _batches(n_tasks: int, params: GateParams):
 
 
 @torch.no_grad()
-def _full_targets(model, tasks, full_kvs, ctx: GateContext, batch: int) -> list[torch.Tensor]:
+def _full_targets(model, tasks, documents, ctx: GateContext, batch: int) -> list[torch.Tensor]:
     ctx.all_full = True
     try:
         return [logp for i in range(0, len(tasks), batch)
-                for logp in answer_logprobs(model, tasks[i:i + batch], full_kvs[i:i + batch], ctx)]
+                for logp in answer_logprobs(model, tasks[i:i + batch], documents[i:i + batch], ctx)]
     finally:
         ctx.all_full = False
 
