@@ -158,9 +158,9 @@ def test_job_succeeds_with_progress_and_registry_hot_loads(worker, jobs, store, 
 
 def test_same_model_and_params_twice_gives_one_version(worker, jobs, store, tiny):
     params = dict(FAST, seed=7)
-    first = wait_for(jobs, jobs.submit("tiny-random", params), finished)
+    first = wait_for(jobs, jobs.submit("tiny-random", params, calibrate=False), finished)
     before = store.list_versions(tiny.fingerprint)
-    second = wait_for(jobs, jobs.submit("tiny-random", params), finished)
+    second = wait_for(jobs, jobs.submit("tiny-random", params, calibrate=False), finished)
     assert first["state"] == second["state"] == "succeeded"
     assert first["head_map_version"] == second["head_map_version"]
     assert store.list_versions(tiny.fingerprint) == before
@@ -186,7 +186,7 @@ def test_unloadable_models_fail_alike_and_worker_keeps_serving(worker, jobs, mod
         errors[name] = status["error"].replace(repr(name), "NAME")
     assert len(set(errors.values())) == 1, errors
     assert "could not be loaded" in errors["missing"] and str(models_dir) not in errors["missing"]
-    good = wait_for(jobs, jobs.submit("tiny-random", dict(FAST, seed=3)), finished)
+    good = wait_for(jobs, jobs.submit("tiny-random", dict(FAST, seed=3), calibrate=False), finished)
     assert good["state"] == "succeeded", good
 
 
@@ -239,7 +239,7 @@ def _submit_outcome(url: str):
 def test_killing_the_pool_child_mid_job_retries_it(worker, jobs, url):
     recorder = StateRecorder(url)
     try:
-        job_id = jobs.submit("tiny-random", SLOW)
+        job_id = jobs.submit("tiny-random", SLOW, calibrate=False)
         wait_for(jobs, job_id, lambda s: s["state"] == "running" and s["stage"] == "scoring heads")
         children = psutil.Process(worker.pid).children(recursive=True)
         assert children, "prefork worker has no pool child"

@@ -71,7 +71,7 @@ def test_killed_worker_job_runs_on_the_other_live_worker_within_two_minutes(url,
     workers = [start_worker(url, **ENV), start_worker(url, **ENV)]   # both prefork: main process + pool child
     try:
         wait_for_workers(jobs, 2)
-        job_id = jobs.submit("tiny-random", dict(SLOW, seed=11))
+        job_id = jobs.submit("tiny-random", dict(SLOW, seed=11), calibrate=False)
         wait_for(jobs, job_id, lambda s: s["state"] == "running" and s["stage"] == "scoring heads")
         victim = next(w for w in workers if w.worker_name == _runner(url, job_id))
         survivor = next(w for w in workers if w is not victim)
@@ -91,7 +91,7 @@ def test_killed_worker_job_runs_on_the_other_live_worker_within_two_minutes(url,
 
 def test_a_lone_dead_workers_job_waits_and_the_next_worker_to_start_runs_it(url, jobs):
     first = start_worker(url, pool="solo", **ENV)
-    job_id = jobs.submit("tiny-random", dict(SLOW, seed=12))
+    job_id = jobs.submit("tiny-random", dict(SLOW, seed=12), calibrate=False)
     try:
         wait_for(jobs, job_id, lambda s: s["state"] == "running" and s["stage"] == "scoring heads")
     finally:

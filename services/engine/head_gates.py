@@ -121,13 +121,15 @@ def answer_logprobs(model, tasks: list[RetrievalTask], documents: list[GateDocum
     width = max(map(len, turns))
     ids = torch.tensor([turn + [turn[-1]] * (width - len(turn)) for turn in turns])            # [B, T]
     positions = torch.stack([torch.arange(len(t.document), len(t.document) + width) for t in tasks])   # [B, T]
+    spans = [range(len(turn) - len(task.answer) - 1, len(turn) - 1) for task, turn in zip(tasks, turns)]
+    at = sorted(set().union(*spans))                 # the positions that predict some task's answer tokens
     ctx.documents = list(documents)
-    logits = hf.gated_forward(model, ids, positions, ctx)                                      # [B, T, V]
-    out = []
-    for b, (task, turn) in enumerate(zip(tasks, turns)):
-        first = len(turn) - len(task.answer) - 1                                  # predicts the first answer token
-        out.append(torch.log_softmax(logits[b, first:len(turn) - 1].float(), dim=-1))
-    return out
+    logits = hf.gated_forward(model, ids, positions, ctx, torch.tensor(at))                # [B, len(at), V]
+    column = {t: i for i, t in enumerate(at)}
+    rows = [b for b, span in enumerate(spans) for _ in span]
+    cols = [column[t] for span in spans for t in span]
+    picked = torch.log_softmax(logits[rows, cols].float(), dim=-1)       # [sum of answer lengths, V]: one index
+    return list(picked.split([len(span) for span in spans]))
 
 
 Progress = Callable[[int, int, str], None]

@@ -10,6 +10,7 @@ The next transformers upgrade should touch this file (and its contract test, tes
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +112,26 @@ def probe_forward(model, input_ids: torch.Tensor, probe) -> None:
     model(input_ids, use_cache=False, **{PROBE_KWARG: probe})
 
 
-def gated_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, gates) -> torch.Tensor:
+def gated_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, gates,
+                  logits_at: torch.Tensor) -> torch.Tensor:
     """A cache-less forward of turns whose attention `gates` computes over the documents it holds (gate
-    training: runs with gradients). input_ids, position_ids: [B, T] -> logits [B, T, V]."""
+    training: gradients reach the gates only; the weights stay frozen, so backward skips their gradients,
+    the vocabulary-sized head's above all). input_ids, position_ids: [B, T]; logits_at: [n] indices into T
+    -> logits [B, n, V]."""
     assert input_ids.shape == position_ids.shape, (input_ids.shape, position_ids.shape)
-    return model(input_ids, position_ids=position_ids, use_cache=False, **{GATES_KWARG: gates}).logits
+    with frozen_weights(model):
+        return model(input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_at,
+                     **{GATES_KWARG: gates}).logits
+
+
+@contextmanager
+def frozen_weights(model):
+    """Weights without gradients for a while (their flags restored after)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
