@@ -61,6 +61,29 @@ def test_calibration_params_validation():
         CalibrationParams(max_accuracy_drop=2)
     with pytest.raises(ValueError, match="max_kl"):
         CalibrationParams(max_kl=0.0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        CalibrationParams(max_bytes=1.5)
+
+
+def test_a_byte_budget_bounds_the_choice_and_records_a_missed_target():
+    """Under a budget too small for the planted head, calibration keeps the best point within it, adds no head
+    past it in validation, and says the target was missed; with room for the head, the budget changes nothing."""
+    loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
+    base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
+    shape = dict(families=("copy", "copy-edge"), lengths=(300,), n_tasks=2, n_validation=2, windows=(16,),
+                 sinks=(2,), ratios=(1e9,), ranking="attention")
+    tight = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, max_bytes=0.2))
+    record = tight.calibration
+    assert tight.retrieval_kv_heads == [[], []]                 # one full KV head of 4 is ~0.3 of the bytes
+    assert all(c["bytes_fraction"] <= 0.2 for c in record["candidates"] + record["validation"])
+    assert not record["chosen"]["meets"] and record["chosen"]["accuracy"] < record["full_accuracy"]
+    assert record["validated_on"]["target_met"] is False and record["validated_on"]["families"] == []
+    assert all(x["k"] == 0 for x in record["leave_one_out"])
+    roomy = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, max_bytes=0.35))
+    assert roomy.retrieval_kv_heads == [[], [1]] and roomy.calibration["validated_on"]["target_met"] is True
+    assert roomy.calibration["chosen"]["bytes_fraction"] <= 0.35
+    with pytest.raises(ValueError, match="fits max_bytes"):
+        calibrate(Engine(loaded, base), base, CalibrationParams(**shape, max_bytes=0.01))
 
 
 @pytest.mark.slow

@@ -19,6 +19,9 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
 4. The BYTES search: for every window, sink size and ratio C (1e9 = a fixed window), the smallest k such that
    the top-k heads of the ranking (one vote per family) meet the target (binary search; a shape that cannot
    beat the cheapest point found so far at equal bytes is dropped after one probe). The cheapest point wins.
+   With a byte budget (`max_bytes`) no point above it is tried; when none within it meets the target, the
+   point keeping the largest share of the full cache's answers in its worst cell wins, and the record says
+   the target was missed (`validated_on["target_met"]`): a map for a memory budget, honestly labelled.
 5. Validation on held-out documents (the corpus's validation part, other seeds): while the choice misses the
    target there, ~3% more KV heads are added (the authors' own fallback). Then LEAVE ONE FAMILY OUT: for each
    family, the search is re-run without it (its ranking, gates retrained included, and its k from the other families only) and the
@@ -67,6 +70,9 @@ class CalibrationParams:
                                        # "ablation": answer log-prob lost when one head is compressed (one per head)
     ablation_length: int | None = None  # attention / ablation ranking's tasks: this length's (None: the middle one)
     gates: GateParams = GateParams()   # gate training (ranking="gates"), at the middle window and the largest sink
+    max_bytes: float | None = None     # a byte budget (mean fraction of the full cache over `lengths`): no point
+                                       # above it is chosen; when none within it meets the target, the one that
+                                       # keeps the most answers is, and the record says the target was missed
 
     @classmethod
     def for_model(cls, loaded, **overrides) -> "CalibrationParams":
@@ -98,6 +104,8 @@ class CalibrationParams:
             raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if self.ablation_length is not None and self.ablation_length not in self.lengths:
             raise ValueError(f"ablation_length must be one of lengths {self.lengths}, got {self.ablation_length}")
+        if self.max_bytes is not None and not 0.0 < self.max_bytes <= 1.0:
+            raise ValueError(f"max_bytes must be within (0, 1] of the full cache's bytes, got {self.max_bytes}")
         if not self.ratios or min(self.ratios) < 1:
             raise ValueError(f"ratios must be >= 1 (1e9 = a fixed window), got {self.ratios}")
 
@@ -132,15 +140,16 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
     order = rank(params.families)
     candidates = []
     for i, shape in enumerate(shapes):
-        _search_shape(bench, order, shape, params.target, candidates)
+        _search_shape(bench, order, shape, params.target, candidates, params.max_bytes)
         report(i + 1, len(shapes), "searching head sets per window, sink and ratio")
-    best = {**_pick([c for c in candidates if c["meets"]]), "measured_on": "calibration"}
+    best = {**_pick(candidates), "measured_on": "calibration"}
     checks, held_out_full, lofo = [], None, []
     if params.n_validation:
         held_out = TaskBench(engine, params.families, params.lengths, params.n_validation, params.seed + 1000,
                              "validation", params.kl_tokens, report, "prefilling validation tasks")
         held_out_full = _rounded(held_out.full)
-        best = _validate(held_out, order, best, params.target, checks, report)
+        best = _validate(held_out, order, best, params.target, checks, report,
+                         _k_within(bench, order, _shape_of(best), params.max_bytes))
         if params.leave_one_out and len(params.families) > 1:
             lofo = _leave_one_out(bench, held_out, rank, best, params, report)
     chosen = bench.head_map(set(map(tuple, order[:best["k"]])), _shape_of(best))
@@ -232,8 +241,10 @@ def _ordered(bench: TaskBench, base: HeadMap, scores: dict) -> Order:
 
 
 def _search_shape(bench: TaskBench, order: Order, shape: CompressionParams, target: Target,
-                  candidates: list[dict]) -> None:
-    """The smallest k meeting the target at `shape`, among the k cheaper than the best point so far."""
+                  candidates: list[dict], max_bytes: float | None = None) -> None:
+    """The smallest k meeting the target at `shape`, among the k cheaper than the best point so far and
+    within `max_bytes`. The first probe is the most heads allowed, so a shape that meets the target nowhere
+    within the budget still leaves its best point among the candidates."""
     def tried(k: int) -> dict:
         point = _point(bench, order, k, shape)
         point = _rounded({**point, "meets": target.met_by(point, bench.full) or k == len(order)})
@@ -242,6 +253,7 @@ def _search_shape(bench: TaskBench, order: Order, shape: CompressionParams, targ
 
     met = [c["bytes_fraction"] for c in candidates if c["meets"]]
     hi = _cheaper_than(bench, order, shape, min(met)) if met else len(order)
+    hi = min(hi, _k_within(bench, order, shape, max_bytes))
     if hi < 0 or not tried(hi)["meets"]:
         return   # not even the most heads that stay cheaper than the best point meet the target
     lo = 0
@@ -269,32 +281,52 @@ def _cheaper_than(bench: TaskBench, order: Order, shape: CompressionParams, boun
     return lo
 
 
+def _k_within(bench: TaskBench, order: Order, shape: CompressionParams, max_bytes: float | None) -> int:
+    """The most heads kept full at `shape` within the byte budget (-1: not even none; no budget: all)."""
+    return len(order) if max_bytes is None else _cheaper_than(bench, order, shape, max_bytes + 1e-9)
+
+
 def _point(bench: TaskBench, order: Order, k: int, shape: CompressionParams, families=None) -> dict:
     return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio,
             **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
 
 
-def _pick(meeting: list[dict]) -> dict:
-    """The cheapest candidate; within 2% of its bytes, the most sinks and widest window (safer), then fewest heads."""
+def _pick(candidates: list[dict]) -> dict:
+    """The cheapest candidate meeting the target; within 2% of its bytes, the most sinks and widest window
+    (safer), then fewest heads. None meeting it (only under a byte budget): the one that keeps the most."""
+    if not candidates:
+        raise ValueError("no window and sink searched fits max_bytes even with every head local: "
+                         "raise max_bytes or search smaller windows")
+    meeting = [c for c in candidates if c["meets"]]
+    if not meeting:
+        return max(candidates, key=_answers_kept)
     cheapest = min(c["bytes_fraction"] for c in meeting)
     near = [c for c in meeting if c["bytes_fraction"] <= cheapest * 1.02]
     return min(near, key=lambda c: (-c["sink"], -c["window"], c["k"]))
 
 
+def _answers_kept(point: dict) -> tuple[float, float, float]:
+    """How well a point answers like the full cache: its worst cell's share of the full cache's answers kept,
+    then the mean share over cells, then its accuracy."""
+    kept = [k for cells in point["kept_by_family"].values() for k in cells]
+    return min(kept), sum(kept) / len(kept), point["accuracy"]
+
+
 def _validate(held_out: TaskBench, order: Order, best: dict, target: Target, checks: list[dict],
-              report: Progress) -> dict:
+              report: Progress, max_k: int) -> dict:
     """Confirm the choice on held-out documents; while it misses the target there, add ~3% of KV heads (the
-    paper authors' own fallback) from the ablation order."""
+    paper authors' own fallback), up to `max_k` (the byte budget's)."""
     step = max(1, math.ceil(0.03 * len(order)))
     k = best["k"]
     while True:
         point = _point(held_out, order, k, _shape_of(best))
         point["meets"] = target.met_by(point, held_out.full) or k >= len(order)
         checks.append(_rounded(point))
-        report(len(checks), len(checks) + (0 if point["meets"] else 1), "validating on held-out documents")
-        if point["meets"]:   # the chosen point, as measured on the held-out documents
+        last = point["meets"] or k >= max_k
+        report(len(checks), len(checks) + (0 if last else 1), "validating on held-out documents")
+        if last:   # the chosen point, as measured on the held-out documents
             return {**checks[-1], "measured_on": "held-out", "searched_k": best["k"]}
-        k = min(len(order), k + step)
+        k = min(len(order), max_k, k + step)
 
 
 def _leave_one_out(bench: TaskBench, held_out: TaskBench, rank: Callable[[tuple[str, ...]], Order], best: dict,
@@ -304,7 +336,8 @@ def _leave_one_out(bench: TaskBench, held_out: TaskBench, rank: Callable[[tuple[
     for i, family in enumerate(params.families):
         others = tuple(f for f in params.families if f != family)
         order = rank(others)
-        lo, hi = 0, min(len(order), 2 * k_all + 1)   # a fold needing twice the heads is a miss anyway
+        # a fold needing twice the heads is a miss anyway; under a budget the choice itself is the limit
+        lo, hi = 0, min(len(order), 2 * k_all + 1 if best["meets"] else k_all)
         while lo < hi:
             k = (lo + hi) // 2
             if params.target.met_by(_point(bench, order, k, shape, others), bench.full):
@@ -321,7 +354,9 @@ def _leave_one_out(bench: TaskBench, held_out: TaskBench, rank: Callable[[tuple[
 
 
 def _validated_on(params: CalibrationParams, best: dict, lofo: list[dict]) -> dict:
-    return {"families": list(params.families) if best.get("measured_on") == "held-out" else [],
+    held = best.get("measured_on") == "held-out" and best["meets"]
+    return {"families": list(params.families) if held else [], "target_met": bool(best["meets"]),
+            "max_bytes": params.max_bytes,
             "lengths": list(params.lengths), "documents": "corpus part 'validation', seed + 1000",
             "families_held_when_left_out": [x["family"] for x in lofo if x["met"]],
             "families_missed_when_left_out": [x["family"] for x in lofo if not x["met"]]}

@@ -41,8 +41,8 @@ def cmd_profile(args) -> int:
             bar.set_description(stage)
         bar.update(done - bar.n)
 
-    calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop,
-                                              max_kl=args.max_kl) if args.calibrate else None
+    calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl,
+                                              max_bytes=args.max_bytes) if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
     with open(args.out, "w") as f:
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="calibration target: accuracy within this of the full cache per task family and length")
     prof.add_argument("--max-kl", type=float, default=cal.max_kl,
                       help="calibration target (also): mean KL to the full cache on real text below this (nats)")
+    prof.add_argument("--max-bytes", type=float, default=cal.max_bytes,
+                      help="calibration budget: at most this fraction of the full cache's bytes; when no point "
+                           "within it meets the target, the one keeping the most answers (recorded as a miss)")
     prof.add_argument("--out", default="headmap.json")
     prof.add_argument("--png", default="", help="also write the score heatmap here")
     gen = sub.add_parser("generate", help="generate with the full cache and with compression")
