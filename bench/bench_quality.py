@@ -9,8 +9,9 @@ the model's greedy choice (teacher-forced, batched: what greedy generation would
 Table 1 (per family x length): the full cache; the full cache with its keys and values rounded to bfloat16
 (an innocuous perturbation: the answers it loses are the noise floor of "kept"); the paper's selection
 (induction 15% + echo 1% of query heads, widened to KV heads, C = 5, S0 = 256, the engine's default
-compression); window only (no full heads, the shipped map's window, no compensation); random KV heads at the
-shipped map's count and compression (equal bytes); the shipped map. Accuracy, kept (of the full cache's
+compression); window only (no full heads, the calibrated map's window, no compensation); random KV heads at the
+calibrated map's count and compression (equal bytes); the calibrated map (the shipped one unless
+`--calibrated-map` names another). Accuracy, kept (of the full cache's
 answers, the fraction still answered) and bytes.
 Table 2 / plot: the frontier, accuracy against bytes at several fixed windows, per family, at the frontier
 lengths, along head orders ranked here on tasks of the calibration part: learned gates (`head_gates`, how
@@ -59,18 +60,22 @@ def heads_of(hm: HeadMap) -> list[tuple[int, int]]:
     return [(layer, h) for layer, hs in enumerate(hm.retrieval_kv_heads) for h in hs]
 
 
-def variants(shipped: HeadMap, seed: int) -> dict[str, HeadMap]:
-    fp = shipped.fingerprint
-    _, paper_kv = select_heads(torch.tensor(shipped.induction), torch.tensor(shipped.echo), ProfileParams(), fp)
+def variants(calibrated: HeadMap, seed: int, others: tuple[HeadMap, ...] = ()) -> dict[str, HeadMap]:
+    """The table's rows; `others`: more calibrated maps to compare (the shipped one, when another is tried)."""
+    fp = calibrated.fingerprint
+    profile = torch.tensor(calibrated.induction), torch.tensor(calibrated.echo)
+    _, paper_kv = select_heads(*profile, ProfileParams(), fp)
     paper = [(layer, h) for layer, hs in enumerate(paper_kv) for h in hs]
     everything = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
     random.Random(seed).shuffle(everything)
-    c = shipped.compression
+    c = calibrated.compression
     return {"full cache": HeadMap.full(fp), NOISE_ROW: HeadMap.full(fp),
-            "paper selection (C=5, S0=256)": make_map(shipped, paper, CompressionParams(), "paper"),
-            f"window only ({c.sink}+{c.min_window})": make_map(shipped, [], replace(c, compensation=False), "window"),
-            "random KV heads, equal bytes": make_map(shipped, everything[:len(heads_of(shipped))], c, "random"),
-            "shipped map": shipped}
+            "paper selection (C=5, S0=256)": make_map(calibrated, paper, CompressionParams(), "paper"),
+            f"window only ({c.sink}+{c.min_window})": make_map(calibrated, [], replace(c, compensation=False),
+                                                               "window"),
+            "random KV heads, equal bytes": make_map(calibrated, everything[:len(heads_of(calibrated))], c,
+                                                     "random"),
+            **{f"calibrated map {hm.version} ({len(heads_of(hm))} KV heads)": hm for hm in (*others, calibrated)}}
 
 
 def frontier_maps(shipped: HeadMap, orders: dict[str, list], ks, windows) -> list[tuple[str, int, int, HeadMap]]:
@@ -292,21 +297,24 @@ def main() -> None:
     print(common.header())
     loaded = load_model("smollm2", "cpu")
     engine = Engine(loaded)
-    shipped = (HeadMap.from_json(Path(args.calibrated_map).read_text(), expect=loaded.fingerprint)
+    calibrated = (HeadMap.from_json(Path(args.calibrated_map).read_text(), expect=loaded.fingerprint)
                if args.calibrated_map else shipped_head_map(loaded.fingerprint))
-    if shipped is None or not shipped.calibration:
+    if calibrated is None or not calibrated.calibration:
         raise SystemExit("no calibrated head map for the embedded SmolLM2")
-    print(f"map {shipped.version}: {len(heads_of(shipped))} KV heads full, {shipped.compression}", flush=True)
-    rows = variants(shipped, args.seed)
-    orders = {"shipped": [tuple(h) for h in shipped.calibration["order"]]} if "shipped" in args.orders else {}
+    print(f"map {calibrated.version}: {len(heads_of(calibrated))} KV heads full, {calibrated.compression}",
+          flush=True)
+    in_release = shipped_head_map(loaded.fingerprint)
+    also = (in_release,) if in_release and in_release.version != calibrated.version else ()
+    rows = variants(calibrated, args.seed, also)
+    orders = {"shipped": [tuple(h) for h in calibrated.calibration["order"]]} if "shipped" in args.orders else {}
     if "attention" in args.orders:
         orders = {"attention": attention_order(engine, args.rank_length, args.rank_tasks), **orders}
     if "gates" in args.orders:
         lengths = [n for n in args.lengths if n <= 2000]
-        orders = {"gates": gate_order(engine, lengths, args.gate_tasks, shipped.compression.sink, args.gate_window,
+        orders = {"gates": gate_order(engine, lengths, args.gate_tasks, calibrated.compression.sink, args.gate_window,
                                       GateParams(steps=args.gate_steps, batch=8)),
                   **orders}
-    frontier = frontier_maps(shipped, orders, args.ks, args.windows)
+    frontier = frontier_maps(calibrated, orders, args.ks, args.windows)
     tables, sweeps = {}, {}
     for length in args.lengths + args.long_lengths:
         n = args.tasks if length in args.lengths else args.long_tasks
