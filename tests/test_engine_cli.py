@@ -29,6 +29,9 @@ def test_profile_then_generate_prints_kv_bytes(tmp_path):
 def test_bad_input_is_a_clear_error(tmp_path):
     done = run_cli("profile", "--induction-fraction", "2", "--out", str(tmp_path / "x.json"))
     assert done.returncode == 2 and "induction_fraction must be within 0..1" in done.stderr
+    done = run_cli("profile", "--calibrate", "--families", "copy", "--max-bytes", "2",
+                   "--out", str(tmp_path / "x.json"))
+    assert done.returncode == 2 and "max_bytes must be within (0, 1]" in done.stderr
     done = subprocess.run([sys.executable, "-m", "services.engine.cli", "--model", str(tmp_path / "missing"),
                            "generate", "--prompt", "hi"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "does not exist" in done.stderr

@@ -13,7 +13,7 @@ import time
 from tqdm import tqdm
 
 from .cache import CompressionParams
-from .calibration import CalibrationParams
+from .calibration import KNOWN_FAMILIES, CalibrationParams
 from .generation import Engine
 from .headmap import HeadMap, shipped_head_map
 from .models import load_model
@@ -41,8 +41,9 @@ def cmd_profile(args) -> int:
             bar.set_description(stage)
         bar.update(done - bar.n)
 
+    families = {"families": tuple(args.families)} if args.families else {}
     calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl,
-                                              max_bytes=args.max_bytes) if args.calibrate else None
+                                              max_bytes=args.max_bytes, **families) if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
     with open(args.out, "w") as f:
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="calibration target: accuracy within this of the full cache per task family and length")
     prof.add_argument("--max-kl", type=float, default=cal.max_kl,
                       help="calibration target (also): mean KL to the full cache on real text below this (nats)")
+    prof.add_argument("--families", nargs="+", choices=KNOWN_FAMILIES, default=None,
+                      help=f"calibration task families (default: {' '.join(cal.families)})")
     prof.add_argument("--max-bytes", type=float, default=cal.max_bytes,
                       help="calibration budget: at most this fraction of the full cache's bytes; when no point "
                            "within it meets the target, the one keeping the most answers (recorded as a miss)")
