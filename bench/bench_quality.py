@@ -228,7 +228,8 @@ def plot(points: list[dict], args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     orders = list(dict.fromkeys(p["order"] for p in points))
-    fig, axes = plt.subplots(len(orders), len(args.windows), figsize=(5 * len(args.windows), 4 * len(orders)),
+    width = max(9, 5 * len(args.windows))   # one panel is too narrow for the title
+    fig, axes = plt.subplots(len(orders), len(args.windows), figsize=(width, 4 * len(orders)),
                              sharey=True, squeeze=False)
     for row, order in zip(axes, orders):
         for ax, w in zip(row, args.windows):
