@@ -26,7 +26,8 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    target there, ~3% more KV heads are added (the authors' own fallback; never past the byte budget). Then
    LEAVE ONE FAMILY OUT: for each family, the search is re-run without it (its ranking, gates retrained
    included, and its k from the other families only) and the result checked on the left-out family's
-   held-out documents: does the selection generalise to a skill the search never saw? `calibration["validated_on"]` says which families and lengths held.
+   held-out documents: does the selection generalise to a skill the search never saw?
+   `calibration["validated_on"]` says which families and lengths held.
 Every point tried is recorded in `HeadMap.calibration`; `variant_at(...)` picks another point of the curve.
 Per-layer windows are not searched: `CompressionParams` has one window for every layer.
 """
