@@ -60,6 +60,10 @@ def make_map(base: HeadMap, heads, compression: CompressionParams, method: str) 
     return HeadMap(fp, base.induction, base.echo, [], kv, compression, method=method)
 
 
+def all_kv_heads(fp) -> list[tuple[int, int]]:
+    return [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
+
+
 def heads_of(hm: HeadMap) -> list[tuple[int, int]]:
     return [(layer, h) for layer, hs in enumerate(hm.retrieval_kv_heads) for h in hs]
 
@@ -70,7 +74,7 @@ def variants(calibrated: HeadMap, seed: int, others: tuple[HeadMap, ...] = ()) -
     profile = torch.tensor(calibrated.induction), torch.tensor(calibrated.echo)
     _, paper_kv = select_heads(*profile, ProfileParams(), fp)
     paper = [(layer, h) for layer, hs in enumerate(paper_kv) for h in hs]
-    everything = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
+    everything = all_kv_heads(fp)
     random.Random(seed).shuffle(everything)
     c = calibrated.compression
     return {"full cache": HeadMap.full(fp), NOISE_ROW: HeadMap.full(fp),
@@ -93,7 +97,7 @@ def attention_order(engine: Engine, length: int, n: int) -> list[tuple[int, int]
     """KV heads ranked by their attention on the facts (fact_attention.py) over `n` tasks per family of the
     CALIBRATION part, one vote per family, as calibration ranks them."""
     fp = engine.loaded.fingerprint
-    heads = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
+    heads = all_kv_heads(fp)
     by_family = {}
     for family in FAMILIES:
         masses = [m for t in retrieval_tasks(family, length, n, RANK_SEED, engine.tokenizer, part="calibration")
@@ -120,8 +124,7 @@ def gate_order(engine: Engine, lengths: list[int], n: int, sink: int, window: in
             print(f"  {stage}: step {done}/{total}", flush=True)
 
     scores = train_gates(engine.model, tasks, kvs, fp.n_layers, fp.n_kv_heads, sink, window, params, progress)
-    heads = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads)]
-    return sorted(heads, key=lambda head: -float(scores[head]))
+    return sorted(all_kv_heads(fp), key=lambda head: -float(scores[head]))
 
 
 def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
@@ -303,7 +306,7 @@ def main() -> None:
     loaded = load_model("smollm2", "cpu")
     engine = Engine(loaded)
     calibrated = (HeadMap.from_json(Path(args.calibrated_map).read_text(), expect=loaded.fingerprint)
-               if args.calibrated_map else shipped_head_map(loaded.fingerprint))
+                  if args.calibrated_map else shipped_head_map(loaded.fingerprint))
     if calibrated is None or not calibrated.calibration:
         raise SystemExit("no calibrated head map for the embedded SmolLM2")
     print(f"map {calibrated.version}: {len(heads_of(calibrated))} KV heads full, {calibrated.compression}",
