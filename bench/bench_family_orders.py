@@ -155,10 +155,7 @@ def plot(results: dict, args, path: Path) -> None:
     fig.suptitle(f"SmolLM2-135M: each retrieval skill along a head order trained on it alone, "
                  f"{args.tasks} documents per length\n(green: 97% of the full cache's answers kept; "
                  "red: 25% of the bytes)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def parse_args():

@@ -244,10 +244,7 @@ def plot(points: list[dict], args, path: Path) -> None:
     fig.suptitle(f"SmolLM2-135M: accuracy against KV bytes, {' and '.join(map(str, args.frontier_lengths))}-token "
                  f"documents, {args.tasks} per family and length\n(green: the first point meeting the target "
                  "on every family; red: the goal of 25% of the bytes)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def _plot_panel(ax, pts: list[dict], title: str) -> None:
