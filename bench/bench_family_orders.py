@@ -93,28 +93,28 @@ def round_robin(orders: dict[str, list[Head]]) -> list[Head]:
 
 
 def borda(orders: dict[str, list[Head]]) -> list[Head]:
+    """Every head by its summed rank over the families' orders (Borda count), best first."""
     heads = next(iter(orders.values()))
     return sorted(heads, key=lambda head: sum(order.index(head) for order in orders.values()))
 
 
 def run(args) -> dict:
+    """Every family's own order, then per family (one family's caches held at a time): its own frontier and
+    the merged orders' points."""
     loaded = load_model("smollm2", "cpu")
     engine, shipped = Engine(loaded), shipped_head_map(loaded.fingerprint)
-    results: dict = {"own": {}, "merged": {}, "orders": {}}
-    benches = {}
+    orders = {family: family_order(engine, family, args) for family in args.families}
+    print(f"  every family's gates trained ({args.clock})", flush=True)
+    merges = {"round-robin": round_robin(orders), "borda": borda(orders)}
+    results: dict = {"own": {}, "merged": {name: {} for name in merges}, "orders": orders}
     for family in args.families:
-        order = family_order(engine, family, args)
-        results["orders"][family] = order
-        benches[family] = FamilyBench(engine, family, args)
-        results["own"][family] = {f"{k},{w}": benches[family].kept(fixed(shipped, order[:k], args.sink, w))
+        bench = FamilyBench(engine, family, args)
+        results["own"][family] = {f"{k},{w}": bench.kept(fixed(shipped, orders[family][:k], args.sink, w))
                                   for w in args.windows for k in args.ks}
-        print(f"  {family}: own order scored ({args.clock})", flush=True)
-    merges = {"round-robin": round_robin(results["orders"]), "borda": borda(results["orders"])}
-    for name, order in merges.items():
-        results["merged"][name] = {family: {f"{k},{w}": bench.kept(fixed(shipped, order[:k], args.sink, w))
-                                            for w in args.windows for k in args.merge_ks}
-                                   for family, bench in benches.items()}
-        print(f"  {name} merge scored ({args.clock})", flush=True)
+        for name, order in merges.items():
+            results["merged"][name][family] = {f"{k},{w}": bench.kept(fixed(shipped, order[:k], args.sink, w))
+                                               for w in args.windows for k in args.merge_ks}
+        print(f"  {family}: scored along its own and the merged orders ({args.clock})", flush=True)
     return results
 
 
