@@ -23,8 +23,8 @@ import bench_quality as bq
 import common
 
 from services.engine import CompressionParams, Engine, HeadMap, load_model
-from services.engine.evaluation import full_prefill, held, retrieval_tasks, score_answers, session_from_full
-from services.engine.head_gates import GateParams, train_gates
+from services.engine.evaluation import full_prefill, retrieval_tasks
+from services.engine.head_gates import GateParams
 from services.engine.headmap import shipped_head_map
 
 Head = tuple[int, int]
@@ -32,47 +32,27 @@ Head = tuple[int, int]
 
 def family_order(engine: Engine, family: str, args) -> list[Head]:
     """KV heads ranked by gates trained on `family`'s calibration-part tasks alone, most needed first."""
-    fp = engine.loaded.fingerprint
-    tasks = [t for length in args.lengths for t in retrieval_tasks(family, length, args.gate_tasks,
-                                                                    bq.RANK_SEED + length, engine.tokenizer,
-                                                                    part="calibration")]
-    kvs = [held(full_prefill(engine, t.document)) for t in tasks]
-    scores = train_gates(engine.model, tasks, kvs, fp.n_layers, fp.n_kv_heads, args.sink, args.gate_window,
-                         GateParams(steps=args.gate_steps, batch=8), _progress(family))  # [n_layers, n_kv_heads]
-    return sorted(bq.all_kv_heads(fp), key=lambda head: -float(scores[head]))
-
-
-def _progress(family: str):
-    def report(done: int, total: int, stage: str) -> None:
-        if done % 20 == 0 or done == total:
-            print(f"  {family}: {stage} {done}/{total}", flush=True)
-    return report
+    return bq.gate_order(engine, args.lengths, args.gate_tasks, args.sink, args.gate_window,
+                         GateParams(steps=args.gate_steps, batch=8), families=(family,))
 
 
 class FamilyBench:
     """One family's bench-part tasks at every length, prefilled once; `kept` scores a head map on them."""
 
     def __init__(self, engine: Engine, family: str, args):
-        self.engine, self.lengths = engine, args.lengths
+        self.engine, self.family, self.lengths = engine, family, args.lengths
         self.tasks = {n: retrieval_tasks(family, n, args.tasks, bq.BENCH_SEED + n, engine.tokenizer, part="bench")
                       for n in args.lengths}
         self.kvs = {n: [full_prefill(engine, t.document) for t in tasks] for n, tasks in self.tasks.items()}
         full = HeadMap.full(engine.loaded.fingerprint)
-        self.full_hits = {n: self._hits(n, full) for n in args.lengths}
-
-    def _hits(self, length: int, hm: HeadMap) -> list[bool]:
-        return [hit for _, hit in score_answers(self.engine, self.tasks[length], self.kvs[length], hm)]
+        self.full = {n: bq.evaluate(engine, self.tasks[n], self.kvs[n], full) for n in args.lengths}
 
     def kept(self, hm: HeadMap) -> dict:
         """{length: share of the full cache's answers kept} and the bytes fraction at the first length."""
-        out = {}
-        for n in self.lengths:
-            answered = [hit for hit, full in zip(self._hits(n, hm), self.full_hits[n]) if full]
-            out[n] = sum(answered) / len(answered) if answered else 1.0
-        n = self.lengths[0]
-        state = session_from_full(self.engine, self.tasks[n][0].document, self.kvs[n][0], hm)
-        return {"kept": out, "bytes": state.stored_nbytes() / state.full_nbytes(),
-                "answered_by_full": {n: sum(h) for n, h in self.full_hits.items()}}
+        results = {n: bq.evaluate(self.engine, self.tasks[n], self.kvs[n], hm) for n in self.lengths}
+        return {"kept": {n: bq.cell(r, self.full[n], self.family)[1] for n, r in results.items()},
+                "bytes": results[self.lengths[0]]["bytes"],
+                "answered_by_full": {n: sum(r["hits"][self.family]) for n, r in self.full.items()}}
 
 
 def fixed(base: HeadMap, heads: list[Head], sink: int, window: int) -> HeadMap:

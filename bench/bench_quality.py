@@ -110,11 +110,11 @@ def attention_order(engine: Engine, length: int, n: int) -> list[tuple[int, int]
 
 
 def gate_order(engine: Engine, lengths: list[int], n: int, sink: int, window: int,
-               params: GateParams) -> list[tuple[int, int]]:
+               params: GateParams, families: tuple[str, ...] = FAMILIES) -> list[tuple[int, int]]:
     """KV heads ranked by learned gates (head_gates.py, as calibration ranks them by default), trained on `n`
-    tasks per family and length of the CALIBRATION part."""
+    tasks per family (of `families`) and length of the CALIBRATION part."""
     fp = engine.loaded.fingerprint
-    tasks = [t for family in FAMILIES for length in lengths
+    tasks = [t for family in families for length in lengths
              for t in retrieval_tasks(family, length, n, RANK_SEED + length, engine.tokenizer, part="calibration")]
     kvs = [held(full_prefill(engine, t.document)) for t in tasks]
     print(f"  prefilled {len(tasks)} gate-training tasks ({sink}+{window}) ", flush=True)
