@@ -29,6 +29,7 @@ tasks is bounded by time, not memory.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
@@ -273,9 +274,12 @@ def parse_args():
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 6, 10, 14, 18, 22, 26, 30, 36, 45, 60, 90])
     ap.add_argument("--windows", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--calibrated-map", default="", help="a calibrated head map JSON (default: the shipped map)")
-    ap.add_argument("--orders", nargs="+", default=["gates"], choices=["gates", "attention", "recorded"],
+    ap.add_argument("--orders", nargs="*", default=["gates"], choices=["gates", "attention", "recorded"],
                     help="frontier head orders: learned gates and/or attention on the facts (both ranked here, "
                          "calibration part) and/or the map's recorded calibration order")
+    ap.add_argument("--order-file", default="",
+                    help="also a frontier order from a JSON list of [layer, KV head], most needed first (e.g. "
+                         "bench_layer_windows --save-order); its name in the tables is the file's stem")
     ap.add_argument("--rank-tasks", type=int, default=6, help="tasks per family that rank heads by attention")
     ap.add_argument("--rank-length", type=int, default=1000, help="their document length")
     ap.add_argument("--gate-tasks", type=int, default=8, help="gate-training tasks per family and length")
@@ -319,6 +323,8 @@ def main() -> None:
         orders = {"gates": gate_order(engine, lengths, args.gate_tasks, calibrated.compression.sink, args.gate_window,
                                       GateParams(steps=args.gate_steps, batch=8)),
                   **orders}
+    if args.order_file:
+        orders[Path(args.order_file).stem] = [tuple(h) for h in json.loads(Path(args.order_file).read_text())]
     frontier = frontier_maps(calibrated, orders, args.ks, args.windows)
     tables, sweeps = {}, {}
     for length in args.lengths + args.long_lengths:

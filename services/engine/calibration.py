@@ -29,7 +29,8 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    held-out documents: does the selection generalise to a skill the search never saw?
    `calibration["validated_on"]` says which families and lengths held.
 Every point tried is recorded in `HeadMap.calibration`; `variant_at(...)` picks another point of the curve.
-Per-layer windows are not searched: `CompressionParams` has one window for every layer.
+Per-layer windows are not searched: `CompressionParams` has one window for every layer, and a window per layer
+measured no better at equal bytes (`bench/bench_layer_windows.py`, docs/benchmarks.md 3.2f).
 """
 from __future__ import annotations
 
