@@ -158,17 +158,14 @@ def parse_args():
     if args.quick:
         args.families, args.lengths, args.tasks, args.gate_tasks = ["digits", "passkey"], [400], 2, 1
         args.gate_steps, args.ks, args.merge_ks, args.windows = 10, [0, 15], [15], [64]
-    if args.png is None:
-        args.png = (Path(tempfile.gettempdir()) / "family-orders-quick.png" if args.quick
-                    else common.DOCS / "family-orders.png")
+    args.png = common.plot_path(args, "family-orders.png")
     args.json = args.json or str(Path(tempfile.gettempdir()) / "family-orders.json")
     return args
 
 
 def main() -> None:
     args = parse_args()
-    args.clock = common.Stopwatch()
-    print(common.header())
+    common.begin(args)
     results = run(args)
     Path(args.json).write_text(json.dumps(results))
     print_tables(results, args)

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,27 +44,18 @@ STEP = 8   # tokens: the measured schedule's grain
 
 
 # --- per-layer windows on the scoring path --------------------------------------------------------------
-@contextmanager
-def layer_windows(windows: list[int] | None):
+def layer_windows(windows: list[int]):
     """Within: every cache `evaluation` builds from a full prefill keeps `windows[layer]` recent tokens in that
     layer's local heads (from then on too: each layer's compress uses its own). The map's own window must be
     the largest, so nothing a layer keeps was dropped first; a second compress folds the rest into the
     compensation token (a running mean, so the same as compressing once)."""
-    original = evaluation.session_from_full
-
-    def per_layer(engine, ids, full_kv, head_map):
-        state = original(engine, ids, full_kv, head_map)
-        assert head_map.compression.min_window >= max(windows), (head_map.compression, max(windows))
+    def per_layer(state) -> None:
         for layer, window in zip(state.cache.layers, windows):
+            assert layer.params.min_window >= window, (layer.params, window)
             layer.params = replace(layer.params, min_window=window)
             layer.compress()
-        return state
 
-    evaluation.session_from_full = per_layer if windows else original
-    try:
-        yield
-    finally:
-        evaluation.session_from_full = original
+    return bq.transformed_sessions(per_layer)
 
 
 # --- schedules ---------------------------------------------------------------------------------------
@@ -278,18 +267,13 @@ def parse_args():
         args.lengths, args.tasks, args.ks, args.windows = [400], 2, [15], [32]
         args.gate_tasks, args.gate_steps, args.measure_length, args.measure_tasks = 1, 10, 400, 1
         args.max_window = 128
-    if args.png is None:
-        args.png = (Path(tempfile.gettempdir()) / "layer-windows-quick.png" if args.quick
-                    else common.DOCS / "layer-windows.png")
+    args.png = common.plot_path(args, "layer-windows.png")
     return args
 
 
 def main() -> None:
     args = parse_args()
-    args.clock = common.Stopwatch()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(common.header())
+    common.begin(args)
     results = load_results(args.results) if args.results and Path(args.results).exists() else run(args)
     if args.results:
         Path(args.results).write_text(json.dumps(results))

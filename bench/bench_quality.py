@@ -32,17 +32,19 @@ import argparse
 import json
 import random
 import statistics
-import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import common
 import torch
 
-from services.engine import CompressionParams, Engine, HeadMap, load_model
+from services.engine import CompressionParams, Engine, HeadMap, evaluation, load_model
 from services.engine.evaluation import (FAMILIES, full_prefill, held, retrieval_tasks, score_answers,
                                        session_from_full)
 from services.engine.fact_attention import fact_attention, one_vote_per_family
+from services.engine.generation import SessionState
 from services.engine.head_gates import GateParams, train_gates
 from services.engine.headmap import shipped_head_map
 from services.engine.profiling import ProfileParams, select_heads
@@ -126,6 +128,24 @@ def gate_order(engine: Engine, lengths: list[int], n: int, sink: int, window: in
 
     scores = train_gates(engine.model, tasks, kvs, fp.n_layers, fp.n_kv_heads, sink, window, params, progress)
     return sorted(all_kv_heads(fp), key=lambda head: -float(scores[head]))
+
+
+@contextmanager
+def transformed_sessions(transform: Callable[[SessionState], None]):
+    """Within: every session `evaluation` builds from a full prefill goes through `transform` before its turn
+    is scored (a bench's prototype of a cache the engine does not build: a window per layer, quantised rows)."""
+    original = evaluation.session_from_full
+
+    def transformed(engine, ids, full_kv, head_map):
+        state = original(engine, ids, full_kv, head_map)
+        transform(state)
+        return state
+
+    evaluation.session_from_full = transformed
+    try:
+        yield
+    finally:
+        evaluation.session_from_full = original
 
 
 def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
@@ -292,18 +312,13 @@ def parse_args():
         args.lengths, args.long_lengths, args.tasks, args.frontier_lengths = [400], [], 2, [400]
         args.ks, args.windows, args.rank_tasks, args.rank_length = [0, 14, 90], [64], 1, 400
         args.gate_tasks, args.gate_steps = 1, 20
-    if args.png is None:
-        args.png = (Path(tempfile.gettempdir()) / "quality-vs-bytes-quick.png" if args.quick
-                    else common.DOCS / "quality-vs-bytes.png")
+    args.png = common.plot_path(args, "quality-vs-bytes.png")
     return args
 
 
 def main() -> None:
     args = parse_args()
-    args.clock = common.Stopwatch()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(common.header())
+    common.begin(args)
     loaded = load_model("smollm2", "cpu")
     engine = Engine(loaded)
     calibrated = (HeadMap.from_json(Path(args.calibrated_map).read_text(), expect=loaded.fingerprint)

@@ -59,6 +59,28 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_path(args, name: str) -> Path:
+    """Where a plotting bench draws: `--png` when given; a `--quick` run's in the temp folder (it must not
+    overwrite the documented plot); otherwise docs/`name`."""
+    if args.png:
+        return Path(args.png)
+    if args.quick:
+        import tempfile
+        return Path(tempfile.gettempdir()) / name.replace(".png", "-quick.png")
+    return DOCS / name
+
+
+def begin(args) -> None:
+    """A quality bench's first steps: its stopwatch (`args.clock`), torch's CPU threads (`args.threads`, 0 =
+    torch's default) and the header line."""
+    import torch
+
+    args.clock = Stopwatch()
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    print(header())
+
+
 class Stopwatch:
     """Wall seconds since creation; printed at the end of each script."""
 

@@ -1,0 +1,193 @@
+"""Retrieval heads stored in 8 or 4 bits: more heads kept full within a quarter of the bytes?
+
+At a quarter of a 16-bit cache's bytes a static map keeps about 20 of SmolLM2's 90 KV heads full (3.2d-f),
+and there the losses are real; at about 45 heads only the full cache's near-ties are lost (3.2e). Stored in
+8 bits, 45 heads cost what 23 cost in 16; in 4 bits, what 13 cost. This bench measures whether the answers
+survive the rounding: the top k of a head order (`--order` JSON, e.g. `bench_layer_windows --save-order`; else
+six-family gates trained here as `bench_layer_windows` trains them) kept full with their keys and values
+rounded to `bits`-bit integers, symmetric, one float16 scale per `--group` channels of a row (per token and
+head, after RoPE), every other head at sink + a fixed window in 16 bits with its compensation token.
+
+Simulated: the engine stores no integers yet. Each document's cache is built from its full prefill as the
+engine builds it, then the retrieval heads' rows are quantised and dequantised in place; the question turn's
+own rows (and the "turn" family's interlude) stay unrounded, as a quantised store's recent rows would
+(KIVI keeps a recent residual in full precision). Bytes are those a packed store would hold (integers, scales,
+the 16-bit local rows and the float32 compensation token) against a 16-bit full cache.
+
+    .venv/bin/python bench/bench_kv_quant.py --order order6.json    # full size (~15 min on a 2-core CPU)
+    .venv/bin/python bench/bench_kv_quant.py --quick                # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import bench_quality as bq
+import common
+import torch
+
+from services.engine import CompressionParams, Engine, HeadMap, evaluation, load_model
+from services.engine.evaluation import full_prefill, retrieval_tasks
+from services.engine.head_gates import GateParams
+from services.engine.headmap import shipped_head_map
+
+FULL_ITEMSIZE = 2    # bytes per element of the full cache the fractions compare with (bfloat16, as on a GPU)
+SCALE_ITEMSIZE = 2   # float16 scales
+
+
+def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """x: [..., D] rounded to `bits`-bit signed integers per `group` channels (symmetric absmax, a float16
+    scale each) and back, in x's dtype."""
+    shape = x.shape
+    assert shape[-1] % group == 0, (shape, group)
+    groups = x.float().reshape(*shape[:-1], shape[-1] // group, group)            # [..., D / group, group]
+    qmax = 2 ** (bits - 1) - 1
+    scale = (groups.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-8).half().float()
+    return (torch.round(groups / scale).clamp(-qmax, qmax) * scale).reshape(shape).to(x.dtype)
+
+
+def quantised(bits: int, group: int):
+    """Within: every session `evaluation` builds holds its retrieval heads' rows rounded to `bits` bits."""
+    def quantise(state) -> None:
+        for layer in state.cache.layers:
+            if layer.retrieval is not None and bits < 16:
+                layer.retrieval.keys.copy_(fake_quant(layer.retrieval.keys, bits, group))      # views of the store
+                layer.retrieval.values.copy_(fake_quant(layer.retrieval.values, bits, group))
+
+    return bq.transformed_sessions(quantise)
+
+
+def packed_fraction(state, bits: int, group: int) -> float:
+    """Bytes a packed store of this cache would hold, as a fraction of a 16-bit full cache's."""
+    held = full = 0
+    for layer in state.cache.layers:
+        head_dim = (layer.keys if layer.keys is not None else layer.local_keys).shape[-1]
+        full += 2 * layer.n_kv_heads * layer.seq_len * head_dim * FULL_ITEMSIZE
+        if layer.keys is not None:
+            elements = 2 * layer.keys.numel()
+            held += (elements * bits // 8 + elements // group * SCALE_ITEMSIZE) if bits < 16 else elements * 2
+        if layer.local_keys is not None:
+            held += 2 * layer.local_keys.numel() * FULL_ITEMSIZE
+        if layer.comp_keys is not None:
+            held += 2 * layer.comp_keys.numel() * 4
+    return held / full
+
+
+def points(spec: list[str]) -> list[tuple[int, int]]:
+    """'45:8' -> (45 KV heads full, 8 bits)."""
+    out = []
+    for item in spec:
+        k, bits = item.split(":")
+        if int(bits) not in (4, 8, 16):
+            raise SystemExit(f"bits must be 4, 8 or 16 (unrounded), got {item!r}")
+        out.append((int(k), int(bits)))
+    return out
+
+
+def run(args) -> dict:
+    loaded = load_model("smollm2", "cpu")
+    engine, shipped = Engine(loaded), shipped_head_map(loaded.fingerprint)
+    order = ([tuple(h) for h in json.loads(Path(args.order).read_text())] if args.order else
+             bq.gate_order(engine, args.lengths, args.gate_tasks, args.sink, args.gate_window,
+                           GateParams(steps=args.gate_steps, batch=8), families=bq.BENCH_FAMILIES))
+    compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=1e9)
+    maps = {(k, bits): bq.make_map(shipped, order[:k], compression, "quantised") for k, bits in points(args.points)}
+    full = HeadMap.full(loaded.fingerprint)
+    results: dict = {"full": {}, "points": {f"{k}:{bits}": {} for k, bits in maps}}
+    for n in args.lengths:
+        tasks = [t for family in bq.BENCH_FAMILIES
+                 for t in retrieval_tasks(family, n, args.tasks, bq.BENCH_SEED + n, engine.tokenizer, part="bench")]
+        kvs = [full_prefill(engine, t.document) for t in tasks]
+        results["full"][n] = bq.evaluate(engine, tasks, kvs, full)
+        for (k, bits), hm in maps.items():
+            with quantised(bits, args.group):
+                result = bq.evaluate(engine, tasks, kvs, hm)
+                state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
+            results["points"][f"{k}:{bits}"][n] = {**result, "bytes": packed_fraction(state, bits, args.group)}
+            print(f"  {n} tokens: {k} heads in {bits} bits scored on {len(tasks)} tasks ({args.clock})", flush=True)
+        del kvs
+    return results
+
+
+def kept(results: dict, key: str, family: str) -> list[float]:
+    return [bq.cell(results["points"][key][n], results["full"][n], family)[1] for n in results["full"]]
+
+
+def print_table(results: dict, args) -> None:
+    lengths = " / ".join(map(str, results["full"]))
+    answered = ", ".join(f"{f} {' / '.join(str(sum(results['full'][n]['hits'][f])) for n in results['full'])}"
+                         for f in bq.BENCH_FAMILIES)
+    rows = [[*key.split(":"), " / ".join(f"{per[n]['bytes']:.3f}" for n in results["full"]),
+             *[" / ".join(f"{x:.0%}" for x in kept(results, key, f)) for f in bq.BENCH_FAMILIES]]
+            for key, per in results["points"].items()]
+    print(f"\nShare of the full cache's answers kept at {lengths} tokens ({args.tasks} documents per family and "
+          f"length, window {args.window}, sink {args.sink}, groups of {args.group}; the full cache answers "
+          f"{answered})\n")
+    print(common.table(["KV heads full", "bits", f"bytes / 16-bit full @{lengths}", *bq.BENCH_FAMILIES], rows))
+
+
+def plot(results: dict, args, path: Path) -> None:
+    """Each family's worst-length share kept against the bytes, one marker per (heads, bits) point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(results["full"]))
+    keys = sorted(results["points"], key=lambda key: results["points"][key][first]["bytes"])
+    x = [100 * results["points"][key][first]["bytes"] for key in keys]
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    for i, family in enumerate(bq.BENCH_FAMILIES):
+        ax.plot(x, [min(kept(results, key, family)) for key in keys], "os^vDx"[i], ms=5, alpha=0.8, label=family)
+    ax.plot(x, [min(min(kept(results, key, f)) for f in bq.BENCH_FAMILIES) for key in keys], "k--", lw=1,
+            label="worst family")
+    for xi, key in zip(x, keys):
+        k, bits = key.split(":")
+        ax.annotate(f"{k}@{bits}b", (xi, 1.01), fontsize=7, rotation=60, ha="left", va="bottom")
+    ax.axvline(25, color="red", lw=0.8, ls="-.")
+    ax.axhline(0.97, color="green", lw=0.8, ls=":")
+    ax.set(xlabel=f"KV bytes kept at {first} tokens (% of a 16-bit full cache)", ylim=(-0.03, 1.2),
+           ylabel="share of the full cache's answers kept (worst length)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"SmolLM2-135M: retrieval heads in 16, 8 or 4 bits (k@bits), local heads sink {args.sink} + "
+                 f"window {args.window}; {args.tasks} documents per family and length\n(green: 97% kept; red: "
+                 "25% of the bytes)", fontsize=9)
+    common.save_figure(fig, path)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 400 tokens, 2 tasks, three points")
+    ap.add_argument("--points", nargs="+", default=["20:16", "45:16", "40:8", "45:8", "45:4", "60:4", "75:4", "90:8",
+                                                     "90:4"], help="KV heads full:bits (16 = unrounded)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
+    ap.add_argument("--tasks", type=int, default=12, help="bench tasks per family and length")
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--group", type=int, default=32, help="channels per scale (SmolLM2's heads have 64)")
+    ap.add_argument("--order", default="", help="a JSON head order (else six-family gates are trained here)")
+    ap.add_argument("--gate-tasks", type=int, default=8, help="gate-training tasks per family and length")
+    ap.add_argument("--gate-steps", type=int, default=80, help="gate-training optimiser steps (of 8 tasks)")
+    ap.add_argument("--gate-window", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--png", default=None, help="plot path (default docs/kv-quant.png)")
+    args = ap.parse_args()
+    if args.quick:
+        args.lengths, args.tasks, args.points = [400], 2, ["20:16", "45:8", "45:4"]
+        args.gate_tasks, args.gate_steps = 1, 10
+    args.png = common.plot_path(args, "kv-quant.png")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    common.begin(args)
+    results = run(args)
+    print_table(results, args)
+    plot(results, args, Path(args.png))
+    print(f"\nplot: {args.png}\nbench_kv_quant: {args.clock}")
+
+
+if __name__ == "__main__":
+    main()
