@@ -127,26 +127,32 @@ def print_table(results: dict, args) -> None:
     print(common.table(["KV heads full", "bits", f"bytes / 16-bit full @{lengths}", *bq.BENCH_FAMILIES], rows))
 
 
-def plot(results: dict, args, path: Path) -> None:
-    """Each family's worst-length share kept against the bytes, one marker per (heads, bits) point."""
+def summary(results: dict) -> dict:
+    """{"k:bits": {"bytes": at the first length, "kept": {family: share kept at its worst length}}}: the plot's data."""
+    first = next(iter(results["full"]))
+    return {key: {"bytes": per[first]["bytes"], "kept": {f: min(kept(results, key, f)) for f in bq.BENCH_FAMILIES}}
+            for key, per in results["points"].items()}
+
+
+def plot(points: dict, args, path: Path) -> None:
+    """Each family's worst-length share kept against the bytes, one column of markers per (heads, bits) point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = next(iter(results["full"]))
-    keys = sorted(results["points"], key=lambda key: results["points"][key][first]["bytes"])
-    x = [100 * results["points"][key][first]["bytes"] for key in keys]
+    keys = sorted(points, key=lambda key: points[key]["bytes"])
+    x = [100 * points[key]["bytes"] for key in keys]
     fig, ax = plt.subplots(figsize=(9, 4.6))
     for i, family in enumerate(bq.BENCH_FAMILIES):
-        ax.plot(x, [min(kept(results, key, family)) for key in keys], "os^vDx"[i], ms=5, alpha=0.8, label=family)
-    ax.plot(x, [min(min(kept(results, key, f)) for f in bq.BENCH_FAMILIES) for key in keys], "k--", lw=1,
-            label="worst family")
+        ax.plot(x, [points[key]["kept"][family] for key in keys], "os^vDx"[i], ms=5, alpha=0.8, label=family)
+    ax.plot(x, [min(points[key]["kept"].values()) for key in keys], "k_", ms=16, mew=2,
+            label="worst family (not a curve: each point has its own heads and bits)")
     for xi, key in zip(x, keys):
         k, bits = key.split(":")
         ax.annotate(f"{k}@{bits}b", (xi, 1.01), fontsize=7, rotation=60, ha="left", va="bottom")
     ax.axvline(25, color="red", lw=0.8, ls="-.")
     ax.axhline(0.97, color="green", lw=0.8, ls=":")
-    ax.set(xlabel=f"KV bytes kept at {first} tokens (% of a 16-bit full cache)", ylim=(-0.03, 1.2),
+    ax.set(xlabel=f"KV bytes kept at {args.lengths[0]} tokens (% of a 16-bit full cache)", ylim=(-0.03, 1.2),
            ylabel="share of the full cache's answers kept (worst length)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -185,7 +191,7 @@ def main() -> None:
     common.begin(args)
     results = run(args)
     print_table(results, args)
-    plot(results, args, Path(args.png))
+    plot(summary(results), args, Path(args.png))
     print(f"\nplot: {args.png}\nbench_kv_quant: {args.clock}")
 
 
