@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,6 @@ def plot_path(args, name: str) -> Path:
     if args.png:
         return Path(args.png)
     if args.quick:
-        import tempfile
         return Path(tempfile.gettempdir()) / name.replace(".png", "-quick.png")
     return DOCS / name
 
