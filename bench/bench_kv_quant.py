@@ -14,13 +14,12 @@ own rows (and the "turn" family's interlude) stay unrounded, as a quantised stor
 (KIVI keeps a recent residual in full precision). Bytes are those a packed store would hold (integers, scales,
 the 16-bit local rows and the float32 compensation token) against a 16-bit full cache.
 
-    .venv/bin/python bench/bench_kv_quant.py --order order6.json    # full size (~15 min on a 2-core CPU)
+    .venv/bin/python bench/bench_kv_quant.py --order bench/orders/order6.json   # full size (~25 min, 2-core CPU)
     .venv/bin/python bench/bench_kv_quant.py --quick                # smoke run
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import bench_quality as bq
@@ -88,7 +87,7 @@ def points(spec: list[str]) -> list[tuple[int, int]]:
 def run(args) -> dict:
     loaded = load_model("smollm2", "cpu")
     engine, shipped = Engine(loaded), shipped_head_map(loaded.fingerprint)
-    order = ([tuple(h) for h in json.loads(Path(args.order).read_text())] if args.order else
+    order = (bq.read_order(args.order) if args.order else
              bq.gate_order(engine, args.lengths, args.gate_tasks, args.sink, args.gate_window,
                            GateParams(steps=args.gate_steps, batch=8), families=bq.BENCH_FAMILIES))
     compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=1e9)

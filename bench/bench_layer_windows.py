@@ -180,7 +180,7 @@ def run(args) -> dict:
 def load_order(args) -> list[Head] | None:
     if not args.order:
         return None
-    return [tuple(h) for h in json.loads(Path(args.order).read_text())]
+    return bq.read_order(args.order)
 
 
 def load_results(path: str) -> dict:

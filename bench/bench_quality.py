@@ -130,6 +130,11 @@ def gate_order(engine: Engine, lengths: list[int], n: int, sink: int, window: in
     return sorted(all_kv_heads(fp), key=lambda head: -float(scores[head]))
 
 
+def read_order(path: str) -> list[tuple[int, int]]:
+    """A head order saved as JSON ([[layer, KV head], ...], most needed first)."""
+    return [tuple(h) for h in json.loads(Path(path).read_text())]
+
+
 @contextmanager
 def transformed_sessions(transform: Callable[[SessionState], None]):
     """Within: every session `evaluation` builds from a full prefill goes through `transform` before its turn
@@ -339,7 +344,7 @@ def main() -> None:
                                       GateParams(steps=args.gate_steps, batch=8)),
                   **orders}
     if args.order_file:
-        orders[Path(args.order_file).stem] = [tuple(h) for h in json.loads(Path(args.order_file).read_text())]
+        orders[Path(args.order_file).stem] = read_order(args.order_file)
     frontier = frontier_maps(calibrated, orders, args.ks, args.windows)
     tables, sweeps = {}, {}
     for length in args.lengths + args.long_lengths:
