@@ -28,7 +28,6 @@ import torch
 
 from services.engine import CompressionParams, Engine, HeadMap, evaluation, load_model
 from services.engine.evaluation import full_prefill, retrieval_tasks
-from services.engine.head_gates import GateParams
 from services.engine.headmap import shipped_head_map
 
 FULL_ITEMSIZE = 2    # bytes per element of the full cache the fractions compare with (bfloat16, as on a GPU)
@@ -87,9 +86,7 @@ def points(spec: list[str]) -> list[tuple[int, int]]:
 def run(args) -> dict:
     loaded = load_model("smollm2", "cpu")
     engine, shipped = Engine(loaded), shipped_head_map(loaded.fingerprint)
-    order = (bq.read_order(args.order) if args.order else
-             bq.gate_order(engine, args.lengths, args.gate_tasks, args.sink, args.gate_window,
-                           GateParams(steps=args.gate_steps, batch=8), families=bq.BENCH_FAMILIES))
+    order = bq.saved_or_trained_order(engine, args)
     compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=1e9)
     maps = {(k, bits): bq.make_map(shipped, order[:k], compression, "quantised") for k, bits in points(args.points)}
     full = HeadMap.full(loaded.fingerprint)
@@ -171,10 +168,7 @@ def parse_args():
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--group", type=int, default=32, help="channels per scale (SmolLM2's heads have 64)")
-    ap.add_argument("--order", default="", help="a JSON head order (else six-family gates are trained here)")
-    ap.add_argument("--gate-tasks", type=int, default=8, help="gate-training tasks per family and length")
-    ap.add_argument("--gate-steps", type=int, default=80, help="gate-training optimiser steps (of 8 tasks)")
-    ap.add_argument("--gate-window", type=int, default=64)
+    bq.add_order_args(ap)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--png", default=None, help="plot path (default docs/kv-quant.png)")
     args = ap.parse_args()

@@ -35,10 +35,8 @@ import torch
 
 from services.engine import CompressionParams, Engine, HeadMap, evaluation, hf, load_model
 from services.engine.evaluation import full_prefill, retrieval_tasks
-from services.engine.head_gates import GateParams
 from services.engine.headmap import shipped_head_map
 
-Head = tuple[int, int]
 SCHEDULES = ("uniform", "pyramid", "inverted", "measured")
 STEP = 8   # tokens: the measured schedule's grain
 
@@ -73,10 +71,11 @@ def linear(counts: list[int], window: int, falling: bool) -> list[int]:
     return [max(1, round(high + (low - high) * x)) for x in t]
 
 
-def measured(counts: list[int], window: int, uncovered: torch.Tensor, heads: set) -> list[int]:
+def measured(window: int, uncovered: torch.Tensor, heads: set) -> list[int]:
     """Greedy: STEP tokens at a time to the layer whose local heads' uncovered mass falls most per token.
     uncovered: [n_layers, n_kv_heads, n_steps] mass outside sink + w for w = 0, STEP, 2 STEP, ..."""
     n_layers, n_kv_heads, n_steps = uncovered.shape
+    counts = local_counts(heads, n_layers, n_kv_heads)
     local = torch.tensor([[(layer, h) not in heads for h in range(n_kv_heads)] for layer in range(n_layers)])
     per_layer = (uncovered * local[..., None]).sum(1)                              # [n_layers, n_steps]
     budget = window * sum(counts)
@@ -129,16 +128,15 @@ def uncovered_mass(engine: Engine, families, length: int, n: int, sink: int, max
 
 def schedule(name: str, heads: set, window: int, uncovered: torch.Tensor) -> list[int]:
     n_layers, n_kv_heads, _ = uncovered.shape
-    counts = local_counts(heads, n_layers, n_kv_heads)
     if name == "uniform":
         return [window] * n_layers
     if name == "measured":
-        return measured(counts, window, uncovered, heads)
-    return linear(counts, window, falling=name == "pyramid")
+        return measured(window, uncovered, heads)
+    return linear(local_counts(heads, n_layers, n_kv_heads), window, falling=name == "pyramid")
 
 
 # --- scoring -----------------------------------------------------------------------------------------
-def score(engine: Engine, tasks, kvs, hm: HeadMap, windows: list[int] | None) -> dict:
+def score(engine: Engine, tasks, kvs, hm: HeadMap, windows: list[int]) -> dict:
     with layer_windows(windows):
         result = bq.evaluate(engine, tasks, kvs, hm)
         state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
@@ -148,9 +146,7 @@ def score(engine: Engine, tasks, kvs, hm: HeadMap, windows: list[int] | None) ->
 def run(args) -> dict:
     loaded = load_model("smollm2", "cpu")
     engine, shipped = Engine(loaded), shipped_head_map(loaded.fingerprint)
-    order = load_order(args) or bq.gate_order(engine, args.lengths, args.gate_tasks, args.sink, args.gate_window,
-                                               GateParams(steps=args.gate_steps, batch=8),
-                                               families=bq.BENCH_FAMILIES)
+    order = bq.saved_or_trained_order(engine, args)
     print(f"  order ready ({args.clock})", flush=True)
     uncovered = uncovered_mass(engine, bq.BENCH_FAMILIES, args.measure_length, args.measure_tasks, args.sink,
                                args.max_window)
@@ -175,12 +171,6 @@ def run(args) -> dict:
         print(f"  {n} tokens: {len(plans)} schedules scored on {len(tasks)} tasks ({args.clock})", flush=True)
         del kvs
     return results
-
-
-def load_order(args) -> list[Head] | None:
-    if not args.order:
-        return None
-    return bq.read_order(args.order)
 
 
 def load_results(path: str) -> dict:
@@ -253,10 +243,7 @@ def parse_args():
     ap.add_argument("--max-window", type=int, default=512, help="widest window the measured schedule may give")
     ap.add_argument("--measure-length", type=int, default=1000, help="tasks the measured schedule is fitted on")
     ap.add_argument("--measure-tasks", type=int, default=2, help="per family (calibration part)")
-    ap.add_argument("--gate-tasks", type=int, default=8, help="gate-training tasks per family and length")
-    ap.add_argument("--gate-steps", type=int, default=80, help="gate-training optimiser steps (of 8 tasks)")
-    ap.add_argument("--gate-window", type=int, default=64)
-    ap.add_argument("--order", default="", help="a JSON head order to use instead of training gates")
+    bq.add_order_args(ap)
     ap.add_argument("--save-order", default="", help="write the order used as JSON here")
     ap.add_argument("--results", default="", help="JSON results: written after a run; if present, read instead "
                                                    "of running (tables and plot only)")

@@ -135,6 +135,22 @@ def read_order(path: str) -> list[tuple[int, int]]:
     return [tuple(h) for h in json.loads(Path(path).read_text())]
 
 
+def add_order_args(ap: argparse.ArgumentParser) -> None:
+    """`--order` (a saved head order) or the gate training that makes one (`saved_or_trained_order`)."""
+    ap.add_argument("--order", default="", help="a JSON head order (else six-family gates are trained here)")
+    ap.add_argument("--gate-tasks", type=int, default=8, help="gate-training tasks per family and length")
+    ap.add_argument("--gate-steps", type=int, default=80, help="gate-training optimiser steps (of 8 tasks)")
+    ap.add_argument("--gate-window", type=int, default=64)
+
+
+def saved_or_trained_order(engine: Engine, args) -> list[tuple[int, int]]:
+    """`args.order`'s head order, or gates trained on all six bench families (calibration part) at `args.sink`."""
+    if args.order:
+        return read_order(args.order)
+    return gate_order(engine, args.lengths, args.gate_tasks, args.sink, args.gate_window,
+                      GateParams(steps=args.gate_steps, batch=8), families=BENCH_FAMILIES)
+
+
 @contextmanager
 def transformed_sessions(transform: Callable[[SessionState], None]):
     """Within: every session `evaluation` builds from a full prefill goes through `transform` before its turn
