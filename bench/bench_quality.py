@@ -18,7 +18,9 @@ Table 2 / plot: the frontier, accuracy against bytes at several fixed windows, p
 lengths, along head orders ranked here on tasks of the calibration part: learned gates (`head_gates`, how
 calibration ranks by default), the heads' attention on the facts (`fact_attention`, every family one vote)
 and the calibrated map's recorded order (`--orders gates attention recorded`).
-The lowest per-family margin to the full cache decides whether a point meets the target.
+The lowest per-family margin to the full cache decides whether a point meets the target. `--bits 8` keeps the
+frontier's retrieval heads in int8 with scales (kv_quant.py), its bytes counted as against a 16-bit full cache;
+`--rows maps` (or `full`) skips the baseline rows when only the maps and the frontier are wanted.
 
 Tasks are prefilled `--chunk` at a time and every map is scored on a chunk before the next, so the number of
 tasks is bounded by time, not memory.
@@ -89,11 +91,14 @@ def variants(calibrated: HeadMap, seed: int, others: tuple[HeadMap, ...] = ()) -
             **{f"calibrated map {hm.version} ({len(heads_of(hm))} KV heads)": hm for hm in (*others, calibrated)}}
 
 
-def frontier_maps(shipped: HeadMap, orders: dict[str, list], ks, windows) -> list[tuple[str, int, int, HeadMap]]:
-    """(order name, k, window, map): the top `k` heads of each order kept full, the rest at a fixed window."""
+def frontier_maps(shipped: HeadMap, orders: dict[str, list], ks, windows,
+                  bits=(16,)) -> list[tuple[str, int, int, HeadMap]]:
+    """(order name, k, window, map): the top `k` heads of each order kept full (in `bits`: an 8-bit point's order
+    name says so), the rest at a fixed window."""
     c = replace(shipped.compression, ratio=1e9)
-    return [(name, k, w, make_map(shipped, order[:k], replace(c, min_window=w), "frontier"))
-            for name, order in orders.items() for w in windows for k in ks]
+    return [(name if b == 16 else f"{name} 8-bit", k, w,
+             make_map(shipped, order[:k], replace(c, min_window=w, retrieval_bits=b), "frontier"))
+            for name, order in orders.items() for b in bits for w in windows for k in ks]
 
 
 def attention_order(engine: Engine, length: int, n: int) -> list[tuple[int, int]]:
@@ -176,7 +181,7 @@ def evaluate(engine: Engine, tasks, kvs, hm: HeadMap) -> dict:
     for task, hit in zip(tasks, hits):
         by_family.setdefault(task.kind, []).append(hit)
     state = session_from_full(engine, tasks[0].document, kvs[0], hm)
-    return {"hits": by_family, "bytes": state.stored_nbytes() / state.full_nbytes()}
+    return {"hits": by_family, "bytes": state.cache.bytes_fraction()}
 
 
 def merged(into: dict | None, part: dict) -> dict:
@@ -314,6 +319,11 @@ def parse_args():
     ap.add_argument("--frontier-lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 6, 10, 14, 18, 22, 26, 30, 36, 45, 60, 90])
     ap.add_argument("--windows", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--bits", type=int, nargs="+", default=[16], choices=[16, 8],
+                    help="the frontier's retrieval-head storage (8 = int8 with scales; bytes counted as 16-bit)")
+    ap.add_argument("--rows", default="all", choices=["all", "maps", "full"],
+                    help="table rows besides the frontier: all; the full cache and the calibrated map(s); the full "
+                         "cache alone (the bf16, paper, window and random rows cost a scoring pass each)")
     ap.add_argument("--calibrated-map", default="", help="a calibrated head map JSON (default: the shipped map)")
     ap.add_argument("--orders", nargs="*", default=["gates"], choices=["gates", "attention", "recorded"],
                     help="frontier head orders: learned gates and/or attention on the facts (both ranked here, "
@@ -351,6 +361,9 @@ def main() -> None:
     in_release = shipped_head_map(loaded.fingerprint)
     also = (in_release,) if in_release and in_release.version != calibrated.version else ()
     rows = variants(calibrated, args.seed, also)
+    if args.rows != "all":
+        rows = {name: hm for name, hm in rows.items()
+                if name == "full cache" or (args.rows == "maps" and name.startswith("calibrated map"))}
     orders = {"recorded": [tuple(h) for h in calibrated.calibration["order"]]} if "recorded" in args.orders else {}
     if "attention" in args.orders:
         orders = {"attention": attention_order(engine, args.rank_length, args.rank_tasks), **orders}
@@ -361,7 +374,7 @@ def main() -> None:
                   **orders}
     if args.order_file:
         orders[Path(args.order_file).stem] = read_order(args.order_file)
-    frontier = frontier_maps(calibrated, orders, args.ks, args.windows)
+    frontier = frontier_maps(calibrated, orders, args.ks, args.windows, args.bits)
     tables, sweeps = {}, {}
     for length in args.lengths + args.long_lengths:
         n = args.tasks if length in args.lengths else args.long_tasks

@@ -137,7 +137,9 @@ def _load(model_ref: str) -> engine.LoadedModel:
 
 def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
-    calibration = engine.CalibrationParams.for_model(loaded, **targets) if calibrate else None
+    # a job's retrieval_bits is the storage its calibration searches (the map's heads are chosen for it)
+    calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.retrieval_bits,), **targets)
+                   if calibrate else None)
     return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 
 

@@ -1,7 +1,8 @@
 """CompressedKVCache: RazorAttention's split KV cache, one session's, in growable storage.
 
 Per decoder layer the KV heads split in two groups, each a `KVBuffer` (preallocated, grows in place):
-  retrieval group  [1, r, N, D]       every token, as a normal cache (grows with the session)
+  retrieval group  [1, r, N, D]       every token, as a normal cache (grows with the session); in int8 with
+                                      float16 scales when `retrieval_bits` is 8 (kvbuffer.QuantizedKVBuffer)
   local group      [1, l, S, D]       the first `sink` tokens + the most recent L_h tokens, S <= sink + L_h
   compensation     [1, l, 1, D] x 2   running means of every dropped key and value (float32), plus their count
 
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kvbuffer import KVBuffer, capacity_for
+from . import kv_quant
+from .kvbuffer import KVBuffer, buffer_class, capacity_for, restored
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class CompressionParams:
     min_window: int = 256    # S0: local heads never keep fewer recent tokens than this
     ratio: float = 5.0       # C: local heads keep N / C recent tokens once that exceeds S0
     compensation: bool = True  # False drops evicted tokens outright (StreamingLLM-style ablation)
+    retrieval_bits: int = 16   # 8: retrieval heads' keys and values in int8 + scales (kv_quant.py); 16: model dtype
 
     def __post_init__(self):
         if self.sink < 0:
@@ -37,14 +40,18 @@ class CompressionParams:
             raise ValueError(f"min_window must be >= 1, got {self.min_window}")
         if not self.ratio >= 1.0:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}")
+        if self.retrieval_bits not in kv_quant.BITS:
+            raise ValueError(f"retrieval_bits must be one of {kv_quant.BITS}, got {self.retrieval_bits}")
 
     def window(self, seq_len: int) -> int:
         """L_h: recent tokens a local head keeps at sequence length N."""
         return max(self.min_window, math.ceil(seq_len / self.ratio))
 
     def to_dict(self) -> dict:
+        # retrieval_bits only when not the default: maps and spilled sessions from before it read the same
+        bits = {} if self.retrieval_bits == 16 else {"retrieval_bits": self.retrieval_bits}
         return {"sink": self.sink, "min_window": self.min_window, "ratio": self.ratio,
-                "compensation": self.compensation}
+                "compensation": self.compensation, **bits}
 
 
 class RazorLayer:
@@ -106,7 +113,8 @@ class RazorLayer:
     def _allocate(self, like: torch.Tensor) -> None:
         _, _, q_len, head_dim = like.shape
         if self.retrieval_heads:
-            self.retrieval = KVBuffer(len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
+            self.retrieval = buffer_class(self.params.retrieval_bits)(
+                len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
         if self.local_heads:
             self.local = KVBuffer(len(self.local_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
 
@@ -158,12 +166,28 @@ class RazorLayer:
         comp = sum(t.numel() * t.element_size() for t in (self.comp_keys, self.comp_values) if t is not None)
         return rows + comp
 
+    def retrieval_or_local(self) -> KVBuffer | None:
+        return self.retrieval if self.retrieval is not None else self.local
+
     def full_nbytes(self) -> int:
         """Bytes a full cache of the same length would hold for this layer."""
-        ref = self.retrieval if self.retrieval is not None else self.local
+        ref = self.retrieval_or_local()
+        return 0 if ref is None else self.full_nbytes_at(ref.dtype.itemsize)
+
+    def full_nbytes_at(self, itemsize: int) -> int:
+        ref = self.retrieval_or_local()
+        return 0 if ref is None else 2 * self.n_kv_heads * self.seq_len * ref.head_dim * itemsize
+
+    def stored_nbytes_at(self, itemsize: int) -> int:
+        """`stored_nbytes` were the model's dtype `itemsize` bytes an element (int8 rows and float32 means stay)."""
+        ref = self.retrieval_or_local()
         if ref is None:
             return 0
-        return 2 * self.n_kv_heads * self.seq_len * ref.head_dim * ref.k_store.element_size()
+        r_row = kv_quant.row_nbytes(ref.head_dim, self.params.retrieval_bits, itemsize)
+        rows = len(self.retrieval_heads) * self.retrieval_length() * r_row
+        rows += len(self.local_heads) * self.local_length() * ref.head_dim * itemsize
+        comp = 0 if self.comp_keys is None else self.comp_keys.numel() * self.comp_keys.element_size()
+        return 2 * (rows + comp)
 
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes this layer can hold while it grows to `seq_len` tokens fed `chunk` at a time."""
@@ -173,23 +197,33 @@ class RazorLayer:
                       self.local.capacity if self.local is not None else 0)
         r_rows, l_rows = (r_rows if self.retrieval_heads else 0), (l_rows if self.local_heads else 0)
         comp = 2 * len(self.local_heads) * head_dim * 4
-        return 2 * head_dim * itemsize * (len(self.retrieval_heads) * r_rows + len(self.local_heads) * l_rows) + comp
+        r_row = kv_quant.row_nbytes(head_dim, self.params.retrieval_bits, itemsize)
+        return 2 * (len(self.retrieval_heads) * r_rows * r_row + len(self.local_heads) * l_rows * head_dim * itemsize) + comp
 
     # --- spilling ---------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        named = {"keys": self.keys, "values": self.values, "local_keys": self.local_keys,
-                 "local_values": self.local_values, "comp_keys": self.comp_keys, "comp_values": self.comp_values}
+        """What a spill writes: the retrieval rows as stored (int8 and scales in 8 bits), so a restore is exact."""
+        named = {"local_keys": self.local_keys, "local_values": self.local_values,
+                 "comp_keys": self.comp_keys, "comp_values": self.comp_values}
+        if self.retrieval is not None:
+            named.update({SPILL_NAMES[store]: rows for store, rows in self.retrieval.live_rows().items()})
         return {name: t.contiguous() for name, t in named.items() if t is not None}
 
-    def load_tensors(self, present: dict[str, torch.Tensor], seq_len: int, comp_count: int) -> None:
+    def load_tensors(self, present: dict[str, torch.Tensor], seq_len: int, comp_count: int,
+                     dtype: torch.dtype) -> None:
         any_kv = present.get("keys", present.get("local_keys"))
         self._index(any_kv.device)
         if "keys" in present:
-            self.retrieval = KVBuffer.holding(present["keys"], present["values"])
+            cls = buffer_class(self.params.retrieval_bits)
+            self.retrieval = restored(cls, {store: present[SPILL_NAMES[store]] for store in cls.STORES}, dtype)
         if "local_keys" in present:
             self.local = KVBuffer.holding(present["local_keys"], present["local_values"])
         self.comp_keys, self.comp_values = present.get("comp_keys"), present.get("comp_values")
         self.seq_len, self.comp_count = seq_len, comp_count
+
+
+# a retrieval buffer's store -> the name a spill gives its rows (scales only in 8 bits)
+SPILL_NAMES = {"k_store": "keys", "v_store": "values", "k_scale": "key_scales", "v_scale": "value_scales"}
 
 
 class CompressedKVCache:
@@ -247,6 +281,14 @@ class CompressedKVCache:
         self._check_settled()
         return sum(layer.full_nbytes() for layer in self.layers)
 
+    def bytes_fraction(self, itemsize: int = 2) -> float:
+        """Stored bytes over a full cache's, both counted with the model's dtype at `itemsize` bytes (16-bit by
+        default): the fraction a map is chosen by is the same on a float32 CPU as on a bfloat16 GPU, where int8
+        rows would otherwise weigh a quarter of a float32 row here and half a row there."""
+        self._check_settled()
+        full = sum(layer.full_nbytes_at(itemsize) for layer in self.layers)
+        return sum(layer.stored_nbytes_at(itemsize) for layer in self.layers) / max(1, full)
+
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes the cache can hold once it has grown to `seq_len` tokens (for admission budgets)."""
         return sum(layer.bytes_bound(seq_len, chunk, head_dim, itemsize) for layer in self.layers)
@@ -255,19 +297,28 @@ class CompressedKVCache:
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         self._check_settled()
         tensors = {f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.to_tensors().items()}
-        meta = {"n_kv_heads": self.n_kv_heads, "params": self.params.to_dict(),
+        meta = {"n_kv_heads": self.n_kv_heads, "params": self.params.to_dict(), **self._dtype_meta(),
                 "retrieval_kv_heads": self.retrieval_kv_heads,
                 "seq_len": [layer.seq_len for layer in self.layers],
                 "comp_count": [layer.comp_count for layer in self.layers]}
         return tensors, meta
 
-    _TENSORS = ("keys", "values", "local_keys", "local_values", "comp_keys", "comp_values")
+    def _dtype_meta(self) -> dict:
+        """{"dtype": what attention computes in} (a store in 8 bits holds integers); {} for an empty cache."""
+        buffers = [b for layer in self.layers for b in (layer.retrieval, layer.local) if b is not None]
+        return {"dtype": str(buffers[0].dtype).removeprefix("torch.")} if buffers else {}
+
+    _TENSORS = ("keys", "values", "key_scales", "value_scales", "local_keys", "local_values", "comp_keys",
+                "comp_values")
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, device) -> "CompressedKVCache":
         cache = cls(meta["retrieval_kv_heads"], meta["n_kv_heads"], CompressionParams(**meta["params"]))
+        # Spills from before 8-bit heads have no dtype: every tensor but the compensation was in it.
+        dtype = getattr(torch, meta["dtype"]) if "dtype" in meta else None
         for i, layer in enumerate(cache.layers):
             present = {n: tensors[f"{i}.{n}"].to(device) for n in cls._TENSORS if f"{i}.{n}" in tensors}
             if present:
-                layer.load_tensors(present, meta["seq_len"][i], meta["comp_count"][i])
+                kv = present.get("local_keys", present.get("keys"))
+                layer.load_tensors(present, meta["seq_len"][i], meta["comp_count"][i], dtype or kv.dtype)
         return cache

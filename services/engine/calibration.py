@@ -16,7 +16,8 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    fact_attention.py); or (`"ablation"`) how much each task's answer log-prob drops when only that head is
    compressed (one scoring pass per head: ~10x dearer). The attention and ablation scores give each family
    one vote; the gates are trained on the families' tasks together.
-4. The BYTES search: for every window, sink size and ratio C (1e9 = a fixed window), the smallest k such that
+4. The BYTES search: for every window, sink size, ratio C (1e9 = a fixed window) and storage of the retrieval
+   heads (`bits`: 16, or 8 = int8 with scales, kv_quant.py; bytes counted as against a 16-bit cache), the smallest k such that
    the top-k heads of the ranking (one vote per family) meet the target (binary search; a shape that cannot
    beat the cheapest point found so far at equal bytes is dropped after one probe). The cheapest point wins.
    With a byte budget (`max_bytes`) no point above it is tried; when none within it meets the target, the
@@ -39,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
+from . import kv_quant
 from .cache import CompressionParams
 from .generation import Engine
 from .fact_attention import fact_attention, one_vote_per_family
@@ -66,6 +68,7 @@ class CalibrationParams:
     windows: tuple[int, ...] = (32, 64, 128)   # S0 (min_window) candidates
     sinks: tuple[int, ...] = (4,)              # N0 candidates
     ratios: tuple[float, ...] = (FIXED, 10.0)  # C candidates; FIXED = no growth with length
+    bits: tuple[int, ...] = (16,)              # retrieval heads' storage candidates: 16 (model dtype), 8 (int8)
     leave_one_out: bool = True         # re-run the search without each family and check it on that family
     ranking: str = "gates"             # "gates": learned per-head gates over every task (head_gates.py)
                                        # "attention": mass on the fact (one forward per task; fact_attention.py)
@@ -86,7 +89,7 @@ class CalibrationParams:
         return cls(**overrides)
 
     def __post_init__(self):
-        for name in ("windows", "sinks", "lengths", "ratios"):
+        for name in ("windows", "sinks", "lengths", "ratios", "bits"):
             object.__setattr__(self, name, tuple(sorted(set(getattr(self, name)))))
         object.__setattr__(self, "families", tuple(dict.fromkeys(self.families)))
         if not self.families or any(f not in KNOWN_FAMILIES for f in self.families):
@@ -110,6 +113,8 @@ class CalibrationParams:
             raise ValueError(f"max_bytes must be within (0, 1] of the full cache's bytes, got {self.max_bytes}")
         if not self.ratios or min(self.ratios) < 1:
             raise ValueError(f"ratios must be >= 1 (1e9 = a fixed window), got {self.ratios}")
+        if not self.bits or any(b not in kv_quant.BITS for b in self.bits):
+            raise ValueError(f"bits must be some of {kv_quant.BITS}, got {self.bits}")
 
     def ablation_shape(self) -> CompressionParams:
         """Where single heads are ablated: the middle window at the largest ratio (fixed, when searched)."""
@@ -121,10 +126,11 @@ class CalibrationParams:
         return Target(self.max_accuracy_drop, self.min_kept, self.max_kl)
 
     def shapes(self) -> list[CompressionParams]:
-        """Every (window, sink, ratio) to search, fewest local tokens first (cheap shapes set the bar)."""
-        shapes = [CompressionParams(sink=s, min_window=w, ratio=r)
-                  for w in self.windows for s in self.sinks for r in self.ratios]
-        return sorted(shapes, key=lambda c: (c.window(max(self.lengths)) + c.sink, -c.ratio))
+        """Every (window, sink, ratio, bits) to search, fewest local tokens first (cheap shapes set the bar), 8-bit
+        before 16-bit (at equal heads, cheaper)."""
+        shapes = [CompressionParams(sink=s, min_window=w, ratio=r, retrieval_bits=b)
+                  for w in self.windows for s in self.sinks for r in self.ratios for b in self.bits]
+        return sorted(shapes, key=lambda c: (c.window(max(self.lengths)) + c.sink, -c.ratio, c.retrieval_bits))
 
 
 Order = list[list[int]]   # KV heads [layer, head], most needed first
@@ -168,7 +174,8 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
 
 
 def _shape_of(point: dict) -> CompressionParams:
-    return CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"])
+    return CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"],
+                             retrieval_bits=point.get("bits", 16))
 
 
 def _ranker(bench: TaskBench, base: HeadMap, params: CalibrationParams, report: Progress
@@ -290,7 +297,7 @@ def _k_within(bench: TaskBench, order: Order, shape: CompressionParams, max_byte
 
 def _point(bench: TaskBench, order: Order, k: int, shape: CompressionParams, families=None) -> dict:
     return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio,
-            **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
+            "bits": shape.retrieval_bits, **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
 
 
 def _pick(candidates: list[dict]) -> dict:
@@ -376,7 +383,7 @@ def _rounded(point: dict) -> dict:
 
 
 def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
-               ratio: float | None = None) -> HeadMap:
+               ratio: float | None = None, bits: int | None = None) -> HeadMap:
     """Another point of a calibrated map's curve: its top-k KV heads with another window (sink size, ratio),
     without re-profiling."""
     if not head_map.calibration:
@@ -389,6 +396,7 @@ def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
     kv = [[h for h in range(fp.n_kv_heads) if (layer, h) in heads] for layer in range(fp.n_layers)]
     c = head_map.compression
     compression = replace(c, min_window=window, sink=c.sink if sink is None else sink,
-                          ratio=c.ratio if ratio is None else ratio)
+                          ratio=c.ratio if ratio is None else ratio,
+                          retrieval_bits=c.retrieval_bits if bits is None else bits)
     return replace(head_map, retrieval_kv_heads=kv, version="", calibration=None,
                    method="razor+calibrated-variant", compression=compression)

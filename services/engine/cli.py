@@ -12,6 +12,7 @@ import time
 
 from tqdm import tqdm
 
+from . import kv_quant
 from .cache import CompressionParams
 from .calibration import KNOWN_FAMILIES, CalibrationParams
 from .generation import Engine
@@ -29,7 +30,7 @@ def cmd_profile(args) -> int:
     loaded = load_model(args.model, args.device)
     params = ProfileParams(seq_len=args.seq_len, repeats=args.repeats, n_samples=args.samples, seed=args.seed,
                            induction_fraction=args.induction_fraction, echo_fraction=args.echo_fraction)
-    compression = CompressionParams(args.sink, args.min_window, args.ratio)
+    compression = CompressionParams(args.sink, args.min_window, args.ratio, retrieval_bits=args.retrieval_bits[0])
     bar = tqdm(total=1, desc="profiling", unit="step")
 
     current = {"stage": None}
@@ -43,7 +44,8 @@ def cmd_profile(args) -> int:
 
     families = {"families": tuple(args.families)} if args.families else {}
     calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl,
-                                              max_bytes=args.max_bytes, **families) if args.calibrate else None
+                                              max_bytes=args.max_bytes, bits=tuple(args.retrieval_bits),
+                                              **families) if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
     with open(args.out, "w") as f:
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--sink", type=int, default=c.sink)
     prof.add_argument("--min-window", type=int, default=c.min_window)
     prof.add_argument("--ratio", type=float, default=c.ratio)
+    prof.add_argument("--retrieval-bits", type=int, nargs="+", choices=kv_quant.BITS, default=[16],
+                      help="retrieval heads' storage: 16 = the model's dtype, 8 = int8 with scales (about half); "
+                           "with --calibrate, every value given is searched")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()

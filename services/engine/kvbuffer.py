@@ -4,10 +4,15 @@ Rows [lo, hi) of a `[1, h, capacity, D]` store are live. Appending writes rows a
 forward (and the few sink rows with it), so neither copies the cache. Only when `hi` reaches the end is the
 store compacted or regrown, by a factor of 1.25 (+ at least `MIN_SLACK` rows): amortised, every appended
 token copies O(1) rows, never the whole cache (an earlier `torch.cat` per step copied all of it).
+
+`QuantizedKVBuffer` keeps the same rows as int8 with float16 scales (kv_quant.py) and hands out dequantised
+copies: a retrieval head in 8 bits costs about half of one in 16.
 """
 from __future__ import annotations
 
 import torch
+
+from . import kv_quant
 
 MIN_SLACK = 16   # rows of headroom at least: a compaction moves the live rows at most every 16 appends
 
@@ -18,12 +23,24 @@ def capacity_for(rows: int) -> int:
 
 
 class KVBuffer:
+    STORES = ("k_store", "v_store")   # every [1, h, capacity, width] tensor a row is written to
+
     def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0):
-        self.n_heads, self.head_dim = n_heads, head_dim
-        shape = (1, n_heads, capacity, head_dim)
-        self.k_store = torch.empty(shape, dtype=dtype, device=device)   # [1, h, cap, D]
-        self.v_store = torch.empty(shape, dtype=dtype, device=device)
+        self.n_heads, self.head_dim, self.dtype = n_heads, head_dim, dtype   # dtype: what `keys` returns
+        for name, (store_dtype, width) in zip(self.STORES, self._layout()):
+            setattr(self, name, torch.empty((1, n_heads, capacity, width), dtype=store_dtype, device=device))
         self.lo = self.hi = 0
+
+    def _layout(self) -> list[tuple[torch.dtype, int]]:
+        """(dtype, width) of each store, in `STORES` order."""
+        return [(self.dtype, self.head_dim)] * 2
+
+    def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """New rows as each store holds them, in `STORES` order."""
+        return k, v
+
+    def _stores(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.STORES]
 
     @property
     def capacity(self) -> int:
@@ -40,17 +57,25 @@ class KVBuffer:
     def values(self) -> torch.Tensor:
         return self.v_store[:, :, self.lo:self.hi]
 
+    def live_rows(self) -> dict[str, torch.Tensor]:
+        """Every store's live rows as held ({store name: [1, h, n, width]} views): what a spill writes."""
+        return {name: store[:, :, self.lo:self.hi] for name, store in zip(self.STORES, self._stores())}
+
     def nbytes(self) -> int:
         """Allocated bytes (what the device holds), not just live rows."""
-        return 2 * self.k_store.numel() * self.k_store.element_size()
+        return sum(store.numel() * store.element_size() for store in self._stores())
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [1, h, q, D]
         assert k.shape[0] == 1 and k.shape[1] == self.n_heads and k.shape[3] == self.head_dim, k.shape
-        q = k.shape[2]
+        self.append_encoded(self._encode(k, v))
+
+    def append_encoded(self, rows: tuple[torch.Tensor, ...]) -> None:
+        """Append rows already as the stores hold them (`_encode`'s, or a spill's), each [1, h, q, width]."""
+        q = rows[0].shape[2]
         self._make_room(q)
-        self.k_store[:, :, self.hi:self.hi + q] = k
-        self.v_store[:, :, self.hi:self.hi + q] = v
+        for store, part in zip(self._stores(), rows):
+            store[:, :, self.hi:self.hi + q] = part
         self.hi += q
 
     def evict(self, n_keep: int, n_drop: int) -> None:
@@ -59,7 +84,7 @@ class KVBuffer:
         lo = self.lo
         if n_keep:
             # The sink rows move forward by n_drop (cloned first only when source and target overlap).
-            for store in (self.k_store, self.v_store):
+            for store in self._stores():
                 rows = store[:, :, lo:lo + n_keep]
                 store[:, :, lo + n_drop:lo + n_drop + n_keep] = rows.clone() if n_drop < n_keep else rows
         self.lo += n_drop
@@ -81,10 +106,10 @@ class KVBuffer:
     def _relocate(self, capacity: int) -> None:
         """Move the live rows to the front of a store of `capacity` rows (the same store when it fits)."""
         live, in_place = len(self), capacity == self.capacity
-        for name in ("k_store", "v_store"):
+        for name in self.STORES:
             old = getattr(self, name)
             rows = old[:, :, self.lo:self.hi].clone() if in_place else old[:, :, self.lo:self.hi]
-            new = old if in_place else old.new_empty(1, self.n_heads, capacity, self.head_dim)
+            new = old if in_place else old.new_empty(1, self.n_heads, capacity, old.shape[-1])
             new[:, :, :live] = rows
             setattr(self, name, new)
         self.lo, self.hi = 0, live
@@ -95,3 +120,41 @@ class KVBuffer:
         buf = cls(k.shape[1], k.shape[3], k.dtype, k.device, capacity_for(k.shape[2]))
         buf.append(k, v)
         return buf
+
+
+class QuantizedKVBuffer(KVBuffer):
+    """The same rows in int8, one float16 scale per group of channels (kv_quant.py); `keys` and `values` are
+    dequantised copies in `dtype` (a decode step reads each once)."""
+
+    STORES = ("k_store", "v_store", "k_scale", "v_scale")
+
+    def _layout(self) -> list[tuple[torch.dtype, int]]:
+        width = kv_quant.scale_width(self.head_dim)
+        return [(torch.int8, self.head_dim)] * 2 + [(kv_quant.SCALE_DTYPE, width)] * 2
+
+    def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (qk, sk), (qv, sv) = kv_quant.quantize(k), kv_quant.quantize(v)
+        return qk, qv, sk, sv
+
+    @property
+    def keys(self) -> torch.Tensor:
+        live = slice(self.lo, self.hi)
+        return kv_quant.dequantize(self.k_store[:, :, live], self.k_scale[:, :, live], self.dtype)   # [1, h, n, D]
+
+    @property
+    def values(self) -> torch.Tensor:
+        live = slice(self.lo, self.hi)
+        return kv_quant.dequantize(self.v_store[:, :, live], self.v_scale[:, :, live], self.dtype)
+
+
+def buffer_class(bits: int) -> type[KVBuffer]:
+    """The store for heads kept at `bits` (16: the model's dtype)."""
+    return QuantizedKVBuffer if bits == 8 else KVBuffer
+
+
+def restored(cls: type[KVBuffer], rows: dict[str, torch.Tensor], dtype: torch.dtype) -> KVBuffer:
+    """A `cls` buffer holding spilled `rows` ({store name: [1, h, n, width]}, as `live_rows` gave them) exactly."""
+    k = rows["k_store"]
+    buf = cls(k.shape[1], k.shape[3], dtype, k.device, capacity_for(k.shape[2]))
+    buf.append_encoded(tuple(rows[name] for name in cls.STORES))
+    return buf

@@ -4,7 +4,8 @@ one slab for the whole layout would give some turn a slot larger than its bound)
 While a turn decodes, its session's cache lives in one slot of a slab instead of in its own `KVBuffer`s, so a
 decode step appends, attends and compresses every session of the slab with a few tensor ops per layer: no
 per-session work and no gathering of caches into a padded batch. Per decoder layer:
-  retrieval     [B, r, rows, D]            token t at row t (rows: the slab's size class, >= every final length)
+  retrieval     [B, r, rows, D]            token t at row t (rows: the slab's size class, >= every final length);
+                                           in 8 bits int8, with float16 scales [B, r, rows, D / group] beside
   local         [B, l, sink + ring + 1, D] token t < sink at row t, later tokens at sink + (t - sink) % ring; the
                                            last row is the compensation token in the cache dtype
   compensation  [B, l, 1, D] float32       running means of the evicted keys and values; counts per slot
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kv_quant
 from .cache import CompressedKVCache
-from .kvbuffer import KVBuffer
+from .kvbuffer import KVBuffer, buffer_class, restored
 
 CLASS_GROWTH = 1.2   # size classes grow by 1.2x: a slot is at most 1.2x its turn's final length (bytes_bound: 1.25x)
 SMALLEST_CLASS = 16
@@ -45,16 +47,23 @@ def size_class(tokens: int) -> int:
 class LayerSlots:
     """One layer's storage for every slot; None for a head group the layer does not have."""
 
-    keys: torch.Tensor | None            # [B, r, rows, D]
+    keys: torch.Tensor | None            # [B, r, rows, D] (int8 in 8 bits)
     values: torch.Tensor | None
     local_keys: torch.Tensor | None      # [B, l, sink + ring, D]
     local_values: torch.Tensor | None
     comp_keys: torch.Tensor | None       # [B, l, 1, D] float32
     comp_values: torch.Tensor | None
+    key_scales: torch.Tensor | None = None     # [B, r, rows, D / group] float16, retrieval heads in 8 bits only
+    value_scales: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.local_keys, self.local_values, self.comp_keys,
-                            self.comp_values) if t is not None]
+                            self.comp_values, self.key_scales, self.value_scales) if t is not None]
+
+    def retrieval_stores(self) -> dict[str, torch.Tensor]:
+        """The retrieval group's slot tensors by the `KVBuffer` store they mirror."""
+        named = {"k_store": self.keys, "v_store": self.values, "k_scale": self.key_scales, "v_scale": self.value_scales}
+        return {store: t for store, t in named.items() if t is not None}
 
 
 class DecodeSlab:
@@ -62,6 +71,7 @@ class DecodeSlab:
 
     def __init__(self, template: CompressedKVCache, rows: int, head_dim: int, dtype: torch.dtype, device):
         self.params, self.rows = template.params, rows
+        self.quantized = self.params.retrieval_bits == 8
         self.key = (template.layout, rows)
         self.ring = self.params.window(rows) + 1
         self.local_rows = self.params.sink + self.ring + 1   # + the compensation row, last
@@ -115,15 +125,20 @@ class DecodeSlab:
     def _allocate(self, layer_idx: int, n: int, copied: int) -> LayerSlots:
         """Storage for `n` slots, the first `copied` of which the caller fills whole; the others are zeros, not
         empty: their masked rows still meet the values in a matmul, and 0 * NaN would be NaN."""
-        def zeros(heads: int, rows: int, dtype=self.dtype):
+        def zeros(heads: int, rows: int, dtype=self.dtype, width=self.head_dim):
             if not heads:
                 return None
-            store = torch.empty(n, heads, rows, self.head_dim, dtype=dtype, device=self.device)
+            store = torch.empty(n, heads, rows, width, dtype=dtype, device=self.device)
             store[copied:].zero_()
             return store
         r, l = self.r_heads[layer_idx], self.l_heads[layer_idx]
-        return LayerSlots(zeros(r, self.rows), zeros(r, self.rows), zeros(l, self.local_rows),
-                          zeros(l, self.local_rows), zeros(l, 1, torch.float32), zeros(l, 1, torch.float32))
+        r_dtype = torch.int8 if self.quantized else self.dtype
+        slots = LayerSlots(zeros(r, self.rows, r_dtype), zeros(r, self.rows, r_dtype), zeros(l, self.local_rows),
+                           zeros(l, self.local_rows), zeros(l, 1, torch.float32), zeros(l, 1, torch.float32))
+        if self.quantized:
+            width = kv_quant.scale_width(self.head_dim)
+            slots.key_scales, slots.value_scales = (zeros(r, self.rows, kv_quant.SCALE_DTYPE, width) for _ in "kv")
+        return slots
 
     # --- a session's rows in and out of a slot ------------------------------------------------------
     def _local_token_rows(self, seq_len: int, n_window: int) -> torch.Tensor:
@@ -136,8 +151,9 @@ class DecodeSlab:
         n = layer.seq_len
         assert n < self.rows, (n, self.rows)
         if layer.retrieval is not None:
-            slots.keys[slot, :, :n] = layer.retrieval.keys[0]
-            slots.values[slot, :, :n] = layer.retrieval.values[0]
+            stores = slots.retrieval_stores()
+            for store, rows in layer.retrieval.live_rows().items():   # as stored: int8 stays int8
+                stores[store][slot, :, :n] = rows[0]
         if layer.local is not None:
             stored = len(layer.local)
             n_sink = min(self.params.sink, stored)
@@ -158,7 +174,8 @@ class DecodeSlab:
         """Copy one layer of `slot` back into the session's own (new) KVBuffers, sinks then window in order."""
         n = layer.seq_len
         if slots.keys is not None:
-            layer.retrieval = KVBuffer.holding(slots.keys[slot:slot + 1, :, :n], slots.values[slot:slot + 1, :, :n])
+            rows = {store: t[slot:slot + 1, :, :n] for store, t in slots.retrieval_stores().items()}
+            layer.retrieval = restored(buffer_class(self.params.retrieval_bits), rows, self.dtype)
         if slots.local_keys is not None:
             n_sink = min(self.params.sink, n)
             rows = self._local_token_rows(n, min(n - n_sink, self.params.window(n)))
@@ -208,8 +225,12 @@ class DecodeSlab:
         if slots.keys is not None:
             r_idx = self.r_idx[layer_idx]
             rows = self._flat_rows(len(r_idx), self.rows, self._row)
-            _write_rows(slots.keys, rows, keys.index_select(1, r_idx))
-            _write_rows(slots.values, rows, values.index_select(1, r_idx))
+            new = (keys.index_select(1, r_idx), values.index_select(1, r_idx))                # [B, r, D] each
+            if self.quantized:
+                (qk, sk), (qv, sv) = map(kv_quant.quantize, new)
+                new = (qk, qv, sk, sv)
+            for store, row in zip(slots.retrieval_stores().values(), new):
+                _write_rows(store, rows, row)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
             rows = self._flat_rows(len(l_idx), self.local_rows, self._local_row)
@@ -236,9 +257,9 @@ class DecodeSlab:
         out = torch.empty_like(q_kv)
         if slots.keys is not None:
             r_idx = self.r_idx[layer_idx]
-            span = self._span
-            o = F.scaled_dot_product_attention(q_kv.index_select(1, r_idx), slots.keys[:, :, :span],
-                                               slots.values[:, :, :span], attn_mask=self._r_mask, scale=scale)
+            keys, values = self._retrieval_rows(slots)
+            o = F.scaled_dot_product_attention(q_kv.index_select(1, r_idx), keys, values,
+                                               attn_mask=self._r_mask, scale=scale)
             out.index_copy_(1, r_idx, o)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
@@ -246,6 +267,14 @@ class DecodeSlab:
                                                attn_mask=self._l_bias, scale=scale)                 # [B, l, G, D]
             out.index_copy_(1, l_idx, o)
         return out.view(bsz, n_heads, 1, head_dim)
+
+    def _retrieval_rows(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        """The retrieval rows this step reads, [B, r, span, D] in the cache dtype (dequantised in 8 bits)."""
+        span = self._span
+        if not self.quantized:
+            return slots.keys[:, :, :span], slots.values[:, :, :span]
+        return (kv_quant.dequantize(slots.keys[:, :, :span], slots.key_scales[:, :, :span], self.dtype),
+                kv_quant.dequantize(slots.values[:, :, :span], slots.value_scales[:, :, :span], self.dtype))
 
     def end_step(self) -> None:
         """Fold the token that left each member's window into its compensation token; every member grew by one."""
@@ -292,10 +321,11 @@ def slot_bytes(template: CompressedKVCache, rows: int, head_dim: int, itemsize: 
     """Bytes of one slot of a slab of `rows` rows for `template`'s head layout (what `_allocate` makes per slot)."""
     params = template.params
     local_rows = params.sink + params.window(rows) + 2   # the ring (window + the step's new token), compensation
+    r_row = kv_quant.row_nbytes(head_dim, params.retrieval_bits, itemsize)
     total = 0
     for layer in template.layers:
         r, l = len(layer.retrieval_heads), len(layer.local_heads)
-        total += 2 * head_dim * (itemsize * (r * rows + l * local_rows) + 4 * l)   # K and V; compensation float32
+        total += 2 * (r * rows * r_row + l * head_dim * (itemsize * local_rows + 4))   # K and V; compensation f32
     return total
 
 

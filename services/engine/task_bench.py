@@ -118,7 +118,7 @@ class TaskBench:
     def _bytes_fraction(self, hm: HeadMap, length: int) -> float:
         i = self.cells.index((self.cells[0][0], length))
         state = session_from_full(self.engine, self.tasks[i].document, self.kvs[i], hm)
-        return state.stored_nbytes() / state.full_nbytes()
+        return state.cache.bytes_fraction()   # counted as 16-bit: int8 heads weigh what they would on a GPU
 
 
 def _kept(hits: list[bool], full_hits: list[bool]) -> float:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from services.engine import hf
+from services.engine import hf, kv_quant
 
 from .codec import is_count
 
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}   # a cache's dtype -> bytes per element
 COMP_DTYPE = "float32"                                    # compensation tokens are running means in float32
+QUANT_DTYPE, SCALE_DTYPE = "int8", "float16"              # retrieval heads in 8 bits: integers and scales
 
 
 class HeaderInvalid(Exception):
@@ -70,8 +71,10 @@ STATE_FIELDS = {"token_ids": lambda v: isinstance(v, list), "head_map_version": 
 CACHE_FIELDS = {"n_kv_heads": lambda v: is_count(v) and v >= 1, "params": lambda v: isinstance(v, dict),
                 "retrieval_kv_heads": lambda v: isinstance(v, list) and len(v) >= 1,
                 "seq_len": lambda v: isinstance(v, list), "comp_count": lambda v: isinstance(v, list)}
+OPTIONAL_CACHE_FIELDS = {"dtype": lambda v: _is_str(v) and v in KV_DTYPES}   # absent in an empty cache
 PARAMS_FIELDS = {"sink": is_count, "min_window": lambda v: is_count(v) and v >= 1, "ratio": _is_ratio,
                  "compensation": lambda v: isinstance(v, bool)}
+OPTIONAL_PARAMS_FIELDS = {"retrieval_bits": lambda v: v in kv_quant.BITS and not isinstance(v, bool)}
 
 
 def check_meta(meta: dict) -> None:
@@ -92,8 +95,10 @@ def check(parsed: dict, sid: str, shape: ModelShape | None = None) -> None:
         if state[name] != meta[name]:
             raise HeaderInvalid(f"state.{name} {state[name]!r} differs from meta.{name} {meta[name]!r}")
     cache = state["cache"]
-    _fields("state.cache", cache, CACHE_FIELDS)
-    _fields("state.cache.params", cache["params"], PARAMS_FIELDS)
+    _fields("state.cache", cache, CACHE_FIELDS, OPTIONAL_CACHE_FIELDS)
+    _fields("state.cache.params", cache["params"], PARAMS_FIELDS, OPTIONAL_PARAMS_FIELDS)
+    if cache.get("dtype", meta["dtype"]) != meta["dtype"]:
+        raise HeaderInvalid(f"state.cache.dtype {cache['dtype']!r} differs from meta.dtype {meta['dtype']!r}")
     _check_tokens(state["token_ids"], meta["token_count"], shape)
     length = _cache_length(cache, meta["token_count"], shape)
     tensors = {e["name"]: (e["dtype"], e["shape"]) for e in parsed["tensors"]}
@@ -148,11 +153,17 @@ def _check_tensors(tensors: dict, cache: dict, length: int, dtype: str, head_dim
     if set(tensors) != set(expected):
         raise HeaderInvalid(f"the tensors {sorted(set(tensors) ^ set(expected))[:4]} are missing or unexpected")
     # Without the model, one head_dim for all (that of any tensor: a wrong one fails every comparison).
-    head_dim = head_dim or next((s[-1] for _, s in tensors.values() if len(s) == 4), 1)
+    head_dim = head_dim or next((s[-1] for n, (_, s) in tensors.items() if len(s) == 4 and not _scales(n)), 1)
     for name, (want_dtype, want_dims) in expected.items():
-        want = (want_dtype, [*want_dims, head_dim])
+        width = kv_quant.scale_width(head_dim) if _scales(name) else head_dim
+        want = (want_dtype, [*want_dims, width])
         if tensors[name] != want or head_dim < 1:
             raise HeaderInvalid(f"tensor {name} is {tensors[name]}, expected {want}")
+
+
+def _scales(name: str) -> bool:
+    """A retrieval group's int8 scales ("3.key_scales"): one per group of channels, not head_dim wide."""
+    return name.endswith("_scales")
 
 
 def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length: int, dtype: str) -> dict:
@@ -163,7 +174,10 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
             raise HeaderInvalid(f"layer {i} folded {comp} tokens into an empty cache")
         return {}
     out = {}
-    if n_retrieval:
+    if n_retrieval and cache["params"].get("retrieval_bits", 16) == 8:
+        out.update({f"{i}.{name}": (QUANT_DTYPE, [1, n_retrieval, length]) for name in ("keys", "values")})
+        out.update({f"{i}.{n}": (SCALE_DTYPE, [1, n_retrieval, length]) for n in ("key_scales", "value_scales")})
+    elif n_retrieval:
         out.update({f"{i}.{name}": (dtype, [1, n_retrieval, length]) for name in ("keys", "values")})
     if n_local:
         local_shape = tensors.get(f"{i}.local_keys", (None, []))[1]
@@ -180,7 +194,7 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
 def _check_bytes(meta: dict, entries: list, cache: dict, length: int) -> None:
     """The byte counts the service budgets and reports agree with the tensors."""
     stored = sum(e["nbytes"] for e in entries)
-    head_dim = entries[0]["shape"][-1] if entries else 0
+    head_dim = next((e["shape"][-1] for e in entries if not _scales(e["name"])), 0)
     full = len(cache["seq_len"]) * 2 * cache["n_kv_heads"] * length * head_dim * KV_DTYPES[meta["dtype"]]
     if meta["stored_nbytes"] != stored or meta["full_nbytes"] != full or meta["nbytes"] < stored:
         raise HeaderInvalid(f"nbytes {meta['nbytes']}, stored_nbytes {meta['stored_nbytes']} and full_nbytes "

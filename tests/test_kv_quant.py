@@ -1,0 +1,229 @@
+"""Retrieval heads in 8 bits: the quantiser, the int8 KVBuffer, the decode slab, spills and calibration."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from services.engine import (CalibrationParams, CompressionParams, Engine, HeadMap, ProfileParams, SamplingParams,
+                             SchedulerConfig, SessionState, calibrate, forward, forward_all, kv_quant, profile_model)
+from services.engine.kvbuffer import QuantizedKVBuffer
+from services.engine.slab import DecodeSlab, size_class, slot_bytes
+from services.inference import codec, spilled_header
+from services.inference.spilled_header import HeaderInvalid, ModelShape
+from tests.engine_models import smollm2, tiny
+from tests.planted_loaded import planted_loaded
+from tests.test_engine_batching import SMALL, Job, assert_same_conversation, greedy, ids, run_alone, run_batched
+
+
+def in_8_bits(head_map: HeadMap) -> HeadMap:
+    return dataclasses.replace(head_map, compression=dataclasses.replace(head_map.compression, retrieval_bits=8),
+                               version="")
+
+
+@pytest.fixture(scope="module")
+def maps():
+    loaded = tiny()
+    profiled = profile_model(loaded, ProfileParams(seq_len=16, n_samples=1), SMALL)
+    assert 0 < profiled.kv_fraction < 1
+    return {"16": profiled, "8": in_8_bits(profiled), "full8": in_8_bits(HeadMap.full(loaded.fingerprint, SMALL))}
+
+
+# ---- the quantiser ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("head_dim", [64, 16])   # two groups of 32 a row; one group (32 does not divide 16)
+def test_quantize_rounds_each_group_within_half_a_step(head_dim):
+    x = torch.randn(2, 3, 50, head_dim) * torch.logspace(-3, 2, 50)[:, None]   # rows from 1e-3 to 1e2
+    x[0, 0, 0] = 0.0                                                             # an all-zero row
+    q, scale = kv_quant.quantize(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float16
+    assert scale.shape == (2, 3, 50, kv_quant.scale_width(head_dim)) and (scale > 0).all()
+    back = kv_quant.dequantize(q, scale, torch.float32)
+    step = scale.float().repeat_interleave(kv_quant.group_size(head_dim), dim=-1)
+    assert ((back - x).abs() <= step / 2 + 1e-6 * x.abs()).all()
+    assert q.abs().max() == kv_quant.QMAX and back[0, 0, 0].abs().max() == 0
+
+
+def test_row_bytes_in_8_bits_are_about_half_of_16():
+    assert kv_quant.row_nbytes(64, 16, 2) == 128 and kv_quant.row_nbytes(64, 8, 2) == 64 + 2 * 2
+    assert kv_quant.row_nbytes(64, 16, 4) == 256 and kv_quant.row_nbytes(16, 8, 4) == 16 + 2
+
+
+def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict_shrink():
+    heads, dim = 3, 64
+    buf = QuantizedKVBuffer(heads, dim, torch.float32, "cpu")
+    ref_k, ref_v = torch.empty(1, heads, 0, dim), torch.empty(1, heads, 0, dim)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(200):
+        q = 1 if step % 3 else int(torch.randint(1, 25, (1,), generator=gen))
+        k, v = torch.randn(1, heads, q, dim, generator=gen), torch.randn(1, heads, q, dim, generator=gen)
+        buf.append(k, v)
+        ref_k = torch.cat([ref_k, kv_quant.dequantize(*kv_quant.quantize(k), torch.float32)], 2)
+        ref_v = torch.cat([ref_v, kv_quant.dequantize(*kv_quant.quantize(v), torch.float32)], 2)
+        if step % 4 == 3 and len(buf) > 6:
+            n_keep, n_drop = 2, int(torch.randint(1, len(buf) - 2, (1,), generator=gen))
+            buf.evict(n_keep, n_drop)
+            ref_k = torch.cat([ref_k[:, :, :n_keep], ref_k[:, :, n_keep + n_drop:]], 2)
+            ref_v = torch.cat([ref_v[:, :, :n_keep], ref_v[:, :, n_keep + n_drop:]], 2)
+            buf.shrink()
+        assert torch.equal(buf.keys, ref_k) and torch.equal(buf.values, ref_v)
+        # int8 rows plus two float16 scales a row, for keys and values
+        assert buf.nbytes() == 2 * heads * buf.capacity * (dim + 2 * 2)
+    assert buf.keys.dtype == torch.float32 and buf.k_store.dtype == torch.int8
+
+
+# ---- the engine: per-session and batched paths, bytes -----------------------------------------------
+def test_8bit_sessions_batched_equal_each_alone_and_store_int8(maps):
+    """Eight sessions (8-bit, 16-bit and an all-retrieval 8-bit map) decoding together in slabs produce what
+    each produces alone; the 8-bit caches hold int8 retrieval rows."""
+    engine = Engine(tiny(), maps["16"])
+    layouts = ["8", "16", "8", "full8", "8", "16", "8", "full8"]
+    lengths, max_new = [5, 12, 19, 27, 33, 41, 50, 64], [9, 14, 6, 12, 20, 7, 11, 16]
+
+    def make(i):
+        turns, params = [ids(lengths[i], 300 + i)], [greedy(max_new[i])]
+        if i % 2:
+            turns.append(ids(4 + i, 400 + i))
+            params.append(greedy(6))
+        return Job(f"q{i}", maps[layouts[i]], turns, params)
+
+    alone = [run_alone(engine, make(i)) for i in range(8)]
+    batched = [make(i) for i in range(8)]
+    stats = run_batched(engine, batched, SchedulerConfig(max_running=8, step_tokens=512))
+    assert stats["max_running"] == 8
+    for got, want in zip(batched, alone):
+        assert_same_conversation(got, want)
+    for job in batched:
+        retrieval = [layer.retrieval for layer in job.state.cache.layers if layer.retrieval is not None]
+        want = torch.int8 if job.head_map.compression.retrieval_bits == 8 else torch.float32
+        assert retrieval and all(b.k_store.dtype == want for b in retrieval), job.name
+
+
+def test_8bit_slot_bytes_are_what_the_slab_allocates_and_within_the_bound(maps):
+    engine = Engine(tiny(), maps["8"])
+    head_dim, dtype = engine.dims.head_dim, engine.loaded.dtype
+    cache = engine.new_cache(maps["8"])
+    forward_all(engine.model, ids(40, 9), cache)
+    stored_before = cache.stored_nbytes()
+    slab = DecodeSlab(cache, size_class(60), head_dim, dtype, engine.device)
+    slab.set_members([cache])
+    assert slab.storage[0].keys.dtype == torch.int8 or slab.storage[0].keys is None
+    assert cache.nbytes() == slot_bytes(cache, slab.rows, head_dim, dtype.itemsize)
+    assert cache.nbytes() <= cache.bytes_bound(60, 1, head_dim, dtype.itemsize)
+    sixteen = engine.new_cache(maps["16"])
+    forward_all(engine.model, ids(40, 9), sixteen)
+    assert slot_bytes(cache, slab.rows, head_dim, 4) < slot_bytes(sixteen, slab.rows, head_dim, 4)
+    slab.set_members([])
+    assert cache.stored_nbytes() == stored_before   # unseated: the same int8 rows and scales, compacted
+
+
+@pytest.mark.slow
+def test_8bit_retrieval_heads_halve_their_bytes_and_keep_smollm2s_next_token():
+    """On SmolLM2 with its shipped heads, 8-bit retrieval rows hold about half of 16-bit ones' bytes (counted as
+    16-bit) and a quarter of float32's (as stored here), and the next-token distribution barely moves."""
+    from services.engine.headmap import shipped_head_map
+
+    loaded = smollm2()
+    hm16 = shipped_head_map(loaded.fingerprint)
+    hm8 = in_8_bits(hm16)
+    prompt = ids(600, 11)
+    logprobs, caches = {}, {}
+    for name, hm in (("16", hm16), ("8", hm8)):
+        cache = Engine(loaded, hm).new_cache(hm)
+        logprobs[name] = forward(loaded.model, prompt, cache).log_softmax(-1)
+        caches[name] = cache
+    kl = (logprobs["16"].exp() * (logprobs["16"] - logprobs["8"])).sum()
+    assert kl < 1e-3 and logprobs["16"].argmax() == logprobs["8"].argmax()
+
+    def retrieval_bytes(cache):
+        return sum(layer.retrieval.nbytes() for layer in cache.layers if layer.retrieval is not None)
+
+    assert retrieval_bytes(caches["8"]) / retrieval_bytes(caches["16"]) == pytest.approx((64 + 4) / 256, abs=1e-3)
+    # counted as 16-bit, each retrieval head's share of the full cache shrinks from 128 to 64 + 4 bytes a row
+    share = sum(map(len, hm16.retrieval_kv_heads)) / (loaded.fingerprint.n_layers * loaded.fingerprint.n_kv_heads)
+    f16, f8 = caches["16"].bytes_fraction(), caches["8"].bytes_fraction()
+    assert f16 - f8 == pytest.approx(share * (1 - 68 / 128), abs=1e-4)
+
+
+# ---- spills -----------------------------------------------------------------------------------------
+def test_8bit_spill_round_trip_is_bit_exact_and_its_header_checks(maps):
+    loaded = tiny()
+    engine = Engine(loaded, maps["8"])
+    params = SamplingParams(max_new_tokens=8)
+    state, _ = engine.generate(ids(90, 21), params)
+    tensors, meta = state.to_tensors()
+    assert tensors["0.keys"].dtype == torch.int8 and tensors["0.key_scales"].dtype == torch.float16
+    assert meta["cache"]["params"]["retrieval_bits"] == 8 and meta["cache"]["dtype"] == "float32"
+    restored = SessionState.from_tensors({k: v.clone() for k, v in tensors.items()}, meta, "cpu")
+    again, _ = restored.to_tensors()
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert engine.continue_session(state, [70, 71], params).token_ids == \
+        engine.continue_session(restored, [70, 71], params).token_ids
+
+    header = {"session_id": "s1", "fingerprint_id": state.fingerprint_id, "head_map_version": state.head_map_version,
+              "token_count": len(state.token_ids), "nbytes": state.nbytes(), "full_nbytes": state.full_nbytes(),
+              "stored_nbytes": state.stored_nbytes(), "created_at": 1.0, "last_used": 2.0, "dtype": "float32"}
+    header["state"] = state.to_tensors()[1]
+    spilled_header.check(codec.read_header(codec.encode(state.to_tensors()[0], header).header), "s1",
+                         ModelShape.of(loaded))
+    as_floats = {k: (v.float() if k.endswith("keys") and v.dtype == torch.int8 else v) for k, v in
+                 state.to_tensors()[0].items()}
+    wrong = codec.read_header(codec.encode(as_floats, {**header, "stored_nbytes": sum(
+        t.numel() * t.element_size() for t in as_floats.values())}).header)
+    with pytest.raises(HeaderInvalid, match="keys"):
+        spilled_header.check(wrong, "s1", ModelShape.of(loaded))
+
+
+def test_8bit_head_map_json_round_trip_and_16bit_maps_unchanged(maps):
+    loaded = tiny()
+    back = HeadMap.from_json(maps["8"].to_json(), expect=loaded.fingerprint)
+    assert back.compression.retrieval_bits == 8 and back.version == maps["8"].version != maps["16"].version
+    assert "retrieval_bits" not in maps["16"].compression.to_dict()   # maps from before 8 bits keep their version
+    with pytest.raises(ValueError, match="retrieval_bits"):
+        CompressionParams(retrieval_bits=4)
+
+
+# ---- calibration searches the storage too -------------------------------------------------------------
+def test_a_budget_too_small_for_the_planted_head_in_16_bits_is_met_in_8():
+    loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
+    base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
+    shape = dict(families=("copy",), lengths=(300,), n_tasks=2, n_validation=2, windows=(16,), sinks=(2,),
+                 ratios=(1e9,), ranking="attention", leave_one_out=False, max_bytes=0.25)
+    sixteen = calibrate(Engine(loaded, base), base, CalibrationParams(**shape))
+    assert sixteen.retrieval_kv_heads == [[], []] and not sixteen.calibration["chosen"]["meets"]
+    both = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, bits=(8, 16)))
+    chosen = both.calibration["chosen"]
+    assert both.retrieval_kv_heads == [[], [1]] and both.compression.retrieval_bits == 8
+    assert chosen["meets"] and chosen["bits"] == 8 and chosen["bytes_fraction"] <= 0.25
+    assert {c["bits"] for c in both.calibration["candidates"]} == {8, 16}
+
+
+# ---- the service: an 8-bit map over gRPC, spilled to Redis and restored ---------------------------------
+def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(start_server, tiny_head_map):
+    """Sampled turns (any change in a logit shows) match between a session of an 8-bit map kept resident and
+    one spilled to Redis and restored before every turn; the reported bytes are the int8 store's."""
+    from services.api.razorserve.v1 import razorserve_pb2 as pb
+    from services.inference.client import RazorClient
+    from tests.test_service import wait_until
+
+    hm8 = in_8_bits(tiny_head_map)
+    prompt = "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly " * 3
+    sampled, outs, sizes = dict(max_new_tokens=4, temperature=1.0, seed=7), [], {}
+    for spills in (False, True):
+        for hm in ((hm8,) if spills else (hm8, tiny_head_map)):
+            server = start_server(head_map=hm, kv_budget_bytes=1 if spills else 10**9)
+            where = pb.SESSION_LOCATION_REDIS if spills else pb.SESSION_LOCATION_DEVICE
+            with RazorClient(server.target) as client:
+                replies = [client.generate(prompt=prompt, **sampled)]
+                sid = replies[0].session_id
+                for text in (" Then", " Next"):
+                    wait_until(lambda: client.get_session(sid).location == where)
+                    replies.append(client.continue_session(sid, text=text, **sampled))
+                session = client.get_session(sid)
+            if hm is hm8:
+                outs.append([r.token_ids for r in replies])
+            sizes[(hm.compression.retrieval_bits, spills)] = (session.kv_bytes, session.kv_bytes_full)
+            server.stop(0)
+    assert outs[0] == outs[1]
+    (kv8, full8), (kv16, full16) = sizes[(8, False)], sizes[(16, False)]
+    assert full8 == full16 and kv8 < kv16
