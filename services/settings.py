@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     sink: int = Field(4, ge=0, description="sink tokens kept by local heads (paper N0)")
     min_window: int = Field(256, ge=1, description="smallest recent window of local heads (paper S0)")
     ratio: float = Field(5.0, ge=1.0, description="compression ratio C: local window = max(S0, N/C)")
+    retrieval_bits: int = Field(
+        16, description="retrieval heads' storage in maps profiled here: 16 = the model's dtype, 8 = int8 + scales")
 
     # --- gRPC server ----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
@@ -101,6 +103,13 @@ class Settings(BaseSettings):
         v = v.upper()
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {v!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return v
+
+    @field_validator("retrieval_bits")
+    @classmethod
+    def _known_bits(cls, v):
+        if v not in (16, 8):
+            raise ValueError(f"RAZOR_RETRIEVAL_BITS {v!r} is not supported; use 16 (the model's dtype) or 8 (int8)")
         return v
 
     @field_validator("dtype", mode="before")

@@ -97,6 +97,7 @@ def test_params_digest_and_lookup(store):
     ({"seq_len": "long"}, "must be a number"),
     ({"bogus": 1}, "unknown profiling parameter"),
     ({"ratio": 0.5}, "ratio"),
+    ({"retrieval_bits": 4}, "retrieval_bits must be one of"),
     ({"max_kl": 0}, "max_kl"),
     ({"max_accuracy_drop": 1.5}, "max_accuracy_drop"),
     ({"seq_len": 8193}, "seq_len must be at most 8192"),

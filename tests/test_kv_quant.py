@@ -220,6 +220,7 @@ def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(st
                     wait_until(lambda: client.get_session(sid).location == where)
                     replies.append(client.continue_session(sid, text=text, **sampled))
                 session = client.get_session(sid)
+                assert client.server_info().head_map.compression.retrieval_bits == hm.compression.retrieval_bits
             if hm is hm8:
                 outs.append([r.token_ids for r in replies])
             sizes[(hm.compression.retrieval_bits, spills)] = (session.kv_bytes, session.kv_bytes_full)
@@ -227,3 +228,15 @@ def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(st
     assert outs[0] == outs[1]
     (kv8, full8), (kv16, full16) = sizes[(8, False)], sizes[(16, False)]
     assert full8 == full16 and kv8 < kv16
+
+
+def test_retrieval_bits_setting_is_validated_with_the_variable_named(monkeypatch):
+    from pydantic import ValidationError
+
+    from services.settings import Settings
+
+    monkeypatch.setenv("RAZOR_RETRIEVAL_BITS", "8")
+    assert Settings().retrieval_bits == 8
+    monkeypatch.setenv("RAZOR_RETRIEVAL_BITS", "4")
+    with pytest.raises(ValidationError, match="RAZOR_RETRIEVAL_BITS 4 is not supported"):
+        Settings()

@@ -166,6 +166,16 @@ def test_same_model_and_params_twice_gives_one_version(worker, jobs, store, tiny
     assert store.list_versions(tiny.fingerprint) == before
 
 
+def test_a_job_asking_for_8_bit_retrieval_heads_calibrates_and_publishes_an_8_bit_map(worker, jobs, store, tiny):
+    status = wait_for(jobs, jobs.submit("tiny-random", dict(FAST, seed=11, retrieval_bits=8), calibrate=True),
+                      finished)
+    assert status["state"] == "succeeded", status
+    head_map = store.get(tiny.fingerprint, status["head_map_version"])
+    assert head_map.compression.retrieval_bits == 8
+    assert head_map.calibration["chosen"]["bits"] == 8
+    assert {c["bits"] for c in head_map.calibration["candidates"]} == {8}
+
+
 def test_model_refs_outside_the_deployment_are_refused_at_submit(jobs, url):
     queued = redis.Redis.from_url(url).llen("profiling")
     messages = set()

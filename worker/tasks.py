@@ -173,7 +173,8 @@ def _profile_claimed(task, lease: JobLease, model_ref: str, params: dict | None,
     if attempt > settings.profile_max_retries + 1:
         raise RuntimeError(f"profiling gave up after {attempt - 1} attempts: the worker was lost each time "
                            f"(out of memory or killed?)")
-    compression_defaults = engine.CompressionParams(settings.sink, settings.min_window, settings.ratio)
+    compression_defaults = engine.CompressionParams(settings.sink, settings.min_window, settings.ratio,
+                                                    retrieval_bits=settings.retrieval_bits)
     profile_params, compression, targets = parse_profile_params(params or {}, compression_defaults)
     calibrate = settings.calibrate if calibrate is None else bool(calibrate)
     t0 = time.perf_counter()

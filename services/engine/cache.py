@@ -40,8 +40,9 @@ class CompressionParams:
             raise ValueError(f"min_window must be >= 1, got {self.min_window}")
         if not self.ratio >= 1.0:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}")
-        if self.retrieval_bits not in kv_quant.BITS:
+        if isinstance(self.retrieval_bits, bool) or self.retrieval_bits not in kv_quant.BITS:
             raise ValueError(f"retrieval_bits must be one of {kv_quant.BITS}, got {self.retrieval_bits}")
+        object.__setattr__(self, "retrieval_bits", int(self.retrieval_bits))   # 8.0 from a job's JSON: one map
 
     def window(self, seq_len: int) -> int:
         """L_h: recent tokens a local head keeps at sequence length N."""

@@ -157,7 +157,8 @@ def initial_head_map(settings: Settings, loaded: LoadedModel) -> HeadMap:
     def progress(done: int, total: int, stage: str) -> None:
         log.info("profiling %s: %s %d/%d", loaded.ref, stage, done, total)
 
-    compression = CompressionParams(sink=settings.sink, min_window=settings.min_window, ratio=settings.ratio)
+    compression = CompressionParams(sink=settings.sink, min_window=settings.min_window, ratio=settings.ratio,
+                                    retrieval_bits=settings.retrieval_bits)
     return profile_model(loaded, ProfileParams(), compression, progress=progress)
 
 
