@@ -1,12 +1,13 @@
 """Batched decoding over compressed caches: capacity in one KV budget, and decode-step cost against length.
 
 1. Capacity: how many `--capacity-length`-token sessions decode together inside one KV budget (`--budget-sessions`
-   full-cache sessions' worth), with the full-cache map and with the shipped RazorAttention map. Each session is
+   full-cache sessions' worth), with the full-cache map, the shipped RazorAttention map, and its heads with the
+   retrieval heads stored in 8 bits (int8 + scales, `CompressionParams.retrieval_bits`). Each session is
    admitted on the bytes its cache may grow to by the end of the turn (`CompressedKVCache.bytes_bound`, as the
    service's admission does); every admitted session then decodes `--decode` tokens in one Scheduler batch, and
    the aggregate tokens/s at each map's own capacity is measured.
 2. Step cost against session length: one session's decode step (ms, seated in a scheduler's decode slab) at each
-   `--lengths` value, full map vs shipped map, and the storage work a step does: writing one token into the slab
+   `--lengths` value, each map, and the storage work a step does: writing one token into the slab
    (every layer) against the `torch.cat` of every layer's groups that the first build did on every step.
 
 Caches are derived from one full prefill of the longest length (`CompressedKVCache.from_full` on prefixes), so
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import common  # first: puts the repository root on sys.path
 import torch
@@ -142,7 +144,9 @@ def main() -> None:
     print(common.header())
     loaded = load_model(args.model, device="cpu")
     razor = shipped_head_map(loaded.fingerprint)
-    maps = {"full cache": HeadMap.full(loaded.fingerprint, razor.compression), "razor (shipped map)": razor}
+    in_8_bits = replace(razor, compression=replace(razor.compression, retrieval_bits=8), version="")
+    maps = {"full cache": HeadMap.full(loaded.fingerprint, razor.compression), "razor (shipped map)": razor,
+            "razor, retrieval heads in 8 bits": in_8_bits}
     engine = Engine(loaded, razor)
     longest = max(args.lengths + [args.capacity_length])
     ids = torch.randint(1000, 20000, (longest,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -177,19 +177,27 @@ def test_edited_header_is_refused_after_a_restart_too(start_server, service_redi
 def test_a_restored_session_is_bit_exact_under_a_key(start_server):
     """Sampled turns (sensitive to any change in logits) match between a session kept resident and one
     spilled and restored, MAC-verified, before every turn."""
-    sampled, outs = dict(max_new_tokens=4, temperature=1.0, seed=7), []
+    outs = []
     for spills in (False, True):
         server = start_server(kv_budget_bytes=1 if spills else 10**9, spill_key=KEY)
-        where = pb.SESSION_LOCATION_REDIS if spills else pb.SESSION_LOCATION_DEVICE
         with RazorClient(server.target) as client:
-            replies = [client.generate(prompt=PROMPT, **sampled)]
-            sid = replies[0].session_id
-            for text in (" Then", " Next"):
-                wait_until(lambda: client.get_session(sid).location == where)
-                replies.append(client.continue_session(sid, text=text, **sampled))
+            replies, _ = sampled_turns(client, PROMPT, spills)
         outs.append([r.token_ids for r in replies])
         server.stop(0)
     assert outs[0] == outs[1]
+
+
+def sampled_turns(client: RazorClient, prompt: str, spilled: bool) -> tuple[list, pb.Session]:
+    """Three sampled turns of one session (any change in a logit shows in them), each continued turn waiting
+    until the session is in Redis (`spilled`) or on the device; the replies and the session's final record."""
+    sampled = dict(max_new_tokens=4, temperature=1.0, seed=7)
+    where = pb.SESSION_LOCATION_REDIS if spilled else pb.SESSION_LOCATION_DEVICE
+    replies = [client.generate(prompt=prompt, **sampled)]
+    sid = replies[0].session_id
+    for text in (" Then", " Next"):
+        wait_until(lambda: client.get_session(sid).location == where)
+        replies.append(client.continue_session(sid, text=text, **sampled))
+    return replies, client.get_session(sid)
 
 
 # ---- unit: the header against its tensors and the model ----------------------------------------

@@ -202,24 +202,17 @@ def test_a_budget_too_small_for_the_planted_head_in_16_bits_is_met_in_8():
 def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(start_server, tiny_head_map):
     """Sampled turns (any change in a logit shows) match between a session of an 8-bit map kept resident and
     one spilled to Redis and restored before every turn; the reported bytes are the int8 store's."""
-    from services.api.razorserve.v1 import razorserve_pb2 as pb
     from services.inference.client import RazorClient
-    from tests.test_service import wait_until
+    from tests.test_integrity import sampled_turns
 
     hm8 = in_8_bits(tiny_head_map)
     prompt = "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly " * 3
-    sampled, outs, sizes = dict(max_new_tokens=4, temperature=1.0, seed=7), [], {}
+    outs, sizes = [], {}
     for spills in (False, True):
         for hm in ((hm8,) if spills else (hm8, tiny_head_map)):
             server = start_server(head_map=hm, kv_budget_bytes=1 if spills else 10**9)
-            where = pb.SESSION_LOCATION_REDIS if spills else pb.SESSION_LOCATION_DEVICE
             with RazorClient(server.target) as client:
-                replies = [client.generate(prompt=prompt, **sampled)]
-                sid = replies[0].session_id
-                for text in (" Then", " Next"):
-                    wait_until(lambda: client.get_session(sid).location == where)
-                    replies.append(client.continue_session(sid, text=text, **sampled))
-                session = client.get_session(sid)
+                replies, session = sampled_turns(client, prompt, spills)
                 assert client.server_info().head_map.compression.retrieval_bits == hm.compression.retrieval_bits
             if hm is hm8:
                 outs.append([r.token_ids for r in replies])
