@@ -8,7 +8,9 @@ six-family gates trained here as `bench_layer_windows` trains them) kept full wi
 rounded to `bits`-bit integers, symmetric, one float16 scale per `--group` channels of a row (per token and
 head, after RoPE), every other head at sink + a fixed window in 16 bits with its compensation token.
 
-Simulated: the engine stores no integers yet. Each document's cache is built from its full prefill as the
+Simulated (written before the engine stored integers; it now keeps retrieval heads in 8 bits with
+`CompressionParams.retrieval_bits = 8`, kv_quant.py, and `bench_quality --bits 8` measures that path; this
+bench also covers 4 bits, which the engine does not store). Each document's cache is built from its full prefill as the
 engine builds it, then the retrieval heads' rows are quantised and dequantised in place; the question turn's
 own rows (and the "turn" family's interlude) stay unrounded, as a quantised store's recent rows would
 (KIVI keeps a recent residual in full precision). Bytes are those a packed store would hold (integers, scales,
