@@ -220,6 +220,13 @@ def cell(result: dict, full: dict, family: str) -> tuple[float, float]:
     return statistics.mean(hits), (statistics.mean(answered) if answered else 1.0)
 
 
+def flips(result: dict, full: dict) -> tuple[int, int]:
+    """(answers the full cache gives that this variant loses, answers it gives that the full cache does not), over
+    every family: "kept" counts only the first; the two together tell a loss from noise (McNemar's pairs)."""
+    pairs = [(h, f) for family in BENCH_FAMILIES for h, f in zip(result["hits"][family], full["hits"][family])]
+    return sum(f and not h for h, f in pairs), sum(h and not f for h, f in pairs)
+
+
 def meets(result: dict, full: dict) -> bool:
     for family in BENCH_FAMILIES:
         acc, kept = cell(result, full, family)
@@ -241,6 +248,8 @@ def print_main(rows: dict, tables: dict, args) -> None:
         bytes_ = [f"{table[name]['bytes']:.3f}" for table in tables.values()]
         target = ["meets" if meets(t[name], t["full cache"]) else "misses" for t in tables.values()]
         out.append([name, "", "**bytes / full**", *bytes_])
+        out.append([name, "", "answers lost / gained", *["%d / %d" % flips(t[name], t["full cache"])
+                                                         for t in tables.values()]])
         out.append([name, "", "target", *target])
     print(f"\nPer family: accuracy (in brackets: of the full cache's answers, the fraction kept); "
           f"{args.tasks} tasks per family per length up to 2,000 tokens, {args.long_tasks} at 4k and 8k\n")
@@ -260,14 +269,16 @@ def print_frontier(frontier: list, sweeps: dict, tables: dict, args) -> list[dic
                        "acc": {f: statistics.mean(cell(r, tables[n]["full cache"], f)[0] for n, r in per.items())
                                for f in BENCH_FAMILIES},
                        "kept": {f: min(cell(r, tables[n]["full cache"], f)[1] for n, r in per.items())
-                                for f in BENCH_FAMILIES}})
+                                for f in BENCH_FAMILIES},
+                       "flips": [sum(x) for x in zip(*(flips(r, tables[n]["full cache"]) for n, r in per.items()))]})
     cols = ["head order", "KV heads full", "window", "bytes / full",
-            *[f"{f} (kept)" for f in BENCH_FAMILIES], "worst family vs full", "target"]
+            *[f"{f} (kept)" for f in BENCH_FAMILIES], "answers lost / gained", "worst family vs full", "target"]
     print(f"\nFrontier at {' and '.join(map(str, args.frontier_lengths))} tokens (fixed windows; accuracy averaged "
           "over those lengths, in brackets the lowest share of the full cache's answers kept)\n")
     print(common.table(cols, [[p["order"], p["k"], p["window"], f"{p['bytes']:.3f}",
                                *[f"{p['acc'][f]:.2f} ({p['kept'][f]:.0%})" for f in BENCH_FAMILIES],
-                               f"{p['worst_margin']:+.2f}", "meets" if p["meets"] else ""] for p in points]))
+                               "%d / %d" % tuple(p["flips"]), f"{p['worst_margin']:+.2f}",
+                               "meets" if p["meets"] else ""] for p in points]))
     return points
 
 
