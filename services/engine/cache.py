@@ -199,7 +199,8 @@ class RazorLayer:
         r_rows, l_rows = (r_rows if self.retrieval_heads else 0), (l_rows if self.local_heads else 0)
         comp = 2 * len(self.local_heads) * head_dim * 4
         r_row = kv_quant.row_nbytes(head_dim, self.params.retrieval_bits, itemsize)
-        return 2 * (len(self.retrieval_heads) * r_rows * r_row + len(self.local_heads) * l_rows * head_dim * itemsize) + comp
+        rows = len(self.retrieval_heads) * r_rows * r_row + len(self.local_heads) * l_rows * head_dim * itemsize
+        return 2 * rows + comp
 
     # --- spilling ---------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:

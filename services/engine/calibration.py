@@ -17,9 +17,10 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    compressed (one scoring pass per head: ~10x dearer). The attention and ablation scores give each family
    one vote; the gates are trained on the families' tasks together.
 4. The BYTES search: for every window, sink size, ratio C (1e9 = a fixed window) and storage of the retrieval
-   heads (`bits`: 16, or 8 = int8 with scales, kv_quant.py; bytes counted as against a 16-bit cache), the smallest k such that
-   the top-k heads of the ranking (one vote per family) meet the target (binary search; a shape that cannot
-   beat the cheapest point found so far at equal bytes is dropped after one probe). The cheapest point wins.
+   heads (`bits`: 16, or 8 = int8 with scales, kv_quant.py; bytes counted as against a 16-bit cache), the
+   smallest k such that the top-k heads of the ranking (one vote per family) meet the target (binary search;
+   a shape that cannot beat the cheapest point found so far at equal bytes is dropped after one probe). The
+   cheapest point wins.
    With a byte budget (`max_bytes`) no point above it is tried; when none within it meets the target, the
    point keeping the largest share of the full cache's answers in its worst cell wins, and the record says
    the target was missed (`validated_on["target_met"]`): a map for a memory budget, honestly labelled.
@@ -296,8 +297,8 @@ def _k_within(bench: TaskBench, order: Order, shape: CompressionParams, max_byte
 
 
 def _point(bench: TaskBench, order: Order, k: int, shape: CompressionParams, families=None) -> dict:
-    return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio,
-            "bits": shape.retrieval_bits, **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
+    return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio, "bits": shape.retrieval_bits,
+            **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
 
 
 def _pick(candidates: list[dict]) -> dict:
