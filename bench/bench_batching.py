@@ -1,8 +1,9 @@
 """Batched decoding over compressed caches: capacity in one KV budget, and decode-step cost against length.
 
 1. Capacity: how many `--capacity-length`-token sessions decode together inside one KV budget (`--budget-sessions`
-   full-cache sessions' worth), with the full-cache map, the shipped RazorAttention map, and its heads with the
-   retrieval heads stored in 8 bits (int8 + scales, `CompressionParams.retrieval_bits`). Each session is
+   full-cache sessions' worth), with the full-cache map, the shipped RazorAttention map, any `--compare` maps,
+   and, for each map that keeps them in 16 bits, its heads with the retrieval heads stored in 8 bits (int8 +
+   scales, `CompressionParams.retrieval_bits`). Each session is
    admitted on the bytes its cache may grow to by the end of the turn (`CompressedKVCache.bytes_bound`, as the
    service's admission does); every admitted session then decodes `--decode` tokens in one Scheduler batch, and
    the aggregate tokens/s at each map's own capacity is measured.
@@ -21,6 +22,7 @@ import argparse
 import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import common  # first: puts the repository root on sys.path
 import torch
@@ -139,14 +141,21 @@ def main() -> None:
     ap.add_argument("--budget-sessions", type=int, default=4, help="the budget, in full-cache sessions")
     ap.add_argument("--decode", type=int, default=16, help="tokens each session decodes in the capacity run")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per length")
+    ap.add_argument("--compare", nargs="*", default=[], help="other head map JSONs to measure beside the shipped one")
     args = ap.parse_args()
     clock = common.Stopwatch()
     print(common.header())
     loaded = load_model(args.model, device="cpu")
     razor = shipped_head_map(loaded.fingerprint)
-    in_8_bits = replace(razor, compression=replace(razor.compression, retrieval_bits=8), version="")
-    maps = {"full cache": HeadMap.full(loaded.fingerprint, razor.compression), "razor (shipped map)": razor,
-            "razor, retrieval heads in 8 bits": in_8_bits}
+    maps = {"full cache": HeadMap.full(loaded.fingerprint, replace(razor.compression, retrieval_bits=16)),
+            "razor (shipped map)": razor}
+    for path in args.compare:
+        other = HeadMap.from_json(Path(path).read_text(), expect=loaded.fingerprint)
+        maps[f"map {other.version}"] = other
+    for name, hm in list(maps.items())[1:]:   # the same heads with 8-bit retrieval rows, for comparison
+        if hm.compression.retrieval_bits == 16:
+            maps[f"{name}, retrieval heads in 8 bits"] = replace(
+                hm, compression=replace(hm.compression, retrieval_bits=8), version="")
     engine = Engine(loaded, razor)
     longest = max(args.lengths + [args.capacity_length])
     ids = torch.randint(1000, 20000, (longest,), generator=torch.Generator().manual_seed(0)).tolist()

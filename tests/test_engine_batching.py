@@ -129,11 +129,23 @@ def assert_same_cache(a, b) -> None:
     for la, lb in zip(a.layers, b.layers):
         assert (la.seq_len, la.comp_count, la.local_length(), la.retrieval_length()) == (
             lb.seq_len, lb.comp_count, lb.local_length(), lb.retrieval_length())
-        for name in ("keys", "values", "local_keys", "local_values", "comp_keys", "comp_values"):
+        quantized = la.params.retrieval_bits == 8 and la.retrieval is not None
+        # Batched and solo K/V differ by float noise, which may tip an 8-bit row's rounding by one step, and the
+        # next layers' keys and values by that step's effect (as the logits, checked to 1e-3).
+        tol = 1e-3 if la.params.retrieval_bits == 8 else 1e-4
+        if quantized:
+            for name, x in la.retrieval.live_rows().items():
+                y = lb.retrieval.live_rows()[name]
+                if x.dtype == torch.int8:
+                    assert (x.int() - y.int()).abs().max() <= 1, name
+                else:
+                    torch.testing.assert_close(x, y, atol=0, rtol=1e-2)
+        for name in ("local_keys", "local_values", "comp_keys", "comp_values") if quantized else (
+                "keys", "values", "local_keys", "local_values", "comp_keys", "comp_values"):
             x, y = getattr(la, name), getattr(lb, name)
             assert (x is None) == (y is None), name
             if x is not None:
-                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(x, y, atol=tol, rtol=tol)
 
 
 def greedy(n: int) -> SamplingParams:
@@ -229,12 +241,13 @@ def test_step_batch_logits_equal_per_session_forward_smollm2():
     shipped = shipped_head_map(loaded.fingerprint)
     assert shipped is not None
     # The shipped map's heads with a small window too, so compensation shows up at these short lengths.
-    small = dataclasses.replace(shipped, compression=CompressionParams(sink=2, min_window=16, ratio=4.0), version="")
+    small = dataclasses.replace(shipped, version="",
+                                compression=dataclasses.replace(shipped.compression, sink=2, min_window=16, ratio=4.0))
     layouts = [shipped, shipped, small, shipped, small]
     lengths = [12, 70, 30, 90, 45]
     packed, comp = compare_step_logits(loaded, layouts, lengths, decode_steps=6, turn_len=11, atol=1e-3)
     local_layer = next(i for i, heads in enumerate(shipped.retrieval_kv_heads) if not heads)
-    # the shipped map's group mixed 12 tokens (uncompressed) with 70 and 90 (past sink 1 + window 64)
+    # the shipped map's group mixed 12 tokens (uncompressed) with 70 and 90 (past its sink + window of 68)
     assert comp[0][local_layer] == 0 and comp[1][local_layer] > 0 and comp[3][local_layer] > 0
     assert comp[2][local_layer] > 0 and comp[4][local_layer] > 0
 

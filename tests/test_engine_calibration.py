@@ -88,12 +88,14 @@ def test_a_byte_budget_bounds_the_choice_and_records_a_missed_target():
 
 @pytest.mark.slow
 def test_shipped_calibrated_map_retrieves_held_out_keys():
-    """The shipped SmolLM2 map was calibrated on seeds 1234 and 2234; keys and depths here come from another
-    seed, at every calibration length (docs/benchmarks.md: 20/20 per length on the bench's own keys)."""
+    """The shipped SmolLM2 map was calibrated on seeds 1234 and 2234 (six families, retrieval heads in 8 bits,
+    within a quarter of the bytes); keys and depths here come from another seed (docs/benchmarks.md 3.2i: 94-100%
+    of the full cache's pass keys kept on 52 documents a length)."""
     loaded = smollm2()
     head_map = shipped_head_map(loaded.fingerprint)
-    assert head_map.calibration is not None and head_map.kv_fraction < 0.25
-    assert head_map.calibration["chosen"]["measured_on"] == "held-out"
+    chosen = head_map.calibration["chosen"]
+    assert chosen["measured_on"] == "held-out" and chosen["bytes_fraction"] <= 0.25
+    assert head_map.compression.retrieval_bits == 8
     engine = Engine(loaded, HeadMap.full(loaded.fingerprint))
     misses = []
     for length in (400, 800, 1200):
