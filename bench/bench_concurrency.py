@@ -17,6 +17,7 @@ import math
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import common
 import torch
@@ -126,12 +127,14 @@ def main() -> None:
     ap.add_argument("--step-tokens", type=int, default=256, help="RAZOR_STEP_TOKENS: tokens per model step")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="weights and KV dtype (RAZOR_DTYPE); bfloat16 pays off on CPUs with AMX")
+    ap.add_argument("--head-map", default="", help="a head map JSON to serve instead of the shipped one")
     ap.add_argument("--no-bound", action="store_true", help="skip timing the bare forwards of the compute bound")
     args = ap.parse_args()
     clock = common.Stopwatch()
     print(common.header())
     loaded = load_model(args.model, device="cpu", dtype=args.dtype)
-    head_map = shipped_head_map(loaded.fingerprint) or HeadMap.full(loaded.fingerprint, CompressionParams())
+    head_map = (HeadMap.from_json(Path(args.head_map).read_text(), expect=loaded.fingerprint) if args.head_map
+                else shipped_head_map(loaded.fingerprint) or HeadMap.full(loaded.fingerprint, CompressionParams()))
     redis_proc, url = common.start_redis()
     settings = Settings(host="127.0.0.1", port=0, redis_url=url, metrics_port=0, auth_token="", tls_cert="",
                         tls_key="", max_workers=max(16, max(args.clients) + 4), log_level="WARNING",
