@@ -86,7 +86,7 @@ class Ownership:
         past its TTL is deleted (a spilled one expires in Redis by itself)."""
         now = self._clock()
         for entry in self.table.snapshot():
-            if not entry.gen:
+            if not self._renewable(entry):
                 continue
             if not entry.busy and not entry.pinned and entry.last_used + entry.ttl_s < now:
                 self._expire(entry)
@@ -95,21 +95,28 @@ class Ownership:
             if self.directory.fenced(entry.session_id, entry.gen, "renew", **identity_fields(entry)):
                 self._extend(entry.session_id, started)
             else:
-                self.fence(entry.session_id)
+                self.fence(entry.session_id, entry.gen)
+
+    def _renewable(self, entry: SessionEntry) -> bool:
+        """Still ours, and no spill is deciding its lease: renewing one a spill just gave back would take the
+        lease again for a session this replica no longer holds (others would wait out the TTL)."""
+        with self.table.mu:
+            return bool(entry.gen) and self.table.entries.get(entry.session_id) is entry and not entry.spilling
 
     def note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
         """Write a session's summary under our lease (for other replicas' listings); best effort."""
         try:
             if not self.directory.fenced(sid, gen, "note", fields, **identity):
-                self.fence(sid)
+                self.fence(sid, gen)
         except StoreUnavailable as exc:
             log.info("session %s summary not updated in Redis: %s", sid, exc)
 
-    def fence(self, sid: str) -> None:
-        """Another replica took ``sid`` over: our copy is stale; drop it now if idle, else once its turn ends."""
+    def fence(self, sid: str, gen: int) -> None:
+        """Another replica took ``sid`` over from generation ``gen``: our copy is stale; drop it now if idle, else
+        once its turn ends. A copy of a later generation (the session came back here meanwhile) stays."""
         with self.table.mu:
             entry = self.table.entries.get(sid)
-            if entry is None:
+            if entry is None or entry.gen != gen:
                 return
             entry.fenced = True
             idle = not (entry.busy or entry.pinned or entry.spilling)

@@ -86,14 +86,22 @@ class Spiller:
                 header, chunks = self.copies.encode(state, _spill_meta(entry))
                 mode = "save_release" if release else "save"
                 still_ours = self.directory.fenced(sid, gen, mode, fields, blob=(header, chunks), **identity)
-        finally:
+        except BaseException:
             with self.table.mu:
-                entry.spilling = False
-                self.table.spill_ended.notify_all()
+                self._spill_ended(entry)
+            raise
         self._after_spill(sid, entry, release, still_ours, wrote=not saved)
 
+    def _spill_ended(self, entry: SessionEntry) -> None:
+        """Caller holds the mutex. Wakes requests waiting on the entry (`SessionTable.mark_busy`)."""
+        entry.spilling = False
+        self.table.spill_ended.notify_all()
+
     def _after_spill(self, sid: str, entry: SessionEntry, released: bool, still_ours: bool, wrote: bool) -> None:
+        # One critical section with the end of `spilling`: a request woken by it must find the entry already
+        # gone when the spill gave the lease back (else its turn would run on a copy Redis no longer lets us own).
         with self.table.mu:
+            self._spill_ended(entry)
             if self.table.entries.get(sid) is not entry:   # deleted while we wrote it
                 return
             if not still_ours:

@@ -1,0 +1,117 @@
+"""Ownership under races between a replica's threads: a hand-over's spill, a request on the same session, a
+late lease renewal or summary note. Each case holds one thread at the step where the race bit (as a 2-core CI
+machine does by descheduling it) and checks that no turn runs on a copy Redis no longer lets this replica own,
+and that no lease or copy is taken or dropped by a stale generation.
+
+Two SessionStores (replicas "a" and "b") on one real Redis, real engine states of the tiny random model.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+import torch
+
+from services.engine import Engine, SamplingParams
+from services.inference.sessions import SessionStore
+from services.inference.spill import Spill, lease_key, meta_key
+
+
+@pytest.fixture
+def engine(tiny_loaded, tiny_head_map):
+    return Engine(tiny_loaded, tiny_head_map)
+
+
+@pytest.fixture
+def replicas(service_redis_url, engine):
+    def replica(name: str) -> SessionStore:
+        return SessionStore(Spill(service_redis_url, ttl_s=3600), engine.loaded.fingerprint.id, "cpu", 10**9,
+                            replica_id=name, handoff_timeout_s=2.0)
+    return replica("a"), replica("b")
+
+
+def new_state(engine, text: str = "The fox and the river and the hills at sunset"):
+    state, _ = engine.generate(engine.encode(text=text), SamplingParams(max_new_tokens=4))
+    return state
+
+
+def one_turn(store: SessionStore, sid: str, state) -> None:
+    """What the runtime does around a turn: acquire, restore, record the grown state, release."""
+    store.acquire(sid)
+    store.load(sid, lambda n: store.make_room(n, keep=sid))
+    store.put(sid, state)
+    store.release(sid)
+
+
+def lease_holder(url: str, sid: str) -> str | None:
+    holder = redis.Redis.from_url(url).get(lease_key(sid))
+    return None if holder is None else holder.decode()
+
+
+def wait_for(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_request_woken_by_a_hand_over_takes_the_session_back_from_redis(replicas, engine, service_redis_url,
+                                                                        monkeypatch):
+    a, _ = replicas
+    state = new_state(engine)
+    sid = a.create()
+    a.put(sid, state)
+    a.release(sid)
+    after_spill = a.spiller._after_spill
+
+    def descheduled(*args, **kwargs):   # the I/O thread paused between the spill's write and its bookkeeping
+        time.sleep(0.3)
+        after_spill(*args, **kwargs)
+
+    monkeypatch.setattr(a.spiller, "_after_spill", descheduled)
+    handing = threading.Thread(target=a.hand_over, args=(sid,))
+    handing.start()
+    wait_for(lambda: a.table.entries[sid].spilling)
+    taken = a.acquire(sid)   # waits for the hand-over to end, then claims the session again
+    handing.join()
+    entry = a.table.entries.get(sid)
+    assert entry is not None and entry.busy and entry.gen == taken.gen, "the turn's entry stays in the table"
+    assert lease_holder(service_redis_url, sid) == "a"
+    restored = a.load(sid, lambda n: a.make_room(n, keep=sid))
+    (got, got_meta), (want, want_meta) = restored.to_tensors(), state.to_tensors()
+    assert got_meta == want_meta and all(torch.equal(got[k], want[k]) for k in want), "the handed-over state"
+
+
+def test_a_late_note_of_an_old_generation_leaves_the_session_that_came_back(replicas, engine, service_redis_url):
+    a, b = replicas
+    sid = a.create()
+    a.put(sid, new_state(engine))
+    a.release(sid)
+    first = a.table.entries[sid].snapshot()
+    a.hand_over(sid)
+    one_turn(b, sid, new_state(engine, "The fox and the river, a second turn"))
+    b.hand_over(sid)
+    one_turn(a, sid, new_state(engine, "The fox and the river, a third turn"))
+    back = a.table.entries[sid]
+    assert back.gen > first.gen
+    a.ownership.note(sid, first.gen, {"length": first.length}, {})   # queued behind the first turn, run late
+    assert a.table.entries.get(sid) is back and not back.fenced, "only a copy of the refused generation goes"
+    assert lease_holder(service_redis_url, sid) == "a"
+    assert int(redis.Redis.from_url(service_redis_url).hget(meta_key(sid), "length")) == back.length
+
+
+def test_a_renewal_from_before_a_hand_over_does_not_take_the_lease_back(replicas, engine, service_redis_url,
+                                                                      monkeypatch):
+    a, b = replicas
+    sid = a.create()
+    a.put(sid, new_state(engine))
+    a.release(sid)
+    walked = a.table.snapshot()   # the renewal walk began before the hand-over ...
+    a.hand_over(sid)               # ... which gave the lease back
+    monkeypatch.setattr(a.table, "snapshot", lambda: walked)
+    a.ownership.renew_leases()
+    assert lease_holder(service_redis_url, sid) is None, "no replica holds it: another may claim it at once"
+    one_turn(b, sid, new_state(engine, "The fox and the river, taken by b"))
+    assert lease_holder(service_redis_url, sid) == "b"
