@@ -115,3 +115,25 @@ def test_a_renewal_from_before_a_hand_over_does_not_take_the_lease_back(replicas
     assert lease_holder(service_redis_url, sid) is None, "no replica holds it: another may claim it at once"
     one_turn(b, sid, new_state(engine, "The fox and the river, taken by b"))
     assert lease_holder(service_redis_url, sid) == "b"
+
+
+def test_a_renewal_racing_a_delete_does_not_register_the_session_again(replicas, engine, service_redis_url,
+                                                                     monkeypatch):
+    a, _ = replicas
+    sid = a.create()
+    a.put(sid, new_state(engine))
+    a.release(sid)
+    fenced = a.directory.fenced
+
+    def delete_lands_first(sid_, gen, mode, *args, **kwargs):
+        if mode == "renew":   # DeleteSession began after the renewal's check, and its Redis work landed first
+            with a.table.mu:
+                a.table.entries[sid].deleting = True
+            a.directory.delete(sid, "")
+        return fenced(sid_, gen, mode, *args, **kwargs)
+
+    monkeypatch.setattr(a.directory, "fenced", delete_lands_first)
+    a.ownership.renew_leases()
+    client = redis.Redis.from_url(service_redis_url)
+    assert not client.exists(meta_key(sid)) and not client.exists(lease_key(sid)), "no zombie of a deleted session"
+    assert a.directory.count() == 0

@@ -193,11 +193,12 @@ class SessionDirectory:
 
     def fenced(self, sid: str, gen: int, mode: str, fields: dict | None = None,
                blob: tuple[bytes, list[bytes]] | None = None, tenant: str = "", created_at: float = 0.0,
-               ttl_s: int = 0, pinned: bool = False) -> bool:
+               ttl_s: int = 0, pinned: bool = False, reregister=lambda: True) -> bool:
         """One write under our lease at `gen` (see _FENCED's modes); False when the session is no longer ours.
 
         Metadata that Redis lost altogether (a restart without persistence) is registered again under `gen`:
-        no other replica can have taken the session over without it."""
+        no other replica can have taken the session over without it. ``reregister()`` is asked first, once the
+        loss is seen: False when the metadata went because the session was deleted meanwhile."""
         pairs = [x for k, v in (fields or {}).items() for x in (k, v)]
         header, chunks = blob or (None, [])
         args = [self.replica_id, gen, self.lease_ms, self.session_ttl_s, mode, len(pairs) // 2, *pairs]
@@ -206,6 +207,8 @@ class SessionDirectory:
         with _redis(f"{mode} the session's lease"):
             reply = self._fenced(keys=self.keys(sid), args=args)
             if reply == -1:
+                if not reregister():
+                    return False
                 log.warning("Redis lost session %s's metadata; registering it again", sid)
                 self.create(sid, tenant, gen, created_at, ttl_s, pinned)
                 reply = self._fenced(keys=self.keys(sid), args=args)

@@ -92,16 +92,19 @@ class Ownership:
                 self._expire(entry)
                 continue
             started = time.monotonic()
-            if self.directory.fenced(entry.session_id, entry.gen, "renew", **identity_fields(entry)):
+            if self.directory.fenced(entry.session_id, entry.gen, "renew", reregister=lambda: self._renewable(entry),
+                                     **identity_fields(entry)):
                 self._extend(entry.session_id, started)
-            else:
+            elif self._renewable(entry):   # else a spill or delete decided meanwhile; it cleans up
                 self.fence(entry.session_id, entry.gen)
 
     def _renewable(self, entry: SessionEntry) -> bool:
-        """Still ours, and no spill is deciding its lease: renewing one a spill just gave back would take the
-        lease again for a session this replica no longer holds (others would wait out the TTL)."""
+        """Still ours, and no spill or delete is deciding its lease: renewing one a spill just gave back would take
+        the lease again for a session this replica no longer holds (others would wait out the TTL), and one being
+        deleted would be registered again."""
         with self.table.mu:
-            return bool(entry.gen) and self.table.entries.get(entry.session_id) is entry and not entry.spilling
+            return (bool(entry.gen) and self.table.entries.get(entry.session_id) is entry and not entry.spilling
+                    and not entry.deleting)
 
     def note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
         """Write a session's summary under our lease (for other replicas' listings); best effort."""

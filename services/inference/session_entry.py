@@ -39,6 +39,7 @@ class SessionEntry:
     lease_until: float = 0.0        # monotonic time until which our lease is surely valid
     hand_over: bool = False         # another replica asked for it: hand it over once idle
     fenced: bool = False            # another replica took it over: drop our copy once idle
+    deleting: bool = False          # DeleteSession is removing it: a renewal must not register it again
 
     def snapshot(self) -> "SessionEntry":
         return replace(self, state=None)

@@ -213,9 +213,13 @@ class SessionStore:
             entry = self.table.mark_busy(sid, tenant, self._clock)
         except SessionNotFound:   # another tenant's: as if there were none
             return False
+        with self._mu:
+            entry.deleting = True
         try:
             found = self.ownership.with_handover(sid, lambda: self.directory.delete(sid, tenant))
         except BaseException:
+            with self._mu:
+                entry.deleting = False
             self._unmark(sid, entry)
             raise
         self.table.drop(sid)
