@@ -15,7 +15,7 @@ import redis
 import torch
 
 from services.engine import Engine, SamplingParams
-from services.inference.sessions import SessionStore
+from services.inference.sessions import SessionBusy, SessionNotFound, SessionStore
 from services.inference.spill import Spill, lease_key, meta_key
 
 
@@ -137,3 +137,26 @@ def test_a_renewal_racing_a_delete_does_not_register_the_session_again(replicas,
     client = redis.Redis.from_url(service_redis_url)
     assert not client.exists(meta_key(sid)) and not client.exists(lease_key(sid)), "no zombie of a deleted session"
     assert a.directory.count() == 0
+
+
+def test_a_request_arriving_while_its_session_expires_is_refused_not_run(service_redis_url, engine, monkeypatch):
+    now = [1000.0]
+    store = SessionStore(Spill(service_redis_url, ttl_s=3600), engine.loaded.fingerprint.id, "cpu", 10**9,
+                         replica_id="a", clock=lambda: now[0])
+    sid = store.create(ttl_s=60)
+    store.put(sid, new_state(engine))
+    store.release(sid)
+    now[0] += 61
+    refused, delete = [], store.directory.delete
+
+    def request_lands(sid_, tenant):   # a turn's request arrives while Redis deletes the expired session
+        with pytest.raises(SessionBusy) as info:
+            store.acquire(sid)
+        refused.append(str(info.value))
+        return delete(sid_, tenant)
+
+    monkeypatch.setattr(store.directory, "delete", request_lands)
+    store.ownership.renew_leases()
+    assert refused and "busy" in refused[0]
+    with pytest.raises(SessionNotFound):
+        store.acquire(sid)

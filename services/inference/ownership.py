@@ -88,7 +88,7 @@ class Ownership:
         for entry in self.table.snapshot():
             if not self._renewable(entry):
                 continue
-            if not entry.busy and not entry.pinned and entry.last_used + entry.ttl_s < now:
+            if self._take_expired(entry, now):
                 self._expire(entry)
                 continue
             started = time.monotonic()
@@ -133,12 +133,26 @@ class Ownership:
             if entry is not None:
                 entry.lease_until = self.lease_until(renewed_at)
 
+    def _take_expired(self, entry: SessionEntry, now: float) -> bool:
+        """An idle session past its TTL, marked busy and deleting as DeleteSession does: a request arriving while
+        it is deleted is refused as busy (and then finds it expired), never runs a turn on the copy going away."""
+        with self.table.mu:
+            expired = (self.table.entries.get(entry.session_id) is entry and not entry.busy and not entry.pinned
+                       and not entry.spilling and entry.last_used + entry.ttl_s < now)
+            if expired:
+                entry.busy = entry.deleting = True
+            return expired
+
     def _expire(self, entry: SessionEntry) -> None:
         log.info("session %s expired (%d s after its last use)", entry.session_id, entry.ttl_s)
         try:
             self.directory.delete(entry.session_id, entry.tenant)
         except OwnedElsewhere:
             pass   # taken over meanwhile: its new owner decides
+        except StoreUnavailable:
+            with self.table.mu:   # Redis is down: keep it, and try again at the next renewal
+                entry.busy = entry.deleting = False
+            raise
         self.table.drop(entry.session_id)
 
     # ---- losing them ---------------------------------------------------------------------------
