@@ -3,7 +3,7 @@ late lease renewal or summary note. Each case holds one thread at the step where
 machine does by descheduling it) and checks that no turn runs on a copy Redis no longer lets this replica own,
 and that no lease or copy is taken or dropped by a stale generation.
 
-Two SessionStores (replicas "a" and "b") on one real Redis, real engine states of the tiny random model.
+SessionStores (replicas "a" and "b") on one real Redis, real engine states of the tiny random model.
 """
 from __future__ import annotations
 
@@ -37,6 +37,14 @@ def new_state(engine, text: str = "The fox and the river and the hills at sunset
     return state
 
 
+def resident(store: SessionStore, state, **create) -> str:
+    """A new session holding ``state``, resident and idle on ``store``."""
+    sid = store.create(**create)
+    store.put(sid, state)
+    store.release(sid)
+    return sid
+
+
 def one_turn(store: SessionStore, sid: str, state) -> None:
     """What the runtime does around a turn: acquire, restore, record the grown state, release."""
     store.acquire(sid)
@@ -61,9 +69,7 @@ def test_a_request_woken_by_a_hand_over_takes_the_session_back_from_redis(replic
                                                                         monkeypatch):
     a, _ = replicas
     state = new_state(engine)
-    sid = a.create()
-    a.put(sid, state)
-    a.release(sid)
+    sid = resident(a, state)
     after_spill = a.spiller._after_spill
 
     def descheduled(*args, **kwargs):   # the I/O thread paused between the spill's write and its bookkeeping
@@ -86,9 +92,7 @@ def test_a_request_woken_by_a_hand_over_takes_the_session_back_from_redis(replic
 
 def test_a_late_note_of_an_old_generation_leaves_the_session_that_came_back(replicas, engine, service_redis_url):
     a, b = replicas
-    sid = a.create()
-    a.put(sid, new_state(engine))
-    a.release(sid)
+    sid = resident(a, new_state(engine))
     first = a.table.entries[sid].snapshot()
     a.hand_over(sid)
     one_turn(b, sid, new_state(engine, "The fox and the river, a second turn"))
@@ -105,9 +109,7 @@ def test_a_late_note_of_an_old_generation_leaves_the_session_that_came_back(repl
 def test_a_renewal_from_before_a_hand_over_does_not_take_the_lease_back(replicas, engine, service_redis_url,
                                                                       monkeypatch):
     a, b = replicas
-    sid = a.create()
-    a.put(sid, new_state(engine))
-    a.release(sid)
+    sid = resident(a, new_state(engine))
     walked = a.table.snapshot()   # the renewal walk began before the hand-over ...
     a.hand_over(sid)               # ... which gave the lease back
     monkeypatch.setattr(a.table, "snapshot", lambda: walked)
@@ -120,9 +122,7 @@ def test_a_renewal_from_before_a_hand_over_does_not_take_the_lease_back(replicas
 def test_a_renewal_racing_a_delete_does_not_register_the_session_again(replicas, engine, service_redis_url,
                                                                      monkeypatch):
     a, _ = replicas
-    sid = a.create()
-    a.put(sid, new_state(engine))
-    a.release(sid)
+    sid = resident(a, new_state(engine))
     fenced = a.directory.fenced
 
     def delete_lands_first(sid_, gen, mode, *args, **kwargs):
@@ -143,9 +143,7 @@ def test_a_request_arriving_while_its_session_expires_is_refused_not_run(service
     now = [1000.0]
     store = SessionStore(Spill(service_redis_url, ttl_s=3600), engine.loaded.fingerprint.id, "cpu", 10**9,
                          replica_id="a", clock=lambda: now[0])
-    sid = store.create(ttl_s=60)
-    store.put(sid, new_state(engine))
-    store.release(sid)
+    sid = resident(store, new_state(engine), ttl_s=60)
     now[0] += 61
     refused, delete = [], store.directory.delete
 
