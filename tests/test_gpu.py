@@ -4,6 +4,8 @@
    generation: the same greedy tokens over 64 steps, logits allclose at bf16 tolerance.
 2. The compressed path with flash-attn equals the same path with PyTorch SDPA (flash-attn switched off).
 3. A batch of sessions decodes on the GPU to the same greedy tokens as each session alone.
+4. Retrieval heads in 8 bits (the shipped SmolLM2 map's storage) stay int8 on the GPU and move the next-token
+   distribution no more than bf16's own rounding would.
 """
 from __future__ import annotations
 
@@ -49,25 +51,12 @@ def test_full_map_equals_transformers_bf16_generation(loaded):
 
 def test_flash_attn_path_equals_sdpa_path(loaded, monkeypatch):
     pytest.importorskip("flash_attn")
-    from services.engine import CompressionParams, Engine, HeadMap, attention, forward
+    from services.engine import attention
 
-    fp = loaded.fingerprint
-    full = HeadMap.full(fp, CompressionParams(sink=4, min_window=16, ratio=4.0))
-    layout = [[0] if layer % 2 else [] for layer in range(fp.n_layers)]   # local heads in every layer
-    head_map = HeadMap(fp, full.induction, full.echo, [(layer, 0) for layer in range(fp.n_layers)], layout,
-                       full.compression)
-    engine = Engine(loaded, head_map)
-
-    def run() -> torch.Tensor:
-        cache = engine.new_cache()
-        rows = [forward(loaded.model, prompt(200), cache)]
-        for token in prompt(16, seed=1):
-            rows.append(forward(loaded.model, [token], cache))
-        return torch.stack(rows).float()
-
-    with_flash = run()
+    head_map = local_and_retrieval_map(loaded.fingerprint)   # local heads in every layer
+    with_flash, _ = prefill_and_decode_logits(loaded, head_map)
     monkeypatch.setattr(attention, "flash_attn_func", None)
-    torch.testing.assert_close(with_flash, run(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(with_flash, prefill_and_decode_logits(loaded, head_map)[0], atol=2e-2, rtol=2e-2)
 
 
 def test_batch_equals_alone_on_the_gpu(loaded):
@@ -82,3 +71,35 @@ def test_batch_equals_alone_on_the_gpu(loaded):
         scheduler.submit(TurnRequest(engine.new_session(), p, params, on_done=lambda r, i=i: results.__setitem__(i, r)))
     scheduler.run_until_idle()
     assert [results[i].token_ids for i in range(6)] == alone
+
+
+def local_and_retrieval_map(fp, bits: int = 16):
+    """Retrieval head 0 in odd layers, every other KV head local (sink 4, window 16 of 1/4 of the length)."""
+    from services.engine import CompressionParams, HeadMap
+
+    full = HeadMap.full(fp, CompressionParams(sink=4, min_window=16, ratio=4.0, retrieval_bits=bits))
+    layout = [[0] if layer % 2 else [] for layer in range(fp.n_layers)]
+    return HeadMap(fp, full.induction, full.echo, [(layer, 0) for layer in range(fp.n_layers)], layout,
+                   full.compression)
+
+
+def prefill_and_decode_logits(loaded, head_map) -> tuple[torch.Tensor, object]:
+    """[17, V] float32 logits: after a 200-token prompt, then 16 teacher-forced decode steps; and the cache."""
+    from services.engine import Engine, forward
+
+    cache = Engine(loaded, head_map).new_cache()
+    rows = [forward(loaded.model, prompt(200), cache)]
+    for token in prompt(16, seed=1):
+        rows.append(forward(loaded.model, [token], cache))
+    return torch.stack(rows).float(), cache
+
+
+def test_8bit_retrieval_heads_stay_int8_on_the_gpu_and_keep_the_next_token(loaded):
+    fp = loaded.fingerprint
+    want, _ = prefill_and_decode_logits(loaded, local_and_retrieval_map(fp, bits=16))
+    got, cache = prefill_and_decode_logits(loaded, local_and_retrieval_map(fp, bits=8))
+    stores = [layer.retrieval for layer in cache.layers if layer.retrieval is not None]
+    assert stores and all(b.k_store.dtype == torch.int8 and b.k_store.is_cuda for b in stores)
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    assert float(kl) < 1e-2, float(kl)
