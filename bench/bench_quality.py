@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 from contextlib import contextmanager
@@ -220,11 +221,34 @@ def cell(result: dict, full: dict, family: str) -> tuple[float, float]:
     return statistics.mean(hits), (statistics.mean(answered) if answered else 1.0)
 
 
-def flips(result: dict, full: dict) -> tuple[int, int]:
+def flips(result: dict, full: dict, families=BENCH_FAMILIES) -> tuple[int, int]:
     """(answers the full cache gives that this variant loses, answers it gives that the full cache does not), over
-    every family: "kept" counts only the first; the two together tell a loss from noise (McNemar's pairs)."""
-    pairs = [(h, f) for family in BENCH_FAMILIES for h, f in zip(result["hits"][family], full["hits"][family])]
+    `families`: "kept" counts only the first; the two together tell a loss from noise (McNemar's pairs)."""
+    pairs = [(h, f) for family in families for h, f in zip(result["hits"][family], full["hits"][family])]
     return sum(f and not h for h, f in pairs), sum(h and not f for h, f in pairs)
+
+
+def mcnemar_p(lost: int, gained: int) -> float:
+    """Exact two-sided McNemar test: how likely a split of the discordant documents at least this uneven is if a
+    variant were as likely to gain an answer as to lose one (i.e. if it only added noise)."""
+    n = lost + gained
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1))
+    return min(1.0, 2 * tail / 2 ** n) if n else 1.0
+
+
+def print_losses(rows: dict, tables: dict) -> None:
+    """Per family and length: answers lost / gained against the full cache, and McNemar's p (small: a real loss)."""
+    out = []
+    for name in rows:
+        if name == "full cache":
+            continue
+        for family in BENCH_FAMILIES:
+            cells = [flips(table[name], table["full cache"], (family,)) for table in tables.values()]
+            out.append([name, family, *[f"{lost} / {gained} (p {mcnemar_p(lost, gained):.2g})"
+                                        for lost, gained in cells]])
+    print("\nLost or noise: answers lost / gained against the full cache, exact McNemar p (two-sided; a small p "
+          "says the losses are not the flips a variant that only adds noise would make)\n")
+    print(common.table(["variant", "family", *[f"@{n}" for n in tables]], out))
 
 
 def meets(result: dict, full: dict) -> bool:
@@ -332,9 +356,10 @@ def parse_args():
     ap.add_argument("--windows", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--bits", type=int, nargs="+", default=[16], choices=[16, 8],
                     help="the frontier's retrieval-head storage (8 = int8 with scales; bytes counted as 16-bit)")
-    ap.add_argument("--rows", default="all", choices=["all", "maps", "full"],
-                    help="table rows besides the frontier: all; the full cache and the calibrated map(s); the full "
-                         "cache alone (the bf16, paper, window and random rows cost a scoring pass each)")
+    ap.add_argument("--rows", default="all", choices=["all", "maps", "noise", "full"],
+                    help="table rows besides the frontier: all; the full cache and the calibrated map(s); those and "
+                         "the bf16 noise floor; the full cache alone (the bf16, paper, window and random rows cost a "
+                         "scoring pass each)")
     ap.add_argument("--calibrated-map", default="", help="a calibrated head map JSON (default: the shipped map)")
     ap.add_argument("--orders", nargs="*", default=["gates"], choices=["gates", "attention", "recorded"],
                     help="frontier head orders: learned gates and/or attention on the facts (both ranked here, "
@@ -374,7 +399,8 @@ def main() -> None:
     rows = variants(calibrated, args.seed, also)
     if args.rows != "all":
         rows = {name: hm for name, hm in rows.items()
-                if name == "full cache" or (args.rows == "maps" and name.startswith("calibrated map"))}
+                if name == "full cache" or (args.rows != "full" and name.startswith("calibrated map"))
+                or (args.rows == "noise" and name == NOISE_ROW)}
     orders = {"recorded": [tuple(h) for h in calibrated.calibration["order"]]} if "recorded" in args.orders else {}
     if "attention" in args.orders:
         orders = {"attention": attention_order(engine, args.rank_length, args.rank_tasks), **orders}
@@ -391,8 +417,10 @@ def main() -> None:
         n = args.tasks if length in args.lengths else args.long_tasks
         tables[length], sweeps[length] = run_length(engine, length, n, rows, frontier, args)
     print_main(rows, tables, args)
+    print_losses(rows, tables)
     points = print_frontier(frontier, sweeps, tables, args)
-    plot(points, args, Path(args.png))
+    if points:
+        plot(points, args, Path(args.png))
     print(f"\nplot: {args.png}\nbench_quality: {args.clock}")
 
 
