@@ -243,7 +243,7 @@ def test_step_batch_logits_equal_per_session_forward_tiny(maps):
 @pytest.mark.slow
 def test_step_batch_logits_equal_per_session_forward_smollm2():
     loaded = smollm2()
-    # The shipped map's heads, kept in 16 bits: in 8 bits the batched step's keys, equal to the last float bits,
+    # The shipped map's heads, kept in 16 bits: in 8 bits the batched step's keys, equal but for the last float bits,
     # may round a row to the next int8 step and drift its logits past any tight tolerance (8-bit batching is
     # checked against each session alone in test_kv_quant.py). Its heads with a small window too, so compensation
     # shows up at these short lengths; and the previous shipped map (sink + a window ratio of the length).
