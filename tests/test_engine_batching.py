@@ -153,6 +153,12 @@ def assert_same_int8_rows(a: dict, b: dict) -> None:
             torch.testing.assert_close(x, b[name], atol=0, rtol=1e-2)
 
 
+def stored_in(head_map: HeadMap, bits: int) -> HeadMap:
+    """The same heads and shape with retrieval rows kept in `bits` (16: the model's dtype; 8: int8 + scales)."""
+    return dataclasses.replace(head_map, compression=dataclasses.replace(head_map.compression, retrieval_bits=bits),
+                               version="")
+
+
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, logprobs=True)
 
@@ -249,8 +255,7 @@ def test_step_batch_logits_equal_per_session_forward_smollm2():
     # shows up at these short lengths; and the previous shipped map (sink + a window ratio of the length).
     shipped = shipped_head_map(loaded.fingerprint)
     assert shipped is not None and shipped.compression.retrieval_bits == 8
-    heads = dataclasses.replace(shipped, version="",
-                                compression=dataclasses.replace(shipped.compression, retrieval_bits=16))
+    heads = stored_in(shipped, 16)
     small = dataclasses.replace(heads, compression=dataclasses.replace(heads.compression, sink=2, min_window=16,
                                                                        ratio=4.0))
     previous = HeadMap.from_json(next((SHIPPED_DIR / "previous").glob("smollm2-*.headmap.json")).read_text(),

@@ -1,8 +1,6 @@
 """Retrieval heads in 8 bits: the quantiser, the int8 KVBuffer, the decode slab, spills and calibration."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -15,12 +13,12 @@ from services.inference import codec, spilled_header
 from services.inference.spilled_header import HeaderInvalid, ModelShape
 from tests.engine_models import smollm2, tiny
 from tests.planted_loaded import planted_loaded
-from tests.test_engine_batching import SMALL, Job, assert_same_conversation, greedy, ids, run_alone, run_batched
+from tests.test_engine_batching import (SMALL, Job, assert_same_conversation, greedy, ids, run_alone, run_batched,
+                                        stored_in)
 
 
 def in_8_bits(head_map: HeadMap) -> HeadMap:
-    return dataclasses.replace(head_map, compression=dataclasses.replace(head_map.compression, retrieval_bits=8),
-                               version="")
+    return stored_in(head_map, 8)
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +124,14 @@ def test_8bit_retrieval_heads_halve_their_bytes_and_keep_smollm2s_next_token():
 
     loaded = smollm2()
     shipped = shipped_head_map(loaded.fingerprint)
-    hm16, hm8 = (dataclasses.replace(shipped, compression=dataclasses.replace(shipped.compression, retrieval_bits=b),
-                                     version="") for b in (16, 8))
+    hm16, hm8 = stored_in(shipped, 16), stored_in(shipped, 8)
     prompt = ids(600, 11)
     logprobs, caches = {}, {}
     for name, hm in (("16", hm16), ("8", hm8)):
         cache = Engine(loaded, hm).new_cache(hm)
         logprobs[name] = forward(loaded.model, prompt, cache).log_softmax(-1)
         caches[name] = cache
+
     def kl(p, q):
         return float((p.exp() * (p - q)).sum())
 
