@@ -27,7 +27,7 @@ from replay import replay as engine_replay
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 3
-REDIS, LOST = 2, 3   # SessionLocation
+DEVICE, REDIS, LOST = 1, 2, 3   # SessionLocation
 
 
 def replay(loaded, head_map, prompt: str, turns: list[str]) -> tuple[list[list[int]], int]:
@@ -194,6 +194,36 @@ def test_stop_with_redis_down_then_start_with_redis_up_continues_every_session(
                 more = client.continue_session(reply.session_id, text=" Still here?", max_new_tokens=NEW_TOKENS)
                 outs, _ = replay(tiny_loaded, tiny_head_map, prompt, [" Still here?"])
                 assert [reply.token_ids, more.token_ids] == outs
+    finally:
+        own.stop()
+
+
+def test_a_resident_session_outlives_a_redis_restart_that_lost_its_metadata(start_server, make_redis, tiny_loaded,
+                                                                             tiny_head_map):
+    """Redis restarts empty (no persistence) under a running replica: the session's metadata and lease are gone,
+    but its cache is resident here, so the next turn registers it again (`SessionDirectory.fenced`) and goes on
+    from the acknowledged turn; then it can be deleted as usual."""
+    import redis
+
+    from services.inference.spill import meta_key
+
+    own = make_redis().start()
+    try:
+        server = start_server(redis_url=own.url)
+        prompt = "A conversation that outlives its Redis"
+        with RazorClient(server.target) as client:
+            first = client.generate(prompt=prompt, max_new_tokens=NEW_TOKENS)
+            own.stop()
+            own.start()   # empty: this one keeps no data across restarts
+            store = redis.Redis.from_url(own.url)
+            assert not store.exists(meta_key(first.session_id))
+            more = client.continue_session(first.session_id, text=" Still here?", max_new_tokens=NEW_TOKENS)
+            outs, _ = replay(tiny_loaded, tiny_head_map, prompt, [" Still here?"])
+            assert [first.token_ids, more.token_ids] == outs
+            assert store.exists(meta_key(first.session_id)), "registered again"
+            assert client.get_session(first.session_id).location == DEVICE
+            client.delete_session(first.session_id)
+            assert not store.exists(meta_key(first.session_id))
     finally:
         own.stop()
 
