@@ -22,6 +22,7 @@ the 16-bit local rows and the float32 compensation token) against a 16-bit full 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import bench_quality as bq
@@ -47,26 +48,33 @@ def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return (torch.round(groups / scale).clamp(-qmax, qmax) * scale).reshape(shape).to(x.dtype)
 
 
-def quantised(bits: int, group: int):
-    """Within: every session `evaluation` builds holds its retrieval heads' rows rounded to `bits` bits."""
+def quantised(bits: "Bits", group: int):
+    """Within: every session `evaluation` builds holds its retrieval heads' keys and values rounded to
+    `bits.keys` and `bits.values` bits (16: unrounded)."""
     def quantise(state) -> None:
         for layer in state.cache.layers:
-            if layer.retrieval is not None and bits < 16:
-                layer.retrieval.keys.copy_(fake_quant(layer.retrieval.keys, bits, group))      # views of the store
-                layer.retrieval.values.copy_(fake_quant(layer.retrieval.values, bits, group))
+            if layer.retrieval is None:
+                continue
+            for rows, b in ((layer.retrieval.keys, bits.keys), (layer.retrieval.values, bits.values)):
+                if b < 16:
+                    rows.copy_(fake_quant(rows, b, group))                     # a view of the store
 
     return bq.transformed_sessions(quantise)
 
 
-def packed_fraction(state, bits: int, group: int) -> float:
+def packed_nbytes(elements: int, bits: int, group: int) -> int:
+    return (elements * bits // 8 + elements // group * SCALE_ITEMSIZE) if bits < 16 else elements * FULL_ITEMSIZE
+
+
+def packed_fraction(state, bits: "Bits", group: int) -> float:
     """Bytes a packed store of this cache would hold, as a fraction of a 16-bit full cache's."""
     held = full = 0
     for layer in state.cache.layers:
         head_dim = (layer.keys if layer.keys is not None else layer.local_keys).shape[-1]
         full += 2 * layer.n_kv_heads * layer.seq_len * head_dim * FULL_ITEMSIZE
         if layer.keys is not None:
-            elements = 2 * layer.keys.numel()
-            held += (elements * bits // 8 + elements // group * SCALE_ITEMSIZE) if bits < 16 else elements * 2
+            elements = layer.keys.numel()
+            held += packed_nbytes(elements, bits.keys, group) + packed_nbytes(elements, bits.values, group)
         if layer.local_keys is not None:
             held += 2 * layer.local_keys.numel() * FULL_ITEMSIZE
         if layer.comp_keys is not None:
@@ -74,14 +82,25 @@ def packed_fraction(state, bits: int, group: int) -> float:
     return held / full
 
 
-def points(spec: list[str]) -> list[tuple[int, int]]:
-    """'45:8' -> (45 KV heads full, 8 bits)."""
+@dataclass(frozen=True)
+class Bits:
+    keys: int
+    values: int
+
+    def __str__(self) -> str:
+        return str(self.keys) if self.keys == self.values else f"{self.keys}/{self.values}"
+
+
+def points(spec: list[str]) -> list[tuple[int, Bits]]:
+    """'45:8' -> (45 KV heads full, keys and values in 8 bits); '45:8/4' -> keys in 8 bits, values in 4."""
     out = []
     for item in spec:
         k, bits = item.split(":")
-        if int(bits) not in (4, 8, 16):
-            raise SystemExit(f"bits must be 4, 8 or 16 (unrounded), got {item!r}")
-        out.append((int(k), int(bits)))
+        key_bits, _, value_bits = bits.partition("/")
+        pair = Bits(int(key_bits), int(value_bits or key_bits))
+        if not {pair.keys, pair.values} <= {4, 8, 16}:
+            raise SystemExit(f"bits must be 4, 8 or 16 (unrounded), for keys/values, got {item!r}")
+        out.append((int(k), pair))
     return out
 
 
@@ -164,7 +183,7 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 400 tokens, 2 tasks, three points")
     ap.add_argument("--points", nargs="+", default=["20:16", "45:16", "40:8", "45:8", "45:4", "60:4", "75:4", "90:8",
-                                                     "90:4"], help="KV heads full:bits (16 = unrounded)")
+                                                     "90:4"], help="KV heads full:bits or :key bits/value bits (16 = unrounded)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--tasks", type=int, default=12, help="bench tasks per family and length")
     ap.add_argument("--window", type=int, default=32)
