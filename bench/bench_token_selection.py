@@ -205,19 +205,27 @@ def run_length(engine: Engine, length: int, plans: list, base: HeadMap, order: l
 
 
 # --- report ------------------------------------------------------------------------------------------
+def per_length(results: dict, plan: Plan, fmt, sep: str = " / ") -> str:
+    """fmt(result, full cache's result) at every length, joined; '-' where a merged run did not score the plan."""
+    return sep.join(fmt(results[n]["points"][plan.name], results[n]["full"]) if plan.name in results[n]["points"]
+                    else "-" for n in results)
+
+
+def flips_cell(result: dict, full: dict) -> str:
+    lost, gained = bq.flips(result, full)
+    return f"{lost}/{gained} (p {bq.mcnemar_p(lost, gained):.2g})"
+
+
 def print_tables(results: dict, plans: list) -> None:
-    lengths = list(results)
     rows = []
     for p in plans:
-        per = [results[n]["points"][p.name] for n in lengths]
-        kept = [" / ".join(f"{bq.cell(r, results[n]['full'], f)[1]:.0%}" for r, n in zip(per, lengths))
-                for f in bq.BENCH_FAMILIES]
-        flips = [bq.flips(r, results[n]["full"]) for r, n in zip(per, lengths)]
-        lost = " · ".join(f"{a}/{b} (p {bq.mcnemar_p(a, b):.2g})" for a, b in flips)
-        rows.append([p.name, " / ".join(f"{r['bytes']:.3f}" for r in per), *kept, lost])
-    answered = ", ".join(f"{f} {' / '.join(str(sum(results[n]['full']['hits'][f])) for n in lengths)}"
+        kept = [per_length(results, p, lambda r, full, fam=fam: f"{bq.cell(r, full, fam)[1]:.0%}")
+                for fam in bq.BENCH_FAMILIES]
+        rows.append([p.name, per_length(results, p, lambda r, _: f"{r['bytes']:.3f}"), *kept,
+                     per_length(results, p, flips_cell, " · ")])
+    answered = ", ".join(f"{f} {' / '.join(str(sum(results[n]['full']['hits'][f])) for n in results)}"
                          for f in bq.BENCH_FAMILIES)
-    at = " / ".join(map(str, lengths))
+    at = " / ".join(map(str, results))
     print(f"\nShare of the full cache's answers kept at {at} tokens (the full cache answers {answered}); "
           f"answers lost / gained over every family, McNemar p\n")
     print(common.table(["plan", f"bytes / 16-bit full @{at}", *bq.BENCH_FAMILIES, "lost / gained"], rows))
@@ -231,7 +239,9 @@ def plot(results: dict, plans: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, p in enumerate(plans):
-        per = [(results[n]["points"][p.name], results[n]["full"]) for n in results]
+        per = [(results[n]["points"][p.name], results[n]["full"]) for n in results if p.name in results[n]["points"]]
+        if not per:
+            continue
         x = sum(r["bytes"] for r, _ in per) / len(per)
         lost, gained = (sum(bq.flips(r, full)[j] for r, full in per) for j in (0, 1))
         color = f"C{i % 10}"
@@ -265,7 +275,9 @@ def parse_args():
     ap.add_argument("--map", default="", help="head map JSON whose compression and recorded order are used "
                                               "(default: the shipped map)")
     ap.add_argument("--order", default="", help="a JSON head order instead of the map's recorded one")
-    ap.add_argument("--results", default="", help="JSON results: written after a run; if present, read instead")
+    ap.add_argument("--results", nargs="+", default=[],
+                    help="JSON results: one path is written after a run; if every path exists, they are read (and "
+                         "their lengths merged) instead of running")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--png", default=None, help="plot path (default docs/token-selection.png)")
     args = ap.parse_args()
@@ -292,8 +304,8 @@ def main() -> None:
     args = parse_args()
     common.begin(args)
     plans = plans_of(args)
-    if args.results and Path(args.results).exists():
-        results = load_results(args.results)
+    if args.results and all(Path(path).exists() for path in args.results):
+        results = {n: r for path in args.results for n, r in load_results(path).items()}
     else:
         loaded = load_model("smollm2", "cpu")
         engine = Engine(loaded)
@@ -304,7 +316,7 @@ def main() -> None:
               f"heads used", flush=True)
         results = {n: run_length(engine, n, plans, base, order, args) for n in args.lengths}
         if args.results:
-            Path(args.results).write_text(json.dumps(results))
+            Path(args.results[0]).write_text(json.dumps(results))
     print_tables(results, plans)
     plot(results, plans, Path(args.png))
     print(f"\nplot: {args.png}\nbench_token_selection: {args.clock}")
