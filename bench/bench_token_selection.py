@@ -245,7 +245,9 @@ def plot(results: dict, plans: list, path: Path) -> None:
         x = sum(r["bytes"] for r, _ in per) / len(per)
         lost, gained = (sum(bq.flips(r, full)[j] for r, full in per) for j in (0, 1))
         color = f"C{i % 10}"
-        ax.scatter(x, lost, marker="o" if not p.partial else "^", color=color, label=p.name)
+        scored = [n for n in results if p.name in results[n]["points"]]
+        label = p.name if len(scored) == len(results) else f"{p.name}, {', '.join(map(str, scored))} only"
+        ax.scatter(x, lost, marker="o" if not p.partial else "^", color=color, label=label)
         ax.scatter(x, gained, marker="x", color=color)
     ax.axvline(0.25, color="red", lw=0.8, ls="-.")
     ax.set_yscale("symlog", linthresh=10, linscale=2)
