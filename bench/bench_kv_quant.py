@@ -37,6 +37,15 @@ FULL_ITEMSIZE = 2    # bytes per element of the full cache the fractions compare
 SCALE_ITEMSIZE = 2   # float16 scales
 
 
+@dataclass(frozen=True)
+class Bits:
+    keys: int
+    values: int
+
+    def __str__(self) -> str:
+        return str(self.keys) if self.keys == self.values else f"{self.keys}/{self.values}"
+
+
 def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """x: [..., D] rounded to `bits`-bit signed integers per `group` channels (symmetric absmax, a float16
     scale each) and back, in x's dtype."""
@@ -48,7 +57,7 @@ def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return (torch.round(groups / scale).clamp(-qmax, qmax) * scale).reshape(shape).to(x.dtype)
 
 
-def quantised(bits: "Bits", group: int):
+def quantised(bits: Bits, group: int):
     """Within: every session `evaluation` builds holds its retrieval heads' keys and values rounded to
     `bits.keys` and `bits.values` bits (16: unrounded)."""
     def quantise(state) -> None:
@@ -66,7 +75,7 @@ def packed_nbytes(elements: int, bits: int, group: int) -> int:
     return (elements * bits // 8 + elements // group * SCALE_ITEMSIZE) if bits < 16 else elements * FULL_ITEMSIZE
 
 
-def packed_fraction(state, bits: "Bits", group: int) -> float:
+def packed_fraction(state, bits: Bits, group: int) -> float:
     """Bytes a packed store of this cache would hold, as a fraction of a 16-bit full cache's."""
     held = full = 0
     for layer in state.cache.layers:
@@ -80,15 +89,6 @@ def packed_fraction(state, bits: "Bits", group: int) -> float:
         if layer.comp_keys is not None:
             held += 2 * layer.comp_keys.numel() * 4
     return held / full
-
-
-@dataclass(frozen=True)
-class Bits:
-    keys: int
-    values: int
-
-    def __str__(self) -> str:
-        return str(self.keys) if self.keys == self.values else f"{self.keys}/{self.values}"
 
 
 def points(spec: list[str]) -> list[tuple[int, Bits]]:

@@ -19,7 +19,7 @@ the bytes are counted as a store that dropped them would hold: the same row byte
 the bench part (seeds 777000 + length) as `bench_quality` scores: answers kept, lost / gained against the
 full cache with McNemar's p, bytes against a 16-bit full cache.
 
-    .venv/bin/python bench/bench_token_selection.py            # full size (~70 min on a 2-core CPU)
+    .venv/bin/python bench/bench_token_selection.py            # full size (~2 h on a 2-core CPU: 1k ~30 min, 2k ~1.5 h)
     .venv/bin/python bench/bench_token_selection.py --quick    # smoke run
 """
 from __future__ import annotations
