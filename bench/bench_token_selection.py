@@ -89,12 +89,15 @@ class SaliencyProbe:
 
 
 @torch.no_grad()
-def saliency(engine: Engine, ids: list[int], full_kv) -> dict[str, list[torch.Tensor]]:
-    """{score: per layer [n_kv_heads, N]}, higher = keep first."""
+def saliency(engine: Engine, ids: list[int], full_kv, probed: bool) -> dict[str, list[torch.Tensor]]:
+    """{score: per layer [n_kv_heads, N]}, higher = keep first. The probe forward (eager attention, the
+    costliest step per document) runs only when `probed`: a plan scores by snap or h2o."""
+    norm = [-k[0].float().norm(dim=-1).cpu() for k in full_kv[0]]              # [Hkv, N]: low norm first
+    if not probed:
+        return {"norm": norm}
     fp = engine.loaded.fingerprint
     probe = SaliencyProbe(fp.n_layers, fp.group_size)
     hf.probe_forward(engine.model, torch.tensor([ids], device=engine.device), probe)
-    norm = [-k[0].float().norm(dim=-1).cpu() for k in full_kv[0]]              # [Hkv, N]: low norm first
     return {"snap": probe.snap, "h2o": probe.h2o, "norm": norm}
 
 
@@ -143,6 +146,8 @@ def masked_attention():
     original = attention.split_cache_attention
 
     def masked(query, layer, scale):
+        # The retrieval heads' output is computed twice (unmasked, then masked): a bench's price for leaving
+        # the engine's kernels untouched.
         out = original(query, layer, scale)
         kept = getattr(layer, "kept", None)
         if kept is None:
@@ -192,10 +197,11 @@ def run_length(engine: Engine, length: int, plans: list, base: HeadMap, order: l
                                       part="bench")]
     full, points = None, dict.fromkeys(p.name for p in plans)
     maps = {p.name: plan_map(base, order, p) for p in plans}
+    probed = any(p.partial and p.score != "norm" for p in plans)
     for start in range(0, len(tasks), args.chunk):
         chunk = tasks[start:start + args.chunk]
         kvs = [full_prefill(engine, t.document) for t in chunk]
-        scores = {tuple(t.document): saliency(engine, t.document, kv) for t, kv in zip(chunk, kvs)}
+        scores = {tuple(t.document): saliency(engine, t.document, kv, probed) for t, kv in zip(chunk, kvs)}
         full = bq.merged(full, bq.evaluate(engine, chunk, kvs, HeadMap.full(base.fingerprint)))
         for p in plans:
             part = score(engine, chunk, kvs, maps[p.name], p, partial_heads(order, p), scores, args)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 from services.inference.client import RazorClient
+from services.inference.spill import meta_key
 
 from conftest import free_port
 from replay import replay as engine_replay
@@ -203,10 +205,6 @@ def test_a_resident_session_outlives_a_redis_restart_that_lost_its_metadata(star
     """Redis restarts empty (no persistence) under a running replica: the session's metadata and lease are gone,
     but its cache is resident here, so the next turn registers it again (`SessionDirectory.fenced`) and goes on
     from the acknowledged turn; then it can be deleted as usual."""
-    import redis
-
-    from services.inference.spill import meta_key
-
     own = make_redis().start()
     try:
         server = start_server(redis_url=own.url)
