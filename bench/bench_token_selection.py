@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import bench_kv_quant as bkq
 import bench_quality as bq
 import common
 import torch
@@ -51,19 +52,22 @@ class Plan:
     partial: int        # the next heads, each keeping `fraction` of the document's tokens
     fraction: float
     score: str          # how a partly kept head picks its tokens
+    bits: bkq.Bits | None = None   # keys / values rounded to these bits (simulated); None: the map's own store
 
     @classmethod
-    def parse(cls, text: str, score: str) -> "Plan":
+    def parse(cls, text: str, score: str, bits: bkq.Bits | None = None) -> "Plan":
         """'32' (whole heads only) or '16+64@0.25'."""
         whole, _, rest = text.partition("+")
         partial, _, fraction = rest.partition("@")
-        return cls(int(whole), int(partial or 0), float(fraction or 1.0), score if partial else "-")
+        return cls(int(whole), int(partial or 0), float(fraction or 1.0), score if partial else "-", bits)
 
     @property
     def name(self) -> str:
+        # Without `bits` the names are those of earlier runs' JSON, so `--results` can merge them.
+        stored = "" if self.bits is None else f", {self.bits} bits"
         if not self.partial:
-            return f"{self.whole} whole"
-        return f"{self.whole} whole + {self.partial} at {self.fraction:g} ({self.score})"
+            return f"{self.whole} whole{stored}"
+        return f"{self.whole} whole + {self.partial} at {self.fraction:g} ({self.score}){stored}"
 
 
 # --- scores ------------------------------------------------------------------------------------------
@@ -117,7 +121,9 @@ def kept_rows(score: torch.Tensor, n_keep: int, sink: int, recent: int) -> torch
 
 # --- the simulated cache -------------------------------------------------------------------------------
 def plan_map(base: HeadMap, order: list, plan: Plan) -> HeadMap:
-    return bq.make_map(base, order[:plan.whole + plan.partial], base.compression, "token-selection")
+    # Rounded rows are simulated on a 16-bit store (an int8 store's `values` is a dequantised copy)
+    compression = base.compression if plan.bits is None else replace(base.compression, retrieval_bits=16)
+    return bq.make_map(base, order[:plan.whole + plan.partial], compression, "token-selection")
 
 
 def partial_heads(order: list, plan: Plan) -> set:
@@ -170,25 +176,35 @@ def masked_attention():
         attention.split_cache_attention = original
 
 
-def bytes_fraction(state) -> float:
-    """Bytes against a 16-bit full cache, the masked rows of partly kept heads counted as dropped."""
+def bytes_fraction(state, bits: bkq.Bits | None) -> float:
+    """Bytes against a 16-bit full cache, the masked rows of partly kept heads counted as dropped; with
+    `bits`, the retrieval rows as a packed store of those bits would hold them."""
     cache = state.cache
     dropped = 0
     for layer in cache.layers:
         kept = getattr(layer, "kept", None)
         if kept is not None:
-            ref = layer.retrieval_or_local()
-            dropped += 2 * int((~kept).sum()) * kv_quant.row_nbytes(ref.head_dim, layer.params.retrieval_bits, 2)
+            dropped += int((~kept).sum()) * row_pair_nbytes(layer, bits)
     full = sum(layer.full_nbytes_at(2) for layer in cache.layers)
-    return cache.bytes_fraction(2) - dropped / full
+    held = cache.bytes_fraction(2) if bits is None else bkq.packed_fraction(state, bits, kv_quant.GROUP)
+    return held - dropped / full
+
+
+def row_pair_nbytes(layer, bits: bkq.Bits | None) -> int:
+    """Bytes of one token's key and value in one retrieval head of `layer`."""
+    head_dim = layer.retrieval_or_local().head_dim
+    if bits is None:
+        return 2 * kv_quant.row_nbytes(head_dim, layer.params.retrieval_bits, 2)
+    return sum(bkq.packed_nbytes(head_dim, b, kv_quant.GROUP) for b in (bits.keys, bits.values))
 
 
 # --- scoring -----------------------------------------------------------------------------------------
 def score(engine: Engine, tasks, kvs, hm: HeadMap, plan: Plan, partial: set, scores: dict, args) -> dict:
-    with select_tokens(plan, partial, scores, hm.compression.sink, args.recent), masked_attention():
+    rounded = bkq.quantised(plan.bits, kv_quant.GROUP) if plan.bits is not None else nullcontext()
+    with rounded, select_tokens(plan, partial, scores, hm.compression.sink, args.recent), masked_attention():
         result = bq.evaluate(engine, tasks, kvs, hm)
         state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
-    return {**result, "bytes": bytes_fraction(state)}
+    return {**result, "bytes": bytes_fraction(state, plan.bits)}
 
 
 def run_length(engine: Engine, length: int, plans: list, base: HeadMap, order: list, args) -> dict:
@@ -279,6 +295,8 @@ def parse_args():
                     help="WHOLE or WHOLE+PARTIAL@FRACTION (heads of the order, most needed first)")
     ap.add_argument("--scores", nargs="+", default=["snap", "h2o"], choices=SCORES,
                     help="each plan with partly kept heads is scored once per score")
+    ap.add_argument("--bits", default="", help="KEYS/VALUES (e.g. 8/4): every kept head's rows rounded to these "
+                                               "bits, simulated (default: the map's own store)")
     ap.add_argument("--recent", type=int, default=64, help="last document tokens a partly kept head always keeps")
     ap.add_argument("--map", default="", help="head map JSON whose compression and recorded order are used "
                                               "(default: the shipped map)")
@@ -297,10 +315,11 @@ def parse_args():
 
 
 def plans_of(args) -> list[Plan]:
+    bits = bkq.points([f"0:{args.bits}"])[0][1] if args.bits else None
     plans = []
     for text in args.plans:
         for s in (args.scores if "+" in text else ["-"]):
-            plans.append(Plan.parse(text, s))
+            plans.append(Plan.parse(text, s, bits))
     return plans
 
 
