@@ -10,7 +10,7 @@ Llama-3-8B shape), full cache vs RazorAttention, in the same process:
 
 Only shapes and kernels matter for speed and bytes, so the weights are random and the retrieval heads are a
 seeded random 16% of KV heads (what calibration kept on SmolLM2), in the model's dtype and, in a third variant,
-in 8 bits (int8 + a float16 scale per 32 channels, as the shipped SmolLM2 map stores them).
+in 8 bits (int8 + a float16 scale per 32 channels), in a fourth with 8-bit keys and 4-bit values.
 
     .venv/bin/python bench/bench_gpu.py [--lengths 8192 16384 32768] [--decode 64] [--fraction 0.16]
                                         [--capacity-length 8192] [--budget-sessions 4] [--batch-decode 32]
@@ -83,7 +83,9 @@ def razor_maps(loaded: LoadedModel, fraction: float, seed: int) -> dict[str, Hea
     return {f"razor {pct} KV heads, C=5 S0=256": head_map(CompressionParams(sink=4, min_window=256, ratio=5.0)),
             f"razor {pct} KV heads, window 1024": head_map(window),
             # int8 rows dequantised per step (kv_quant): what the shipped SmolLM2 map's storage costs on a GPU
-            f"razor {pct} KV heads 8-bit, window 1024": head_map(dataclasses.replace(window, retrieval_bits=8))}
+            f"razor {pct} KV heads 8-bit, window 1024": head_map(dataclasses.replace(window, retrieval_bits=8)),
+            # int8 keys and 4-bit values (two a byte), unpacked per step
+            f"razor {pct} KV heads 8/4-bit, window 1024": head_map(window.stored_as("8/4"))}
 
 
 def with_peak(device: torch.device, work: Callable[[], T]) -> tuple[T, float]:

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     ratio: float = Field(5.0, ge=1.0, description="compression ratio C: local window = max(S0, N/C)")
     retrieval_bits: int = Field(
         16, description="retrieval heads' storage in maps profiled here: 16 = the model's dtype, 8 = int8 + scales")
+    retrieval_value_bits: int = Field(
+        0, description="their values' bits in maps profiled here: 0 = as retrieval_bits, 4 = two a byte (with "
+                       "RAZOR_RETRIEVAL_BITS=8)")
 
     # --- gRPC server ----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
@@ -145,6 +148,15 @@ class Settings(BaseSettings):
         parts = urlsplit(self.redis_url)
         host = parts.netloc.rsplit("@", 1)[-1]
         return urlunsplit(parts._replace(netloc=f":{quote(self.redis_password, safe='')}@{host}"))
+
+    @model_validator(mode="after")
+    def _value_bits(self) -> "Settings":
+        pair = (self.retrieval_bits, self.retrieval_value_bits or self.retrieval_bits)
+        if pair not in ((16, 16), (8, 8), (8, 4)):
+            raise ValueError(f"RAZOR_RETRIEVAL_VALUE_BITS {self.retrieval_value_bits} does not go with "
+                             f"RAZOR_RETRIEVAL_BITS {self.retrieval_bits}: use 0 (as RAZOR_RETRIEVAL_BITS), or 4 "
+                             f"with RAZOR_RETRIEVAL_BITS=8")
+        return self
 
     @model_validator(mode="after")
     def _step_room(self) -> "Settings":

@@ -18,7 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from services.engine import (CompressionParams, Engine, HeadMap, ProfileParams, SamplingParams, Scheduler,
-                             SchedulerConfig, TurnRequest, forward, forward_all, hf, profile_model)
+                             SchedulerConfig, TurnRequest, forward, forward_all, hf, kv_quant,
+                             profile_model)
 from services.engine.batch import StepBatch
 from services.engine.headmap import SHIPPED_DIR, shipped_head_map
 from services.engine.kvbuffer import MIN_SLACK, KVBuffer, capacity_for
@@ -133,7 +134,7 @@ def assert_same_cache(a, b) -> None:
         # next layers' keys and values by that step's effect (as the logits, checked to 1e-3).
         tol = 1e-3 if la.params.retrieval_bits == 8 else 1e-4
         names = ["local_keys", "local_values", "comp_keys", "comp_values"]
-        if la.params.retrieval_bits == 8 and la.retrieval is not None:
+        if la.params.retrieval_bits == 8 and la.retrieval is not None:   # values in 8 or 4 bits
             assert_same_int8_rows(la.retrieval.live_rows(), lb.retrieval.live_rows())
         else:
             names = ["keys", "values", *names]
@@ -145,18 +146,19 @@ def assert_same_cache(a, b) -> None:
 
 
 def assert_same_int8_rows(a: dict, b: dict) -> None:
-    """Two 8-bit retrieval groups' stored rows: integers at most one rounding step apart, scales within 1%."""
+    """Two integer retrieval groups' stored rows: integers (8 or 4 bits) at most one rounding step apart, scales
+    within 1%."""
     for name, x in a.items():
-        if x.dtype == torch.int8:
-            assert (x.int() - b[name].int()).abs().max() <= 1, name
+        if x.dtype in (torch.int8, torch.uint8):
+            assert (kv_quant.integers(x) - kv_quant.integers(b[name])).abs().max() <= 1, name
         else:
             torch.testing.assert_close(x, b[name], atol=0, rtol=1e-2)
 
 
-def stored_in(head_map: HeadMap, bits: int) -> HeadMap:
-    """The same heads and shape with retrieval rows kept in `bits` (16: the model's dtype; 8: int8 + scales)."""
-    return dataclasses.replace(head_map, compression=dataclasses.replace(head_map.compression, retrieval_bits=bits),
-                               version="")
+def stored_in(head_map: HeadMap, bits: int | str) -> HeadMap:
+    """The same heads and shape with retrieval rows kept in `bits` (16: the model's dtype; 8: int8 + scales;
+    "8/4": int8 keys, 4-bit values)."""
+    return dataclasses.replace(head_map, compression=head_map.compression.stored_as(bits), version="")
 
 
 def greedy(n: int) -> SamplingParams:

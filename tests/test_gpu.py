@@ -73,12 +73,12 @@ def test_batch_equals_alone_on_the_gpu(loaded):
     assert [results[i].token_ids for i in range(6)] == alone
 
 
-def local_and_retrieval_map(fp, bits: int = 16):
+def local_and_retrieval_map(fp, bits: int | str = 16):
     """Retrieval head 0 in odd layers, every other KV head local (sink 4, a window of a quarter of the length,
-    at least 16)."""
+    at least 16); retrieval rows stored as `bits` (16, 8 or "8/4")."""
     from services.engine import CompressionParams, HeadMap
 
-    full = HeadMap.full(fp, CompressionParams(sink=4, min_window=16, ratio=4.0, retrieval_bits=bits))
+    full = HeadMap.full(fp, CompressionParams(sink=4, min_window=16, ratio=4.0).stored_as(bits))
     layout = [[0] if layer % 2 else [] for layer in range(fp.n_layers)]
     return HeadMap(fp, full.induction, full.echo, [(layer, 0) for layer in range(fp.n_layers)], layout,
                    full.compression)
@@ -95,12 +95,15 @@ def prefill_and_decode_logits(loaded, head_map) -> tuple[torch.Tensor, object]:
     return torch.stack(rows).float(), cache
 
 
-def test_8bit_retrieval_heads_stay_int8_on_the_gpu_and_keep_the_next_token(loaded):
+@pytest.mark.parametrize("storage", [8, "8/4"])
+def test_8bit_retrieval_heads_stay_int8_on_the_gpu_and_keep_the_next_token(loaded, storage):
     fp = loaded.fingerprint
     want, _ = prefill_and_decode_logits(loaded, local_and_retrieval_map(fp, bits=16))
-    got, cache = prefill_and_decode_logits(loaded, local_and_retrieval_map(fp, bits=8))
+    got, cache = prefill_and_decode_logits(loaded, local_and_retrieval_map(fp, bits=storage))
     stores = [layer.retrieval for layer in cache.layers if layer.retrieval is not None]
-    assert stores and all(b.k_store.dtype == torch.int8 and b.k_store.is_cuda for b in stores)
+    values = torch.uint8 if storage == "8/4" else torch.int8
+    assert stores and all(b.k_store.dtype == torch.int8 and b.v_store.dtype == values and b.k_store.is_cuda
+                          for b in stores)
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
                                     reduction="batchmean")
     assert float(kl) < 1e-2, float(kl)

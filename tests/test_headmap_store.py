@@ -98,6 +98,8 @@ def test_params_digest_and_lookup(store):
     ({"bogus": 1}, "unknown profiling parameter"),
     ({"ratio": 0.5}, "ratio"),
     ({"retrieval_bits": 4}, "retrieval_bits must be one of"),
+    ({"retrieval_value_bits": 4}, "one of 16/16, 8/8, 8/4 bits, got 16/4"),
+    ({"retrieval_bits": 8, "retrieval_value_bits": 2}, "got 8/2"),
     ({"max_kl": 0}, "max_kl"),
     ({"max_accuracy_drop": 1.5}, "max_accuracy_drop"),
     ({"seq_len": 8193}, "seq_len must be at most 8192"),
@@ -110,6 +112,13 @@ def test_params_digest_and_lookup(store):
 def test_bad_profile_params_are_value_errors(params, words):
     with pytest.raises(InvalidProfileParams, match=words):
         parse_profile_params(params)
+
+
+def test_a_job_may_store_values_in_4_bits_beside_8_bit_keys():
+    _, cp, _ = parse_profile_params({"retrieval_bits": 8, "retrieval_value_bits": 4})
+    assert (cp.retrieval_bits, cp.value_bits) == (8, 4)
+    _, eight, _ = parse_profile_params({"retrieval_bits": 8})
+    assert eight.value_bits == 8 and eight != cp
 
 
 def test_profile_sizes_at_their_bounds_are_accepted():

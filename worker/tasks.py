@@ -138,7 +138,7 @@ def _load(model_ref: str) -> engine.LoadedModel:
 def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
     # a job's retrieval_bits is the storage its calibration searches (the map's heads are chosen for it)
-    calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.retrieval_bits,), **targets)
+    calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.storage(),), **targets)
                    if calibrate else None)
     return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 
@@ -174,7 +174,8 @@ def _profile_claimed(task, lease: JobLease, model_ref: str, params: dict | None,
         raise RuntimeError(f"profiling gave up after {attempt - 1} attempts: the worker was lost each time "
                            f"(out of memory or killed?)")
     compression_defaults = engine.CompressionParams(settings.sink, settings.min_window, settings.ratio,
-                                                    retrieval_bits=settings.retrieval_bits)
+                                                    retrieval_bits=settings.retrieval_bits,
+                                                    retrieval_value_bits=settings.retrieval_value_bits or None)
     profile_params, compression, targets = parse_profile_params(params or {}, compression_defaults)
     calibrate = settings.calibrate if calibrate is None else bool(calibrate)
     t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Per decoder layer the KV heads split in two groups, each a `KVBuffer` (preallocated, grows in place):
   retrieval group  [1, r, N, D]       every token, as a normal cache (grows with the session); in int8 with
-                                      float16 scales when `retrieval_bits` is 8 (kvbuffer.QuantizedKVBuffer)
+                                      float16 scales when `retrieval_bits` is 8 (kvbuffer.QuantizedKVBuffer),
+                                      values in 4 bits when `retrieval_value_bits` is 4
   local group      [1, l, S, D]       the first `sink` tokens + the most recent L_h tokens, S <= sink + L_h
   compensation     [1, l, 1, D] x 2   running means of every dropped key and value (float32), plus their count
 
@@ -14,7 +15,7 @@ plain torch: `hf.py` is what plugs a batch of these caches into a transformers f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +33,9 @@ class CompressionParams:
     ratio: float = 5.0       # C: local heads keep N / C recent tokens once that exceeds S0
     compensation: bool = True  # False drops evicted tokens outright (StreamingLLM-style ablation)
     retrieval_bits: int = 16   # 8: retrieval heads' keys and values in int8 + scales (kv_quant.py); 16: model dtype
+    # 4: their values in 4 bits (keys in 8). None (kept so when equal): as `retrieval_bits`, so replacing
+    # `retrieval_bits` alone moves both
+    retrieval_value_bits: int | None = None
 
     def __post_init__(self):
         if self.sink < 0:
@@ -42,17 +46,47 @@ class CompressionParams:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}")
         if isinstance(self.retrieval_bits, bool) or self.retrieval_bits not in kv_quant.BITS:
             raise ValueError(f"retrieval_bits must be one of {kv_quant.BITS}, got {self.retrieval_bits}")
+        value_bits = self.retrieval_bits if self.retrieval_value_bits is None else self.retrieval_value_bits
+        if isinstance(value_bits, bool) or not isinstance(value_bits, (int, float)):
+            raise ValueError(f"retrieval_value_bits must be a number of bits, got {value_bits!r}")
+        kv_quant.check_storage(self.retrieval_bits, value_bits)
         object.__setattr__(self, "retrieval_bits", int(self.retrieval_bits))   # 8.0 from a job's JSON: one map
+        object.__setattr__(self, "retrieval_value_bits", None if value_bits == self.retrieval_bits else int(value_bits))
+
+    @property
+    def value_bits(self) -> int:
+        """The bits retrieval heads' values are stored in."""
+        return self.retrieval_bits if self.retrieval_value_bits is None else self.retrieval_value_bits
 
     def window(self, seq_len: int) -> int:
         """L_h: recent tokens a local head keeps at sequence length N."""
         return max(self.min_window, math.ceil(seq_len / self.ratio))
 
+    def retrieval_row_nbytes(self, head_dim: int, itemsize: int) -> int:
+        """Bytes of one token's key and value in one retrieval head (16 bits: the model dtype's `itemsize`)."""
+        return sum(kv_quant.row_nbytes(head_dim, bits, itemsize)
+                   for bits in (self.retrieval_bits, self.value_bits))
+
+    def buffer_class(self):
+        """The KVBuffer class retrieval heads are stored in."""
+        return buffer_class(self.retrieval_bits, self.value_bits)
+
     def to_dict(self) -> dict:
-        # retrieval_bits only when not the default: maps and spilled sessions from before it read the same
+        # the bits only when not the default: maps and spilled sessions from before them read (and hash) the same
         bits = {} if self.retrieval_bits == 16 else {"retrieval_bits": self.retrieval_bits}
+        if self.retrieval_value_bits is not None:
+            bits["retrieval_value_bits"] = self.retrieval_value_bits
         return {"sink": self.sink, "min_window": self.min_window, "ratio": self.ratio,
                 "compensation": self.compensation, **bits}
+
+    def storage(self) -> int | str:
+        """16, 8 or "8/4": the retrieval heads' key / value bits (`kv_quant.parse_storage` reads it back)."""
+        return kv_quant.storage_label(self.retrieval_bits, self.value_bits)
+
+    def stored_as(self, storage: int | str) -> "CompressionParams":
+        """These parameters with the retrieval heads stored as `storage` (16, 8 or "8/4")."""
+        key_bits, value_bits = kv_quant.parse_storage(storage)
+        return replace(self, retrieval_bits=key_bits, retrieval_value_bits=value_bits)
 
 
 class RazorLayer:
@@ -114,7 +148,7 @@ class RazorLayer:
     def _allocate(self, like: torch.Tensor) -> None:
         _, _, q_len, head_dim = like.shape
         if self.retrieval_heads:
-            self.retrieval = buffer_class(self.params.retrieval_bits)(
+            self.retrieval = self.params.buffer_class()(
                 len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
         if self.local_heads:
             self.local = KVBuffer(len(self.local_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
@@ -184,11 +218,11 @@ class RazorLayer:
         ref = self.retrieval_or_local()
         if ref is None:
             return 0
-        r_row = kv_quant.row_nbytes(ref.head_dim, self.params.retrieval_bits, itemsize)
-        rows = len(self.retrieval_heads) * self.retrieval_length() * r_row
-        rows += len(self.local_heads) * self.local_length() * ref.head_dim * itemsize
+        r_rows = len(self.retrieval_heads) * self.retrieval_length() * self.params.retrieval_row_nbytes(
+            ref.head_dim, itemsize)                                                      # keys and values
+        l_rows = len(self.local_heads) * self.local_length() * ref.head_dim * itemsize
         comp = 0 if self.comp_keys is None else self.comp_keys.numel() * self.comp_keys.element_size()
-        return 2 * (rows + comp)
+        return r_rows + 2 * (l_rows + comp)
 
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes this layer can hold while it grows to `seq_len` tokens fed `chunk` at a time."""
@@ -198,9 +232,8 @@ class RazorLayer:
                       self.local.capacity if self.local is not None else 0)
         r_rows, l_rows = (r_rows if self.retrieval_heads else 0), (l_rows if self.local_heads else 0)
         comp = 2 * len(self.local_heads) * head_dim * 4
-        r_row = kv_quant.row_nbytes(head_dim, self.params.retrieval_bits, itemsize)
-        rows = len(self.retrieval_heads) * r_rows * r_row + len(self.local_heads) * l_rows * head_dim * itemsize
-        return 2 * rows + comp
+        retrieval = len(self.retrieval_heads) * r_rows * self.params.retrieval_row_nbytes(head_dim, itemsize)
+        return retrieval + 2 * len(self.local_heads) * l_rows * head_dim * itemsize + comp
 
     # --- spilling ---------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -216,7 +249,7 @@ class RazorLayer:
         any_kv = present.get("keys", present.get("local_keys"))
         self._index(any_kv.device)
         if "keys" in present:
-            cls = buffer_class(self.params.retrieval_bits)
+            cls = self.params.buffer_class()
             self.retrieval = restored(cls, {store: present[SPILL_NAMES[store]] for store in cls.STORES}, dtype)
         if "local_keys" in present:
             self.local = KVBuffer.holding(present["local_keys"], present["local_values"])

@@ -17,7 +17,8 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    compressed (one scoring pass per head: ~10x dearer). The attention and ablation scores give each family
    one vote; the gates are trained on the families' tasks together.
 4. The BYTES search: for every window, sink size, ratio C (1e9 = a fixed window) and storage of the retrieval
-   heads (`bits`: 16, or 8 = int8 with scales, kv_quant.py; bytes counted as against a 16-bit cache), the
+   heads (`bits`: 16, 8 = int8 with scales, or "8/4" = 4-bit values, kv_quant.py; bytes counted as against a
+   16-bit cache), the
    smallest k such that the top-k heads of the ranking (one vote per family) meet the target (binary search;
    a shape that cannot beat the cheapest point found so far at equal bytes is dropped after one probe). The
    cheapest point wins.
@@ -69,7 +70,8 @@ class CalibrationParams:
     windows: tuple[int, ...] = (32, 64, 128)   # S0 (min_window) candidates
     sinks: tuple[int, ...] = (4,)              # N0 candidates
     ratios: tuple[float, ...] = (FIXED, 10.0)  # C candidates; FIXED = no growth with length
-    bits: tuple[int, ...] = (16,)              # retrieval heads' storage candidates: 16 (model dtype), 8 (int8)
+    bits: tuple = (16,)                        # retrieval heads' storage candidates: 16 (model dtype), 8 (int8),
+                                               # "8/4" (int8 keys, 4-bit values)
     leave_one_out: bool = True         # re-run the search without each family and check it on that family
     ranking: str = "gates"             # "gates": learned per-head gates over every task (head_gates.py)
                                        # "attention": mass on the fact (one forward per task; fact_attention.py)
@@ -90,8 +92,12 @@ class CalibrationParams:
         return cls(**overrides)
 
     def __post_init__(self):
-        for name in ("windows", "sinks", "lengths", "ratios", "bits"):
+        for name in ("windows", "sinks", "lengths", "ratios"):
             object.__setattr__(self, name, tuple(sorted(set(getattr(self, name)))))
+        if not self.bits:
+            raise ValueError(f"bits must be some of 16, 8 and \"8/4\", got {self.bits}")
+        storages = {kv_quant.parse_storage(b) for b in self.bits}   # ValueError naming the storages there are
+        object.__setattr__(self, "bits", tuple(kv_quant.storage_label(*s) for s in sorted(storages)))
         object.__setattr__(self, "families", tuple(dict.fromkeys(self.families)))
         if not self.families or any(f not in KNOWN_FAMILIES for f in self.families):
             raise ValueError(f"families must be some of {KNOWN_FAMILIES}, got {self.families!r}")
@@ -114,8 +120,6 @@ class CalibrationParams:
             raise ValueError(f"max_bytes must be within (0, 1] of the full cache's bytes, got {self.max_bytes}")
         if not self.ratios or min(self.ratios) < 1:
             raise ValueError(f"ratios must be >= 1 (1e9 = a fixed window), got {self.ratios}")
-        if not self.bits or any(b not in kv_quant.BITS for b in self.bits):
-            raise ValueError(f"bits must be some of {kv_quant.BITS}, got {self.bits}")
 
     def ablation_shape(self) -> CompressionParams:
         """Where single heads are ablated: the middle window at the largest ratio (fixed, when searched)."""
@@ -127,11 +131,12 @@ class CalibrationParams:
         return Target(self.max_accuracy_drop, self.min_kept, self.max_kl)
 
     def shapes(self) -> list[CompressionParams]:
-        """Every (window, sink, ratio, bits) to search, fewest local tokens first (cheap shapes set the bar), 8-bit
-        before 16-bit (at equal heads, cheaper)."""
-        shapes = [CompressionParams(sink=s, min_window=w, ratio=r, retrieval_bits=b)
+        """Every (window, sink, ratio, bits) to search, fewest local tokens first (cheap shapes set the bar), fewer
+        bits before more (at equal heads, cheaper)."""
+        shapes = [CompressionParams(sink=s, min_window=w, ratio=r).stored_as(b)
                   for w in self.windows for s in self.sinks for r in self.ratios for b in self.bits]
-        return sorted(shapes, key=lambda c: (c.window(max(self.lengths)) + c.sink, -c.ratio, c.retrieval_bits))
+        return sorted(shapes, key=lambda c: (c.window(max(self.lengths)) + c.sink, -c.ratio,
+                                             c.retrieval_row_nbytes(64, 2)))
 
 
 Order = list[list[int]]   # KV heads [layer, head], most needed first
@@ -175,8 +180,8 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
 
 
 def _shape_of(point: dict) -> CompressionParams:
-    return CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"],
-                             retrieval_bits=point.get("bits", 16))
+    shape = CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"])
+    return shape.stored_as(point.get("bits", 16))
 
 
 def _ranker(bench: TaskBench, base: HeadMap, params: CalibrationParams, report: Progress
@@ -297,7 +302,7 @@ def _k_within(bench: TaskBench, order: Order, shape: CompressionParams, max_byte
 
 
 def _point(bench: TaskBench, order: Order, k: int, shape: CompressionParams, families=None) -> dict:
-    return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio, "bits": shape.retrieval_bits,
+    return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio, "bits": shape.storage(),
             **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
 
 
@@ -384,7 +389,7 @@ def _rounded(point: dict) -> dict:
 
 
 def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
-               ratio: float | None = None, bits: int | None = None) -> HeadMap:
+               ratio: float | None = None, bits: int | str | None = None) -> HeadMap:
     """Another point of a calibrated map's curve: its top-k KV heads with another window (sink size, ratio),
     without re-profiling."""
     if not head_map.calibration:
@@ -397,7 +402,6 @@ def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
     kv = [[h for h in range(fp.n_kv_heads) if (layer, h) in heads] for layer in range(fp.n_layers)]
     c = head_map.compression
     compression = replace(c, min_window=window, sink=c.sink if sink is None else sink,
-                          ratio=c.ratio if ratio is None else ratio,
-                          retrieval_bits=c.retrieval_bits if bits is None else bits)
+                          ratio=c.ratio if ratio is None else ratio).stored_as(c.storage() if bits is None else bits)
     return replace(head_map, retrieval_kv_heads=kv, version="", calibration=None,
                    method="razor+calibrated-variant", compression=compression)

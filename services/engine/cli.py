@@ -30,7 +30,7 @@ def cmd_profile(args) -> int:
     loaded = load_model(args.model, args.device)
     params = ProfileParams(seq_len=args.seq_len, repeats=args.repeats, n_samples=args.samples, seed=args.seed,
                            induction_fraction=args.induction_fraction, echo_fraction=args.echo_fraction)
-    compression = CompressionParams(args.sink, args.min_window, args.ratio, retrieval_bits=args.retrieval_bits[0])
+    compression = CompressionParams(args.sink, args.min_window, args.ratio).stored_as(args.retrieval_bits[0])
     bar = tqdm(total=1, desc="profiling", unit="step")
 
     current = {"stage": None}
@@ -104,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--sink", type=int, default=c.sink)
     prof.add_argument("--min-window", type=int, default=c.min_window)
     prof.add_argument("--ratio", type=float, default=c.ratio)
-    prof.add_argument("--retrieval-bits", type=int, nargs="+", choices=kv_quant.BITS, default=[16],
-                      help="retrieval heads' storage: 16 = the model's dtype, 8 = int8 with scales (about half); "
-                           "with --calibrate, every value given is searched")
+    prof.add_argument("--retrieval-bits", nargs="+", default=["16"],
+                      choices=[str(kv_quant.storage_label(*s)) for s in kv_quant.STORAGES],
+                      help="retrieval heads' storage: 16 = the model's dtype, 8 = int8 with scales (about half), "
+                           "8/4 = int8 keys and 4-bit values (about 0.41); with --calibrate, every value given is "
+                           "searched")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()

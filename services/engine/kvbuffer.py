@@ -6,7 +6,7 @@ store compacted or regrown, by a factor of 1.25 (+ at least `MIN_SLACK` rows): a
 token copies O(1) rows, never the whole cache (an earlier `torch.cat` per step copied all of it).
 
 `QuantizedKVBuffer` keeps the same rows as int8 with float16 scales (kv_quant.py) and hands out dequantised
-copies: a retrieval head in 8 bits costs about half of one in 16.
+copies: a retrieval head in 8 bits costs about half of one in 16; `Int4ValuesKVBuffer` keeps its values in 4.
 """
 from __future__ import annotations
 
@@ -123,17 +123,20 @@ class KVBuffer:
 
 
 class QuantizedKVBuffer(KVBuffer):
-    """The same rows in int8, one float16 scale per group of channels (kv_quant.py); `keys` and `values` are
-    dequantised copies in `dtype` (a decode step reads each once)."""
+    """The same rows as integers, one float16 scale per group of channels (kv_quant.py): keys in int8, values in
+    `VALUE_BITS`; `keys` and `values` are dequantised copies in `dtype` (a decode step reads each once)."""
 
     STORES = ("k_store", "v_store", "k_scale", "v_scale")
+    VALUE_BITS = 8
 
     def _layout(self) -> list[tuple[torch.dtype, int]]:
-        width = kv_quant.scale_width(self.head_dim)
-        return [(torch.int8, self.head_dim)] * 2 + [(kv_quant.SCALE_DTYPE, width)] * 2
+        width, v_bits = kv_quant.scale_width(self.head_dim), self.VALUE_BITS
+        return [(torch.int8, self.head_dim),
+                (kv_quant.store_dtype(v_bits, self.dtype), kv_quant.store_width(self.head_dim, v_bits)),
+                *[(kv_quant.SCALE_DTYPE, width)] * 2]
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        (qk, sk), (qv, sv) = kv_quant.quantize(k), kv_quant.quantize(v)
+        (qk, sk), (qv, sv) = kv_quant.quantize(k), kv_quant.quantize(v, self.VALUE_BITS)
         return qk, qv, sk, sv
 
     @property
@@ -147,9 +150,18 @@ class QuantizedKVBuffer(KVBuffer):
         return kv_quant.dequantize(self.v_store[:, :, live], self.v_scale[:, :, live], self.dtype)
 
 
-def buffer_class(bits: int) -> type[KVBuffer]:
-    """The store for heads kept at `bits` (16: the model's dtype)."""
-    return QuantizedKVBuffer if bits == 8 else KVBuffer
+class Int4ValuesKVBuffer(QuantizedKVBuffer):
+    """Keys in int8, values in 4 bits (two a byte): a token of a head in about 0.41 of its 16-bit bytes."""
+
+    VALUE_BITS = 4
+
+
+def buffer_class(bits: int, value_bits: int | None = None) -> type[KVBuffer]:
+    """The store for heads whose keys are kept at `bits` and values at `value_bits` (default `bits`; 16: the
+    model's dtype)."""
+    value_bits = bits if value_bits is None else value_bits
+    kv_quant.check_storage(bits, value_bits)
+    return {16: KVBuffer, 8: QuantizedKVBuffer, 4: Int4ValuesKVBuffer}[value_bits]
 
 
 def restored(cls: type[KVBuffer], rows: dict[str, torch.Tensor], dtype: torch.dtype) -> KVBuffer:

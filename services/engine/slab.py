@@ -5,7 +5,8 @@ While a turn decodes, its session's cache lives in one slot of a slab instead of
 decode step appends, attends and compresses every session of the slab with a few tensor ops per layer: no
 per-session work and no gathering of caches into a padded batch. Per decoder layer:
   retrieval     [B, r, rows, D]            token t at row t (rows: the slab's size class, >= every final length);
-                                           in 8 bits int8, with float16 scales [B, r, rows, D / group] beside
+                                           in 8 bits int8, with float16 scales [B, r, rows, D / group] beside;
+                                           4-bit values packed two a byte, [B, r, rows, D / 2] uint8
   local         [B, l, sink + ring + 1, D] token t < sink at row t, later tokens at sink + (t - sink) % ring; the
                                            last row is the compensation token in the cache dtype
   compensation  [B, l, 1, D] float32       running means of the evicted keys and values; counts per slot
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from . import kv_quant
 from .cache import CompressedKVCache
-from .kvbuffer import KVBuffer, buffer_class, restored
+from .kvbuffer import KVBuffer, restored
 
 CLASS_GROWTH = 1.2   # size classes grow by 1.2x: a slot is at most 1.2x its turn's final length (bytes_bound: 1.25x)
 SMALLEST_CLASS = 16
@@ -72,6 +73,7 @@ class DecodeSlab:
     def __init__(self, template: CompressedKVCache, rows: int, head_dim: int, dtype: torch.dtype, device):
         self.params, self.rows = template.params, rows
         self.quantized = self.params.retrieval_bits == 8
+        self.value_bits = self.params.value_bits
         self.key = (template.layout, rows)
         self.ring = self.params.window(rows) + 1
         self.local_rows = self.params.sink + self.ring + 1   # + the compensation row, last
@@ -132,9 +134,12 @@ class DecodeSlab:
             store[copied:].zero_()
             return store
         r, l = self.r_heads[layer_idx], self.l_heads[layer_idx]
-        r_dtype = torch.int8 if self.quantized else self.dtype
-        slots = LayerSlots(zeros(r, self.rows, r_dtype), zeros(r, self.rows, r_dtype), zeros(l, self.local_rows),
-                           zeros(l, self.local_rows), zeros(l, 1, torch.float32), zeros(l, 1, torch.float32))
+        k_dtype = kv_quant.store_dtype(self.params.retrieval_bits, self.dtype)
+        v_dtype, v_width = kv_quant.store_dtype(self.value_bits, self.dtype), kv_quant.store_width(self.head_dim,
+                                                                                                  self.value_bits)
+        slots = LayerSlots(zeros(r, self.rows, k_dtype), zeros(r, self.rows, v_dtype, v_width),
+                           zeros(l, self.local_rows), zeros(l, self.local_rows), zeros(l, 1, torch.float32),
+                           zeros(l, 1, torch.float32))
         if self.quantized:
             width = kv_quant.scale_width(self.head_dim)
             slots.key_scales, slots.value_scales = (zeros(r, self.rows, kv_quant.SCALE_DTYPE, width) for _ in "kv")
@@ -175,7 +180,7 @@ class DecodeSlab:
         n = layer.seq_len
         if slots.keys is not None:
             rows = {store: t[slot:slot + 1, :, :n] for store, t in slots.retrieval_stores().items()}
-            layer.retrieval = restored(buffer_class(self.params.retrieval_bits), rows, self.dtype)
+            layer.retrieval = restored(self.params.buffer_class(), rows, self.dtype)
         if slots.local_keys is not None:
             n_sink = min(self.params.sink, n)
             rows = self._local_token_rows(n, min(n - n_sink, self.params.window(n)))
@@ -227,7 +232,7 @@ class DecodeSlab:
             rows = self._flat_rows(len(r_idx), self.rows, self._row)
             new = (keys.index_select(1, r_idx), values.index_select(1, r_idx))                # [B, r, D] each
             if self.quantized:
-                (qk, sk), (qv, sv) = map(kv_quant.quantize, new)
+                (qk, sk), (qv, sv) = kv_quant.quantize(new[0]), kv_quant.quantize(new[1], self.value_bits)
                 new = (qk, qv, sk, sv)
             for store, row in zip(slots.retrieval_stores().values(), new):
                 _write_rows(store, rows, row)
@@ -269,7 +274,7 @@ class DecodeSlab:
         return out.view(bsz, n_heads, 1, head_dim)
 
     def _retrieval_rows(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        """The retrieval rows this step reads, [B, r, span, D] in the cache dtype (dequantised in 8 bits)."""
+        """The retrieval rows this step reads, [B, r, span, D] in the cache dtype (dequantised when stored as integers)."""
         span = self._span
         if not self.quantized:
             return slots.keys[:, :, :span], slots.values[:, :, :span]
@@ -321,11 +326,11 @@ def slot_bytes(template: CompressedKVCache, rows: int, head_dim: int, itemsize: 
     """Bytes of one slot of a slab of `rows` rows for `template`'s head layout (what `_allocate` makes per slot)."""
     params = template.params
     local_rows = params.sink + params.window(rows) + 2   # the ring (window + the step's new token), compensation
-    r_row = kv_quant.row_nbytes(head_dim, params.retrieval_bits, itemsize)
+    r_row = params.retrieval_row_nbytes(head_dim, itemsize)                      # a key and a value
     total = 0
     for layer in template.layers:
         r, l = len(layer.retrieval_heads), len(layer.local_heads)
-        total += 2 * (r * rows * r_row + l * head_dim * (itemsize * local_rows + 4))   # K and V; compensation f32
+        total += r * rows * r_row + 2 * l * head_dim * (itemsize * local_rows + 4)   # K and V; compensation f32
     return total
 
 

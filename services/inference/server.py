@@ -158,7 +158,8 @@ def initial_head_map(settings: Settings, loaded: LoadedModel) -> HeadMap:
         log.info("profiling %s: %s %d/%d", loaded.ref, stage, done, total)
 
     compression = CompressionParams(sink=settings.sink, min_window=settings.min_window, ratio=settings.ratio,
-                                    retrieval_bits=settings.retrieval_bits)
+                                    retrieval_bits=settings.retrieval_bits,
+                                    retrieval_value_bits=settings.retrieval_value_bits or None)
     return profile_model(loaded, ProfileParams(), compression, progress=progress)
 
 

@@ -18,7 +18,8 @@ from .codec import is_count
 
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}   # a cache's dtype -> bytes per element
 COMP_DTYPE = "float32"                                    # compensation tokens are running means in float32
-QUANT_DTYPE, SCALE_DTYPE = "int8", "float16"              # retrieval heads in 8 bits: integers and scales
+SCALE_DTYPE = "float16"                                   # retrieval heads as integers: their scales
+INT_DTYPES = {8: "int8", 4: "uint8"}                      # bits -> a retrieval store's dtype (4: two a byte)
 
 
 class HeaderInvalid(Exception):
@@ -74,7 +75,8 @@ CACHE_FIELDS = {"n_kv_heads": lambda v: is_count(v) and v >= 1, "params": lambda
 OPTIONAL_CACHE_FIELDS = {"dtype": lambda v: _is_str(v) and v in KV_DTYPES}   # absent in an empty cache
 PARAMS_FIELDS = {"sink": is_count, "min_window": lambda v: is_count(v) and v >= 1, "ratio": _is_ratio,
                  "compensation": lambda v: isinstance(v, bool)}
-OPTIONAL_PARAMS_FIELDS = {"retrieval_bits": lambda v: v in kv_quant.BITS and not isinstance(v, bool)}
+OPTIONAL_PARAMS_FIELDS = {"retrieval_bits": lambda v: v in kv_quant.BITS and not isinstance(v, bool),
+                          "retrieval_value_bits": lambda v: is_count(v) and v in {b for _, b in kv_quant.STORAGES}}
 
 
 def check_meta(meta: dict) -> None:
@@ -97,6 +99,7 @@ def check(parsed: dict, sid: str, shape: ModelShape | None = None) -> None:
     cache = state["cache"]
     _fields("state.cache", cache, CACHE_FIELDS, OPTIONAL_CACHE_FIELDS)
     _fields("state.cache.params", cache["params"], PARAMS_FIELDS, OPTIONAL_PARAMS_FIELDS)
+    _check_storage(cache["params"])
     if cache.get("dtype", meta["dtype"]) != meta["dtype"]:
         raise HeaderInvalid(f"state.cache.dtype {cache['dtype']!r} differs from meta.dtype {meta['dtype']!r}")
     _check_tokens(state["token_ids"], meta["token_count"], shape)
@@ -114,6 +117,19 @@ def _fields(where: str, obj: dict, required: dict, optional: dict | None = None)
     for name, value in obj.items():
         if not tests[name](value):
             raise HeaderInvalid(f"{where}.{name} has a value of the wrong type or range: {str(value)[:60]}")
+
+
+def _check_storage(params: dict) -> None:
+    try:
+        kv_quant.check_storage(*_bits(params))
+    except ValueError as e:
+        raise HeaderInvalid(f"state.cache.params: {e}") from None
+
+
+def _bits(params: dict) -> tuple[int, int]:
+    """(key bits, value bits) of the retrieval heads (a spill from before 8 bits names neither)."""
+    key_bits = params.get("retrieval_bits", 16)
+    return key_bits, params.get("retrieval_value_bits", key_bits)
 
 
 def _check_tokens(token_ids: list, token_count: int, shape: ModelShape | None) -> None:
@@ -152,13 +168,20 @@ def _check_tensors(tensors: dict, cache: dict, length: int, dtype: str, head_dim
         expected.update(_layer_tensors(i, tensors, len(heads), cache, length, dtype))
     if set(tensors) != set(expected):
         raise HeaderInvalid(f"the tensors {sorted(set(tensors) ^ set(expected))[:4]} are missing or unexpected")
-    # Without the model, one head_dim for all (that of any tensor: a wrong one fails every comparison).
-    head_dim = head_dim or next((s[-1] for n, (_, s) in tensors.items() if len(s) == 4 and not _scales(n)), 1)
+    # Without the model, one head_dim for all (that of any local or key tensor: a wrong one fails every comparison).
+    head_dim = head_dim or next((s[-1] for n, (_, s) in tensors.items() if len(s) == 4 and _full_width(n)), 1)
+    _, value_bits = _bits(cache["params"])
     for name, (want_dtype, want_dims) in expected.items():
-        width = kv_quant.scale_width(head_dim) if _scales(name) else head_dim
+        width = (kv_quant.scale_width(head_dim) if _scales(name) else
+                 kv_quant.store_width(head_dim, value_bits) if name.endswith(".values") else head_dim)
         want = (want_dtype, [*want_dims, width])
         if tensors[name] != want or head_dim < 1:
             raise HeaderInvalid(f"tensor {name} is {tensors[name]}, expected {want}")
+
+
+def _full_width(name: str) -> bool:
+    """A tensor head_dim wide whatever the storage (not scales, not values that may be packed two a byte)."""
+    return not _scales(name) and not name.endswith(".values")
 
 
 def _scales(name: str) -> bool:
@@ -174,8 +197,10 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
             raise HeaderInvalid(f"layer {i} folded {comp} tokens into an empty cache")
         return {}
     out = {}
-    if n_retrieval and cache["params"].get("retrieval_bits", 16) == 8:
-        out.update({f"{i}.{name}": (QUANT_DTYPE, [1, n_retrieval, length]) for name in ("keys", "values")})
+    key_bits, value_bits = _bits(cache["params"])
+    if n_retrieval and key_bits < 16:
+        out.update({f"{i}.{name}": (INT_DTYPES[bits], [1, n_retrieval, length])
+                    for name, bits in (("keys", key_bits), ("values", value_bits))})
         out.update({f"{i}.{n}": (SCALE_DTYPE, [1, n_retrieval, length]) for n in ("key_scales", "value_scales")})
     elif n_retrieval:
         out.update({f"{i}.{name}": (dtype, [1, n_retrieval, length]) for name in ("keys", "values")})
@@ -194,7 +219,7 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
 def _check_bytes(meta: dict, entries: list, cache: dict, length: int) -> None:
     """The byte counts the service budgets and reports agree with the tensors."""
     stored = sum(e["nbytes"] for e in entries)
-    head_dim = next((e["shape"][-1] for e in entries if not _scales(e["name"])), 0)
+    head_dim = next((e["shape"][-1] for e in entries if _full_width(e["name"])), 0)
     full = len(cache["seq_len"]) * 2 * cache["n_kv_heads"] * length * head_dim * KV_DTYPES[meta["dtype"]]
     if meta["stored_nbytes"] != stored or meta["full_nbytes"] != full or meta["nbytes"] < stored:
         raise HeaderInvalid(f"nbytes {meta['nbytes']}, stored_nbytes {meta['stored_nbytes']} and full_nbytes "
