@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _value_bits(self) -> "Settings":
         pair = (self.retrieval_bits, self.retrieval_value_bits or self.retrieval_bits)
-        if pair not in ((16, 16), (8, 8), (8, 4)):
+        if pair not in ((16, 16), (8, 8), (8, 4)):   # kv_quant.STORAGES (settings import no torch)
             raise ValueError(f"RAZOR_RETRIEVAL_VALUE_BITS {self.retrieval_value_bits} does not go with "
                              f"RAZOR_RETRIEVAL_BITS {self.retrieval_bits}: use 0 (as RAZOR_RETRIEVAL_BITS), or 4 "
                              f"with RAZOR_RETRIEVAL_BITS=8")
