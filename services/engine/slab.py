@@ -274,7 +274,7 @@ class DecodeSlab:
         return out.view(bsz, n_heads, 1, head_dim)
 
     def _retrieval_rows(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        """The retrieval rows this step reads, [B, r, span, D] in the cache dtype (dequantised when stored as integers)."""
+        """The retrieval rows this step reads, [B, r, span, D] in the cache dtype (dequantised from integers)."""
         span = self._span
         if not self.quantized:
             return slots.keys[:, :, :span], slots.values[:, :, :span]
