@@ -147,7 +147,7 @@ def main() -> None:
     print(common.header())
     loaded = load_model(args.model, device="cpu")
     razor = shipped_head_map(loaded.fingerprint)
-    maps = {"full cache": HeadMap.full(loaded.fingerprint, replace(razor.compression, retrieval_bits=16)),
+    maps = {"full cache": HeadMap.full(loaded.fingerprint, razor.compression.stored_as(16)),
             "razor (shipped map)": razor}
     for path in args.compare:
         other = HeadMap.from_json(Path(path).read_text(), expect=loaded.fingerprint)
@@ -155,7 +155,7 @@ def main() -> None:
     for name, hm in list(maps.items())[1:]:   # the same heads with 8-bit retrieval rows, for comparison
         if hm.compression.retrieval_bits == 16:
             maps[f"{name}, retrieval heads in 8 bits"] = replace(
-                hm, compression=replace(hm.compression, retrieval_bits=8), version="")
+                hm, compression=hm.compression.stored_as(8), version="")
     engine = Engine(loaded, razor)
     longest = max(args.lengths + [args.capacity_length])
     ids = torch.randint(1000, 20000, (longest,), generator=torch.Generator().manual_seed(0)).tolist()

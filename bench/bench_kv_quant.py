@@ -9,8 +9,9 @@ rounded to `bits`-bit integers, symmetric, one float16 scale per `--group` chann
 head, after RoPE), every other head at sink + a fixed window in 16 bits with its compensation token.
 
 Simulated (written before the engine stored integers; it now keeps retrieval heads in 8 bits with
-`CompressionParams.retrieval_bits = 8`, kv_quant.py, and `bench_quality --bits 8` measures that path; this
-bench also covers 4 bits, which the engine does not store). Each document's cache is built from its full prefill as the
+`CompressionParams.retrieval_bits = 8`, and 4-bit values beside 8-bit keys with `retrieval_value_bits = 4`,
+kv_quant.py; `bench_quality --bits 8` measures the 8-bit path; this bench also covers 4-bit keys, which the
+engine does not store). Each document's cache is built from its full prefill as the
 engine builds it, then the retrieval heads' rows are quantised and dequantised in place; the question turn's
 own rows (and the "turn" family's interlude) stay unrounded, as a quantised store's recent rows would
 (KIVI keeps a recent residual in full precision). Bytes are those a packed store would hold (integers, scales,

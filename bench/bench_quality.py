@@ -98,7 +98,7 @@ def frontier_maps(shipped: HeadMap, orders: dict[str, list], ks, windows,
     name says so), the rest at a fixed window."""
     c = replace(shipped.compression, ratio=1e9)
     return [(name if b == 16 else f"{name} 8-bit", k, w,
-             make_map(shipped, order[:k], replace(c, min_window=w, retrieval_bits=b), "frontier"))
+             make_map(shipped, order[:k], replace(c, min_window=w).stored_as(b), "frontier"))
             for name, order in orders.items() for b in bits for w in windows for k in ks]
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import bench_kv_quant as bkq
@@ -122,7 +122,7 @@ def kept_rows(score: torch.Tensor, n_keep: int, sink: int, recent: int) -> torch
 # --- the simulated cache -------------------------------------------------------------------------------
 def plan_map(base: HeadMap, order: list, plan: Plan) -> HeadMap:
     # Rounded rows are simulated on a 16-bit store (an int8 store's `values` is a dequantised copy)
-    compression = base.compression if plan.bits is None else replace(base.compression, retrieval_bits=16)
+    compression = base.compression if plan.bits is None else base.compression.stored_as(16)
     return bq.make_map(base, order[:plan.whole + plan.partial], compression, "token-selection")
 
 

@@ -88,9 +88,9 @@ def test_a_byte_budget_bounds_the_choice_and_records_a_missed_target():
 
 @pytest.mark.slow
 def test_shipped_calibrated_map_retrieves_held_out_keys():
-    """The shipped SmolLM2 map was calibrated on seeds 1234 and 2234 (six families, retrieval heads in 8 bits,
-    within a quarter of the bytes); keys and depths here come from another seed (docs/benchmarks.md 3.2i: 94-100%
-    of the full cache's pass keys kept on 52 documents a length)."""
+    """The shipped SmolLM2 map was calibrated on seeds 1234 and 2234 (six families, retrieval heads with 8-bit keys
+    and 4-bit values, within a quarter of the bytes); keys and depths here come from another seed (docs/benchmarks.md
+    3.2n: every pass key the full cache answers kept on 40 documents at 1,000 tokens and 16 at 2,000)."""
     loaded = smollm2()
     head_map = shipped_head_map(loaded.fingerprint)
     chosen = head_map.calibration["chosen"]

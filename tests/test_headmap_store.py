@@ -119,6 +119,11 @@ def test_a_job_may_store_values_in_4_bits_beside_8_bit_keys():
     assert (cp.retrieval_bits, cp.value_bits) == (8, 4)
     _, eight, _ = parse_profile_params({"retrieval_bits": 8})
     assert eight.value_bits == 8 and eight != cp
+    # a service whose default is 8/4: a job naming 16 bits gets 16 for its values too, not a refusal
+    _, sixteen, _ = parse_profile_params({"retrieval_bits": 16}, cp)
+    assert (sixteen.retrieval_bits, sixteen.value_bits) == (16, 16)
+    _, default, _ = parse_profile_params({}, cp)
+    assert default == cp
 
 
 def test_profile_sizes_at_their_bounds_are_accepted():
