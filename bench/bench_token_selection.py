@@ -194,7 +194,7 @@ def row_pair_nbytes(layer, bits: bkq.Bits | None) -> int:
     """Bytes of one token's key and value in one retrieval head of `layer`."""
     head_dim = layer.retrieval_or_local().head_dim
     if bits is None:
-        return 2 * kv_quant.row_nbytes(head_dim, layer.params.retrieval_bits, 2)
+        return layer.params.retrieval_row_nbytes(head_dim, 2)   # the map's own store (8/4 maps included)
     return sum(bkq.packed_nbytes(head_dim, b, kv_quant.GROUP) for b in (bits.keys, bits.values))
 
 
