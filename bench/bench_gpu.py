@@ -85,7 +85,9 @@ def razor_maps(loaded: LoadedModel, fraction: float, seed: int) -> dict[str, Hea
             # int8 rows dequantised per step (kv_quant): what the shipped SmolLM2 map's storage costs on a GPU
             f"razor {pct} KV heads 8-bit, window 1024": head_map(dataclasses.replace(window, retrieval_bits=8)),
             # int8 keys and 4-bit values (two a byte), unpacked per step
-            f"razor {pct} KV heads 8/4-bit, window 1024": head_map(window.stored_as("8/4"))}
+            f"razor {pct} KV heads 8/4-bit, window 1024": head_map(window.stored_as("8/4")),
+            # 6-bit keys (four in three bytes) and 4-bit values, unpacked per step
+            f"razor {pct} KV heads 6/4-bit, window 1024": head_map(window.stored_as("6/4"))}
 
 
 def with_peak(device: torch.device, work: Callable[[], T]) -> tuple[T, float]:

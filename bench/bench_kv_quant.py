@@ -23,6 +23,7 @@ the 16-bit local rows and the float32 compensation token) against a 16-bit full 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import bench_quality as bq
 import common
 import torch
 
-from services.engine import CompressionParams, Engine, HeadMap, evaluation, load_model
+from services.engine import CompressionParams, Engine, HeadMap, evaluation, kv_quant, load_model
 from services.engine.evaluation import full_prefill, retrieval_tasks
 from services.engine.headmap import shipped_head_map
 
@@ -42,66 +43,125 @@ SCALE_ITEMSIZE = 2   # float16 scales
 class Bits:
     keys: int
     values: int
+    key_mode: str = ""   # "": per token; "r": per token after a random Hadamard rotation; "c": per channel
 
     def __str__(self) -> str:
-        return str(self.keys) if self.keys == self.values else f"{self.keys}/{self.values}"
+        key = f"{self.keys}{self.key_mode}"
+        return key if (self.keys, self.key_mode) == (self.values, "") else f"{key}/{self.values}"
 
 
 def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """x: [..., D] rounded to `bits`-bit signed integers per `group` channels (symmetric absmax, a float16
-    scale each) and back, in x's dtype."""
+    """x: [..., D] rounded to `bits`-bit integers per `group` channels and back, in x's dtype: from 4 bits
+    symmetric (absmax, a float16 scale each), below 4 asymmetric (min and max, a float16 scale and zero each:
+    a symmetric 2-bit code has only three levels)."""
     shape = x.shape
     assert shape[-1] % group == 0, (shape, group)
     groups = x.float().reshape(*shape[:-1], shape[-1] // group, group)            # [..., D / group, group]
+    if bits < 4:
+        return asymmetric_round(groups, bits, -1).reshape(shape).to(x.dtype)
     qmax = 2 ** (bits - 1) - 1
-    scale = (groups.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-8).half().float()
+    scale = (groups.abs().amax(-1, keepdim=True) / qmax).clamp(min=kv_quant.MIN_SCALE).half().float()
     return (torch.round(groups / scale).clamp(-qmax, qmax) * scale).reshape(shape).to(x.dtype)
 
 
-def quantised(bits: Bits, group: int):
-    """Within: every session `evaluation` builds holds its retrieval heads' keys and values rounded to
-    `bits.keys` and `bits.values` bits (16: unrounded)."""
+def asymmetric_round(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """x rounded to 2**bits levels between its min and max along `dim` (float16 scale and zero), and back."""
+    lo, hi = x.amin(dim, keepdim=True).half().float(), x.amax(dim, keepdim=True)
+    # a group of one value (the last block of tokens) has hi == lo: the floor keeps its scale a float16 normal
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=kv_quant.MIN_SCALE).half().float()
+    return torch.round((x - lo) / scale).clamp(0, 2 ** bits - 1) * scale + lo
+
+
+def fake_quant_keys(rows: torch.Tensor, bits: int, mode: str, group: int) -> torch.Tensor:
+    """rows: [1, h, n, D] keys rounded as `mode` says, and back."""
+    if mode == "r":   # the engine's 6-bit keys are rounded so
+        rot = kv_quant.rotation(rows.shape[-1], rows.device).to(rows.dtype)
+        return fake_quant(rows @ rot, bits, group) @ rot.T
+    if mode == "c":   # KIVI: per channel, over blocks of `group` tokens, asymmetric
+        n = rows.shape[-2]
+        blocks = [asymmetric_round(rows[..., i:i + group, :].float(), bits, -2) for i in range(0, n, group)]
+        return torch.cat(blocks, -2).to(rows.dtype)
+    return fake_quant(rows, bits, group)
+
+
+@dataclass(frozen=True)
+class Point:
+    """k KV heads whole with rows in `retrieval` bits; every other head's sink and window rows in `local` bits."""
+    k: int
+    retrieval: Bits
+    local: Bits = Bits(16, 16)
+
+    def __str__(self) -> str:
+        local = "" if self.local == Bits(16, 16) else f":{self.local}"
+        return f"{self.k}:{self.retrieval}{local}"
+
+
+def round_rows(buffer, bits: Bits, group: int) -> None:
+    """A buffer's live keys and values rounded to `bits` in place (16: unrounded)."""
+    keys, values = buffer.keys, buffer.values                                        # views of the stores
+    if bits.keys < 16:
+        keys.copy_(fake_quant_keys(keys, bits.keys, bits.key_mode, group))
+    if bits.values < 16:
+        values.copy_(fake_quant(values, bits.values, group))
+
+
+def quantised(point: Point, group: int):
+    """Within: every session `evaluation` builds holds its retrieval heads' rows rounded to `point.retrieval`
+    and its local heads' sink and window rows to `point.local` (their compensation token stays float32)."""
     def quantise(state) -> None:
         for layer in state.cache.layers:
-            if layer.retrieval is None:
-                continue
-            for rows, b in ((layer.retrieval.keys, bits.keys), (layer.retrieval.values, bits.values)):
-                if b < 16:
-                    rows.copy_(fake_quant(rows, b, group))                     # a view of the store
+            for buffer, bits in ((layer.retrieval, point.retrieval), (layer.local, point.local)):
+                if buffer is not None:
+                    round_rows(buffer, bits, group)
 
     return bq.transformed_sessions(quantise)
 
 
-def packed_nbytes(elements: int, bits: int, group: int) -> int:
-    return (elements * bits // 8 + elements // group * SCALE_ITEMSIZE) if bits < 16 else elements * FULL_ITEMSIZE
+def packed_nbytes(elements: int, bits: int, group: int, asymmetric: bool = False) -> int:
+    """Integers plus a float16 scale per group (and a zero per group where the rounding is asymmetric)."""
+    if bits == 16:
+        return elements * FULL_ITEMSIZE
+    return elements * bits // 8 + elements // group * SCALE_ITEMSIZE * (2 if asymmetric else 1)
 
 
-def packed_fraction(state, bits: Bits, group: int) -> float:
+def rows_nbytes(elements: int, bits: Bits, group: int) -> int:
+    """Bytes `elements` keys and as many values take packed at `bits`."""
+    return (packed_nbytes(elements, bits.keys, group, bits.keys < 4 or bits.key_mode == "c")
+            + packed_nbytes(elements, bits.values, group, bits.values < 4))
+
+
+def packed_fraction(state, point: Point, group: int) -> float:
     """Bytes a packed store of this cache would hold, as a fraction of a 16-bit full cache's."""
     held = full = 0
     for layer in state.cache.layers:
         head_dim = (layer.keys if layer.keys is not None else layer.local_keys).shape[-1]
         full += 2 * layer.n_kv_heads * layer.seq_len * head_dim * FULL_ITEMSIZE
         if layer.keys is not None:
-            elements = layer.keys.numel()
-            held += packed_nbytes(elements, bits.keys, group) + packed_nbytes(elements, bits.values, group)
+            held += rows_nbytes(layer.keys.numel(), point.retrieval, group)
         if layer.local_keys is not None:
-            held += 2 * layer.local_keys.numel() * FULL_ITEMSIZE
+            held += rows_nbytes(layer.local_keys.numel(), point.local, group)
         if layer.comp_keys is not None:
             held += 2 * layer.comp_keys.numel() * 4
     return held / full
 
 
-def points(spec: list[str]) -> list[tuple[int, Bits]]:
-    """'45:8' -> (45 KV heads full, keys and values in 8 bits); '45:8/4' -> keys in 8 bits, values in 4."""
+def parse_bits(text: str) -> Bits:
+    """'8' -> keys and values in 8 bits; '8/4' -> keys in 8, values in 4; '4r/2': keys in 4 bits after a
+    Hadamard rotation, values in 2; '4c/4': keys per channel (KIVI)."""
+    key, _, value = text.partition("/")
+    mode = key[-1] if key[-1] in "rc" else ""
+    bits = Bits(int(key.rstrip("rc")), int(value or key.rstrip("rc")), mode)
+    if not {bits.keys, bits.values} <= {2, 3, 4, 5, 6, 8, 16}:
+        raise SystemExit(f"bits must be 2-6, 8 or 16 (unrounded), for keys/values, got {text!r}")
+    return bits
+
+
+def points(spec: list[str]) -> list[Point]:
+    """'45:8/4' -> 45 KV heads whole in 8/4 bits; '45:8/4:8/4' -> and the local heads' rows in 8/4 too."""
     out = []
     for item in spec:
-        k, bits = item.split(":")
-        key_bits, _, value_bits = bits.partition("/")
-        pair = Bits(int(key_bits), int(value_bits or key_bits))
-        if not {pair.keys, pair.values} <= {4, 8, 16}:
-            raise SystemExit(f"bits must be 4, 8 or 16 (unrounded), for keys/values, got {item!r}")
-        out.append((int(k), pair))
+        k, bits, *local = item.split(":")
+        out.append(Point(int(k), parse_bits(bits), *map(parse_bits, local)))
     return out
 
 
@@ -109,23 +169,34 @@ def run(args) -> dict:
     loaded = load_model("smollm2", "cpu")
     engine, shipped = Engine(loaded), shipped_head_map(loaded.fingerprint)
     order = bq.saved_or_trained_order(engine, args)
-    compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=1e9)
-    maps = {(k, bits): bq.make_map(shipped, order[:k], compression, "quantised") for k, bits in points(args.points)}
+    compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=args.ratio)
+    maps = {point: bq.make_map(shipped, order[:point.k], compression, "quantised") for point in points(args.points)}
     full = HeadMap.full(loaded.fingerprint)
-    results: dict = {"full": {}, "points": {f"{k}:{bits}": {} for k, bits in maps}}
+    results: dict = {"full": {}, "points": {str(point): {} for point in maps}}
     for n in args.lengths:
         tasks = [t for family in bq.BENCH_FAMILIES
                  for t in retrieval_tasks(family, n, args.tasks, bq.BENCH_SEED + n, engine.tokenizer, part="bench")]
-        kvs = [full_prefill(engine, t.document) for t in tasks]
-        results["full"][n] = bq.evaluate(engine, tasks, kvs, full)
-        for (k, bits), hm in maps.items():
-            with quantised(bits, args.group):
-                result = bq.evaluate(engine, tasks, kvs, hm)
-                state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
-            results["points"][f"{k}:{bits}"][n] = {**result, "bytes": packed_fraction(state, bits, args.group)}
-            print(f"  {n} tokens: {k} heads in {bits} bits scored on {len(tasks)} tasks ({args.clock})", flush=True)
-        del kvs
+        for start in range(0, len(tasks), args.chunk):    # each chunk's full caches dropped before the next
+            chunk = tasks[start:start + args.chunk]
+            kvs = [full_prefill(engine, t.document) for t in chunk]
+            results["full"][n] = bq.merged(results["full"].get(n), bq.evaluate(engine, chunk, kvs, full))
+            for point, hm in maps.items():
+                results["points"][str(point)][n] = score_point(engine, point, hm, chunk, kvs, args,
+                                                               results["points"][str(point)].get(n))
+            print(f"  {n} tokens: {start + len(chunk)}/{len(tasks)} tasks, {len(maps)} points ({args.clock})",
+                  flush=True)
+            del kvs
     return results
+
+
+def score_point(engine, point: Point, hm: HeadMap, tasks, kvs, args, into: dict | None) -> dict:
+    """One point's hits on a chunk of tasks merged `into` the earlier chunks'; its bytes from the first task."""
+    with quantised(point, args.group):
+        result = bq.evaluate(engine, tasks, kvs, hm)
+        if into is None:
+            state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
+            result["bytes"] = packed_fraction(state, point, args.group)
+    return bq.merged(into, result)
 
 
 def kept(results: dict, key: str, family: str) -> list[float]:
@@ -136,13 +207,20 @@ def print_table(results: dict, args) -> None:
     lengths = " / ".join(map(str, results["full"]))
     answered = ", ".join(f"{f} {' / '.join(str(sum(results['full'][n]['hits'][f])) for n in results['full'])}"
                          for f in bq.BENCH_FAMILIES)
-    rows = [[*key.split(":"), " / ".join(f"{per[n]['bytes']:.3f}" for n in results["full"]),
-             *[" / ".join(f"{x:.0%}" for x in kept(results, key, f)) for f in bq.BENCH_FAMILIES]]
+    rows = [[*key.split(":", 1), " / ".join(f"{per[n]['bytes']:.3f}" for n in results["full"]),
+             *[" / ".join(f"{x:.0%}" for x in kept(results, key, f)) for f in bq.BENCH_FAMILIES],
+             " · ".join(lost_gained(per[n], results["full"][n]) for n in results["full"])]
             for key, per in results["points"].items()]
     print(f"\nShare of the full cache's answers kept at {lengths} tokens ({args.tasks} documents per family and "
           f"length, window {args.window}, sink {args.sink}, groups of {args.group}; the full cache answers "
           f"{answered})\n")
-    print(common.table(["KV heads full", "bits", f"bytes / 16-bit full @{lengths}", *bq.BENCH_FAMILIES], rows))
+    print(common.table(["KV heads full", "bits (whole:local)", f"bytes / 16-bit full @{lengths}",
+                        *bq.BENCH_FAMILIES, "lost / gained"], rows))
+
+
+def lost_gained(result: dict, full: dict) -> str:
+    lost, gained = bq.flips(result, full)
+    return f"{lost}/{gained} (p {bq.mcnemar_p(lost, gained):.2g})"
 
 
 def summary(results: dict) -> dict:
@@ -166,7 +244,7 @@ def plot(points: dict, args, path: Path) -> None:
     ax.plot(x, [min(points[key]["kept"].values()) for key in keys], "k_", ms=16, mew=2,
             label="worst family (not a curve: each point has its own heads and bits)")
     for xi, key in zip(x, keys):
-        k, bits = key.split(":")
+        k, bits = key.split(":", 1)
         ax.annotate(f"{k}@{bits}b", (xi, 1.01), fontsize=7, rotation=60, ha="left", va="bottom")
     ax.axvline(25, color="red", lw=0.8, ls="-.")
     ax.axhline(0.97, color="green", lw=0.8, ls=":")
@@ -187,7 +265,11 @@ def parse_args():
                                                      "90:4"], help="KV heads full:bits or :key bits/value bits (16 = unrounded)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--tasks", type=int, default=12, help="bench tasks per family and length")
-    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=24, help="tasks prefilled (and held in memory) at a time")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--window", type=int, default=32, help="local heads' window (its least, with --ratio)")
+    ap.add_argument("--ratio", type=float, default=1e9, help="local window max(--window, N / ratio); "
+                    "default: a fixed window (the shipped map's ratio is 10)")
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--group", type=int, default=32, help="channels per scale (SmolLM2's heads have 64)")
     bq.add_order_args(ap)
@@ -206,6 +288,8 @@ def main() -> None:
     common.begin(args)
     results = run(args)
     print_table(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
     plot(summary(results), args, Path(args.png))
     print(f"\nplot: {args.png}\nbench_kv_quant: {args.clock}")
 

@@ -36,10 +36,11 @@ class Settings(BaseSettings):
     min_window: int = Field(256, ge=1, description="smallest recent window of local heads (paper S0)")
     ratio: float = Field(5.0, ge=1.0, description="compression ratio C: local window = max(S0, N/C)")
     retrieval_bits: int = Field(
-        16, description="retrieval heads' storage in maps profiled here: 16 = the model's dtype, 8 = int8 + scales")
+        16, description="retrieval heads' key storage in maps profiled here: 16 = the model's dtype, 8 = int8 + "
+                        "scales, 6 = four in three bytes + scales (with RAZOR_RETRIEVAL_VALUE_BITS=4)")
     retrieval_value_bits: int = Field(
         0, description="their values' bits in maps profiled here: 0 = as retrieval_bits, 4 = two a byte (with "
-                       "RAZOR_RETRIEVAL_BITS=8)")
+                       "RAZOR_RETRIEVAL_BITS=8 or 6)")
 
     # --- gRPC server ----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
@@ -111,8 +112,9 @@ class Settings(BaseSettings):
     @field_validator("retrieval_bits")
     @classmethod
     def _known_bits(cls, v):
-        if v not in (16, 8):
-            raise ValueError(f"RAZOR_RETRIEVAL_BITS {v!r} is not supported; use 16 (the model's dtype) or 8 (int8)")
+        if v not in (16, 8, 6):
+            raise ValueError(f"RAZOR_RETRIEVAL_BITS {v!r} is not supported; use 16 (the model's dtype), 8 (int8) "
+                             f"or 6 (with RAZOR_RETRIEVAL_VALUE_BITS=4)")
         return v
 
     @field_validator("dtype", mode="before")
@@ -152,10 +154,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _value_bits(self) -> "Settings":
         pair = (self.retrieval_bits, self.retrieval_value_bits or self.retrieval_bits)
-        if pair not in ((16, 16), (8, 8), (8, 4)):   # kv_quant.STORAGES (settings import no torch)
+        if pair not in ((16, 16), (8, 8), (8, 4), (6, 4)):   # kv_quant.STORAGES (settings import no torch)
             raise ValueError(f"RAZOR_RETRIEVAL_VALUE_BITS {self.retrieval_value_bits} does not go with "
-                             f"RAZOR_RETRIEVAL_BITS {self.retrieval_bits}: use 0 (as RAZOR_RETRIEVAL_BITS), or 4 "
-                             f"with RAZOR_RETRIEVAL_BITS=8")
+                             f"RAZOR_RETRIEVAL_BITS {self.retrieval_bits}: use 0 (as RAZOR_RETRIEVAL_BITS) with 16 "
+                             f"or 8, or 4 with RAZOR_RETRIEVAL_BITS=8 or 6")
         return self
 
     @model_validator(mode="after")

@@ -75,7 +75,7 @@ def test_batch_equals_alone_on_the_gpu(loaded):
 
 def local_and_retrieval_map(fp, bits: int | str = 16):
     """Retrieval head 0 in odd layers, every other KV head local (sink 4, a window of a quarter of the length,
-    at least 16); retrieval rows stored as `bits` (16, 8 or "8/4")."""
+    at least 16); retrieval rows stored as `bits` (16, 8, "8/4" or "6/4")."""
     from services.engine import CompressionParams, HeadMap
 
     full = HeadMap.full(fp, CompressionParams(sink=4, min_window=16, ratio=4.0).stored_as(bits))
@@ -95,14 +95,16 @@ def prefill_and_decode_logits(loaded, head_map) -> tuple[torch.Tensor, object]:
     return torch.stack(rows).float(), cache
 
 
-@pytest.mark.parametrize("storage", [8, "8/4"])
+@pytest.mark.parametrize("storage", [8, "8/4", "6/4"])
 def test_8bit_retrieval_heads_stay_int8_on_the_gpu_and_keep_the_next_token(loaded, storage):
     fp = loaded.fingerprint
     want, _ = prefill_and_decode_logits(loaded, local_and_retrieval_map(fp, bits=16))
     got, cache = prefill_and_decode_logits(loaded, local_and_retrieval_map(fp, bits=storage))
     stores = [layer.retrieval for layer in cache.layers if layer.retrieval is not None]
-    values = torch.uint8 if storage == "8/4" else torch.int8
-    assert stores and all(b.k_store.dtype == torch.int8 and b.v_store.dtype == values and b.k_store.is_cuda
+    from services.engine import kv_quant
+
+    keys, values = (kv_quant.store_dtype(bits, loaded.dtype) for bits in kv_quant.parse_storage(storage))
+    assert stores and all(b.k_store.dtype == keys and b.v_store.dtype == values and b.k_store.is_cuda
                           for b in stores)
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
                                     reduction="batchmean")

@@ -98,7 +98,7 @@ def test_params_digest_and_lookup(store):
     ({"bogus": 1}, "unknown profiling parameter"),
     ({"ratio": 0.5}, "ratio"),
     ({"retrieval_bits": 4}, "retrieval_bits must be one of"),
-    ({"retrieval_value_bits": 4}, "one of 16/16, 8/8, 8/4 bits, got 16/4"),
+    ({"retrieval_value_bits": 4}, "one of 16/16, 8/8, 8/4, 6/4 bits, got 16/4"),
     ({"retrieval_bits": 8, "retrieval_value_bits": 2}, "got 8/2"),
     ({"max_kl": 0}, "max_kl"),
     ({"max_accuracy_drop": 1.5}, "max_accuracy_drop"),

@@ -1,5 +1,5 @@
-"""Retrieval heads in 8 bits, or 8-bit keys with 4-bit values: the quantiser, the integer KVBuffers, the decode
-slab, spills and calibration."""
+"""Retrieval heads in 8 bits, or 8- or 6-bit keys with 4-bit values: the quantiser, the integer KVBuffers, the
+decode slab, spills and calibration."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from services.engine import (CalibrationParams, CompressionParams, Engine, HeadMap, ProfileParams, SamplingParams,
                              SchedulerConfig, SessionState, calibrate, forward, forward_all, kv_quant, profile_model)
 from services.engine.evaluation import full_prefill, session_from_full
-from services.engine.kvbuffer import Int4ValuesKVBuffer, QuantizedKVBuffer
+from services.engine.kvbuffer import Int4ValuesKVBuffer, Int6KeysKVBuffer, QuantizedKVBuffer
 from services.engine.slab import DecodeSlab, size_class, slot_bytes
 from services.inference import codec, spilled_header
 from services.inference.spilled_header import HeaderInvalid, ModelShape
@@ -28,37 +28,62 @@ def maps():
     profiled = profile_model(loaded, ProfileParams(seq_len=16, n_samples=1), SMALL)
     assert 0 < profiled.kv_fraction < 1
     return {"16": profiled, "8": in_8_bits(profiled), "full8": in_8_bits(HeadMap.full(loaded.fingerprint, SMALL)),
-            "8/4": stored_in(profiled, "8/4")}
+            "8/4": stored_in(profiled, "8/4"), "6/4": stored_in(profiled, "6/4")}
 
 
 # ---- the quantiser ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 6, 4])
 @pytest.mark.parametrize("head_dim", [64, 16])   # two groups of 32 a row; one group (32 does not divide 16)
 def test_quantize_rounds_each_group_within_half_a_step(head_dim, bits):
     x = torch.randn(2, 3, 50, head_dim) * torch.logspace(-3, 2, 50)[:, None]   # rows from 1e-3 to 1e2
     x[0, 0, 0] = 0.0                                                             # an all-zero row
     q, scale = kv_quant.quantize(x, bits)
-    assert q.dtype == {8: torch.int8, 4: torch.uint8}[bits] and scale.dtype == torch.float16
-    assert q.shape == (2, 3, 50, kv_quant.store_width(head_dim, bits))           # 4 bits: two channels a byte
+    assert q.dtype == {8: torch.int8, 6: torch.uint8, 4: torch.uint8}[bits] and scale.dtype == torch.float16
+    assert q.shape == (2, 3, 50, head_dim * bits // 8)       # 6 bits: four channels in three bytes; 4: two a byte
     assert scale.shape == (2, 3, 50, kv_quant.scale_width(head_dim)) and (scale > 0).all()
-    back = kv_quant.dequantize(q, scale, torch.float32)
+    back = kv_quant.dequantize(q, scale, torch.float32, bits)
+    # 6 bits round the channels after a fixed rotation (undone by dequantize): the bounds hold in its basis
+    rot = kv_quant.rotation(head_dim, x.device) if bits in kv_quant.ROTATED else torch.eye(head_dim)
+    assert torch.allclose(rot @ rot.T, torch.eye(head_dim), atol=1e-6)
+    x, back = x @ rot, back @ rot
     step = scale.float().repeat_interleave(kv_quant.group_size(head_dim), dim=-1)
-    assert ((back - x).abs() <= step / 2 + 1e-6 * x.abs()).all()
-    ints = kv_quant.integers(q)
+    assert ((back - x).abs() <= step / 2 + 1e-5 * x.abs().amax(-1, keepdim=True)).all()
+    ints = kv_quant.integers(q, bits)
     assert ints.abs().max() == kv_quant.QMAX[bits] and back[0, 0, 0].abs().max() == 0
     assert torch.equal(ints, torch.round(back / step))   # the unpacked integers are the rounded channels, in order
+
+
+def test_6bit_keys_rounded_in_the_rotated_basis_err_less_on_outlier_channels():
+    """Keys with a few large channels (as RoPE'd keys have): rounding after the rotation spreads them, so the
+    error is several times smaller than rounding the raw channels to the same 6 bits, and 6-bit keys stay far
+    closer to 8-bit ones than 4-bit keys do."""
+    x = torch.randn(4, 200, 64, generator=torch.Generator().manual_seed(3))
+    x[..., [5, 37]] *= 25
+
+    def error(bits, rotate=True):
+        if rotate:
+            back = kv_quant.dequantize(*kv_quant.quantize(x, bits), torch.float32, bits)
+        else:   # the same 6-bit grid on the raw channels
+            groups = x.unflatten(-1, (2, 32))
+            scale = groups.abs().amax(-1, keepdim=True) / kv_quant.QMAX[bits]
+            back = (torch.round(groups / scale) * scale).flatten(-2)
+        return float((back - x).pow(2).mean() / x.pow(2).mean())
+
+    assert error(6) < error(6, rotate=False) / 3
+    assert error(8) < error(6) < error(4) / 10
 
 
 def test_row_bytes_in_8_bits_are_about_half_of_16_and_4_bit_values_a_quarter():
     assert kv_quant.row_nbytes(64, 16, 2) == 128 and kv_quant.row_nbytes(64, 8, 2) == 64 + 2 * 2
     assert kv_quant.row_nbytes(64, 16, 4) == 256 and kv_quant.row_nbytes(16, 8, 4) == 16 + 2
-    assert kv_quant.row_nbytes(64, 4, 2) == 32 + 2 * 2
+    assert kv_quant.row_nbytes(64, 4, 2) == 32 + 2 * 2 and kv_quant.row_nbytes(64, 6, 2) == 48 + 2 * 2
     assert CompressionParams(retrieval_bits=8, retrieval_value_bits=4).retrieval_row_nbytes(64, 2) == 68 + 36
+    assert CompressionParams(retrieval_bits=6, retrieval_value_bits=4).retrieval_row_nbytes(64, 2) == 52 + 36
 
 
-@pytest.mark.parametrize("cls", [QuantizedKVBuffer, Int4ValuesKVBuffer])
+@pytest.mark.parametrize("cls", [QuantizedKVBuffer, Int4ValuesKVBuffer, Int6KeysKVBuffer])
 def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict_shrink(cls):
-    heads, dim, v_bits = 3, 64, cls.VALUE_BITS
+    heads, dim, k_bits, v_bits = 3, 64, cls.KEY_BITS, cls.VALUE_BITS
     buf = cls(heads, dim, torch.float32, "cpu")
     ref_k, ref_v = torch.empty(1, heads, 0, dim), torch.empty(1, heads, 0, dim)
     gen = torch.Generator().manual_seed(1)
@@ -66,8 +91,8 @@ def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict
         q = 1 if step % 3 else int(torch.randint(1, 25, (1,), generator=gen))
         k, v = torch.randn(1, heads, q, dim, generator=gen), torch.randn(1, heads, q, dim, generator=gen)
         buf.append(k, v)
-        ref_k = torch.cat([ref_k, kv_quant.dequantize(*kv_quant.quantize(k), torch.float32)], 2)
-        ref_v = torch.cat([ref_v, kv_quant.dequantize(*kv_quant.quantize(v, v_bits), torch.float32)], 2)
+        ref_k = torch.cat([ref_k, kv_quant.dequantize(*kv_quant.quantize(k, k_bits), torch.float32, k_bits)], 2)
+        ref_v = torch.cat([ref_v, kv_quant.dequantize(*kv_quant.quantize(v, v_bits), torch.float32, v_bits)], 2)
         if step % 4 == 3 and len(buf) > 6:
             n_keep, n_drop = 2, int(torch.randint(1, len(buf) - 2, (1,), generator=gen))
             buf.evict(n_keep, n_drop)
@@ -75,9 +100,9 @@ def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict
             ref_v = torch.cat([ref_v[:, :, :n_keep], ref_v[:, :, n_keep + n_drop:]], 2)
             buf.shrink()
         assert torch.equal(buf.keys, ref_k) and torch.equal(buf.values, ref_v)
-        # int8 keys and 8- or 4-bit values, each with two float16 scales a row
-        assert buf.nbytes() == heads * buf.capacity * (dim + dim * v_bits // 8 + 2 * 2 * 2)
-    assert buf.keys.dtype == torch.float32 and buf.k_store.dtype == torch.int8
+        # 8- or 6-bit keys and 8- or 4-bit values, each with two float16 scales a row
+        assert buf.nbytes() == heads * buf.capacity * (dim * (k_bits + v_bits) // 8 + 2 * 2 * 2)
+    assert buf.keys.dtype == torch.float32 and buf.k_store.dtype == (torch.int8 if k_bits == 8 else torch.uint8)
     assert buf.v_store.dtype == (torch.uint8 if v_bits == 4 else torch.int8)
 
 
@@ -86,7 +111,7 @@ def test_8bit_sessions_batched_equal_each_alone_and_store_int8(maps):
     """Eight sessions (8-bit, 16-bit and an all-retrieval 8-bit map) decoding together in slabs produce what
     each produces alone; the 8-bit caches hold int8 retrieval rows."""
     engine = Engine(tiny(), maps["16"])
-    layouts = ["8", "16", "8/4", "full8", "8", "16", "8/4", "full8"]
+    layouts = ["8", "16", "8/4", "full8", "6/4", "16", "8/4", "full8"]
     lengths, max_new = [5, 12, 19, 27, 33, 41, 50, 64], [9, 14, 6, 12, 20, 7, 11, 16]
 
     def make(i):
@@ -109,7 +134,7 @@ def test_8bit_sessions_batched_equal_each_alone_and_store_int8(maps):
         assert retrieval and all([b.k_store.dtype, b.v_store.dtype] == want for b in retrieval), job.name
 
 
-@pytest.mark.parametrize("storage", ["8", "8/4"])
+@pytest.mark.parametrize("storage", ["8", "8/4", "6/4"])
 def test_8bit_slot_bytes_are_what_the_slab_allocates_and_within_the_bound(maps, storage):
     engine = Engine(tiny(), maps[storage])
     head_dim, dtype = engine.dims.head_dim, engine.loaded.dtype
@@ -118,7 +143,9 @@ def test_8bit_slot_bytes_are_what_the_slab_allocates_and_within_the_bound(maps, 
     stored_before = cache.stored_nbytes()
     slab = DecodeSlab(cache, size_class(60), head_dim, dtype, engine.device)
     slab.set_members([cache])
-    assert slab.storage[0].keys.dtype == torch.int8 or slab.storage[0].keys is None
+    key_bits = maps[storage].compression.retrieval_bits
+    assert slab.storage[0].keys is None or (slab.storage[0].keys.dtype, slab.storage[0].keys.shape[-1]) == (
+        kv_quant.store_dtype(key_bits, dtype), kv_quant.store_width(head_dim, key_bits))
     assert cache.nbytes() == slot_bytes(cache, slab.rows, head_dim, dtype.itemsize)
     assert cache.nbytes() <= cache.bytes_bound(60, 1, head_dim, dtype.itemsize)
     sixteen = engine.new_cache(maps["16"])
@@ -136,10 +163,10 @@ def test_8bit_retrieval_heads_halve_their_bytes_and_keep_smollm2s_next_token():
 
     loaded = smollm2()
     shipped = shipped_head_map(loaded.fingerprint)
-    hm16, hm8, hm84 = stored_in(shipped, 16), stored_in(shipped, 8), stored_in(shipped, "8/4")
+    hm16, hm8 = stored_in(shipped, 16), stored_in(shipped, 8)
     prompt = ids(600, 11)
     logprobs, caches = {}, {}
-    for name, hm in (("16", hm16), ("8", hm8), ("8/4", hm84)):
+    for name, hm in (("16", hm16), ("8", hm8), ("8/4", stored_in(shipped, "8/4")), ("6/4", stored_in(shipped, "6/4"))):
         cache = Engine(loaded, hm).new_cache(hm)
         logprobs[name] = forward(loaded.model, prompt, cache).log_softmax(-1)
         caches[name] = cache
@@ -150,7 +177,7 @@ def test_8bit_retrieval_heads_halve_their_bytes_and_keep_smollm2s_next_token():
     assert kl(logprobs["16"], logprobs["8"]) < 1e-3 and logprobs["16"].argmax() == logprobs["8"].argmax()
     # 4-bit values move it more (1.9e-3 here; on these random-token prompts the top two tokens are a near-tie that
     # it flips, so its quality is the benches' to measure: docs 3.2l and 3.2m)
-    assert kl(logprobs["16"], logprobs["8/4"]) < 1e-2
+    assert kl(logprobs["16"], logprobs["8/4"]) < 1e-2 and kl(logprobs["16"], logprobs["6/4"]) < 1e-2
     # The benches derive 8-bit caches from an exact prefill (`from_full`); the engine's prefill attends over rows
     # already rounded. The next token after either is the same distribution, to well within the rounding's own.
     engine = Engine(loaded, hm8)
@@ -166,27 +193,32 @@ def test_8bit_retrieval_heads_halve_their_bytes_and_keep_smollm2s_next_token():
     assert retrieval_bytes(caches["8"]) / retrieval_bytes(caches["16"]) == pytest.approx((64 + 4) / 256, abs=1e-3)
     assert retrieval_bytes(caches["8/4"]) / retrieval_bytes(caches["16"]) == pytest.approx(
         (64 + 4 + 32 + 4) / 512, abs=1e-3)
+    assert retrieval_bytes(caches["6/4"]) / retrieval_bytes(caches["16"]) == pytest.approx(
+        (48 + 4 + 32 + 4) / 512, abs=1e-3)
     # counted as 16-bit, each retrieval head's share of the full cache shrinks from 128 to 64 + 4 bytes a row
     share = sum(map(len, hm16.retrieval_kv_heads)) / (loaded.fingerprint.n_layers * loaded.fingerprint.n_kv_heads)
-    f16, f8, f84 = (caches[name].bytes_fraction() for name in ("16", "8", "8/4"))
+    f16, f8, f84, f64 = (caches[name].bytes_fraction() for name in ("16", "8", "8/4", "6/4"))
     assert f16 - f8 == pytest.approx(share * (1 - 68 / 128), abs=1e-4)
     assert f16 - f84 == pytest.approx(share * (1 - (68 + 36) / 256), abs=1e-4)
+    assert f16 - f64 == pytest.approx(share * (1 - (52 + 36) / 256), abs=1e-4)
 
 
 # ---- spills -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("storage", ["8", "8/4"])
+@pytest.mark.parametrize("storage", ["8", "8/4", "6/4"])
 def test_8bit_spill_round_trip_is_bit_exact_and_its_header_checks(maps, storage):
     loaded = tiny()
     engine = Engine(loaded, maps[storage])
     params = SamplingParams(max_new_tokens=8)
     state, _ = engine.generate(ids(90, 21), params)
     tensors, meta = state.to_tensors()
-    assert tensors["0.keys"].dtype == torch.int8 and tensors["0.key_scales"].dtype == torch.float16
-    packed = storage == "8/4"
-    assert tensors["0.values"].dtype == (torch.uint8 if packed else torch.int8)
-    assert tensors["0.values"].shape[-1] == tensors["0.keys"].shape[-1] // (2 if packed else 1)
-    assert meta["cache"]["params"]["retrieval_bits"] == 8 and meta["cache"]["dtype"] == "float32"
-    assert meta["cache"]["params"].get("retrieval_value_bits", 8) == (4 if packed else 8)
+    key_bits, value_bits = kv_quant.parse_storage(storage)
+    head_dim = engine.dims.head_dim
+    assert tensors["0.key_scales"].dtype == torch.float16
+    for name, bits in (("0.keys", key_bits), ("0.values", value_bits)):   # 6 and 4 bits packed in bytes
+        assert (tensors[name].dtype, tensors[name].shape[-1]) == (kv_quant.store_dtype(bits, torch.float32),
+                                                                  head_dim * bits // 8), name
+    assert meta["cache"]["params"]["retrieval_bits"] == key_bits and meta["cache"]["dtype"] == "float32"
+    assert meta["cache"]["params"].get("retrieval_value_bits", key_bits) == value_bits
     restored = SessionState.from_tensors({k: v.clone() for k, v in tensors.items()}, meta, "cpu")
     again, _ = restored.to_tensors()
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
@@ -199,16 +231,17 @@ def test_8bit_spill_round_trip_is_bit_exact_and_its_header_checks(maps, storage)
     header["state"] = state.to_tensors()[1]
     spilled_header.check(codec.read_header(codec.encode(state.to_tensors()[0], header).header), "s1",
                          ModelShape.of(loaded))
-    as_floats = {k: (v.float() if k.endswith("keys") and v.dtype == torch.int8 else v) for k, v in
-                 state.to_tensors()[0].items()}
+    as_floats = {k: (v.float() if k.endswith(".keys") else v) for k, v in state.to_tensors()[0].items()}
     wrong = codec.read_header(codec.encode(as_floats, {**header, "stored_nbytes": sum(
         t.numel() * t.element_size() for t in as_floats.values())}).header)
     with pytest.raises(HeaderInvalid, match="keys"):
         spilled_header.check(wrong, "s1", ModelShape.of(loaded))
-    # values said to be stored in bits other than those they are (8 <-> 4): refused before any tensor is read
-    other = {**header["state"]["cache"]["params"], "retrieval_value_bits": 8 if packed else 4}
+    # rows said to be stored in bits other than those they are (values 8 <-> 4, keys 6 -> 8): refused before any
+    # tensor is read
+    other = {**header["state"]["cache"]["params"], **({"retrieval_bits": 8} if key_bits == 6 else
+                                                      {"retrieval_value_bits": 8 if value_bits == 4 else 4})}
     relabelled = {**header, "state": {**header["state"], "cache": {**header["state"]["cache"], "params": other}}}
-    with pytest.raises(HeaderInvalid, match="values"):
+    with pytest.raises(HeaderInvalid, match="keys" if key_bits == 6 else "values"):
         spilled_header.check(codec.read_header(codec.encode(state.to_tensors()[0], relabelled).header), "s1",
                              ModelShape.of(loaded))
     unpaired = {**header["state"]["cache"]["params"], "retrieval_bits": 16, "retrieval_value_bits": 4}
@@ -253,10 +286,15 @@ def test_a_budget_too_small_for_the_planted_head_in_16_bits_is_met_in_8():
     assert four.retrieval_kv_heads == [[], [1]] and four.compression.value_bits == 4
     assert chosen4["meets"] and chosen4["bits"] == "8/4" and chosen4["bytes_fraction"] < chosen["bytes_fraction"]
     assert HeadMap.from_json(four.to_json()).compression == four.compression
+    six = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, bits=("6/4", "8/4")))
+    chosen6 = six.calibration["chosen"]
+    assert six.retrieval_kv_heads == [[], [1]] and (six.compression.retrieval_bits, six.compression.value_bits) == (6, 4)
+    assert chosen6["meets"] and chosen6["bits"] == "6/4" and chosen6["bytes_fraction"] < chosen4["bytes_fraction"]
+    assert HeadMap.from_json(six.to_json()).compression == six.compression
 
 
 # ---- the service: an 8-bit map over gRPC, spilled to Redis and restored ---------------------------------
-@pytest.mark.parametrize("storage", ["8", "8/4"])
+@pytest.mark.parametrize("storage", ["8", "8/4", "6/4"])
 def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(start_server, tiny_head_map, storage):
     """Sampled turns (any change in a logit shows) match between a session of an 8-bit map (or 8-bit keys and
     4-bit values) kept resident and one spilled to Redis and restored before every turn; the reported bytes are
@@ -280,7 +318,7 @@ def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(st
             sizes[(hm.compression.retrieval_bits, spills)] = (session.kv_bytes, session.kv_bytes_full)
             server.stop(0)
     assert outs[0] == outs[1]
-    (kv8, full8), (kv16, full16) = sizes[(8, False)], sizes[(16, False)]
+    (kv8, full8), (kv16, full16) = sizes[(hm8.compression.retrieval_bits, False)], sizes[(16, False)]
     assert full8 == full16 and kv8 < kv16
 
 
@@ -296,7 +334,11 @@ def test_retrieval_bits_setting_is_validated_with_the_variable_named(monkeypatch
     monkeypatch.setenv("RAZOR_RETRIEVAL_BITS", "16")
     with pytest.raises(ValidationError, match="RAZOR_RETRIEVAL_VALUE_BITS 4 does not go with RAZOR_RETRIEVAL_BITS 16"):
         Settings()
+    monkeypatch.setenv("RAZOR_RETRIEVAL_BITS", "6")
+    assert (Settings().retrieval_bits, Settings().retrieval_value_bits) == (6, 4)
     monkeypatch.delenv("RAZOR_RETRIEVAL_VALUE_BITS")
+    with pytest.raises(ValidationError, match="4 with RAZOR_RETRIEVAL_BITS=8 or 6"):   # 6-bit keys need 4-bit values
+        Settings()
     monkeypatch.setenv("RAZOR_RETRIEVAL_BITS", "4")
     with pytest.raises(ValidationError, match="RAZOR_RETRIEVAL_BITS 4 is not supported"):
         Settings()

@@ -17,10 +17,10 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    compressed (one scoring pass per head: ~10x dearer). The attention and ablation scores give each family
    one vote; the gates are trained on the families' tasks together.
 4. The BYTES search: for every window, sink size, ratio C (1e9 = a fixed window) and storage of the retrieval
-   heads (`bits`: 16, 8 = int8 with scales, or "8/4" = 4-bit values, kv_quant.py; bytes counted as against a
-   16-bit cache), the smallest k such that the top-k heads of the ranking (one vote per family) meet the
-   target (binary search; a shape that cannot beat the cheapest point found so far at equal bytes is dropped
-   after one probe). The cheapest point wins.
+   heads (`bits`: 16, 8 = int8 with scales, "8/4" = 4-bit values or "6/4" = 6-bit keys too, kv_quant.py;
+   bytes counted as against a 16-bit cache), the smallest k such that the top-k heads of the ranking (one vote
+   per family) meet the target (binary search; a shape that cannot beat the cheapest point found so far at
+   equal bytes is dropped after one probe). The cheapest point wins.
    With a byte budget (`max_bytes`) no point above it is tried; when none within it meets the target, the
    point keeping the largest share of the full cache's answers in its worst cell wins, and the record says
    the target was missed (`validated_on["target_met"]`): a map for a memory budget, honestly labelled.
@@ -70,7 +70,7 @@ class CalibrationParams:
     sinks: tuple[int, ...] = (4,)              # N0 candidates
     ratios: tuple[float, ...] = (FIXED, 10.0)  # C candidates; FIXED = no growth with length
     bits: tuple = (16,)                        # retrieval heads' storage candidates: 16 (model dtype), 8 (int8),
-                                               # "8/4" (int8 keys, 4-bit values)
+                                               # "8/4" (int8 keys, 4-bit values), "6/4" (6-bit keys)
     leave_one_out: bool = True         # re-run the search without each family and check it on that family
     ranking: str = "gates"             # "gates": learned per-head gates over every task (head_gates.py)
                                        # "attention": mass on the fact (one forward per task; fact_attention.py)
@@ -94,7 +94,7 @@ class CalibrationParams:
         for name in ("windows", "sinks", "lengths", "ratios"):
             object.__setattr__(self, name, tuple(sorted(set(getattr(self, name)))))
         if not self.bits:
-            raise ValueError(f"bits must be some of 16, 8 and \"8/4\", got {self.bits}")
+            raise ValueError(f"bits must be some of 16, 8, \"8/4\" and \"6/4\", got {self.bits}")
         storages = {kv_quant.parse_storage(b) for b in self.bits}   # ValueError naming the storages there are
         object.__setattr__(self, "bits", tuple(kv_quant.storage_label(*s) for s in sorted(storages)))
         object.__setattr__(self, "families", tuple(dict.fromkeys(self.families)))

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--retrieval-bits", nargs="+", default=["16"],
                       choices=[str(kv_quant.storage_label(*s)) for s in kv_quant.STORAGES],
                       help="retrieval heads' storage: 16 = the model's dtype, 8 = int8 with scales (about half), "
-                           "8/4 = int8 keys and 4-bit values (about 0.41); with --calibrate, every value given is "
+                           "8/4 = int8 keys and 4-bit values (about 0.41), 6/4 = 6-bit keys and 4-bit values "
+                           "(about 0.34); with --calibrate, every value given is "
                            "searched")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")

@@ -24,6 +24,7 @@ def capacity_for(rows: int) -> int:
 
 class KVBuffer:
     STORES = ("k_store", "v_store")   # every [1, h, capacity, width] tensor a row is written to
+    KEY_BITS = VALUE_BITS = 16        # as stored: 16 = `dtype` itself
 
     def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0):
         self.n_heads, self.head_dim, self.dtype = n_heads, head_dim, dtype   # dtype: what `keys` returns
@@ -123,31 +124,32 @@ class KVBuffer:
 
 
 class QuantizedKVBuffer(KVBuffer):
-    """The same rows as integers, one float16 scale per group of channels (kv_quant.py): keys in int8, values in
-    `VALUE_BITS`; `keys` and `values` are dequantised copies in `dtype` (a decode step reads each once)."""
+    """The same rows as integers, one float16 scale per group of channels (kv_quant.py): keys in `KEY_BITS`,
+    values in `VALUE_BITS`; `keys` and `values` are dequantised copies in `dtype` (a decode step reads each once)."""
 
     STORES = ("k_store", "v_store", "k_scale", "v_scale")
-    VALUE_BITS = 8
+    KEY_BITS = VALUE_BITS = 8
 
     def _layout(self) -> list[tuple[torch.dtype, int]]:
-        width, v_bits = kv_quant.scale_width(self.head_dim), self.VALUE_BITS
-        return [(torch.int8, self.head_dim),
-                (kv_quant.store_dtype(v_bits, self.dtype), kv_quant.store_width(self.head_dim, v_bits)),
+        width = kv_quant.scale_width(self.head_dim)
+        return [*[(kv_quant.store_dtype(bits, self.dtype), kv_quant.store_width(self.head_dim, bits))
+                  for bits in (self.KEY_BITS, self.VALUE_BITS)],
                 *[(kv_quant.SCALE_DTYPE, width)] * 2]
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        (qk, sk), (qv, sv) = kv_quant.quantize(k), kv_quant.quantize(v, self.VALUE_BITS)
+        (qk, sk), (qv, sv) = kv_quant.quantize(k, self.KEY_BITS), kv_quant.quantize(v, self.VALUE_BITS)
         return qk, qv, sk, sv
 
     @property
     def keys(self) -> torch.Tensor:
         live = slice(self.lo, self.hi)
-        return kv_quant.dequantize(self.k_store[:, :, live], self.k_scale[:, :, live], self.dtype)   # [1, h, n, D]
+        return kv_quant.dequantize(self.k_store[:, :, live], self.k_scale[:, :, live], self.dtype,   # [1, h, n, D]
+                                   self.KEY_BITS)
 
     @property
     def values(self) -> torch.Tensor:
         live = slice(self.lo, self.hi)
-        return kv_quant.dequantize(self.v_store[:, :, live], self.v_scale[:, :, live], self.dtype)
+        return kv_quant.dequantize(self.v_store[:, :, live], self.v_scale[:, :, live], self.dtype, self.VALUE_BITS)
 
 
 class Int4ValuesKVBuffer(QuantizedKVBuffer):
@@ -156,17 +158,27 @@ class Int4ValuesKVBuffer(QuantizedKVBuffer):
     VALUE_BITS = 4
 
 
+class Int6KeysKVBuffer(QuantizedKVBuffer):
+    """Keys in 6 bits (four in three bytes), values in 4: a token of a head in about 0.34 of its 16-bit bytes."""
+
+    KEY_BITS, VALUE_BITS = 6, 4
+
+
+BUFFER_CLASSES = {(16, 16): KVBuffer, (8, 8): QuantizedKVBuffer, (8, 4): Int4ValuesKVBuffer, (6, 4): Int6KeysKVBuffer}
+
+
 def buffer_class(bits: int, value_bits: int | None = None) -> type[KVBuffer]:
     """The store for heads whose keys are kept at `bits` and values at `value_bits` (default `bits`; 16: the
     model's dtype)."""
     value_bits = bits if value_bits is None else value_bits
     kv_quant.check_storage(bits, value_bits)
-    return {16: KVBuffer, 8: QuantizedKVBuffer, 4: Int4ValuesKVBuffer}[value_bits]
+    return BUFFER_CLASSES[bits, value_bits]
 
 
 def restored(cls: type[KVBuffer], rows: dict[str, torch.Tensor], dtype: torch.dtype) -> KVBuffer:
     """A `cls` buffer holding spilled `rows` ({store name: [1, h, n, width]}, as `live_rows` gave them) exactly."""
     k = rows["k_store"]
-    buf = cls(k.shape[1], k.shape[3], dtype, k.device, capacity_for(k.shape[2]))
+    head_dim = kv_quant.channels(k.shape[3], cls.KEY_BITS)
+    buf = cls(k.shape[1], head_dim, dtype, k.device, capacity_for(k.shape[2]))
     buf.append_encoded(tuple(rows[name] for name in cls.STORES))
     return buf

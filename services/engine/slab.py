@@ -6,7 +6,8 @@ decode step appends, attends and compresses every session of the slab with a few
 per-session work and no gathering of caches into a padded batch. Per decoder layer:
   retrieval     [B, r, rows, D]            token t at row t (rows: the slab's size class, >= every final length);
                                            in 8 bits int8, with float16 scales [B, r, rows, D / group] beside;
-                                           4-bit values packed two a byte, [B, r, rows, D / 2] uint8
+                                           4-bit values packed two a byte, [B, r, rows, D / 2] uint8; 6-bit
+                                           keys four in three bytes, [B, r, rows, 3 D / 4] uint8
   local         [B, l, sink + ring + 1, D] token t < sink at row t, later tokens at sink + (t - sink) % ring; the
                                            last row is the compensation token in the cache dtype
   compensation  [B, l, 1, D] float32       running means of the evicted keys and values; counts per slot
@@ -48,13 +49,13 @@ def size_class(tokens: int) -> int:
 class LayerSlots:
     """One layer's storage for every slot; None for a head group the layer does not have."""
 
-    keys: torch.Tensor | None            # [B, r, rows, D] (int8 in 8 bits)
+    keys: torch.Tensor | None            # [B, r, rows, D] (int8 in 8 bits; packed uint8 [B, r, rows, 3 D / 4] in 6)
     values: torch.Tensor | None
     local_keys: torch.Tensor | None      # [B, l, sink + ring, D]
     local_values: torch.Tensor | None
     comp_keys: torch.Tensor | None       # [B, l, 1, D] float32
     comp_values: torch.Tensor | None
-    key_scales: torch.Tensor | None = None     # [B, r, rows, D / group] float16, retrieval heads in 8 bits only
+    key_scales: torch.Tensor | None = None     # [B, r, rows, D / group] float16, retrieval heads in integers only
     value_scales: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
@@ -72,8 +73,8 @@ class DecodeSlab:
 
     def __init__(self, template: CompressedKVCache, rows: int, head_dim: int, dtype: torch.dtype, device):
         self.params, self.rows = template.params, rows
-        self.quantized = self.params.retrieval_bits == 8
-        self.value_bits = self.params.value_bits
+        self.key_bits, self.value_bits = self.params.retrieval_bits, self.params.value_bits
+        self.quantized = self.key_bits < 16
         self.key = (template.layout, rows)
         self.ring = self.params.window(rows) + 1
         self.local_rows = self.params.sink + self.ring + 1   # + the compensation row, last
@@ -134,10 +135,10 @@ class DecodeSlab:
             store[copied:].zero_()
             return store
         r, l = self.r_heads[layer_idx], self.l_heads[layer_idx]
-        k_dtype = kv_quant.store_dtype(self.params.retrieval_bits, self.dtype)
-        v_dtype, v_width = kv_quant.store_dtype(self.value_bits, self.dtype), kv_quant.store_width(self.head_dim,
-                                                                                                  self.value_bits)
-        slots = LayerSlots(zeros(r, self.rows, k_dtype), zeros(r, self.rows, v_dtype, v_width),
+        (k_dtype, k_width), (v_dtype, v_width) = [(kv_quant.store_dtype(bits, self.dtype),
+                                                   kv_quant.store_width(self.head_dim, bits))
+                                                  for bits in (self.key_bits, self.value_bits)]
+        slots = LayerSlots(zeros(r, self.rows, k_dtype, k_width), zeros(r, self.rows, v_dtype, v_width),
                            zeros(l, self.local_rows), zeros(l, self.local_rows), zeros(l, 1, torch.float32),
                            zeros(l, 1, torch.float32))
         if self.quantized:
@@ -232,7 +233,8 @@ class DecodeSlab:
             rows = self._flat_rows(len(r_idx), self.rows, self._row)
             new = (keys.index_select(1, r_idx), values.index_select(1, r_idx))                # [B, r, D] each
             if self.quantized:
-                (qk, sk), (qv, sv) = kv_quant.quantize(new[0]), kv_quant.quantize(new[1], self.value_bits)
+                (qk, sk), (qv, sv) = (kv_quant.quantize(new[0], self.key_bits),
+                                      kv_quant.quantize(new[1], self.value_bits))
                 new = (qk, qv, sk, sv)
             for store, row in zip(slots.retrieval_stores().values(), new):
                 _write_rows(store, rows, row)
@@ -278,8 +280,10 @@ class DecodeSlab:
         span = self._span
         if not self.quantized:
             return slots.keys[:, :, :span], slots.values[:, :, :span]
-        return (kv_quant.dequantize(slots.keys[:, :, :span], slots.key_scales[:, :, :span], self.dtype),
-                kv_quant.dequantize(slots.values[:, :, :span], slots.value_scales[:, :, :span], self.dtype))
+        return (kv_quant.dequantize(slots.keys[:, :, :span], slots.key_scales[:, :, :span], self.dtype,
+                                    self.key_bits),
+                kv_quant.dequantize(slots.values[:, :, :span], slots.value_scales[:, :, :span], self.dtype,
+                                    self.value_bits))
 
     def end_step(self) -> None:
         """Fold the token that left each member's window into its compensation token; every member grew by one."""

@@ -19,7 +19,7 @@ from .codec import is_count
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}   # a cache's dtype -> bytes per element
 COMP_DTYPE = "float32"                                    # compensation tokens are running means in float32
 SCALE_DTYPE = "float16"                                   # retrieval heads as integers: their scales
-INT_DTYPES = {8: "int8", 4: "uint8"}                      # bits -> a retrieval store's dtype (4: two a byte)
+INT_DTYPES = {8: "int8", 6: "uint8", 4: "uint8"}          # bits -> a retrieval store's dtype (6 and 4: packed)
 
 
 class HeaderInvalid(Exception):
@@ -168,20 +168,29 @@ def _check_tensors(tensors: dict, cache: dict, length: int, dtype: str, head_dim
         expected.update(_layer_tensors(i, tensors, len(heads), cache, length, dtype))
     if set(tensors) != set(expected):
         raise HeaderInvalid(f"the tensors {sorted(set(tensors) ^ set(expected))[:4]} are missing or unexpected")
-    # Without the model, one head_dim for all (that of any local or key tensor: a wrong one fails every comparison).
-    head_dim = head_dim or next((s[-1] for n, (_, s) in tensors.items() if len(s) == 4 and _full_width(n)), 1)
-    _, value_bits = _bits(cache["params"])
+    bits = _bits(cache["params"])
+    # Without the model, one head_dim for all (that any tensor but scales implies: a wrong one fails every comparison).
+    head_dim = head_dim or _implied_head_dim(((n, s) for n, (_, s) in tensors.items() if len(s) == 4), bits) or 1
     for name, (want_dtype, want_dims) in expected.items():
         width = (kv_quant.scale_width(head_dim) if _scales(name) else
-                 kv_quant.store_width(head_dim, value_bits) if name.endswith(".values") else head_dim)
+                 kv_quant.store_width(head_dim, _stored_bits(name, bits)))
         want = (want_dtype, [*want_dims, width])
         if tensors[name] != want or head_dim < 1:
             raise HeaderInvalid(f"tensor {name} is {tensors[name]}, expected {want}")
 
 
-def _full_width(name: str) -> bool:
-    """A tensor head_dim wide whatever the storage (not scales, not values that may be packed two a byte)."""
-    return not _scales(name) and not name.endswith(".values")
+def _implied_head_dim(shapes, bits: tuple[int, int]) -> int:
+    """head_dim as the first tensor of ``shapes`` ((name, shape) pairs) that is not scales implies; 0 if none."""
+    for name, shape in shapes:
+        if not _scales(name):
+            return kv_quant.channels(shape[-1], _stored_bits(name, bits))
+    return 0
+
+
+def _stored_bits(name: str, bits: tuple[int, int]) -> int:
+    """The bits tensor ``name`` holds a channel in: a retrieval group's keys or values at the params' (key bits,
+    value bits) (packed below 8), anything else 16 (the cache dtype or float32)."""
+    return bits[0] if name.endswith(".keys") else bits[1] if name.endswith(".values") else 16
 
 
 def _scales(name: str) -> bool:
@@ -219,7 +228,7 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
 def _check_bytes(meta: dict, entries: list, cache: dict, length: int) -> None:
     """The byte counts the service budgets and reports agree with the tensors."""
     stored = sum(e["nbytes"] for e in entries)
-    head_dim = next((e["shape"][-1] for e in entries if _full_width(e["name"])), 0)
+    head_dim = _implied_head_dim(((e["name"], e["shape"]) for e in entries), _bits(cache["params"]))
     full = len(cache["seq_len"]) * 2 * cache["n_kv_heads"] * length * head_dim * KV_DTYPES[meta["dtype"]]
     if meta["stored_nbytes"] != stored or meta["full_nbytes"] != full or meta["nbytes"] < stored:
         raise HeaderInvalid(f"nbytes {meta['nbytes']}, stored_nbytes {meta['stored_nbytes']} and full_nbytes "
