@@ -1,24 +1,28 @@
-"""Retrieval heads stored in 8 or 4 bits: more heads kept full within a quarter of the bytes?
+"""Retrieval heads (and local rows) stored in fewer bits: more heads kept full within a quarter of the bytes?
 
 At a quarter of a 16-bit cache's bytes a static map keeps about 20 of SmolLM2's 90 KV heads full (3.2d-f),
 and there the losses are real; at about 45 heads only the full cache's near-ties are lost (3.2e). Stored in
 8 bits, 45 heads cost what 23 cost in 16; in 4 bits, what 13 cost. This bench measures whether the answers
 survive the rounding: the top k of a head order (`--order` JSON, e.g. `bench_layer_windows --save-order`; else
 six-family gates trained here as `bench_layer_windows` trains them) kept full with their keys and values
-rounded to `bits`-bit integers, symmetric, one float16 scale per `--group` channels of a row (per token and
-head, after RoPE), every other head at sink + a fixed window in 16 bits with its compensation token.
+rounded to `bits`-bit integers, one float16 scale per `--group` channels of a row (per token and head, after
+RoPE; symmetric from 4 bits, with a zero below), every other head at sink + a window (`--window`, `--ratio`)
+with its compensation token, its rows in 16 bits or, as a point's third field says, rounded too. Keys may be
+rounded after a fixed rotation (`r`, kv_quant.rotation: the engine's 6-bit keys) or per channel over blocks of
+`--group` tokens (`c`, KIVI's; asymmetric). `--key-error` prints how far each rounding moves real keys.
 
-Simulated (written before the engine stored integers; it now keeps retrieval heads in 8 bits with
-`CompressionParams.retrieval_bits = 8`, and 4-bit values beside 8-bit keys with `retrieval_value_bits = 4`,
-kv_quant.py; `bench_quality --bits 8` measures the 8-bit path; this bench also covers 4-bit keys, which the
-engine does not store). Each document's cache is built from its full prefill as the
-engine builds it, then the retrieval heads' rows are quantised and dequantised in place; the question turn's
+Simulated (written before the engine stored integers; it now stores retrieval heads in 8/8, 8/4 and 6r/4 bits,
+kv_quant.py, and `bench_quality` measures a map in the bits it stores; this bench also covers the widths and local rows
+the engine does not store). Each document's cache is built from its full prefill as the
+engine builds it, then the rows are quantised and dequantised in place; the question turn's
 own rows (and the "turn" family's interlude) stay unrounded, as a quantised store's recent rows would
 (KIVI keeps a recent residual in full precision). Bytes are those a packed store would hold (integers, scales,
-the 16-bit local rows and the float32 compensation token) against a 16-bit full cache.
+the local rows and the float32 compensation token) against a 16-bit full cache.
 
     .venv/bin/python bench/bench_kv_quant.py --order bench/orders/order6.json   # full size (~25 min, 2-core CPU)
     .venv/bin/python bench/bench_kv_quant.py --quick                # smoke run
+    .venv/bin/python bench/bench_kv_quant.py --lengths 1000 --tasks 40 --window 64 --ratio 10 \
+        --order bench/orders/shipped-213a693a65022d9c.json --points 39:8/4 60:6r/4:6r/4   # docs 3.2o
 """
 from __future__ import annotations
 
@@ -189,6 +193,24 @@ def run(args) -> dict:
     return results
 
 
+def key_errors(args) -> None:
+    """Relative squared error of every layer's keys rounded each way, on one bench document of each length (mean
+    and worst layer): how much rotating (r) or rounding per channel (c) helps at each width."""
+    loaded = load_model("smollm2", "cpu")
+    engine = Engine(loaded)
+    for n in args.lengths:
+        task = retrieval_tasks("multi", n, 1, bq.BENCH_SEED + n, engine.tokenizer, part="bench")[0]
+        keys, _ = full_prefill(engine, task.document)
+        rows = []
+        for bits in (8, 6, 5, 4):
+            for mode in ("", "r", "c"):
+                errors = [float((fake_quant_keys(k, bits, mode, args.group) - k).pow(2).mean() / k.pow(2).mean())
+                          for k in keys]
+                rows.append([f"{bits}{mode}", f"{sum(errors) / len(errors):.2e}", f"{max(errors):.2e}"])
+        print(f"\nKeys of every layer rounded, one {n}-token document: relative squared error\n")
+        print(common.table(["key bits", "mean over layers", "worst layer"], rows))
+
+
 def score_point(engine, point: Point, hm: HeadMap, tasks, kvs, args, into: dict | None) -> dict:
     """One point's hits on a chunk of tasks merged `into` the earlier chunks'; its bytes from the first task."""
     with quantised(point, args.group):
@@ -197,6 +219,14 @@ def score_point(engine, point: Point, hm: HeadMap, tasks, kvs, args, into: dict 
             state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
             result["bytes"] = packed_fraction(state, point, args.group)
     return bq.merged(into, result)
+
+
+def merged_results(runs: list[dict]) -> dict:
+    """Several runs' results as one: their points side by side, over the first run's full cache (every run must
+    have scored the same documents: the full cache's answers are compared)."""
+    full = runs[0]["full"]
+    assert all(run["full"] == full for run in runs), "the runs scored different documents"
+    return {"full": full, "points": {key: per for run in runs for key, per in run["points"].items()}}
 
 
 def kept(results: dict, key: str, family: str) -> list[float]:
@@ -212,10 +242,14 @@ def print_table(results: dict, args) -> None:
              " · ".join(lost_gained(per[n], results["full"][n]) for n in results["full"])]
             for key, per in results["points"].items()]
     print(f"\nShare of the full cache's answers kept at {lengths} tokens ({args.tasks} documents per family and "
-          f"length, window {args.window}, sink {args.sink}, groups of {args.group}; the full cache answers "
+          f"length, {window_text(args)}, sink {args.sink}, groups of {args.group}; the full cache answers "
           f"{answered})\n")
     print(common.table(["KV heads full", "bits (whole:local)", f"bytes / 16-bit full @{lengths}",
                         *bq.BENCH_FAMILIES, "lost / gained"], rows))
+
+
+def window_text(args) -> str:
+    return f"window {args.window}" if args.ratio >= 1e9 else f"window max({args.window}, N / {args.ratio:g})"
 
 
 def lost_gained(result: dict, full: dict) -> str:
@@ -224,37 +258,38 @@ def lost_gained(result: dict, full: dict) -> str:
 
 
 def summary(results: dict) -> dict:
-    """{"k:bits": {"bytes": at the first length, "kept": {family: share kept at its worst length}}}: the plot's data."""
+    """{"k:bits": {"bytes", "lost", "gained"}} at the first length (answers over every family against the full
+    cache's): the plot's data."""
     first = next(iter(results["full"]))
-    return {key: {"bytes": per[first]["bytes"], "kept": {f: min(kept(results, key, f)) for f in bq.BENCH_FAMILIES}}
+    return {key: dict(zip(("lost", "gained"), bq.flips(per[first], results["full"][first])), bytes=per[first]["bytes"])
             for key, per in results["points"].items()}
 
 
 def plot(points: dict, args, path: Path) -> None:
-    """Each family's worst-length share kept against the bytes, one column of markers per (heads, bits) point."""
+    """Answers lost (filled) and gained (hollow) against the bytes, one pair of markers per point, labelled."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = sorted(points, key=lambda key: points[key]["bytes"])
-    x = [100 * points[key]["bytes"] for key in keys]
-    fig, ax = plt.subplots(figsize=(9, 4.6))
-    for i, family in enumerate(bq.BENCH_FAMILIES):
-        ax.plot(x, [points[key]["kept"][family] for key in keys], "os^vDx"[i], ms=5, alpha=0.8, label=family)
-    ax.plot(x, [min(points[key]["kept"].values()) for key in keys], "k_", ms=16, mew=2,
-            label="worst family (not a curve: each point has its own heads and bits)")
-    for xi, key in zip(x, keys):
-        k, bits = key.split(":", 1)
-        ax.annotate(f"{k}@{bits}b", (xi, 1.01), fontsize=7, rotation=60, ha="left", va="bottom")
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for i, key in enumerate(keys):
+        x, colour = 100 * points[key]["bytes"], "C1" if key.count(":") > 1 else "C0"
+        ax.plot(x, points[key]["lost"], "o", color=colour, ms=6)
+        ax.plot(x, points[key]["gained"], "o", mfc="none", color=colour, ms=6)
+        ax.annotate(key, (x, points[key]["lost"]), xytext=(4, 6 + 9 * (i % 3)), textcoords="offset points",
+                    fontsize=7, rotation=30)
+    ax.plot([], [], "o", color="C0", label="lost (local rows 16-bit)")
+    ax.plot([], [], "o", color="C1", label="lost (local rows in integers too)")
+    ax.plot([], [], "o", mfc="none", color="gray", label="gained")
     ax.axvline(25, color="red", lw=0.8, ls="-.")
-    ax.axhline(0.97, color="green", lw=0.8, ls=":")
-    ax.set(xlabel=f"KV bytes kept at {args.lengths[0]} tokens (% of a 16-bit full cache)", ylim=(-0.03, 1.2),
-           ylabel="share of the full cache's answers kept (worst length)")
+    ax.set(xlabel=f"KV bytes kept at {args.lengths[0]} tokens (% of a 16-bit full cache)",
+           ylabel="answers lost / gained against the full cache", ylim=(-0.5, None))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"SmolLM2-135M: retrieval heads in 16, 8 or 4 bits (k@bits), local heads sink {args.sink} + "
-                 f"window {args.window}; {args.tasks} documents per family and length\n(green: 97% kept; red: "
-                 "25% of the bytes)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"SmolLM2-135M, {args.tasks} documents per family: k KV heads whole, keys/values bits (r: keys "
+                 f"rotated), :local rows' bits;\nlocal heads sink {args.sink} + {window_text(args)} (red: 25% of "
+                 "the bytes)", fontsize=9)
     common.save_figure(fig, path)
 
 
@@ -266,7 +301,10 @@ def parse_args():
     ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--tasks", type=int, default=12, help="bench tasks per family and length")
     ap.add_argument("--chunk", type=int, default=24, help="tasks prefilled (and held in memory) at a time")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--results", nargs="+", default=[],
+                    help="JSON results: one path is written after a run; if every path exists, they are read (runs "
+                         "on the same documents, their points merged) and only the table and plot are made")
+    ap.add_argument("--key-error", action="store_true", help="only print the keys' rounding error per bits and mode")
     ap.add_argument("--window", type=int, default=32, help="local heads' window (its least, with --ratio)")
     ap.add_argument("--ratio", type=float, default=1e9, help="local window max(--window, N / ratio); "
                     "default: a fixed window (the shipped map's ratio is 10)")
@@ -286,10 +324,16 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     common.begin(args)
-    results = run(args)
+    if args.key_error:
+        key_errors(args)
+        return
+    if args.results and all(Path(path).exists() for path in args.results):
+        results = merged_results([json.loads(Path(path).read_text()) for path in args.results])
+    else:
+        results = run(args)
+        if args.results:
+            Path(args.results[0]).write_text(json.dumps(results))
     print_table(results, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results))
     plot(summary(results), args, Path(args.png))
     print(f"\nplot: {args.png}\nbench_kv_quant: {args.clock}")
 

@@ -18,8 +18,9 @@ Table 2 / plot: the frontier, accuracy against bytes at several fixed windows, p
 lengths, along head orders ranked here on tasks of the calibration part: learned gates (`head_gates`, how
 calibration ranks by default), the heads' attention on the facts (`fact_attention`, every family one vote)
 and the calibrated map's recorded order (`--orders gates attention recorded`).
-The lowest per-family margin to the full cache decides whether a point meets the target. `--bits 8` keeps the
-frontier's retrieval heads in int8 with scales (kv_quant.py), its bytes counted as against a 16-bit full cache;
+The lowest per-family margin to the full cache decides whether a point meets the target. `--bits 8` (or 8/4,
+6/4) keeps the frontier's retrieval heads in integers with scales (kv_quant.py), its bytes counted as against a
+16-bit full cache;
 `--rows maps` (or `full`) skips the baseline rows when only the maps and the frontier are wanted.
 
 Tasks are prefilled `--chunk` at a time and every map is scored on a chunk before the next, so the number of
@@ -43,7 +44,7 @@ from typing import Callable
 import common
 import torch
 
-from services.engine import CompressionParams, Engine, HeadMap, evaluation, load_model
+from services.engine import CompressionParams, Engine, HeadMap, evaluation, kv_quant, load_model
 from services.engine.evaluation import (FAMILIES, full_prefill, held, retrieval_tasks, score_answers,
                                        session_from_full)
 from services.engine.fact_attention import fact_attention, one_vote_per_family
@@ -93,11 +94,11 @@ def variants(calibrated: HeadMap, seed: int, others: tuple[HeadMap, ...] = ()) -
 
 
 def frontier_maps(shipped: HeadMap, orders: dict[str, list], ks, windows,
-                  bits=(16,)) -> list[tuple[str, int, int, HeadMap]]:
-    """(order name, k, window, map): the top `k` heads of each order kept full (in `bits`: an 8-bit point's order
-    name says so), the rest at a fixed window."""
+                  bits=("16",)) -> list[tuple[str, int, int, HeadMap]]:
+    """(order name, k, window, map): the top `k` heads of each order kept full (in each storage of `bits`, 16, 8,
+    8/4 or 6/4: a point's order name says any but 16), the rest at a fixed window."""
     c = replace(shipped.compression, ratio=1e9)
-    return [(name if b == 16 else f"{name} 8-bit", k, w,
+    return [(name if str(b) == "16" else f"{name} {b}-bit", k, w,
              make_map(shipped, order[:k], replace(c, min_window=w).stored_as(b), "frontier"))
             for name, order in orders.items() for b in bits for w in windows for k in ks]
 
@@ -354,8 +355,10 @@ def parse_args():
     ap.add_argument("--frontier-lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 6, 10, 14, 18, 22, 26, 30, 36, 45, 60, 90])
     ap.add_argument("--windows", type=int, nargs="+", default=[32, 64])
-    ap.add_argument("--bits", type=int, nargs="+", default=[16], choices=[16, 8],
-                    help="the frontier's retrieval-head storage (8 = int8 with scales; bytes counted as 16-bit)")
+    ap.add_argument("--bits", nargs="+", default=["16"],
+                    choices=[str(kv_quant.storage_label(*s)) for s in kv_quant.STORAGES],
+                    help="the frontier's retrieval-head storage (8 = int8 with scales, 8/4 and 6/4 keys / values "
+                         "bits; bytes counted as 16-bit)")
     ap.add_argument("--rows", default="all", choices=["all", "maps", "noise", "full"],
                     help="table rows besides the frontier: all; the full cache and the calibrated map(s); those and "
                          "the bf16 noise floor; the full cache alone (the bf16, paper, window and random rows cost a "

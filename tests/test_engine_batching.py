@@ -153,7 +153,8 @@ def assert_same_int8_rows(a, b) -> None:
     rows_b = b.live_rows()
     for name, x in a.live_rows().items():
         if name in bits:
-            assert (kv_quant.integers(x, bits[name]) - kv_quant.integers(rows_b[name], bits[name])).abs().max() <= 1, name
+            step = kv_quant.integers(x, bits[name]) - kv_quant.integers(rows_b[name], bits[name])
+            assert step.abs().max() <= 1, name
         else:
             torch.testing.assert_close(x, rows_b[name], atol=0, rtol=1e-2)
 
