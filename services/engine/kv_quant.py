@@ -25,7 +25,7 @@ SCALE_DTYPE = torch.float16
 MIN_SCALE = 2.0 ** -14       # float16's smallest normal: a row of near-zeros must not get a scale of 0
 BITS = (16, 8, 6)            # retrieval_bits (keys) a map may ask for: 16 = the model's dtype, else integers + scales
 STORAGES = ((16, 16), (8, 8), (8, 4), (6, 4))   # (key bits, value bits) a retrieval group may be stored in
-PACKED = {6: 4, 4: 2}        # bits stored packed -> channels per pack (6 bits: 4 channels in 3 bytes; 4: 2 in 1)
+PACKED = (6, 4)              # bits stored packed in bytes (6 bits: 4 channels in 3 bytes; 4: 2 in 1)
 ROTATED = (6,)               # bits whose rows are rounded in `rotation(head_dim)`'s basis
 ROTATION_SEED = 0            # the rotation's signs: part of the 6-bit format (a spill dequantises with it)
 
@@ -88,11 +88,11 @@ def quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor
     """x: [..., D] -> (int8 [..., D], or packed uint8 [..., D * bits / 8] in 6 or 4 bits, and float16 scales
     [..., D / group])."""
     head_dim, qmax = x.shape[-1], QMAX[bits]
-    x = x.float() @ rotation(head_dim, x.device) if bits in ROTATED else x
-    groups = x.float().unflatten(-1, (scale_width(head_dim), group_size(head_dim)))    # [..., G, group]
+    x = x.float() @ rotation(head_dim, x.device) if bits in ROTATED else x.float()
+    groups = x.unflatten(-1, (scale_width(head_dim), group_size(head_dim)))    # [..., G, group]
     scale = (groups.abs().amax(-1) / qmax).clamp(min=MIN_SCALE).to(SCALE_DTYPE)         # [..., G]
     q = torch.round(groups / scale.float().unsqueeze(-1)).clamp(-qmax, qmax).flatten(-2)
-    return {8: lambda: q.to(torch.int8), 6: lambda: _pack_sextets(q), 4: lambda: _pack_nibbles(q)}[bits](), scale
+    return (_PACK[bits](q) if bits in PACKED else q.to(torch.int8)), scale
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,13 @@ def _unpack_sextets(packed: torch.Tensor) -> torch.Tensor:
     return u.flatten(-2).float() - 32
 
 
+_PACK = {6: _pack_sextets, 4: _pack_nibbles}
+_UNPACK = {6: _unpack_sextets, 4: _unpack_nibbles}
+
+
 def integers(q: torch.Tensor, bits: int) -> torch.Tensor:
     """A store of `bits` as its integers, [..., D] as float (packed rows unpacked)."""
-    return {6: _unpack_sextets, 4: _unpack_nibbles}.get(bits, torch.Tensor.float)(q)
+    return _UNPACK[bits](q) if bits in PACKED else q.float()
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bits: int) -> torch.Tensor:
