@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     profile_time_limit_s: int = Field(3600, ge=10, description="hard time limit of one profiling job")
     profile_max_retries: int = Field(2, ge=0, description="retries of a profiling job whose worker was lost")
     calibrate: bool = Field(True, description="run head-set calibration in profiling jobs")
+    calibration_families: str = Field(
+        "", description="comma-separated task families calibration measures (empty = all: digits, word, multi, "
+                        "turn, edge): the retrieval skills your traffic needs")
+    calibration_lengths: str = Field(
+        "", description="comma-separated document lengths in tokens calibration measures (empty = 400,1000,2000): "
+                        "the lengths you serve")
     profile_heartbeat_s: float = Field(5.0, gt=0, description="how often a running profiling job reports it is alive")
     profile_visibility_timeout_s: int = Field(
         0, ge=0, description="seconds before the broker redelivers a job whose worker died (0 = time limit + 300)")
@@ -116,6 +122,27 @@ class Settings(BaseSettings):
             raise ValueError(f"RAZOR_RETRIEVAL_BITS {v!r} is not supported; use 16 (the model's dtype), 8 (int8) "
                              f"or 6 (with RAZOR_RETRIEVAL_VALUE_BITS=4)")
         return v
+
+    @field_validator("calibration_families")
+    @classmethod
+    def _family_names(cls, v: str) -> str:
+        # The names themselves are checked where the engine is imported (worker/tasks.py, at start).
+        if not all(re.fullmatch(r"[a-z][a-z-]*", f) for f in _items(v)):
+            raise ValueError(f"RAZOR_CALIBRATION_FAMILIES {v!r} must be comma-separated family names, e.g. digits,word")
+        return v
+
+    @field_validator("calibration_lengths")
+    @classmethod
+    def _token_lengths(cls, v: str) -> str:
+        if not all(x.isdigit() and int(x) >= 32 for x in _items(v)):
+            raise ValueError(f"RAZOR_CALIBRATION_LENGTHS {v!r} must be comma-separated token counts of at least 32")
+        return v
+
+    def calibration_overrides(self) -> dict:
+        """CalibrationParams fields these settings set (none when left empty: the engine's defaults)."""
+        families, lengths = _items(self.calibration_families), _items(self.calibration_lengths)
+        return {**({"families": tuple(families)} if families else {}),
+                **({"lengths": tuple(map(int, lengths))} if lengths else {})}
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -199,6 +226,11 @@ class Settings(BaseSettings):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("set both RAZOR_TLS_CERT and RAZOR_TLS_KEY, or neither")
         return self
+
+
+def _items(csv: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated setting."""
+    return [x.strip() for x in csv.split(",") if x.strip()]
 
 
 def _parse_api_key(item: str, where: str) -> tuple[str, str, str]:

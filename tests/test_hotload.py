@@ -119,6 +119,9 @@ def test_profile_job_hot_loads_while_old_sessions_keep_their_map(worker, service
     published = store.get(tiny_loaded.fingerprint, version)
     assert new_outs == engine_turns(tiny_loaded, published)
     assert published.calibration["params"]["max_kl"] == 5.0 and published.calibration["chosen"]["kl"] <= 5.0
+    # on the tasks the worker's settings name (tests/test_worker.py's start_worker)
+    assert (published.calibration["params"]["families"], published.calibration["params"]["lengths"]) == \
+        (["digits", "word"], [128, 256])
     # the worker reported progress across every stage, calibration's included (RAZOR_CALIBRATE defaults on)
     stages = {s["result"]["stage"] for s in recorder.states
               if s["task_id"] == job.job_id and s["status"] == "PROGRESS"}

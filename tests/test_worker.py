@@ -29,12 +29,15 @@ from services.model_refs import ModelRefPolicy, ModelRefRefused
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"seq_len": 32, "repeats": 2, "n_samples": 2}
 SLOW = {"seq_len": 256, "repeats": 4, "n_samples": 4}   # seconds: long enough to kill mid-job
+CALIBRATION_TASKS = {"RAZOR_CALIBRATION_FAMILIES": "digits,word", "RAZOR_CALIBRATION_LENGTHS": "128,256"}
 JOB_DEADLINE_S = 240   # generous: only a hung job gets near it on a busy 2-core machine
 
 
 def start_worker(url: str, pool: str = "prefork", **env) -> subprocess.Popen:
+    # Calibration on two families at two short lengths: what a job does, in seconds rather than a minute.
     environ = dict(os.environ, REDIS_URL=url, RAZOR_PROFILE_HEARTBEAT_S="0.5", RAZOR_PROFILE_LEASE_S="3",
-                   RAZOR_PROFILE_MAX_RETRIES="2", RAZOR_LOG_JSON="false", PYTHONPATH=str(ROOT), **env)
+                   RAZOR_PROFILE_MAX_RETRIES="2", RAZOR_LOG_JSON="false", PYTHONPATH=str(ROOT),
+                   **{**CALIBRATION_TASKS, **env})
     name = f"test-{pool}-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "profiling",
            f"--pool={pool}", "-c", "1", "--loglevel=INFO", "--without-heartbeat", "--without-gossip",
@@ -289,3 +292,18 @@ def test_a_lease_shorter_than_two_heartbeats_is_refused_at_start():
     with pytest.raises(ValidationError, match="RAZOR_PROFILE_LEASE_S"):
         Settings(profile_heartbeat_s=20.0)   # the default 30 s lease would expire between two beats
     assert Settings(profile_heartbeat_s=15.0).profile_lease_s == 30.0
+
+
+def test_calibration_tasks_from_settings_and_an_unknown_family_stops_the_worker_at_start(url):
+    from pydantic import ValidationError
+
+    from services.settings import Settings
+    assert Settings().calibration_overrides() == {}   # empty: the engine's defaults
+    assert Settings(calibration_families="digits, word", calibration_lengths="128,256").calibration_overrides() == \
+        {"families": ("digits", "word"), "lengths": (128, 256)}
+    with pytest.raises(ValidationError, match="RAZOR_CALIBRATION_LENGTHS"):
+        Settings(calibration_lengths="128,16")
+    env = dict(os.environ, REDIS_URL=url, PYTHONPATH=str(ROOT), RAZOR_CALIBRATION_FAMILIES="digits,poetry")
+    done = subprocess.run([sys.executable, "-c", "import worker.tasks"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "families must be some of" in done.stderr and "poetry" in done.stderr

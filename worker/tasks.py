@@ -31,6 +31,10 @@ from worker.watchdog import JobLease
 
 log = logging.getLogger(__name__)
 settings = get_settings()
+# The deployment's calibration tasks (RAZOR_CALIBRATION_FAMILIES, RAZOR_CALIBRATION_LENGTHS), checked here so that
+# a family the engine does not know stops the worker at start rather than failing every job.
+CALIBRATION_TASKS = settings.calibration_overrides()
+engine.CalibrationParams(**CALIBRATION_TASKS)
 
 
 class Heartbeat:
@@ -138,8 +142,8 @@ def _load(model_ref: str) -> engine.LoadedModel:
 def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
     # a job's retrieval_bits is the storage its calibration searches (the map's heads are chosen for it)
-    calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.storage(),), **targets)
-                   if calibrate else None)
+    calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.storage(),), **CALIBRATION_TASKS,
+                                                      **targets) if calibrate else None)
     return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 
 
@@ -192,7 +196,9 @@ def _run(beat: Heartbeat, model_ref, profile_params, compression, calibrate, tar
     loaded = _load(model_ref)
     t_load = time.perf_counter()
     store = _store()
-    digest = params_digest(profile_params, compression, calibrate, targets)
+    # the tasks a map was calibrated on are part of what it is: other tasks, another version
+    digest = params_digest(profile_params, compression, calibrate,
+                           {**targets, **{k: list(v) for k, v in CALIBRATION_TASKS.items()}})
     version = store.version_for_params(loaded.fingerprint, digest)
     reused = version is not None
     if not reused:   # idempotency: the same model and parameters are profiled once
