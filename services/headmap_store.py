@@ -61,8 +61,9 @@ def parse_profile_params(params: dict, compression: CompressionParams | None = N
             raise InvalidProfileParams(f"profiling parameter {key} must be a number, got {value!r}")
     _check_limits(params)
     base = asdict(compression or CompressionParams())
-    if "retrieval_bits" in params and "retrieval_value_bits" not in params:
-        base["retrieval_value_bits"] = None   # values follow the keys' bits a job names, not the service's default
+    for group in ("retrieval", "local"):
+        if f"{group}_bits" in params and f"{group}_value_bits" not in params:
+            base[f"{group}_value_bits"] = None   # values follow the keys' bits a job names, not the service's default
     targets = {k: float(v) for k, v in params.items() if k in CALIBRATION_TARGETS}
     try:
         CalibrationParams(**targets)   # validates the targets' ranges

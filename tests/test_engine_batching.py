@@ -159,10 +159,11 @@ def assert_same_int8_rows(a, b) -> None:
             torch.testing.assert_close(x, rows_b[name], atol=0, rtol=1e-2)
 
 
-def stored_in(head_map: HeadMap, bits: int | str) -> HeadMap:
+def stored_in(head_map: HeadMap, bits: int | str, local: int | str = 16) -> HeadMap:
     """The same heads and shape with retrieval rows kept in `bits` (16: the model's dtype; 8: int8 + scales;
-    "8/4": int8 keys, 4-bit values)."""
-    return dataclasses.replace(head_map, compression=head_map.compression.stored_as(bits), version="")
+    "8/4": int8 keys, 4-bit values) and the local heads' sink and window rows in `local`."""
+    compression = head_map.compression.stored_as(bits).local_stored_as(local)
+    return dataclasses.replace(head_map, compression=compression, version="")
 
 
 def greedy(n: int) -> SamplingParams:

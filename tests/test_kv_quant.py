@@ -28,7 +28,9 @@ def maps():
     profiled = profile_model(loaded, ProfileParams(seq_len=16, n_samples=1), SMALL)
     assert 0 < profiled.kv_fraction < 1
     return {"16": profiled, "8": in_8_bits(profiled), "full8": in_8_bits(HeadMap.full(loaded.fingerprint, SMALL)),
-            "8/4": stored_in(profiled, "8/4"), "6/4": stored_in(profiled, "6/4")}
+            "8/4": stored_in(profiled, "8/4"), "6/4": stored_in(profiled, "6/4"),
+            # retrieval : local rows (16 for the local rows when not named)
+            "6/4:6/4": stored_in(profiled, "6/4", "6/4"), "16:8": stored_in(profiled, 16, 8)}
 
 
 # ---- the quantiser ----------------------------------------------------------------------------------
@@ -108,10 +110,10 @@ def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict
 
 # ---- the engine: per-session and batched paths, bytes -----------------------------------------------
 def test_8bit_sessions_batched_equal_each_alone_and_store_int8(maps):
-    """Eight sessions (8-bit, 16-bit and an all-retrieval 8-bit map) decoding together in slabs produce what
-    each produces alone; the 8-bit caches hold int8 retrieval rows."""
+    """Eight sessions (8-bit, 16-bit, local rows in integers and an all-retrieval 8-bit map) decoding together in
+    slabs produce what each produces alone; each cache holds its rows in the integers its map names."""
     engine = Engine(tiny(), maps["16"])
-    layouts = ["8", "16", "8/4", "full8", "6/4", "16", "8/4", "full8"]
+    layouts = ["8", "16", "8/4", "full8", "6/4", "6/4:6/4", "16:8", "full8"]
     lengths, max_new = [5, 12, 19, 27, 33, 41, 50, 64], [9, 14, 6, 12, 20, 7, 11, 16]
 
     def make(i):
@@ -128,13 +130,15 @@ def test_8bit_sessions_batched_equal_each_alone_and_store_int8(maps):
     for got, want in zip(batched, alone):
         assert_same_conversation(got, want)
     for job in batched:
-        retrieval = [layer.retrieval for layer in job.state.cache.layers if layer.retrieval is not None]
-        c = job.head_map.compression
-        want = [kv_quant.store_dtype(bits, torch.float32) for bits in (c.retrieval_bits, c.value_bits)]
-        assert retrieval and all([b.k_store.dtype, b.v_store.dtype] == want for b in retrieval), job.name
+        c, layers = job.head_map.compression, job.state.cache.layers
+        for group, bits in (("retrieval", (c.retrieval_bits, c.value_bits)), ("local", c.local_storage_bits)):
+            buffers = [getattr(layer, group) for layer in layers if getattr(layer, group) is not None]
+            want = [kv_quant.store_dtype(b, torch.float32) for b in bits]
+            assert all([b.k_store.dtype, b.v_store.dtype] == want for b in buffers), (job.name, group)
+        assert any(layer.retrieval is not None for layer in layers), job.name
 
 
-@pytest.mark.parametrize("storage", ["8", "8/4", "6/4"])
+@pytest.mark.parametrize("storage", ["8", "8/4", "6/4", "6/4:6/4", "16:8"])
 def test_8bit_slot_bytes_are_what_the_slab_allocates_and_within_the_bound(maps, storage):
     engine = Engine(tiny(), maps[storage])
     head_dim, dtype = engine.dims.head_dim, engine.loaded.dtype
@@ -251,6 +255,42 @@ def test_8bit_spill_round_trip_is_bit_exact_and_its_header_checks(maps, storage)
                              ModelShape.of(loaded))
 
 
+@pytest.mark.parametrize("storage", ["6/4:6/4", "16:8"])
+def test_integer_local_rows_spill_bit_exact_and_their_header_checks(maps, storage):
+    """Local heads' sink and window rows in integers: spilled as stored (with scales), restored bit-exact, and a
+    header that says other bits than the rows hold is refused."""
+    loaded = tiny()
+    engine = Engine(loaded, maps[storage])
+    params = SamplingParams(max_new_tokens=8)
+    state, _ = engine.generate(ids(90, 23), params)
+    tensors, meta = state.to_tensors()
+    key_bits, value_bits = maps[storage].compression.local_storage_bits
+    head_dim = engine.dims.head_dim
+    for name, bits in (("0.local_keys", key_bits), ("0.local_values", value_bits)):
+        assert (tensors[name].dtype, tensors[name].shape[-1]) == (kv_quant.store_dtype(bits, torch.float32),
+                                                                  kv_quant.store_width(head_dim, bits)), name
+    assert tensors["0.local_key_scales"].dtype == torch.float16 and tensors["0.comp_keys"].dtype == torch.float32
+    assert meta["cache"]["params"]["local_bits"] == key_bits
+    restored = SessionState.from_tensors({k: v.clone() for k, v in tensors.items()}, meta, "cpu")
+    again, _ = restored.to_tensors()
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert engine.continue_session(state, [70, 71], params).token_ids == \
+        engine.continue_session(restored, [70, 71], params).token_ids
+
+    header = {"session_id": "s1", "fingerprint_id": state.fingerprint_id, "head_map_version": state.head_map_version,
+              "token_count": len(state.token_ids), "nbytes": state.nbytes(), "full_nbytes": state.full_nbytes(),
+              "stored_nbytes": state.stored_nbytes(), "created_at": 1.0, "last_used": 2.0, "dtype": "float32"}
+    header["state"] = state.to_tensors()[1]
+    encoded = state.to_tensors()[0]
+    spilled_header.check(codec.read_header(codec.encode(encoded, header).header), "s1", ModelShape.of(loaded))
+    cache = header["state"]["cache"]
+    for relabel in ({"local_bits": 16, "local_value_bits": None}, {"local_bits": 8, "local_value_bits": 4}):
+        params_ = {k: v for k, v in {**cache["params"], **relabel}.items() if v is not None}
+        told = {**header, "state": {**header["state"], "cache": {**cache, "params": params_}}}
+        with pytest.raises(HeaderInvalid, match="local_"):
+            spilled_header.check(codec.read_header(codec.encode(encoded, told).header), "s1", ModelShape.of(loaded))
+
+
 def test_8bit_head_map_json_round_trip_and_16bit_maps_unchanged(maps):
     loaded = tiny()
     back = HeadMap.from_json(maps["8"].to_json(), expect=loaded.fingerprint)
@@ -291,10 +331,18 @@ def test_a_budget_too_small_for_the_planted_head_in_16_bits_is_met_in_8():
     assert six.retrieval_kv_heads == [[], [1]] and six.compression.storage() == "6/4"
     assert chosen6["meets"] and chosen6["bits"] == "6/4" and chosen6["bytes_fraction"] < chosen4["bytes_fraction"]
     assert HeadMap.from_json(six.to_json()).compression == six.compression
+    # the local heads' rows searched too: in 6/4 the same head meets the target in fewer bytes
+    local = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, bits=("6/4",), local_bits=(16, "6/4")))
+    chosen_local = local.calibration["chosen"]
+    assert local.retrieval_kv_heads == [[], [1]] and local.compression.local_storage() == "6/4"
+    assert chosen_local["meets"] and chosen_local["local_bits"] == "6/4"
+    assert chosen_local["bytes_fraction"] < chosen6["bytes_fraction"]
+    assert {c.get("local_bits", 16) for c in local.calibration["candidates"]} == {16, "6/4"}
+    assert HeadMap.from_json(local.to_json()).compression == local.compression
 
 
 # ---- the service: an 8-bit map over gRPC, spilled to Redis and restored ---------------------------------
-@pytest.mark.parametrize("storage", ["8", "8/4", "6/4"])
+@pytest.mark.parametrize("storage", ["8", "8/4", "6/4", "6/4:6/4"])
 def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(start_server, tiny_head_map, storage):
     """Sampled turns (any change in a logit shows) match between a session of an 8-bit map (or 8-bit keys and
     4-bit values) kept resident and one spilled to Redis and restored before every turn; the reported bytes are
@@ -302,7 +350,7 @@ def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(st
     from services.inference.client import RazorClient
     from tests.test_integrity import sampled_turns
 
-    hm8 = stored_in(tiny_head_map, storage)
+    hm8 = stored_in(tiny_head_map, *storage.split(":"))   # retrieval[:local] storage
     prompt = "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly " * 3
     outs, sizes = [], {}
     for spills in (False, True):
@@ -313,6 +361,7 @@ def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(st
                 reported = client.server_info().head_map.compression
                 assert (reported.retrieval_bits, reported.retrieval_value_bits) == (
                     hm.compression.retrieval_bits, hm.compression.value_bits)
+                assert (reported.local_bits, reported.local_value_bits) == hm.compression.local_storage_bits
             if hm is hm8:
                 outs.append([r.token_ids for r in replies])
             sizes[(hm.compression.retrieval_bits, spills)] = (session.kv_bytes, session.kv_bytes_full)

@@ -170,13 +170,13 @@ def test_same_model_and_params_twice_gives_one_version(worker, jobs, store, tiny
 
 
 def test_a_job_asking_for_8_bit_retrieval_heads_calibrates_and_publishes_an_8_bit_map(worker, jobs, store, tiny):
-    status = wait_for(jobs, jobs.submit("tiny-random", dict(FAST, seed=11, retrieval_bits=8), calibrate=True),
-                      finished)
+    params = dict(FAST, seed=11, retrieval_bits=8, local_bits=6, local_value_bits=4)   # local rows in 6/4 too
+    status = wait_for(jobs, jobs.submit("tiny-random", params, calibrate=True), finished)
     assert status["state"] == "succeeded", status
     head_map = store.get(tiny.fingerprint, status["head_map_version"])
-    assert head_map.compression.retrieval_bits == 8
-    assert head_map.calibration["chosen"]["bits"] == 8
-    assert {c["bits"] for c in head_map.calibration["candidates"]} == {8}
+    assert head_map.compression.retrieval_bits == 8 and head_map.compression.local_storage() == "6/4"
+    assert head_map.calibration["chosen"]["bits"] == 8 and head_map.calibration["chosen"]["local_bits"] == "6/4"
+    assert {(c["bits"], c["local_bits"]) for c in head_map.calibration["candidates"]} == {(8, "6/4")}
 
 
 def test_model_refs_outside_the_deployment_are_refused_at_submit(jobs, url):

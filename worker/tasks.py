@@ -141,8 +141,10 @@ def _load(model_ref: str) -> engine.LoadedModel:
 
 def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
-    # a job's retrieval_bits is the storage its calibration searches (the map's heads are chosen for it)
-    calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.storage(),), **CALIBRATION_TASKS,
+    # a job's retrieval_bits and local_bits are the storage its calibration searches (the map's heads are chosen
+    # for it)
+    calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.storage(),),
+                                                      local_bits=(compression.local_storage(),), **CALIBRATION_TASKS,
                                                       **targets) if calibrate else None)
     return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 

@@ -4,7 +4,8 @@ Per decoder layer the KV heads split in two groups, each a `KVBuffer` (prealloca
   retrieval group  [1, r, N, D]       every token, as a normal cache (grows with the session); in int8 with
                                       float16 scales when `retrieval_bits` is 8 (kvbuffer.QuantizedKVBuffer),
                                       values in 4 bits when `retrieval_value_bits` is 4
-  local group      [1, l, S, D]       the first `sink` tokens + the most recent L_h tokens, S <= sink + L_h
+  local group      [1, l, S, D]       the first `sink` tokens + the most recent L_h tokens, S <= sink + L_h;
+                                      in integers with scales when `local_bits` is below 16, as retrieval rows
   compensation     [1, l, 1, D] x 2   running means of every dropped key and value (float32), plus their count
 
 L_h = max(S0, ceil(N / C)) as in the paper's Algorithm 1 (S0 = `min_window`, C = `ratio`, N0 = `sink`).
@@ -36,6 +37,8 @@ class CompressionParams:
     # 4: their values in 4 bits (keys in 8). None (kept so when equal): as `retrieval_bits`, so replacing
     # `retrieval_bits` alone moves both
     retrieval_value_bits: int | None = None
+    local_bits: int = 16       # the local heads' sink and window rows, as `retrieval_bits` (the compensation
+    local_value_bits: int | None = None   # token stays float32); values as `retrieval_value_bits`
 
     def __post_init__(self):
         if self.sink < 0:
@@ -44,19 +47,33 @@ class CompressionParams:
             raise ValueError(f"min_window must be >= 1, got {self.min_window}")
         if not self.ratio >= 1.0:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}")
-        if isinstance(self.retrieval_bits, bool) or self.retrieval_bits not in kv_quant.BITS:
-            raise ValueError(f"retrieval_bits must be one of {kv_quant.BITS}, got {self.retrieval_bits}")
-        value_bits = self.retrieval_bits if self.retrieval_value_bits is None else self.retrieval_value_bits
+        for group in ("retrieval", "local"):
+            self._check_bits(f"{group}_bits", f"{group}_value_bits")
+
+    def _check_bits(self, key_field: str, value_field: str) -> None:
+        """One group's (key bits, value bits): a storage kv_quant has; stored as ints, values None when equal."""
+        key_bits, value_bits = getattr(self, key_field), getattr(self, value_field)
+        if isinstance(key_bits, bool) or key_bits not in kv_quant.BITS:
+            raise ValueError(f"{key_field} must be one of {kv_quant.BITS}, got {key_bits}")
+        value_bits = key_bits if value_bits is None else value_bits
         if isinstance(value_bits, bool) or not isinstance(value_bits, (int, float)):
-            raise ValueError(f"retrieval_value_bits must be a number of bits, got {value_bits!r}")
-        kv_quant.check_storage(self.retrieval_bits, value_bits)
-        object.__setattr__(self, "retrieval_bits", int(self.retrieval_bits))   # 8.0 from a job's JSON: one map
-        object.__setattr__(self, "retrieval_value_bits", None if value_bits == self.retrieval_bits else int(value_bits))
+            raise ValueError(f"{value_field} must be a number of bits, got {value_bits!r}")
+        try:
+            kv_quant.check_storage(key_bits, value_bits)
+        except ValueError as e:
+            raise ValueError(f"{key_field} / {value_field}: {e}") from None
+        object.__setattr__(self, key_field, int(key_bits))   # 8.0 from a job's JSON: one map
+        object.__setattr__(self, value_field, None if value_bits == key_bits else int(value_bits))
 
     @property
     def value_bits(self) -> int:
         """The bits retrieval heads' values are stored in."""
         return self.retrieval_bits if self.retrieval_value_bits is None else self.retrieval_value_bits
+
+    @property
+    def local_storage_bits(self) -> tuple[int, int]:
+        """(key bits, value bits) of the local heads' sink and window rows."""
+        return self.local_bits, self.local_bits if self.local_value_bits is None else self.local_value_bits
 
     def window(self, seq_len: int) -> int:
         """L_h: recent tokens a local head keeps at sequence length N."""
@@ -67,15 +84,27 @@ class CompressionParams:
         return sum(kv_quant.row_nbytes(head_dim, bits, itemsize)
                    for bits in (self.retrieval_bits, self.value_bits))
 
+    def local_row_nbytes(self, head_dim: int, itemsize: int) -> int:
+        """Bytes of one token's key and value in one local head's sink or window rows."""
+        return sum(kv_quant.row_nbytes(head_dim, bits, itemsize) for bits in self.local_storage_bits)
+
     def buffer_class(self):
         """The KVBuffer class retrieval heads are stored in."""
         return buffer_class(self.retrieval_bits, self.value_bits)
+
+    def local_buffer_class(self):
+        """The KVBuffer class local heads' sink and window rows are stored in."""
+        return buffer_class(*self.local_storage_bits)
 
     def to_dict(self) -> dict:
         # the bits only when not the default: maps and spilled sessions from before them read (and hash) the same
         bits = {} if self.retrieval_bits == 16 else {"retrieval_bits": self.retrieval_bits}
         if self.retrieval_value_bits is not None:
             bits["retrieval_value_bits"] = self.retrieval_value_bits
+        if self.local_bits != 16:
+            bits["local_bits"] = self.local_bits
+        if self.local_value_bits is not None:
+            bits["local_value_bits"] = self.local_value_bits
         return {"sink": self.sink, "min_window": self.min_window, "ratio": self.ratio,
                 "compensation": self.compensation, **bits}
 
@@ -87,6 +116,15 @@ class CompressionParams:
         """These parameters with the retrieval heads stored as `storage` (16, 8 or "8/4")."""
         key_bits, value_bits = kv_quant.parse_storage(storage)
         return replace(self, retrieval_bits=key_bits, retrieval_value_bits=value_bits)
+
+    def local_storage(self) -> int | str:
+        """The local rows' storage label, as `storage`."""
+        return kv_quant.storage_label(*self.local_storage_bits)
+
+    def local_stored_as(self, storage: int | str) -> "CompressionParams":
+        """These parameters with the local heads' rows stored as `storage`."""
+        key_bits, value_bits = kv_quant.parse_storage(storage)
+        return replace(self, local_bits=key_bits, local_value_bits=value_bits)
 
 
 class RazorLayer:
@@ -151,7 +189,8 @@ class RazorLayer:
             self.retrieval = self.params.buffer_class()(
                 len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
         if self.local_heads:
-            self.local = KVBuffer(len(self.local_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
+            self.local = self.params.local_buffer_class()(
+                len(self.local_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
 
     def _index(self, device) -> None:
         self._r_idx = torch.tensor(self.retrieval_heads, dtype=torch.long, device=device)
@@ -220,9 +259,9 @@ class RazorLayer:
             return 0
         r_rows = len(self.retrieval_heads) * self.retrieval_length() * self.params.retrieval_row_nbytes(
             ref.head_dim, itemsize)                                                      # keys and values
-        l_rows = len(self.local_heads) * self.local_length() * ref.head_dim * itemsize
+        l_rows = len(self.local_heads) * self.local_length() * self.params.local_row_nbytes(ref.head_dim, itemsize)
         comp = 0 if self.comp_keys is None else self.comp_keys.numel() * self.comp_keys.element_size()
-        return r_rows + 2 * (l_rows + comp)
+        return r_rows + l_rows + 2 * comp
 
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes this layer can hold while it grows to `seq_len` tokens fed `chunk` at a time."""
@@ -233,15 +272,16 @@ class RazorLayer:
         r_rows, l_rows = (r_rows if self.retrieval_heads else 0), (l_rows if self.local_heads else 0)
         comp = 2 * len(self.local_heads) * head_dim * 4
         retrieval = len(self.retrieval_heads) * r_rows * self.params.retrieval_row_nbytes(head_dim, itemsize)
-        return retrieval + 2 * len(self.local_heads) * l_rows * head_dim * itemsize + comp
+        return retrieval + len(self.local_heads) * l_rows * self.params.local_row_nbytes(head_dim, itemsize) + comp
 
     # --- spilling ---------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """What a spill writes: the retrieval rows as stored (int8 and scales in 8 bits), so a restore is exact."""
-        named = {"local_keys": self.local_keys, "local_values": self.local_values,
-                 "comp_keys": self.comp_keys, "comp_values": self.comp_values}
-        if self.retrieval is not None:
-            named.update({SPILL_NAMES[store]: rows for store, rows in self.retrieval.live_rows().items()})
+        """What a spill writes: both groups' rows as stored (integers and their scales where they are), so a
+        restore is exact."""
+        named = {"comp_keys": self.comp_keys, "comp_values": self.comp_values}
+        for names, buffer in ((SPILL_NAMES, self.retrieval), (LOCAL_SPILL_NAMES, self.local)):
+            if buffer is not None:
+                named.update({names[store]: rows for store, rows in buffer.live_rows().items()})
         return {name: t.contiguous() for name, t in named.items() if t is not None}
 
     def load_tensors(self, present: dict[str, torch.Tensor], seq_len: int, comp_count: int,
@@ -249,16 +289,22 @@ class RazorLayer:
         any_kv = present.get("keys", present.get("local_keys"))
         self._index(any_kv.device)
         if "keys" in present:
-            cls = self.params.buffer_class()
-            self.retrieval = restored(cls, {store: present[SPILL_NAMES[store]] for store in cls.STORES}, dtype)
+            self.retrieval = _restored(self.params.buffer_class(), SPILL_NAMES, present, dtype)
         if "local_keys" in present:
-            self.local = KVBuffer.holding(present["local_keys"], present["local_values"])
+            self.local = _restored(self.params.local_buffer_class(), LOCAL_SPILL_NAMES, present, dtype)
         self.comp_keys, self.comp_values = present.get("comp_keys"), present.get("comp_values")
         self.seq_len, self.comp_count = seq_len, comp_count
 
 
-# a retrieval buffer's store -> the name a spill gives its rows (scales only in 8 bits)
+# a buffer's store -> the name a spill gives its rows (scales only where stored in integers)
 SPILL_NAMES = {"k_store": "keys", "v_store": "values", "k_scale": "key_scales", "v_scale": "value_scales"}
+LOCAL_SPILL_NAMES = {store: f"local_{name}" for store, name in SPILL_NAMES.items()}
+
+
+def _restored(cls: type[KVBuffer], names: dict[str, str], present: dict[str, torch.Tensor],
+              dtype: torch.dtype) -> KVBuffer:
+    """A `cls` buffer of the spilled tensors `present` names (`names`: store -> spill name)."""
+    return restored(cls, {store: present[names[store]] for store in cls.STORES}, dtype)
 
 
 class CompressedKVCache:
@@ -343,8 +389,7 @@ class CompressedKVCache:
         buffers = [b for layer in self.layers for b in (layer.retrieval, layer.local) if b is not None]
         return {"dtype": str(buffers[0].dtype).removeprefix("torch.")} if buffers else {}
 
-    _TENSORS = ("keys", "values", "key_scales", "value_scales", "local_keys", "local_values", "comp_keys",
-                "comp_values")
+    _TENSORS = (*SPILL_NAMES.values(), *LOCAL_SPILL_NAMES.values(), "comp_keys", "comp_values")
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict, device) -> "CompressedKVCache":

@@ -18,7 +18,7 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    one vote; the gates are trained on the families' tasks together.
 4. The BYTES search: for every window, sink size, ratio C (1e9 = a fixed window) and storage of the retrieval
    heads (`bits`: 16, 8 = int8 with scales, "8/4" = 4-bit values or "6/4" = 6-bit keys too, kv_quant.py;
-   bytes counted as against a 16-bit cache), the smallest k such that the top-k heads of the ranking (one vote
+   bytes counted as against a 16-bit cache) and of the local heads' rows (`local_bits`, the same), the smallest k such that the top-k heads of the ranking (one vote
    per family) meet the target (binary search; a shape that cannot beat the cheapest point found so far at
    equal bytes is dropped after one probe). The cheapest point wins.
    With a byte budget (`max_bytes`) no point above it is tried; when none within it meets the target, the
@@ -55,6 +55,13 @@ FIXED = 1e9   # a ratio C this large keeps min_window tokens at every length: a 
 RANKINGS = ("gates", "attention", "ablation")
 
 
+def _storages(name: str, labels: tuple) -> tuple:
+    """`labels` as storage labels, sorted and unique (ValueError naming the storages there are)."""
+    if not labels:
+        raise ValueError(f"{name} must be some of 16, 8, \"8/4\" and \"6/4\", got {labels}")
+    return tuple(kv_quant.storage_label(*s) for s in sorted({kv_quant.parse_storage(b) for b in labels}))
+
+
 @dataclass(frozen=True)
 class CalibrationParams:
     families: tuple[str, ...] = FAMILIES   # task families (retrieval_tasks.py); "copy" needs no tokenizer
@@ -71,6 +78,7 @@ class CalibrationParams:
     ratios: tuple[float, ...] = (FIXED, 10.0)  # C candidates; FIXED = no growth with length
     bits: tuple = (16,)                        # retrieval heads' storage candidates: 16 (model dtype), 8 (int8),
                                                # "8/4" (int8 keys, 4-bit values), "6/4" (6-bit keys)
+    local_bits: tuple = (16,)                  # the local heads' sink and window rows' storage candidates, as bits
     leave_one_out: bool = True         # re-run the search without each family and check it on that family
     ranking: str = "gates"             # "gates": learned per-head gates over every task (head_gates.py)
                                        # "attention": mass on the fact (one forward per task; fact_attention.py)
@@ -93,10 +101,8 @@ class CalibrationParams:
     def __post_init__(self):
         for name in ("windows", "sinks", "lengths", "ratios"):
             object.__setattr__(self, name, tuple(sorted(set(getattr(self, name)))))
-        if not self.bits:
-            raise ValueError(f"bits must be some of 16, 8, \"8/4\" and \"6/4\", got {self.bits}")
-        storages = {kv_quant.parse_storage(b) for b in self.bits}   # ValueError naming the storages there are
-        object.__setattr__(self, "bits", tuple(kv_quant.storage_label(*s) for s in sorted(storages)))
+        for name in ("bits", "local_bits"):
+            object.__setattr__(self, name, _storages(name, getattr(self, name)))
         object.__setattr__(self, "families", tuple(dict.fromkeys(self.families)))
         if not self.families or any(f not in KNOWN_FAMILIES for f in self.families):
             raise ValueError(f"families must be some of {KNOWN_FAMILIES}, got {self.families!r}")
@@ -130,12 +136,13 @@ class CalibrationParams:
         return Target(self.max_accuracy_drop, self.min_kept, self.max_kl)
 
     def shapes(self) -> list[CompressionParams]:
-        """Every (window, sink, ratio, bits) to search, fewest local tokens first (cheap shapes set the bar), fewer
-        bits before more (at equal heads, cheaper)."""
-        shapes = [CompressionParams(sink=s, min_window=w, ratio=r).stored_as(b)
-                  for w in self.windows for s in self.sinks for r in self.ratios for b in self.bits]
+        """Every (window, sink, ratio, bits, local bits) to search, fewest local tokens first (cheap shapes set the
+        bar), fewer bits before more (at equal heads, cheaper)."""
+        shapes = [CompressionParams(sink=s, min_window=w, ratio=r).stored_as(b).local_stored_as(lb)
+                  for w in self.windows for s in self.sinks for r in self.ratios for b in self.bits
+                  for lb in self.local_bits]
         return sorted(shapes, key=lambda c: (c.window(max(self.lengths)) + c.sink, -c.ratio,
-                                             c.retrieval_bits + c.value_bits))
+                                             c.retrieval_bits + c.value_bits, sum(c.local_storage_bits)))
 
 
 Order = list[list[int]]   # KV heads [layer, head], most needed first
@@ -180,7 +187,7 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
 
 def _shape_of(point: dict) -> CompressionParams:
     shape = CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"])
-    return shape.stored_as(point.get("bits", 16))
+    return shape.stored_as(point.get("bits", 16)).local_stored_as(point.get("local_bits", 16))
 
 
 def _ranker(bench: TaskBench, base: HeadMap, params: CalibrationParams, report: Progress
@@ -301,8 +308,9 @@ def _k_within(bench: TaskBench, order: Order, shape: CompressionParams, max_byte
 
 
 def _point(bench: TaskBench, order: Order, k: int, shape: CompressionParams, families=None) -> dict:
+    local = {} if shape.local_storage() == 16 else {"local_bits": shape.local_storage()}
     return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio, "bits": shape.storage(),
-            **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
+            **local, **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
 
 
 def _pick(candidates: list[dict]) -> dict:
@@ -388,7 +396,8 @@ def _rounded(point: dict) -> dict:
 
 
 def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
-               ratio: float | None = None, bits: int | str | None = None) -> HeadMap:
+               ratio: float | None = None, bits: int | str | None = None,
+               local_bits: int | str | None = None) -> HeadMap:
     """Another point of a calibrated map's curve: its top-k KV heads with another window (sink size, ratio),
     without re-profiling."""
     if not head_map.calibration:
@@ -402,5 +411,6 @@ def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
     c = head_map.compression
     compression = replace(c, min_window=window, sink=c.sink if sink is None else sink,
                           ratio=c.ratio if ratio is None else ratio).stored_as(c.storage() if bits is None else bits)
+    compression = compression.local_stored_as(c.local_storage() if local_bits is None else local_bits)
     return replace(head_map, retrieval_kv_heads=kv, version="", calibration=None,
                    method="razor+calibrated-variant", compression=compression)

@@ -30,7 +30,8 @@ def cmd_profile(args) -> int:
     loaded = load_model(args.model, args.device)
     params = ProfileParams(seq_len=args.seq_len, repeats=args.repeats, n_samples=args.samples, seed=args.seed,
                            induction_fraction=args.induction_fraction, echo_fraction=args.echo_fraction)
-    compression = CompressionParams(args.sink, args.min_window, args.ratio).stored_as(args.retrieval_bits[0])
+    compression = CompressionParams(args.sink, args.min_window, args.ratio).stored_as(
+        args.retrieval_bits[0]).local_stored_as(args.local_bits[0])
     bar = tqdm(total=1, desc="profiling", unit="step")
 
     current = {"stage": None}
@@ -45,6 +46,7 @@ def cmd_profile(args) -> int:
     families = {"families": tuple(args.families)} if args.families else {}
     calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl,
                                               max_bytes=args.max_bytes, bits=tuple(args.retrieval_bits),
+                                              local_bits=tuple(args.local_bits),
                                               **families) if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "8/4 = int8 keys and 4-bit values (about 0.41), 6/4 = 6-bit keys and 4-bit values "
                            "(about 0.34); with --calibrate, every value given is "
                            "searched")
+    prof.add_argument("--local-bits", nargs="+", default=["16"],
+                      choices=[str(kv_quant.storage_label(*s)) for s in kv_quant.STORAGES],
+                      help="the local heads' sink and window rows' storage, as --retrieval-bits (the compensation "
+                           "token stays float32); with --calibrate, every value given is searched")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()

@@ -64,7 +64,7 @@ def row_nbytes(head_dim: int, bits: int, itemsize: int) -> int:
 
 def check_storage(key_bits: int, value_bits: int) -> None:
     if (key_bits, value_bits) not in STORAGES:
-        raise ValueError(f"retrieval heads store keys / values in one of "
+        raise ValueError(f"keys / values are stored in one of "
                          f"{', '.join(f'{k}/{v}' for k, v in STORAGES)} bits, got {key_bits}/{value_bits}")
 
 

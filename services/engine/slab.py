@@ -9,7 +9,9 @@ per-session work and no gathering of caches into a padded batch. Per decoder lay
                                            4-bit values packed two a byte, [B, r, rows, D / 2] uint8; 6-bit
                                            keys four in three bytes, [B, r, rows, 3 D / 4] uint8
   local         [B, l, sink + ring + 1, D] token t < sink at row t, later tokens at sink + (t - sink) % ring; the
-                                           last row is the compensation token in the cache dtype
+                                           last row is the compensation token in the cache dtype (in integers
+                                           with scales, like retrieval rows, when `local_bits` < 16: then the
+                                           compensation row is written into the dequantised copy attention reads)
   compensation  [B, l, 1, D] float32       running means of the evicted keys and values; counts per slot
 Attention does not depend on the order of keys, so the window can be a ring: evicting a token moves nothing (it
 is folded into the compensation mean and its row is reused). `ring` = W(rows) + 1 holds the window and the new
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from . import kv_quant
 from .cache import CompressedKVCache
-from .kvbuffer import KVBuffer, restored
+from .kvbuffer import restored
 
 CLASS_GROWTH = 1.2   # size classes grow by 1.2x: a slot is at most 1.2x its turn's final length (bytes_bound: 1.25x)
 SMALLEST_CLASS = 16
@@ -51,20 +53,29 @@ class LayerSlots:
 
     keys: torch.Tensor | None            # [B, r, rows, D] (int8 in 8 bits; packed uint8 [B, r, rows, 3 D / 4] in 6)
     values: torch.Tensor | None
-    local_keys: torch.Tensor | None      # [B, l, sink + ring, D]
+    local_keys: torch.Tensor | None      # [B, l, sink + ring + 1, D] (or as integers, like `keys`)
     local_values: torch.Tensor | None
     comp_keys: torch.Tensor | None       # [B, l, 1, D] float32
     comp_values: torch.Tensor | None
     key_scales: torch.Tensor | None = None     # [B, r, rows, D / group] float16, retrieval heads in integers only
     value_scales: torch.Tensor | None = None
+    local_key_scales: torch.Tensor | None = None    # [B, l, sink + ring + 1, D / group], local rows in integers only
+    local_value_scales: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.local_keys, self.local_values, self.comp_keys,
-                            self.comp_values, self.key_scales, self.value_scales) if t is not None]
+                            self.comp_values, self.key_scales, self.value_scales, self.local_key_scales,
+                            self.local_value_scales) if t is not None]
 
     def retrieval_stores(self) -> dict[str, torch.Tensor]:
         """The retrieval group's slot tensors by the `KVBuffer` store they mirror."""
         named = {"k_store": self.keys, "v_store": self.values, "k_scale": self.key_scales, "v_scale": self.value_scales}
+        return {store: t for store, t in named.items() if t is not None}
+
+    def local_stores(self) -> dict[str, torch.Tensor]:
+        """The local group's slot tensors by the `KVBuffer` store they mirror."""
+        named = {"k_store": self.local_keys, "v_store": self.local_values, "k_scale": self.local_key_scales,
+                 "v_scale": self.local_value_scales}
         return {store: t for store, t in named.items() if t is not None}
 
 
@@ -74,7 +85,8 @@ class DecodeSlab:
     def __init__(self, template: CompressedKVCache, rows: int, head_dim: int, dtype: torch.dtype, device):
         self.params, self.rows = template.params, rows
         self.key_bits, self.value_bits = self.params.retrieval_bits, self.params.value_bits
-        self.quantized = self.key_bits < 16
+        self.local_key_bits, self.local_value_bits = self.params.local_storage_bits
+        self.quantized, self.local_quantized = self.key_bits < 16, self.local_key_bits < 16
         self.key = (template.layout, rows)
         self.ring = self.params.window(rows) + 1
         self.local_rows = self.params.sink + self.ring + 1   # + the compensation row, last
@@ -134,17 +146,18 @@ class DecodeSlab:
             store = torch.empty(n, heads, rows, width, dtype=dtype, device=self.device)
             store[copied:].zero_()
             return store
-        r, l = self.r_heads[layer_idx], self.l_heads[layer_idx]
-        (k_dtype, k_width), (v_dtype, v_width) = [(kv_quant.store_dtype(bits, self.dtype),
-                                                   kv_quant.store_width(self.head_dim, bits))
-                                                  for bits in (self.key_bits, self.value_bits)]
-        slots = LayerSlots(zeros(r, self.rows, k_dtype, k_width), zeros(r, self.rows, v_dtype, v_width),
-                           zeros(l, self.local_rows), zeros(l, self.local_rows), zeros(l, 1, torch.float32),
-                           zeros(l, 1, torch.float32))
-        if self.quantized:
+        def stores(heads: int, rows: int, bits: tuple[int, int]) -> list[torch.Tensor | None]:
+            """Keys and values of `bits`, then their scales (None in 16 bits)."""
+            kv = [zeros(heads, rows, kv_quant.store_dtype(b, self.dtype), kv_quant.store_width(self.head_dim, b))
+                  for b in bits]
             width = kv_quant.scale_width(self.head_dim)
-            slots.key_scales, slots.value_scales = (zeros(r, self.rows, kv_quant.SCALE_DTYPE, width) for _ in "kv")
-        return slots
+            return kv + [zeros(heads, rows, kv_quant.SCALE_DTYPE, width) if bits[0] < 16 else None for _ in bits]
+        r, l = self.r_heads[layer_idx], self.l_heads[layer_idx]
+        keys, values, key_scales, value_scales = stores(r, self.rows, (self.key_bits, self.value_bits))
+        local_keys, local_values, local_key_scales, local_value_scales = stores(
+            l, self.local_rows, (self.local_key_bits, self.local_value_bits))
+        return LayerSlots(keys, values, local_keys, local_values, zeros(l, 1, torch.float32),
+                          zeros(l, 1, torch.float32), key_scales, value_scales, local_key_scales, local_value_scales)
 
     # --- a session's rows in and out of a slot ------------------------------------------------------
     def _local_token_rows(self, seq_len: int, n_window: int) -> torch.Tensor:
@@ -166,14 +179,16 @@ class DecodeSlab:
             n_window = stored - n_sink
             assert n_window < self.ring, (n_window, self.ring)   # compressed: at most W(n) <= W(rows) tokens
             rows = self._local_token_rows(n, n_window)
-            for dst, src in ((slots.local_keys, layer.local.keys), (slots.local_values, layer.local.values)):
-                dst[slot, :, :n_sink] = src[0, :, :n_sink]
-                dst[slot, :, rows] = src[0, :, n_sink:]
+            stores = slots.local_stores()
+            for store, src in layer.local.live_rows().items():   # as stored: integers stay integers
+                stores[store][slot, :, :n_sink] = src[0, :, :n_sink]
+                stores[store][slot, :, rows] = src[0, :, n_sink:]
             if layer.comp_keys is not None:
                 slots.comp_keys[slot] = layer.comp_keys[0]
                 slots.comp_values[slot] = layer.comp_values[0]
-                slots.local_keys[slot, :, -1] = layer.comp_keys[0, :, 0]
-                slots.local_values[slot, :, -1] = layer.comp_values[0, :, 0]
+                if not self.local_quantized:   # integer rows get their compensation row at attend time
+                    slots.local_keys[slot, :, -1] = layer.comp_keys[0, :, 0]
+                    slots.local_values[slot, :, -1] = layer.comp_values[0, :, 0]
         layer.retrieval = layer.local = layer.comp_keys = layer.comp_values = None
 
     def _unpack(self, layer, slots: LayerSlots, slot: int) -> None:
@@ -185,9 +200,9 @@ class DecodeSlab:
         if slots.local_keys is not None:
             n_sink = min(self.params.sink, n)
             rows = self._local_token_rows(n, min(n - n_sink, self.params.window(n)))
-            keys = torch.cat([slots.local_keys[slot, :, :n_sink], slots.local_keys[slot, :, rows]], dim=1)
-            values = torch.cat([slots.local_values[slot, :, :n_sink], slots.local_values[slot, :, rows]], dim=1)
-            layer.local = KVBuffer.holding(keys[None], values[None])
+            live = {store: torch.cat([t[slot, :, :n_sink], t[slot, :, rows]], dim=1)[None]
+                    for store, t in slots.local_stores().items()}
+            layer.local = restored(self.params.local_buffer_class(), live, self.dtype)
             if layer.comp_count:
                 layer.comp_keys = slots.comp_keys[slot:slot + 1].clone()
                 layer.comp_values = slots.comp_values[slot:slot + 1].clone()
@@ -231,18 +246,26 @@ class DecodeSlab:
         if slots.keys is not None:
             r_idx = self.r_idx[layer_idx]
             rows = self._flat_rows(len(r_idx), self.rows, self._row)
-            new = (keys.index_select(1, r_idx), values.index_select(1, r_idx))                # [B, r, D] each
-            if self.quantized:
-                (qk, sk), (qv, sv) = (kv_quant.quantize(new[0], self.key_bits),
-                                      kv_quant.quantize(new[1], self.value_bits))
-                new = (qk, qv, sk, sv)
+            new = self._encoded(keys.index_select(1, r_idx), values.index_select(1, r_idx),   # [B, r, D] each
+                                (self.key_bits, self.value_bits))
             for store, row in zip(slots.retrieval_stores().values(), new):
                 _write_rows(store, rows, row)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
             rows = self._flat_rows(len(l_idx), self.local_rows, self._local_row)
-            _write_rows(slots.local_keys, rows, keys.index_select(1, l_idx))
-            _write_rows(slots.local_values, rows, values.index_select(1, l_idx))
+            new = self._encoded(keys.index_select(1, l_idx), values.index_select(1, l_idx),
+                                (self.local_key_bits, self.local_value_bits))
+            for store, row in zip(slots.local_stores().values(), new):
+                _write_rows(store, rows, row)
+
+    @staticmethod
+    def _encoded(keys: torch.Tensor, values: torch.Tensor, bits: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """New rows [B, h, D] as stores of `bits` (key, value) hold them: (keys, values[, key scales, value
+        scales]), as `KVBuffer._encode` makes them (so a slot equals the session's own buffer)."""
+        if bits[0] == 16:
+            return keys, values
+        (qk, sk), (qv, sv) = kv_quant.quantize(keys, bits[0]), kv_quant.quantize(values, bits[1])
+        return qk, qv, sk, sv
 
     def _flat_rows(self, heads: int, rows: int, row: torch.Tensor) -> torch.Tensor:
         """Indices into a [B * heads * rows, D] view of a store of each member's `row` in every head: [B * heads]."""
@@ -270,7 +293,8 @@ class DecodeSlab:
             out.index_copy_(1, r_idx, o)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
-            o = F.scaled_dot_product_attention(q_kv.index_select(1, l_idx), slots.local_keys, slots.local_values,
+            local_keys, local_values = self._local_rows(slots)
+            o = F.scaled_dot_product_attention(q_kv.index_select(1, l_idx), local_keys, local_values,
                                                attn_mask=self._l_bias, scale=scale)                 # [B, l, G, D]
             out.index_copy_(1, l_idx, o)
         return out.view(bsz, n_heads, 1, head_dim)
@@ -284,6 +308,21 @@ class DecodeSlab:
                                     self.key_bits),
                 kv_quant.dequantize(slots.values[:, :, :span], slots.value_scales[:, :, :span], self.dtype,
                                     self.value_bits))
+
+    def _local_rows(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every local row, [B, l, sink + ring + 1, D] in the cache dtype, the compensation row last (integer rows
+        are dequantised, and the compensation row written into the copy)."""
+        if not self.local_quantized:
+            return slots.local_keys, slots.local_values
+        out = []
+        for store, scales, bits, comp in ((slots.local_keys, slots.local_key_scales, self.local_key_bits,
+                                           slots.comp_keys),
+                                          (slots.local_values, slots.local_value_scales, self.local_value_bits,
+                                           slots.comp_values)):
+            rows = kv_quant.dequantize(store, scales, self.dtype, bits)
+            rows[:, :, -1] = comp[:, :, 0]
+            out.append(rows)
+        return out[0], out[1]
 
     def end_step(self) -> None:
         """Fold the token that left each member's window into its compensation token; every member grew by one."""
@@ -313,9 +352,22 @@ class DecodeSlab:
         for slots in self.storage:
             if slots.local_keys is None:
                 continue
-            for comp, store in ((slots.comp_keys, slots.local_keys), (slots.comp_values, slots.local_values)):
-                comp.lerp_(store[self._slots, :, rows].unsqueeze(2).float(), weights)   # [B, l, 1, D]
-                store[:, :, -1] = comp[:, :, 0]                                          # the row attention reads
+            leaving = self._leaving_rows(slots, rows)
+            for comp, store, row in ((slots.comp_keys, slots.local_keys, leaving[0]),
+                                     (slots.comp_values, slots.local_values, leaving[1])):
+                comp.lerp_(row.unsqueeze(2).float(), weights)                              # [B, l, 1, D]
+                if not self.local_quantized:
+                    store[:, :, -1] = comp[:, :, 0]                                      # the row attention reads
+
+    def _leaving_rows(self, slots: LayerSlots, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value rows `rows` ([B]: one local row per member) in the cache dtype, [B, l, D] each."""
+        if not self.local_quantized:
+            return slots.local_keys[self._slots, :, rows], slots.local_values[self._slots, :, rows]
+        pick = lambda t: t[self._slots, :, rows]   # noqa: E731
+        return (kv_quant.dequantize(pick(slots.local_keys), pick(slots.local_key_scales), self.dtype,
+                                    self.local_key_bits),
+                kv_quant.dequantize(pick(slots.local_values), pick(slots.local_value_scales), self.dtype,
+                                    self.local_value_bits))
 
     # --- accounting ---------------------------------------------------------------------------------
     def slot_nbytes(self) -> int:
@@ -331,10 +383,11 @@ def slot_bytes(template: CompressedKVCache, rows: int, head_dim: int, itemsize: 
     params = template.params
     local_rows = params.sink + params.window(rows) + 2   # the ring (window + the step's new token), compensation
     r_row = params.retrieval_row_nbytes(head_dim, itemsize)                      # a key and a value
+    l_row = params.local_row_nbytes(head_dim, itemsize)
     total = 0
     for layer in template.layers:
         r, l = len(layer.retrieval_heads), len(layer.local_heads)
-        total += r * rows * r_row + 2 * l * head_dim * (itemsize * local_rows + 4)   # K and V; compensation f32
+        total += r * rows * r_row + l * (local_rows * l_row + 2 * head_dim * 4)   # K and V; compensation f32
     return total
 
 

@@ -75,8 +75,10 @@ CACHE_FIELDS = {"n_kv_heads": lambda v: is_count(v) and v >= 1, "params": lambda
 OPTIONAL_CACHE_FIELDS = {"dtype": lambda v: _is_str(v) and v in KV_DTYPES}   # absent in an empty cache
 PARAMS_FIELDS = {"sink": is_count, "min_window": lambda v: is_count(v) and v >= 1, "ratio": _is_ratio,
                  "compensation": lambda v: isinstance(v, bool)}
-OPTIONAL_PARAMS_FIELDS = {"retrieval_bits": lambda v: v in kv_quant.BITS and not isinstance(v, bool),
-                          "retrieval_value_bits": lambda v: is_count(v) and v in {b for _, b in kv_quant.STORAGES}}
+_KEY_BITS = lambda v: v in kv_quant.BITS and not isinstance(v, bool)   # noqa: E731
+_VALUE_BITS = lambda v: is_count(v) and v in {b for _, b in kv_quant.STORAGES}   # noqa: E731
+OPTIONAL_PARAMS_FIELDS = {"retrieval_bits": _KEY_BITS, "retrieval_value_bits": _VALUE_BITS,
+                          "local_bits": _KEY_BITS, "local_value_bits": _VALUE_BITS}
 
 
 def check_meta(meta: dict) -> None:
@@ -120,16 +122,22 @@ def _fields(where: str, obj: dict, required: dict, optional: dict | None = None)
 
 
 def _check_storage(params: dict) -> None:
+    bits = _bits(params)
     try:
-        kv_quant.check_storage(*_bits(params))
+        kv_quant.check_storage(bits["keys"], bits["values"])
+        kv_quant.check_storage(bits["local_keys"], bits["local_values"])
     except ValueError as e:
         raise HeaderInvalid(f"state.cache.params: {e}") from None
 
 
-def _bits(params: dict) -> tuple[int, int]:
-    """(key bits, value bits) of the retrieval heads (a spill from before 8 bits names neither)."""
-    key_bits = params.get("retrieval_bits", 16)
-    return key_bits, params.get("retrieval_value_bits", key_bits)
+def _bits(params: dict) -> dict[str, int]:
+    """The bits each group's keys and values are stored in, by spill name ("keys", "local_values", ...); a spill
+    from before 8 bits names none (16), from before integer local rows no local ones."""
+    out = {}
+    for group, prefix in (("retrieval", ""), ("local", "local_")):
+        key_bits = params.get(f"{group}_bits", 16)
+        out.update({f"{prefix}keys": key_bits, f"{prefix}values": params.get(f"{group}_value_bits", key_bits)})
+    return out
 
 
 def _check_tokens(token_ids: list, token_count: int, shape: ModelShape | None) -> None:
@@ -179,7 +187,7 @@ def _check_tensors(tensors: dict, cache: dict, length: int, dtype: str, head_dim
             raise HeaderInvalid(f"tensor {name} is {tensors[name]}, expected {want}")
 
 
-def _implied_head_dim(shapes, bits: tuple[int, int]) -> int:
+def _implied_head_dim(shapes, bits: dict[str, int]) -> int:
     """head_dim as the first tensor of ``shapes`` ((name, shape) pairs) that is not scales implies; 0 if none."""
     for name, shape in shapes:
         if not _scales(name):
@@ -187,14 +195,14 @@ def _implied_head_dim(shapes, bits: tuple[int, int]) -> int:
     return 0
 
 
-def _stored_bits(name: str, bits: tuple[int, int]) -> int:
-    """The bits tensor ``name`` holds a channel in: a retrieval group's keys or values at the params' (key bits,
-    value bits) (packed below 8), anything else 16 (the cache dtype or float32)."""
-    return bits[0] if name.endswith(".keys") else bits[1] if name.endswith(".values") else 16
+def _stored_bits(name: str, bits: dict[str, int]) -> int:
+    """The bits tensor ``name`` ("3.local_keys") holds a channel in: a group's keys or values at the params' bits
+    (packed below 8), anything else 16 (the compensation's float32)."""
+    return bits.get(name.partition(".")[2], 16)
 
 
 def _scales(name: str) -> bool:
-    """A retrieval group's int8 scales ("3.key_scales"): one per group of channels, not head_dim wide."""
+    """A group's scales ("3.key_scales", "3.local_value_scales"): one per group of channels, not head_dim wide."""
     return name.endswith("_scales")
 
 
@@ -205,23 +213,27 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
         if comp:
             raise HeaderInvalid(f"layer {i} folded {comp} tokens into an empty cache")
         return {}
-    out = {}
-    key_bits, value_bits = _bits(cache["params"])
-    if n_retrieval and key_bits < 16:
-        out.update({f"{i}.{name}": (INT_DTYPES[bits], [1, n_retrieval, length])
-                    for name, bits in (("keys", key_bits), ("values", value_bits))})
-        out.update({f"{i}.{n}": (SCALE_DTYPE, [1, n_retrieval, length]) for n in ("key_scales", "value_scales")})
-    elif n_retrieval:
-        out.update({f"{i}.{name}": (dtype, [1, n_retrieval, length]) for name in ("keys", "values")})
+    out, bits = {}, _bits(cache["params"])
+    if n_retrieval:
+        out.update(_group_tensors(i, "", bits, [1, n_retrieval, length], dtype))
     if n_local:
         local_shape = tensors.get(f"{i}.local_keys", (None, []))[1]
         rows = local_shape[2] if len(local_shape) == 4 else -1
         compensates = cache["params"]["compensation"]
         if not 0 <= rows <= length or (rows + comp != length if compensates else comp != 0):
             raise HeaderInvalid(f"layer {i} keeps {rows} local rows and folded {comp} of {length} tokens")
-        out.update({f"{i}.{name}": (dtype, [1, n_local, rows]) for name in ("local_keys", "local_values")})
+        out.update(_group_tensors(i, "local_", bits, [1, n_local, rows], dtype))
         if comp:
             out.update({f"{i}.{name}": (COMP_DTYPE, [1, n_local, 1]) for name in ("comp_keys", "comp_values")})
+    return out
+
+
+def _group_tensors(i: int, prefix: str, bits: dict[str, int], dims: list[int], dtype: str) -> dict:
+    """One head group's keys and values (``prefix`` "" or "local_"), and their scales where stored in integers."""
+    if bits[f"{prefix}keys"] == 16:
+        return {f"{i}.{prefix}{name}": (dtype, dims) for name in ("keys", "values")}
+    out = {f"{i}.{prefix}{name}": (INT_DTYPES[bits[prefix + name]], dims) for name in ("keys", "values")}
+    out.update({f"{i}.{prefix}{name}": (SCALE_DTYPE, dims) for name in ("key_scales", "value_scales")})
     return out
 
 
