@@ -393,8 +393,10 @@ def main() -> None:
     engine = Engine(loaded)
     calibrated = (HeadMap.from_json(Path(args.calibrated_map).read_text(), expect=loaded.fingerprint)
                   if args.calibrated_map else shipped_head_map(loaded.fingerprint))
-    if calibrated is None or not calibrated.calibration:
+    if calibrated is None:
         raise SystemExit("no calibrated head map for the embedded SmolLM2")
+    if not calibrated.calibration and "recorded" in args.orders:   # a variant_at map: measurable, but no order
+        raise SystemExit(f"map {calibrated.version} records no calibration order: leave 'recorded' out of --orders")
     print(f"map {calibrated.version}: {len(heads_of(calibrated))} KV heads full, {calibrated.compression}",
           flush=True)
     in_release = shipped_head_map(loaded.fingerprint)

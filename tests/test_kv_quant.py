@@ -75,6 +75,24 @@ def test_6bit_keys_rounded_in_the_rotated_basis_err_less_on_outlier_channels():
     assert error(8) < error(6) < error(4) / 10
 
 
+def test_rotated_keys_read_in_their_basis_give_the_same_scores_to_a_rotated_query():
+    """The decode slab reads 6-bit keys without rotating them back and rotates the query instead: q.k agrees."""
+    gen = torch.Generator().manual_seed(4)
+    keys, query = torch.randn(2, 3, 40, 64, generator=gen), torch.randn(2, 3, 1, 64, generator=gen)
+    stored = kv_quant.quantize(keys, 6)
+    rotation = kv_quant.rotation(64, keys.device)
+    plain = kv_quant.dequantize(*stored, torch.float32, 6)
+    in_basis = kv_quant.dequantize(*stored, torch.float32, 6, unrotate=False)
+    assert not torch.allclose(in_basis, plain, atol=1e-2)   # really another basis
+    torch.testing.assert_close(in_basis @ rotation.T, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close((query @ rotation) @ in_basis.transpose(-1, -2), query @ plain.transpose(-1, -2),
+                               atol=1e-4, rtol=0)
+    # bits that are not rotated ignore it
+    eight = kv_quant.quantize(keys, 8)
+    assert torch.equal(kv_quant.dequantize(*eight, torch.float32, 8, unrotate=False),
+                       kv_quant.dequantize(*eight, torch.float32, 8))
+
+
 def test_row_bytes_in_8_bits_are_about_half_of_16_and_4_bit_values_a_quarter():
     assert kv_quant.row_nbytes(64, 16, 2) == 128 and kv_quant.row_nbytes(64, 8, 2) == 64 + 2 * 2
     assert kv_quant.row_nbytes(64, 16, 4) == 256 and kv_quant.row_nbytes(16, 8, 4) == 16 + 2

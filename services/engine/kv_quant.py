@@ -134,14 +134,16 @@ def integers(q: torch.Tensor, bits: int) -> torch.Tensor:
     return _UNPACK[bits](q) if bits in PACKED else q.float()
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bits: int) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bits: int,
+               unrotate: bool = True) -> torch.Tensor:
     """(a store of `bits`: int8 [..., D] or packed uint8 [..., D * bits / 8]; scales [..., G]) -> [..., D] in
-    `dtype`."""
+    `dtype`. `unrotate=False` leaves rows of `ROTATED` bits in the rotation's basis: a decode step rotates its one
+    query instead of every key (q.k is the same in any orthonormal basis), a [D, D] product per row saved."""
     ints = integers(q, bits)                                                             # [..., D]
     assert ints.shape[:-1] == scale.shape[:-1] and ints.shape[-1] % scale.shape[-1] == 0, (q.shape, scale.shape)
     groups = ints.unflatten(-1, (scale.shape[-1], ints.shape[-1] // scale.shape[-1]))
     rows = (groups * scale.float().unsqueeze(-1)).flatten(-2)
-    if bits in ROTATED:
+    if bits in ROTATED and unrotate:
         rows = rows @ rotation(rows.shape[-1], rows.device).T
     return rows.to(dtype)
 

@@ -91,6 +91,10 @@ class DecodeSlab:
         self.ring = self.params.window(rows) + 1
         self.local_rows = self.params.sink + self.ring + 1   # + the compensation row, last
         self.head_dim, self.dtype, self.device = head_dim, dtype, torch.device(device)
+        # keys stored rotated are read in the rotation's basis, with the query rotated to match (None: not rotated)
+        self.key_rotation, self.local_key_rotation = (
+            kv_quant.rotation(head_dim, self.device) if bits in kv_quant.ROTATED else None
+            for bits in (self.key_bits, self.local_key_bits))
         self.r_heads = [len(layer.retrieval_heads) for layer in template.layers]
         self.l_heads = [len(layer.local_heads) for layer in template.layers]
         group_idx = [_head_indices(layer, self.device) for layer in template.layers]
@@ -288,41 +292,42 @@ class DecodeSlab:
         if slots.keys is not None:
             r_idx = self.r_idx[layer_idx]
             keys, values = self._retrieval_rows(slots)
-            o = F.scaled_dot_product_attention(q_kv.index_select(1, r_idx), keys, values,
-                                               attn_mask=self._r_mask, scale=scale)
+            o = F.scaled_dot_product_attention(_rotated(q_kv.index_select(1, r_idx), self.key_rotation), keys,
+                                               values, attn_mask=self._r_mask, scale=scale)
             out.index_copy_(1, r_idx, o)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
             local_keys, local_values = self._local_rows(slots)
-            o = F.scaled_dot_product_attention(q_kv.index_select(1, l_idx), local_keys, local_values,
-                                               attn_mask=self._l_bias, scale=scale)                 # [B, l, G, D]
+            o = F.scaled_dot_product_attention(_rotated(q_kv.index_select(1, l_idx), self.local_key_rotation),
+                                               local_keys, local_values, attn_mask=self._l_bias,
+                                               scale=scale)                                         # [B, l, G, D]
             out.index_copy_(1, l_idx, o)
         return out.view(bsz, n_heads, 1, head_dim)
 
     def _retrieval_rows(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        """The retrieval rows this step reads, [B, r, span, D] in the cache dtype (dequantised from integers)."""
+        """The retrieval rows this step reads, [B, r, span, D] in the cache dtype (dequantised from integers; keys
+        stored rotated stay in the rotation's basis)."""
         span = self._span
         if not self.quantized:
             return slots.keys[:, :, :span], slots.values[:, :, :span]
         return (kv_quant.dequantize(slots.keys[:, :, :span], slots.key_scales[:, :, :span], self.dtype,
-                                    self.key_bits),
+                                    self.key_bits, unrotate=False),
                 kv_quant.dequantize(slots.values[:, :, :span], slots.value_scales[:, :, :span], self.dtype,
                                     self.value_bits))
 
     def _local_rows(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
         """Every local row, [B, l, sink + ring + 1, D] in the cache dtype, the compensation row last (integer rows
-        are dequantised, and the compensation row written into the copy)."""
+        are dequantised, and the compensation row written into the copy; keys stored rotated, and so their
+        compensation row, in the rotation's basis)."""
         if not self.local_quantized:
             return slots.local_keys, slots.local_values
-        out = []
-        for store, scales, bits, comp in ((slots.local_keys, slots.local_key_scales, self.local_key_bits,
-                                           slots.comp_keys),
-                                          (slots.local_values, slots.local_value_scales, self.local_value_bits,
-                                           slots.comp_values)):
-            rows = kv_quant.dequantize(store, scales, self.dtype, bits)
-            rows[:, :, -1] = comp[:, :, 0]
-            out.append(rows)
-        return out[0], out[1]
+        keys = kv_quant.dequantize(slots.local_keys, slots.local_key_scales, self.dtype, self.local_key_bits,
+                                   unrotate=False)
+        values = kv_quant.dequantize(slots.local_values, slots.local_value_scales, self.dtype, self.local_value_bits)
+        comp_keys = slots.comp_keys[:, :, 0]                                                 # [B, l, D] float32
+        keys[:, :, -1] = comp_keys if self.local_key_rotation is None else comp_keys @ self.local_key_rotation
+        values[:, :, -1] = slots.comp_values[:, :, 0]
+        return keys, values
 
     def end_step(self) -> None:
         """Fold the token that left each member's window into its compensation token; every member grew by one."""
@@ -389,6 +394,11 @@ def slot_bytes(template: CompressedKVCache, rows: int, head_dim: int, itemsize: 
         r, l = len(layer.retrieval_heads), len(layer.local_heads)
         total += r * rows * r_row + l * (local_rows * l_row + 2 * head_dim * 4)   # K and V; compensation f32
     return total
+
+
+def _rotated(q: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """Queries [B, h, G, D] in the basis `rotation` ([D, D], float32) stores keys in (None: as they are)."""
+    return q if rotation is None else (q.float() @ rotation).to(q.dtype)
 
 
 def _write_rows(store: torch.Tensor, flat_rows: torch.Tensor, rows: torch.Tensor) -> None:
