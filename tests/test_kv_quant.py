@@ -226,6 +226,24 @@ def test_8bit_retrieval_heads_halve_their_bytes_and_keep_smollm2s_next_token():
 
 
 # ---- spills -----------------------------------------------------------------------------------------
+def assert_restores_bit_exact(engine: Engine, state: SessionState, params: SamplingParams) -> None:
+    """A spill of `state` restores to the same tensors, and the restored session continues as the original."""
+    tensors, meta = state.to_tensors()
+    restored = SessionState.from_tensors({k: v.clone() for k, v in tensors.items()}, meta, "cpu")
+    again, _ = restored.to_tensors()
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert engine.continue_session(state, [70, 71], params).token_ids == \
+        engine.continue_session(restored, [70, 71], params).token_ids
+
+
+def spill_header(state: SessionState) -> dict:
+    """The meta a spill of session "s1" writes beside `state`'s tensors."""
+    return {"session_id": "s1", "fingerprint_id": state.fingerprint_id, "head_map_version": state.head_map_version,
+            "token_count": len(state.token_ids), "nbytes": state.nbytes(), "full_nbytes": state.full_nbytes(),
+            "stored_nbytes": state.stored_nbytes(), "created_at": 1.0, "last_used": 2.0, "dtype": "float32",
+            "state": state.to_tensors()[1]}
+
+
 @pytest.mark.parametrize("storage", ["8", "8/4", "6/4"])
 def test_8bit_spill_round_trip_is_bit_exact_and_its_header_checks(maps, storage):
     loaded = tiny()
@@ -241,16 +259,8 @@ def test_8bit_spill_round_trip_is_bit_exact_and_its_header_checks(maps, storage)
                                                                   head_dim * bits // 8), name
     assert meta["cache"]["params"]["retrieval_bits"] == key_bits and meta["cache"]["dtype"] == "float32"
     assert meta["cache"]["params"].get("retrieval_value_bits", key_bits) == value_bits
-    restored = SessionState.from_tensors({k: v.clone() for k, v in tensors.items()}, meta, "cpu")
-    again, _ = restored.to_tensors()
-    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
-    assert engine.continue_session(state, [70, 71], params).token_ids == \
-        engine.continue_session(restored, [70, 71], params).token_ids
-
-    header = {"session_id": "s1", "fingerprint_id": state.fingerprint_id, "head_map_version": state.head_map_version,
-              "token_count": len(state.token_ids), "nbytes": state.nbytes(), "full_nbytes": state.full_nbytes(),
-              "stored_nbytes": state.stored_nbytes(), "created_at": 1.0, "last_used": 2.0, "dtype": "float32"}
-    header["state"] = state.to_tensors()[1]
+    assert_restores_bit_exact(engine, state, params)
+    header = spill_header(state)
     spilled_header.check(codec.read_header(codec.encode(state.to_tensors()[0], header).header), "s1",
                          ModelShape.of(loaded))
     as_floats = {k: (v.float() if k.endswith(".keys") else v) for k, v in state.to_tensors()[0].items()}
@@ -289,16 +299,8 @@ def test_integer_local_rows_spill_bit_exact_and_their_header_checks(maps, storag
                                                                   kv_quant.store_width(head_dim, bits)), name
     assert tensors["0.local_key_scales"].dtype == torch.float16 and tensors["0.comp_keys"].dtype == torch.float32
     assert meta["cache"]["params"]["local_bits"] == key_bits
-    restored = SessionState.from_tensors({k: v.clone() for k, v in tensors.items()}, meta, "cpu")
-    again, _ = restored.to_tensors()
-    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
-    assert engine.continue_session(state, [70, 71], params).token_ids == \
-        engine.continue_session(restored, [70, 71], params).token_ids
-
-    header = {"session_id": "s1", "fingerprint_id": state.fingerprint_id, "head_map_version": state.head_map_version,
-              "token_count": len(state.token_ids), "nbytes": state.nbytes(), "full_nbytes": state.full_nbytes(),
-              "stored_nbytes": state.stored_nbytes(), "created_at": 1.0, "last_used": 2.0, "dtype": "float32"}
-    header["state"] = state.to_tensors()[1]
+    assert_restores_bit_exact(engine, state, params)
+    header = spill_header(state)
     encoded = state.to_tensors()[0]
     spilled_header.check(codec.read_header(codec.encode(encoded, header).header), "s1", ModelShape.of(loaded))
     cache = header["state"]["cache"]
