@@ -18,9 +18,10 @@ synthetic skill (a pass key in one repeated sentence) is not retrieval. Calibrat
    one vote; the gates are trained on the families' tasks together.
 4. The BYTES search: for every window, sink size, ratio C (1e9 = a fixed window) and storage of the retrieval
    heads (`bits`: 16, 8 = int8 with scales, "8/4" = 4-bit values or "6/4" = 6-bit keys too, kv_quant.py;
-   bytes counted as against a 16-bit cache) and of the local heads' rows (`local_bits`, the same), the smallest k such that the top-k heads of the ranking (one vote
-   per family) meet the target (binary search; a shape that cannot beat the cheapest point found so far at
-   equal bytes is dropped after one probe). The cheapest point wins.
+   bytes counted as against a 16-bit cache) and of the local heads' rows (`local_bits`, the same), the smallest
+   k such that the top-k heads of the ranking (one vote per family) meet the target (binary search; a shape
+   that cannot beat the cheapest point found so far at equal bytes is dropped after one probe). The cheapest
+   point wins.
    With a byte budget (`max_bytes`) no point above it is tried; when none within it meets the target, the
    point keeping the largest share of the full cache's answers in its worst cell wins, and the record says
    the target was missed (`validated_on["target_met"]`): a map for a memory budget, honestly labelled.
