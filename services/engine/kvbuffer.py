@@ -38,7 +38,7 @@ class KVBuffer:
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """New rows as each store holds them, in `STORES` order."""
-        return k, v
+        return encoded(k, v, self.KEY_BITS, self.VALUE_BITS)
 
     def _stores(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.STORES]
@@ -136,10 +136,6 @@ class QuantizedKVBuffer(KVBuffer):
                   for bits in (self.KEY_BITS, self.VALUE_BITS)],
                 *[(kv_quant.SCALE_DTYPE, width)] * 2]
 
-    def _encode(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        (qk, sk), (qv, sv) = kv_quant.quantize(k, self.KEY_BITS), kv_quant.quantize(v, self.VALUE_BITS)
-        return qk, qv, sk, sv
-
     @property
     def keys(self) -> torch.Tensor:
         live = slice(self.lo, self.hi)
@@ -165,6 +161,16 @@ class Int6KeysKVBuffer(QuantizedKVBuffer):
 
 
 BUFFER_CLASSES = {(16, 16): KVBuffer, (8, 8): QuantizedKVBuffer, (8, 4): Int4ValuesKVBuffer, (6, 4): Int6KeysKVBuffer}
+
+
+def encoded(k: torch.Tensor, v: torch.Tensor, key_bits: int, value_bits: int) -> tuple[torch.Tensor, ...]:
+    """Rows [..., D] as a store of `key_bits` / `value_bits` holds them, in `STORES` order: (k, v) in 16 bits,
+    else (integer keys, integer values, key scales, value scales). The decode slab writes its rows with this too,
+    so a slot holds exactly what the session's own buffer would."""
+    if key_bits == 16:
+        return k, v
+    (qk, sk), (qv, sv) = kv_quant.quantize(k, key_bits), kv_quant.quantize(v, value_bits)
+    return qk, qv, sk, sv
 
 
 def buffer_class(bits: int, value_bits: int | None = None) -> type[KVBuffer]:

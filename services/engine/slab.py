@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import kv_quant
 from .cache import CompressedKVCache
-from .kvbuffer import restored
+from .kvbuffer import encoded, restored
 
 CLASS_GROWTH = 1.2   # size classes grow by 1.2x: a slot is at most 1.2x its turn's final length (bytes_bound: 1.25x)
 SMALLEST_CLASS = 16
@@ -250,26 +250,17 @@ class DecodeSlab:
         if slots.keys is not None:
             r_idx = self.r_idx[layer_idx]
             rows = self._flat_rows(len(r_idx), self.rows, self._row)
-            new = self._encoded(keys.index_select(1, r_idx), values.index_select(1, r_idx),   # [B, r, D] each
-                                (self.key_bits, self.value_bits))
+            new = encoded(keys.index_select(1, r_idx), values.index_select(1, r_idx),   # [B, r, D] each
+                          self.key_bits, self.value_bits)
             for store, row in zip(slots.retrieval_stores().values(), new):
                 _write_rows(store, rows, row)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
             rows = self._flat_rows(len(l_idx), self.local_rows, self._local_row)
-            new = self._encoded(keys.index_select(1, l_idx), values.index_select(1, l_idx),
-                                (self.local_key_bits, self.local_value_bits))
+            new = encoded(keys.index_select(1, l_idx), values.index_select(1, l_idx),
+                          self.local_key_bits, self.local_value_bits)
             for store, row in zip(slots.local_stores().values(), new):
                 _write_rows(store, rows, row)
-
-    @staticmethod
-    def _encoded(keys: torch.Tensor, values: torch.Tensor, bits: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-        """New rows [B, h, D] as stores of `bits` (key, value) hold them: (keys, values[, key scales, value
-        scales]), as `KVBuffer._encode` makes them (so a slot equals the session's own buffer)."""
-        if bits[0] == 16:
-            return keys, values
-        (qk, sk), (qv, sv) = kv_quant.quantize(keys, bits[0]), kv_quant.quantize(values, bits[1])
-        return qk, qv, sk, sv
 
     def _flat_rows(self, heads: int, rows: int, row: torch.Tensor) -> torch.Tensor:
         """Indices into a [B * heads * rows, D] view of a store of each member's `row` in every head: [B * heads]."""
