@@ -137,6 +137,8 @@ def assert_same_cache(a, b) -> None:
         names = ["local_keys", "local_values", "comp_keys", "comp_values"]
         if integer and la.retrieval is not None:   # keys in 8 or 6 bits, values in 8 or 4
             assert_same_int8_rows(la.retrieval, lb.retrieval)
+            for name, x in la.retrieval.recent_rows().items():   # its last tokens as computed, if it keeps them
+                torch.testing.assert_close(x, lb.retrieval.recent_rows()[name], atol=tol, rtol=tol)
         else:
             names = ["keys", "values", *names]
         for name in names:
@@ -159,10 +161,10 @@ def assert_same_int8_rows(a, b) -> None:
             torch.testing.assert_close(x, rows_b[name], atol=0, rtol=1e-2)
 
 
-def stored_in(head_map: HeadMap, bits: int | str, local: int | str = 16) -> HeadMap:
+def stored_in(head_map: HeadMap, bits: int | str, local: int | str = 16, recent: int = 0) -> HeadMap:
     """The same heads and shape with retrieval rows kept in `bits` (16: the model's dtype; 8: int8 + scales;
-    "8/4": int8 keys, 4-bit values) and the local heads' sink and window rows in `local`."""
-    compression = head_map.compression.stored_as(bits).local_stored_as(local)
+    "8/4": int8 keys, 4-bit values), the local heads' sink and window rows in `local`, and `recent` rows."""
+    compression = dataclasses.replace(head_map.compression.stored_as(bits).local_stored_as(local), recent_rows=recent)
     return dataclasses.replace(head_map, compression=compression, version="")
 
 

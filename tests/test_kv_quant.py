@@ -14,8 +14,8 @@ from services.inference import codec, spilled_header
 from services.inference.spilled_header import HeaderInvalid, ModelShape
 from tests.engine_models import smollm2, tiny
 from tests.planted_loaded import planted_loaded
-from tests.test_engine_batching import (SMALL, Job, assert_same_conversation, greedy, ids, run_alone, run_batched,
-                                        stored_in)
+from tests.test_engine_batching import (LOGPROB_ATOL, SMALL, Job, assert_same_conversation, greedy, ids, run_alone,
+                                        run_batched, stored_in)
 
 
 def in_8_bits(head_map: HeadMap) -> HeadMap:
@@ -30,7 +30,9 @@ def maps():
     return {"16": profiled, "8": in_8_bits(profiled), "full8": in_8_bits(HeadMap.full(loaded.fingerprint, SMALL)),
             "8/4": stored_in(profiled, "8/4"), "6/4": stored_in(profiled, "6/4"),
             # retrieval : local rows (16 for the local rows when not named)
-            "6/4:6/4": stored_in(profiled, "6/4", "6/4"), "16:8": stored_in(profiled, 16, 8)}
+            "6/4:6/4": stored_in(profiled, "6/4", "6/4"), "16:8": stored_in(profiled, 16, 8),
+            # + the last 5 tokens of each group also in float32 (SMALL's window is 8, so the local group keeps 5)
+            "6/4:6/4+r5": stored_in(profiled, "6/4", "6/4", recent=5), "8+r5": stored_in(profiled, 8, recent=5)}
 
 
 # ---- the quantiser ----------------------------------------------------------------------------------
@@ -101,11 +103,15 @@ def test_row_bytes_in_8_bits_are_about_half_of_16_and_4_bit_values_a_quarter():
     assert CompressionParams(retrieval_bits=6, retrieval_value_bits=4).retrieval_row_nbytes(64, 2) == 52 + 36
 
 
+@pytest.mark.parametrize("recent", [0, 5])
 @pytest.mark.parametrize("cls", [QuantizedKVBuffer, Int4ValuesKVBuffer, Int6KeysKVBuffer])
-def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict_shrink(cls):
+def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict_shrink(cls, recent):
+    """Rows read rounded, except the last `recent` appended: those are read as appended (never evicted: a local
+    group's window keeps at least as many)."""
     heads, dim, k_bits, v_bits = 3, 64, cls.KEY_BITS, cls.VALUE_BITS
-    buf = cls(heads, dim, torch.float32, "cpu")
+    buf = cls(heads, dim, torch.float32, "cpu", recent=recent)
     ref_k, ref_v = torch.empty(1, heads, 0, dim), torch.empty(1, heads, 0, dim)
+    raw_k, raw_v = ref_k, ref_v                                                        # every row as appended
     gen = torch.Generator().manual_seed(1)
     for step in range(200):
         q = 1 if step % 3 else int(torch.randint(1, 25, (1,), generator=gen))
@@ -113,15 +119,21 @@ def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict
         buf.append(k, v)
         ref_k = torch.cat([ref_k, kv_quant.dequantize(*kv_quant.quantize(k, k_bits), torch.float32, k_bits)], 2)
         ref_v = torch.cat([ref_v, kv_quant.dequantize(*kv_quant.quantize(v, v_bits), torch.float32, v_bits)], 2)
-        if step % 4 == 3 and len(buf) > 6:
-            n_keep, n_drop = 2, int(torch.randint(1, len(buf) - 2, (1,), generator=gen))
+        raw_k, raw_v = torch.cat([raw_k, k], 2), torch.cat([raw_v, v], 2)
+        if step % 4 == 3 and len(buf) > 6 + recent:
+            n_keep, n_drop = 2, int(torch.randint(1, len(buf) - 2 - recent, (1,), generator=gen))
             buf.evict(n_keep, n_drop)
             ref_k = torch.cat([ref_k[:, :, :n_keep], ref_k[:, :, n_keep + n_drop:]], 2)
             ref_v = torch.cat([ref_v[:, :, :n_keep], ref_v[:, :, n_keep + n_drop:]], 2)
             buf.shrink()
-        assert torch.equal(buf.keys, ref_k) and torch.equal(buf.values, ref_v)
-        # 8- or 6-bit keys and 8- or 4-bit values, each with two float16 scales a row
-        assert buf.nbytes() == heads * buf.capacity * (dim * (k_bits + v_bits) // 8 + 2 * 2 * 2)
+        m = min(recent, raw_k.shape[2])
+        want_k, want_v = ref_k.clone(), ref_v.clone()
+        if m:
+            want_k[:, :, -m:], want_v[:, :, -m:] = raw_k[:, :, -m:], raw_v[:, :, -m:]
+        assert torch.equal(buf.keys, want_k) and torch.equal(buf.values, want_v)
+        # 8- or 6-bit keys and 8- or 4-bit values, each with two float16 scales a row; the recent rows in float32
+        assert buf.nbytes() == heads * buf.capacity * (dim * (k_bits + v_bits) // 8 + 2 * 2 * 2) + heads * m * dim * 8
+        assert buf.stored_nbytes() == heads * len(buf) * (dim * (k_bits + v_bits) // 8 + 8) + heads * m * dim * 8
     assert buf.keys.dtype == torch.float32 and buf.k_store.dtype == (torch.int8 if k_bits == 8 else torch.uint8)
     assert buf.v_store.dtype == (torch.uint8 if v_bits == 4 else torch.int8)
 
@@ -156,7 +168,50 @@ def test_8bit_sessions_batched_equal_each_alone_and_store_int8(maps):
         assert any(layer.retrieval is not None for layer in layers), job.name
 
 
-@pytest.mark.parametrize("storage", ["8", "8/4", "6/4", "6/4:6/4", "16:8"])
+def test_recent_rows_batched_equal_each_alone_and_hold_each_groups_last_tokens(maps):
+    """Sessions whose integer groups keep their last 5 tokens in float32 too, shorter and longer than that, decoding
+    in slabs beside 16-bit and 6/4 ones without recent rows: each produces what it produces alone, and holds its
+    last min(5, N) tokens (the local group's too: SMALL's window keeps 8)."""
+    engine = Engine(tiny(), maps["16"])
+    layouts = ["6/4:6/4+r5", "8+r5", "16", "6/4:6/4+r5", "6/4:6/4", "8+r5", "6/4:6/4+r5"]
+    lengths, max_new = [2, 3, 12, 20, 26, 33, 47], [2, 9, 14, 6, 8, 12, 10]
+
+    def make(i):
+        turns, params = [ids(lengths[i], 500 + i)], [greedy(max_new[i])]
+        if i % 2:
+            turns.append(ids(3 + i, 600 + i))
+            params.append(greedy(5))
+        return Job(f"r{i}", maps[layouts[i]], turns, params)
+
+    alone = [run_alone(engine, make(i)) for i in range(len(layouts))]
+    batched = [make(i) for i in range(len(layouts))]
+    run_batched(engine, batched, SchedulerConfig(max_running=8, step_tokens=512))
+    for got, want in zip(batched, alone):
+        assert_same_conversation(got, want)
+        for layer in got.state.cache.layers:
+            for buffer, recent in zip((layer.retrieval, layer.local), got.head_map.compression.recent):
+                if buffer is not None:
+                    assert buffer.k_recent.shape[2] == min(recent, layer.seq_len), got.name
+
+
+def test_a_session_within_its_recent_rows_reads_what_16_bits_read_and_past_them_rounded_rows(maps):
+    """With 8 recent rows (SMALL's window is 8) a 7-token conversation is read as computed: it answers what the
+    16-bit map answers, where the same 6/4 map without recent rows does not; once it grows past them the rounded
+    rows count again."""
+    engine = Engine(tiny(), maps["16"])
+    recent8 = stored_in(maps["16"], "6/4", "6/4", recent=8)
+    prompt = ids(4, 700)
+    runs = {name: run_alone(engine, Job(name, hm, [prompt], [greedy(4)]))
+            for name, hm in (("16", maps["16"]), ("r8", recent8), ("6/4", maps["6/4:6/4"]))}
+    lps = {name: torch.tensor(job.logprobs[0]) for name, job in runs.items()}
+    torch.testing.assert_close(lps["r8"], lps["16"], atol=LOGPROB_ATOL, rtol=0)
+    assert (lps["6/4"] - lps["16"]).abs().max() > 10 * LOGPROB_ATOL
+    longer = {name: run_alone(engine, Job(name, hm, [ids(40, 701)], [greedy(3)]))
+              for name, hm in (("16", maps["16"]), ("r8", recent8))}
+    assert (torch.tensor(longer["r8"].logprobs[0]) - torch.tensor(longer["16"].logprobs[0])).abs().max() > LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("storage", ["8", "8/4", "6/4", "6/4:6/4", "16:8", "6/4:6/4+r5", "8+r5"])
 def test_8bit_slot_bytes_are_what_the_slab_allocates_and_within_the_bound(maps, storage):
     engine = Engine(tiny(), maps[storage])
     head_dim, dtype = engine.dims.head_dim, engine.loaded.dtype
@@ -311,6 +366,53 @@ def test_integer_local_rows_spill_bit_exact_and_their_header_checks(maps, storag
             spilled_header.check(codec.read_header(codec.encode(encoded, told).header), "s1", ModelShape.of(loaded))
 
 
+@pytest.mark.parametrize("storage", ["6/4:6/4+r5", "8+r5"])
+def test_recent_rows_spill_bit_exact_and_their_header_checks(maps, storage):
+    """The recent rows' float32 copies are spilled beside the integers (each integer group's last 5 tokens),
+    restored bit-exact, and a header whose recent_rows disagree with the tensors is refused."""
+    loaded = tiny()
+    engine = Engine(loaded, maps[storage])
+    params = SamplingParams(max_new_tokens=8)
+    state, _ = engine.generate(ids(90, 25), params)
+    tensors, meta = state.to_tensors()
+    c = maps[storage].compression
+    assert meta["cache"]["params"]["recent_rows"] == 5
+    groups = {"recent": c.retrieval_bits < 16, "local_recent": c.local_bits < 16}
+    for i, layer in enumerate(state.cache.layers):
+        for prefix, heads in (("recent", layer.retrieval_heads), ("local_recent", layer.local_heads)):
+            if heads and groups[prefix]:
+                for name in ("keys", "values"):
+                    t = tensors[f"{i}.{prefix}_{name}"]
+                    assert (t.dtype, tuple(t.shape)) == (torch.float32, (1, len(heads), 5, engine.dims.head_dim))
+            else:
+                assert f"{i}.{prefix}_keys" not in tensors
+    assert_restores_bit_exact(engine, state, params)
+    header = spill_header(state)
+    encoded = state.to_tensors()[0]
+    spilled_header.check(codec.read_header(codec.encode(encoded, header).header), "s1", ModelShape.of(loaded))
+    cache = header["state"]["cache"]
+    for recent in (3, None):
+        params_ = {k: v for k, v in {**cache["params"], "recent_rows": recent}.items() if v is not None}
+        told = {**header, "state": {**header["state"], "cache": {**cache, "params": params_}}}
+        with pytest.raises(HeaderInvalid, match="recent"):
+            spilled_header.check(codec.read_header(codec.encode(encoded, told).header), "s1", ModelShape.of(loaded))
+
+
+def test_recent_rows_are_validated_and_only_named_in_maps_that_keep_them(maps):
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="recent_rows"):
+            CompressionParams(recent_rows=bad)
+    assert CompressionParams(recent_rows=32.0).recent_rows == 32   # from a job's JSON
+    assert "recent_rows" not in maps["6/4:6/4"].compression.to_dict()   # maps from before them keep their version
+    loaded = tiny()
+    back = HeadMap.from_json(maps["8+r5"].to_json(), expect=loaded.fingerprint)
+    without = HeadMap.from_json(maps["8"].to_json(), expect=loaded.fingerprint)
+    assert back.compression.recent_rows == 5 and back.version != without.version and without.version
+    # a group in 16 bits keeps none; a local group at most its smallest window
+    assert CompressionParams(min_window=8, recent_rows=20, retrieval_bits=8, local_bits=8).recent == (20, 8)
+    assert CompressionParams(min_window=8, recent_rows=20).recent == (0, 0)
+
+
 def test_8bit_head_map_json_round_trip_and_16bit_maps_unchanged(maps):
     loaded = tiny()
     back = HeadMap.from_json(maps["8"].to_json(), expect=loaded.fingerprint)
@@ -362,7 +464,7 @@ def test_a_budget_too_small_for_the_planted_head_in_16_bits_is_met_in_8():
 
 
 # ---- the service: an 8-bit map over gRPC, spilled to Redis and restored ---------------------------------
-@pytest.mark.parametrize("storage", ["8", "8/4", "6/4", "6/4:6/4"])
+@pytest.mark.parametrize("storage", ["8", "8/4", "6/4", "6/4:6/4", "6/4:6/4+r8"])
 def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(start_server, tiny_head_map, storage):
     """Sampled turns (any change in a logit shows) match between a session of an 8-bit map (or 8-bit keys and
     4-bit values) kept resident and one spilled to Redis and restored before every turn; the reported bytes are
@@ -370,7 +472,8 @@ def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(st
     from services.inference.client import RazorClient
     from tests.test_integrity import sampled_turns
 
-    hm8 = stored_in(tiny_head_map, *storage.split(":"))   # retrieval[:local] storage
+    storage, _, recent = storage.partition("+r")
+    hm8 = stored_in(tiny_head_map, *storage.split(":"), recent=int(recent or 0))   # retrieval[:local][+r recent]
     prompt = "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly " * 3
     outs, sizes = [], {}
     for spills in (False, True):
@@ -382,6 +485,7 @@ def test_an_8bit_session_spilled_to_redis_continues_as_one_kept_on_the_device(st
                 assert (reported.retrieval_bits, reported.retrieval_value_bits) == (
                     hm.compression.retrieval_bits, hm.compression.value_bits)
                 assert (reported.local_bits, reported.local_value_bits) == hm.compression.local_storage_bits
+                assert reported.recent_rows == hm.compression.recent_rows
             if hm is hm8:
                 outs.append([r.token_ids for r in replies])
             sizes[(hm.compression.retrieval_bits, spills)] = (session.kv_bytes, session.kv_bytes_full)

@@ -6,6 +6,8 @@ Per decoder layer the KV heads split in two groups, each a `KVBuffer` (prealloca
                                       values in 4 bits when `retrieval_value_bits` is 4
   local group      [1, l, S, D]       the first `sink` tokens + the most recent L_h tokens, S <= sink + L_h;
                                       in integers with scales when `local_bits` is below 16, as retrieval rows
+  recent rows      [1, h, R, D] x 2   a group stored in integers keeps its last R = `recent_rows` tokens in the
+                                      model's dtype too, and reads them from there (kvbuffer.py)
   compensation     [1, l, 1, D] x 2   running means of every dropped key and value (float32), plus their count
 
 L_h = max(S0, ceil(N / C)) as in the paper's Algorithm 1 (S0 = `min_window`, C = `ratio`, N0 = `sink`).
@@ -39,6 +41,10 @@ class CompressionParams:
     retrieval_value_bits: int | None = None
     local_bits: int = 16       # the local heads' sink and window rows, as `retrieval_bits` (the compensation
     local_value_bits: int | None = None   # token stays float32); values as `retrieval_value_bits`
+    # The last `recent_rows` tokens of a group stored in integers are also kept in the model's dtype and read
+    # from there, so the turn being answered is read as computed (docs 3.2q); a local group keeps at most
+    # `min_window` of them, so its window never evicts one.
+    recent_rows: int = 0
 
     def __post_init__(self):
         if self.sink < 0:
@@ -49,6 +55,10 @@ class CompressionParams:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}")
         for group in ("retrieval", "local"):
             self._check_bits(f"{group}_bits", f"{group}_value_bits")
+        recent = self.recent_rows
+        if isinstance(recent, bool) or not isinstance(recent, (int, float)) or recent < 0 or recent != int(recent):
+            raise ValueError(f"recent_rows must be a count of tokens >= 0, got {recent!r}")
+        object.__setattr__(self, "recent_rows", int(recent))   # 32.0 from a job's JSON: one map
 
     def _check_bits(self, key_field: str, value_field: str) -> None:
         """One group's (key bits, value bits): a storage kv_quant has; stored as ints, values None when equal."""
@@ -74,6 +84,12 @@ class CompressionParams:
     def local_storage_bits(self) -> tuple[int, int]:
         """(key bits, value bits) of the local heads' sink and window rows."""
         return self.local_bits, self.local_bits if self.local_value_bits is None else self.local_value_bits
+
+    @property
+    def recent(self) -> tuple[int, int]:
+        """Rows (retrieval, local) a group keeps in the model's dtype beside their integers (0 in 16 bits)."""
+        return (self.recent_rows if self.retrieval_bits < 16 else 0,
+                min(self.recent_rows, self.min_window) if self.local_bits < 16 else 0)
 
     def window(self, seq_len: int) -> int:
         """L_h: recent tokens a local head keeps at sequence length N."""
@@ -105,6 +121,8 @@ class CompressionParams:
             bits["local_bits"] = self.local_bits
         if self.local_value_bits is not None:
             bits["local_value_bits"] = self.local_value_bits
+        if self.recent_rows:
+            bits["recent_rows"] = self.recent_rows
         return {"sink": self.sink, "min_window": self.min_window, "ratio": self.ratio,
                 "compensation": self.compensation, **bits}
 
@@ -185,12 +203,13 @@ class RazorLayer:
 
     def _allocate(self, like: torch.Tensor) -> None:
         _, _, q_len, head_dim = like.shape
+        r_recent, l_recent = self.params.recent
         if self.retrieval_heads:
             self.retrieval = self.params.buffer_class()(
-                len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
+                len(self.retrieval_heads), head_dim, like.dtype, like.device, capacity_for(q_len), r_recent)
         if self.local_heads:
             self.local = self.params.local_buffer_class()(
-                len(self.local_heads), head_dim, like.dtype, like.device, capacity_for(q_len))
+                len(self.local_heads), head_dim, like.dtype, like.device, capacity_for(q_len), l_recent)
 
     def _index(self, device) -> None:
         self._r_idx = torch.tensor(self.retrieval_heads, dtype=torch.long, device=device)
@@ -236,7 +255,7 @@ class RazorLayer:
 
     def stored_nbytes(self) -> int:
         """Bytes of what the layer keeps (live rows and the compensation token), headroom excluded."""
-        rows = sum(len(b) * b.nbytes() // max(1, b.capacity) for b in (self.retrieval, self.local) if b is not None)
+        rows = sum(b.stored_nbytes() for b in (self.retrieval, self.local) if b is not None)
         comp = sum(t.numel() * t.element_size() for t in (self.comp_keys, self.comp_values) if t is not None)
         return rows + comp
 
@@ -260,8 +279,9 @@ class RazorLayer:
         r_rows = len(self.retrieval_heads) * self.retrieval_length() * self.params.retrieval_row_nbytes(
             ref.head_dim, itemsize)                                                      # keys and values
         l_rows = len(self.local_heads) * self.local_length() * self.params.local_row_nbytes(ref.head_dim, itemsize)
+        recent = sum(b.k_recent.shape[1] * b.k_recent.shape[2] for b in (self.retrieval, self.local) if b is not None)
         comp = 0 if self.comp_keys is None else self.comp_keys.numel() * self.comp_keys.element_size()
-        return r_rows + l_rows + 2 * comp
+        return r_rows + l_rows + recent * 2 * ref.head_dim * itemsize + 2 * comp
 
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes this layer can hold while it grows to `seq_len` tokens fed `chunk` at a time."""
@@ -272,7 +292,8 @@ class RazorLayer:
         r_rows, l_rows = (r_rows if self.retrieval_heads else 0), (l_rows if self.local_heads else 0)
         comp = 2 * len(self.local_heads) * head_dim * 4
         retrieval = len(self.retrieval_heads) * r_rows * self.params.retrieval_row_nbytes(head_dim, itemsize)
-        return retrieval + len(self.local_heads) * l_rows * self.params.local_row_nbytes(head_dim, itemsize) + comp
+        local = len(self.local_heads) * l_rows * self.params.local_row_nbytes(head_dim, itemsize)
+        return retrieval + local + comp + recent_nbytes(self, head_dim, itemsize)
 
     # --- spilling ---------------------------------------------------------------------------------
     def to_tensors(self) -> dict[str, torch.Tensor]:
@@ -281,30 +302,42 @@ class RazorLayer:
         named = {"comp_keys": self.comp_keys, "comp_values": self.comp_values}
         for names, buffer in ((SPILL_NAMES, self.retrieval), (LOCAL_SPILL_NAMES, self.local)):
             if buffer is not None:
-                named.update({names[store]: rows for store, rows in buffer.live_rows().items()})
+                rows = {**buffer.live_rows(), **buffer.recent_rows()}
+                named.update({names[store]: t for store, t in rows.items()})
         return {name: t.contiguous() for name, t in named.items() if t is not None}
 
     def load_tensors(self, present: dict[str, torch.Tensor], seq_len: int, comp_count: int,
                      dtype: torch.dtype) -> None:
         any_kv = present.get("keys", present.get("local_keys"))
         self._index(any_kv.device)
+        r_recent, l_recent = self.params.recent
         if "keys" in present:
-            self.retrieval = _restored(self.params.buffer_class(), SPILL_NAMES, present, dtype)
+            self.retrieval = _restored(self.params.buffer_class(), SPILL_NAMES, present, dtype, r_recent)
         if "local_keys" in present:
-            self.local = _restored(self.params.local_buffer_class(), LOCAL_SPILL_NAMES, present, dtype)
+            self.local = _restored(self.params.local_buffer_class(), LOCAL_SPILL_NAMES, present, dtype, l_recent)
         self.comp_keys, self.comp_values = present.get("comp_keys"), present.get("comp_values")
         self.seq_len, self.comp_count = seq_len, comp_count
 
 
-# a buffer's store -> the name a spill gives its rows (scales only where stored in integers)
-SPILL_NAMES = {"k_store": "keys", "v_store": "values", "k_scale": "key_scales", "v_scale": "value_scales"}
+# a buffer's store -> the name a spill gives its rows (scales only where stored in integers, recent rows only
+# where kept)
+SPILL_NAMES = {"k_store": "keys", "v_store": "values", "k_scale": "key_scales", "v_scale": "value_scales",
+               "k_recent": "recent_keys", "v_recent": "recent_values"}
 LOCAL_SPILL_NAMES = {store: f"local_{name}" for store, name in SPILL_NAMES.items()}
+RECENT_STORES = ("k_recent", "v_recent")
+
+
+def recent_nbytes(layer: RazorLayer, head_dim: int, itemsize: int) -> int:
+    """Bytes of the recent rows a layer keeps at most, both groups, in the model's dtype of `itemsize` bytes."""
+    r_recent, l_recent = layer.params.recent
+    return (len(layer.retrieval_heads) * r_recent + len(layer.local_heads) * l_recent) * 2 * head_dim * itemsize
 
 
 def _restored(cls: type[KVBuffer], names: dict[str, str], present: dict[str, torch.Tensor],
-              dtype: torch.dtype) -> KVBuffer:
+              dtype: torch.dtype, recent: int) -> KVBuffer:
     """A `cls` buffer of the spilled tensors `present` names (`names`: store -> spill name)."""
-    return restored(cls, {store: present[names[store]] for store in cls.STORES}, dtype)
+    stores = (*cls.STORES, *(RECENT_STORES if recent else ()))
+    return restored(cls, {store: present[names[store]] for store in stores}, dtype, recent)
 
 
 class CompressedKVCache:

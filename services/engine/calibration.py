@@ -398,9 +398,9 @@ def _rounded(point: dict) -> dict:
 
 def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
                ratio: float | None = None, bits: int | str | None = None,
-               local_bits: int | str | None = None) -> HeadMap:
-    """Another point of a calibrated map's curve: its top-k KV heads with another window (sink size, ratio),
-    without re-profiling."""
+               local_bits: int | str | None = None, recent_rows: int | None = None) -> HeadMap:
+    """Another point of a calibrated map's curve: its top-k KV heads with another window (sink size, ratio,
+    storages, recent rows), without re-profiling."""
     if not head_map.calibration:
         raise ValueError("this head map was not calibrated; it has no recorded head order")
     order = [tuple(h) for h in head_map.calibration["order"]]
@@ -413,5 +413,6 @@ def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
     compression = replace(c, min_window=window, sink=c.sink if sink is None else sink,
                           ratio=c.ratio if ratio is None else ratio).stored_as(c.storage() if bits is None else bits)
     compression = compression.local_stored_as(c.local_storage() if local_bits is None else local_bits)
+    compression = compression if recent_rows is None else replace(compression, recent_rows=recent_rows)
     return replace(head_map, retrieval_kv_heads=kv, version="", calibration=None,
                    method="razor+calibrated-variant", compression=compression)

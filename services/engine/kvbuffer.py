@@ -7,6 +7,9 @@ token copies O(1) rows, never the whole cache (an earlier `torch.cat` per step c
 
 `QuantizedKVBuffer` keeps the same rows as int8 with float16 scales (kv_quant.py) and hands out dequantised
 copies: a retrieval head in 8 bits costs about half of one in 16; `Int4ValuesKVBuffer` keeps its values in 4.
+With `recent` > 0 it also keeps the last `recent` rows appended in `dtype` and reads them from there, so a row is
+read rounded only once that many newer rows follow it (KIVI's full-precision residual: the question being
+answered, and the tokens just generated, are read as computed).
 """
 from __future__ import annotations
 
@@ -26,8 +29,12 @@ class KVBuffer:
     STORES = ("k_store", "v_store")   # every [1, h, capacity, width] tensor a row is written to
     KEY_BITS = VALUE_BITS = 16        # as stored: 16 = `dtype` itself
 
-    def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0):
+    def __init__(self, n_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0, recent: int = 0):
+        assert recent == 0 or self.KEY_BITS < 16, "rows in `dtype` are read as computed already"
         self.n_heads, self.head_dim, self.dtype = n_heads, head_dim, dtype   # dtype: what `keys` returns
+        self.recent = recent
+        # the last min(recent, rows appended) rows as appended, in `dtype`: [1, h, m, D] each, tensors of their own
+        self.k_recent = self.v_recent = torch.empty((1, n_heads, 0, head_dim), dtype=dtype, device=device)
         for name, (store_dtype, width) in zip(self.STORES, self._layout()):
             setattr(self, name, torch.empty((1, n_heads, capacity, width), dtype=store_dtype, device=device))
         self.lo = self.hi = 0
@@ -62,14 +69,28 @@ class KVBuffer:
         """Every store's live rows as held ({store name: [1, h, n, width]} views): what a spill writes."""
         return {name: store[:, :, self.lo:self.hi] for name, store in zip(self.STORES, self._stores())}
 
+    def recent_rows(self) -> dict[str, torch.Tensor]:
+        """{"k_recent": [1, h, m, D], "v_recent": ...}: the rows also kept in `dtype`; {} without any."""
+        return {"k_recent": self.k_recent, "v_recent": self.v_recent} if self.recent else {}
+
     def nbytes(self) -> int:
         """Allocated bytes (what the device holds), not just live rows."""
-        return sum(store.numel() * store.element_size() for store in self._stores())
+        return sum(store.numel() * store.element_size() for store in self._stores()) + self._recent_nbytes()
+
+    def stored_nbytes(self) -> int:
+        """Bytes of the live rows (and the recent rows' copies), headroom excluded."""
+        row = sum(store[:, :, :1].numel() * store.element_size() for store in self._stores())
+        return len(self) * row + self._recent_nbytes()
+
+    def _recent_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_recent, self.v_recent))
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [1, h, q, D]
         assert k.shape[0] == 1 and k.shape[1] == self.n_heads and k.shape[3] == self.head_dim, k.shape
         self.append_encoded(self._encode(k, v))
+        if self.recent:
+            self.k_recent, self.v_recent = _tail(self.k_recent, k, self.recent), _tail(self.v_recent, v, self.recent)
 
     def append_encoded(self, rows: tuple[torch.Tensor, ...]) -> None:
         """Append rows already as the stores hold them (`_encode`'s, or a spill's), each [1, h, q, width]."""
@@ -115,6 +136,14 @@ class KVBuffer:
             setattr(self, name, new)
         self.lo, self.hi = 0, live
 
+    def _with_recent(self, rows: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+        """`rows` ([1, h, n, D], a dequantised copy of the live rows) with its last rows replaced by `recent`'s."""
+        m = recent.shape[2]
+        assert m <= len(self), (m, len(self))   # a local group keeps at most its smallest window recent
+        if m:
+            rows[:, :, len(self) - m:] = recent
+        return rows
+
     @classmethod
     def holding(cls, k: torch.Tensor, v: torch.Tensor) -> "KVBuffer":
         """A buffer whose live rows are `k`, `v` ([1, h, n, D]), with the usual headroom."""
@@ -139,13 +168,15 @@ class QuantizedKVBuffer(KVBuffer):
     @property
     def keys(self) -> torch.Tensor:
         live = slice(self.lo, self.hi)
-        return kv_quant.dequantize(self.k_store[:, :, live], self.k_scale[:, :, live], self.dtype,   # [1, h, n, D]
+        rows = kv_quant.dequantize(self.k_store[:, :, live], self.k_scale[:, :, live], self.dtype,   # [1, h, n, D]
                                    self.KEY_BITS)
+        return self._with_recent(rows, self.k_recent)
 
     @property
     def values(self) -> torch.Tensor:
         live = slice(self.lo, self.hi)
-        return kv_quant.dequantize(self.v_store[:, :, live], self.v_scale[:, :, live], self.dtype, self.VALUE_BITS)
+        rows = kv_quant.dequantize(self.v_store[:, :, live], self.v_scale[:, :, live], self.dtype, self.VALUE_BITS)
+        return self._with_recent(rows, self.v_recent)
 
 
 class Int4ValuesKVBuffer(QuantizedKVBuffer):
@@ -181,10 +212,21 @@ def buffer_class(bits: int, value_bits: int | None = None) -> type[KVBuffer]:
     return BUFFER_CLASSES[bits, value_bits]
 
 
-def restored(cls: type[KVBuffer], rows: dict[str, torch.Tensor], dtype: torch.dtype) -> KVBuffer:
-    """A `cls` buffer holding spilled `rows` ({store name: [1, h, n, width]}, as `live_rows` gave them) exactly."""
+def restored(cls: type[KVBuffer], rows: dict[str, torch.Tensor], dtype: torch.dtype, recent: int = 0) -> KVBuffer:
+    """A `cls` buffer holding spilled `rows` ({store name: [1, h, n, width]}, as `live_rows` gave them, and
+    "k_recent" / "v_recent" as `recent_rows` did where `recent`) exactly."""
     k = rows["k_store"]
     head_dim = kv_quant.channels(k.shape[3], cls.KEY_BITS)
-    buf = cls(k.shape[1], head_dim, dtype, k.device, capacity_for(k.shape[2]))
+    buf = cls(k.shape[1], head_dim, dtype, k.device, capacity_for(k.shape[2]), recent=recent)
     buf.append_encoded(tuple(rows[name] for name in cls.STORES))
+    if recent:
+        buf.k_recent, buf.v_recent = rows["k_recent"].clone(), rows["v_recent"].clone()
     return buf
+
+
+def _tail(old: torch.Tensor, new: torch.Tensor, n: int) -> torch.Tensor:
+    """The last `n` rows of `old` followed by `new` ([1, h, rows, D] each), in a tensor of their own (a slice of a
+    long prefill chunk would keep all of it alive)."""
+    new = new[:, :, -n:]
+    keep = min(old.shape[2], n - new.shape[2])
+    return torch.cat([old[:, :, old.shape[2] - keep:], new], dim=2)

@@ -13,6 +13,9 @@ per-session work and no gathering of caches into a padded batch. Per decoder lay
                                            with scales, like retrieval rows, when `local_bits` < 16: then the
                                            compensation row is written into the dequantised copy attention reads)
   compensation  [B, l, 1, D] float32       running means of the evicted keys and values; counts per slot
+  recent        [B, h, R, D] per group     a group in integers with `recent_rows` R: token t's row as computed at
+                                           t % R too; attention reads the last R tokens there (their integer rows
+                                           masked), unrotated rows rotated to the keys' basis each step
 Attention does not depend on the order of keys, so the window can be a ring: evicting a token moves nothing (it
 is folded into the compensation mean and its row is reused). `ring` = W(rows) + 1 holds the window and the new
 token of a step before the window is trimmed, as `RazorLayer.compress` orders it. Masks say which rows are live;
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kv_quant
-from .cache import CompressedKVCache
+from .cache import CompressedKVCache, recent_nbytes
 from .kvbuffer import encoded, restored
 
 CLASS_GROWTH = 1.2   # size classes grow by 1.2x: a slot is at most 1.2x its turn's final length (bytes_bound: 1.25x)
@@ -61,11 +64,16 @@ class LayerSlots:
     value_scales: torch.Tensor | None = None
     local_key_scales: torch.Tensor | None = None    # [B, l, sink + ring + 1, D / group], local rows in integers only
     local_value_scales: torch.Tensor | None = None
+    recent_keys: torch.Tensor | None = None          # [B, r, R, D] in the cache dtype, retrieval rows in integers
+    recent_values: torch.Tensor | None = None        # with recent rows only
+    local_recent_keys: torch.Tensor | None = None    # [B, l, R_l, D], as those
+    local_recent_values: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.local_keys, self.local_values, self.comp_keys,
                             self.comp_values, self.key_scales, self.value_scales, self.local_key_scales,
-                            self.local_value_scales) if t is not None]
+                            self.local_value_scales, self.recent_keys, self.recent_values, self.local_recent_keys,
+                            self.local_recent_values) if t is not None]
 
     def retrieval_stores(self) -> dict[str, torch.Tensor]:
         """The retrieval group's slot tensors by the `KVBuffer` store they mirror."""
@@ -78,6 +86,12 @@ class LayerSlots:
                  "v_scale": self.local_value_scales}
         return {store: t for store, t in named.items() if t is not None}
 
+    def recent(self, group: str) -> dict[str, torch.Tensor]:
+        """A group's ("retrieval" or "local") recent rows by the `KVBuffer` store they mirror; {} without."""
+        prefix = "" if group == "retrieval" else "local_"
+        keys, values = getattr(self, f"{prefix}recent_keys"), getattr(self, f"{prefix}recent_values")
+        return {} if keys is None else {"k_recent": keys, "v_recent": values}
+
 
 class DecodeSlab:
     """The decoding sessions of one head layout and size class. Slot i holds `members[i]`."""
@@ -87,6 +101,7 @@ class DecodeSlab:
         self.key_bits, self.value_bits = self.params.retrieval_bits, self.params.value_bits
         self.local_key_bits, self.local_value_bits = self.params.local_storage_bits
         self.quantized, self.local_quantized = self.key_bits < 16, self.local_key_bits < 16
+        self.recent = dict(zip(("retrieval", "local"), self.params.recent))   # group -> R (0: none)
         self.key = (template.layout, rows)
         self.ring = self.params.window(rows) + 1
         self.local_rows = self.params.sink + self.ring + 1   # + the compensation row, last
@@ -160,8 +175,11 @@ class DecodeSlab:
         keys, values, key_scales, value_scales = stores(r, self.rows, (self.key_bits, self.value_bits))
         local_keys, local_values, local_key_scales, local_value_scales = stores(
             l, self.local_rows, (self.local_key_bits, self.local_value_bits))
+        r_recent, l_recent = self.recent["retrieval"], self.recent["local"]
         return LayerSlots(keys, values, local_keys, local_values, zeros(l, 1, torch.float32),
-                          zeros(l, 1, torch.float32), key_scales, value_scales, local_key_scales, local_value_scales)
+                          zeros(l, 1, torch.float32), key_scales, value_scales, local_key_scales, local_value_scales,
+                          zeros(r if r_recent else 0, r_recent), zeros(r if r_recent else 0, r_recent),
+                          zeros(l if l_recent else 0, l_recent), zeros(l if l_recent else 0, l_recent))
 
     # --- a session's rows in and out of a slot ------------------------------------------------------
     def _local_token_rows(self, seq_len: int, n_window: int) -> torch.Tensor:
@@ -177,6 +195,7 @@ class DecodeSlab:
             stores = slots.retrieval_stores()
             for store, rows in layer.retrieval.live_rows().items():   # as stored: int8 stays int8
                 stores[store][slot, :, :n] = rows[0]
+            self._pack_recent(layer.retrieval, slots.recent("retrieval"), slot, n)
         if layer.local is not None:
             stored = len(layer.local)
             n_sink = min(self.params.sink, stored)
@@ -187,6 +206,7 @@ class DecodeSlab:
             for store, src in layer.local.live_rows().items():   # as stored: integers stay integers
                 stores[store][slot, :, :n_sink] = src[0, :, :n_sink]
                 stores[store][slot, :, rows] = src[0, :, n_sink:]
+            self._pack_recent(layer.local, slots.recent("local"), slot, n)
             if layer.comp_keys is not None:
                 slots.comp_keys[slot] = layer.comp_keys[0]
                 slots.comp_values[slot] = layer.comp_values[0]
@@ -195,18 +215,38 @@ class DecodeSlab:
                     slots.local_values[slot, :, -1] = layer.comp_values[0, :, 0]
         layer.retrieval = layer.local = layer.comp_keys = layer.comp_values = None
 
+    def _pack_recent(self, buffer, recent: dict[str, torch.Tensor], slot: int, n: int) -> None:
+        """A group's recent rows (the last m of a session of `n` tokens) into ring rows t % R of `slot`."""
+        if not recent:
+            return
+        src = buffer.recent_rows()
+        m, ring = src["k_recent"].shape[2], recent["k_recent"].shape[2]
+        rows = torch.arange(n - m, n, device=self.device) % ring
+        for store, t in src.items():
+            recent[store][slot, :, rows] = t[0]
+
+    def _recent_of(self, recent: dict[str, torch.Tensor], slot: int, n: int) -> dict[str, torch.Tensor]:
+        """A group's recent rows of `slot` in token order, as `KVBuffer.recent_rows` holds them ({} without)."""
+        if not recent:
+            return {}
+        ring = recent["k_recent"].shape[2]
+        rows = torch.arange(max(0, n - ring), n, device=self.device) % ring
+        return {store: t[slot:slot + 1, :, rows] for store, t in recent.items()}
+
     def _unpack(self, layer, slots: LayerSlots, slot: int) -> None:
         """Copy one layer of `slot` back into the session's own (new) KVBuffers, sinks then window in order."""
         n = layer.seq_len
         if slots.keys is not None:
             rows = {store: t[slot:slot + 1, :, :n] for store, t in slots.retrieval_stores().items()}
-            layer.retrieval = restored(self.params.buffer_class(), rows, self.dtype)
+            rows.update(self._recent_of(slots.recent("retrieval"), slot, n))
+            layer.retrieval = restored(self.params.buffer_class(), rows, self.dtype, self.recent["retrieval"])
         if slots.local_keys is not None:
             n_sink = min(self.params.sink, n)
             rows = self._local_token_rows(n, min(n - n_sink, self.params.window(n)))
             live = {store: torch.cat([t[slot, :, :n_sink], t[slot, :, rows]], dim=1)[None]
                     for store, t in slots.local_stores().items()}
-            layer.local = restored(self.params.local_buffer_class(), live, self.dtype)
+            live.update(self._recent_of(slots.recent("local"), slot, n))
+            layer.local = restored(self.params.local_buffer_class(), live, self.dtype, self.recent["local"])
             if layer.comp_count:
                 layer.comp_keys = slots.comp_keys[slot:slot + 1].clone()
                 layer.comp_values = slots.comp_values[slot:slot + 1].clone()
@@ -222,11 +262,21 @@ class DecodeSlab:
         self._slots = torch.arange(len(self.members), device=device)
         self._row = n                                                       # the new token's retrieval row
         self._local_row = torch.where(n < sink, n, sink + (n - sink) % self.ring)
+        self._recent_row = {group: n % ring for group, ring in self.recent.items() if ring}
         self._flat: dict = {}
         self._span = max(self._lengths) + 1                                 # retrieval rows worth reading
-        self._r_mask = (torch.arange(self._span, device=device) < (n + 1)[:, None])[:, None, None]   # [B,1,1,S]
+        self._r_mask = self._retrieval_mask(n)                              # [B, 1, 1, span (+ R)]
         self._counts = [_comp_count(c) for c in self.members]
         self._l_bias = self._local_bias(n)                                  # [B, 1, 1, sink + ring + 1]
+
+    def _retrieval_mask(self, n: torch.Tensor) -> torch.Tensor:
+        """True for the retrieval rows read after this step's append: tokens 0..n, the last R of them (with recent
+        rows) from the recent rows, after the integer rows."""
+        ring, device = self.recent["retrieval"], self.device
+        live = torch.arange(self._span, device=device) < (n + 1 - ring)[:, None]                  # [B, span]
+        if ring:
+            live = torch.cat([live, torch.arange(ring, device=device) < (n + 1)[:, None]], dim=1)
+        return live[:, None, None]
 
     def _local_bias(self, n: torch.Tensor) -> torch.Tensor:
         """0 for the live local rows after this step's append (sinks, window and the new token), else -inf; the
@@ -240,32 +290,50 @@ class DecodeSlab:
         age = (after_sink - 1 - ring_idx) % self.ring                                               # [B, ring]
         ring_live = (ring_idx < after_sink) & (age < keep[:, None])
         live = torch.cat([sink_live, ring_live], dim=1)
+        recent = self.recent["local"]
+        parts = [live, torch.ones_like(present[:, None], dtype=torch.bool)]   # the compensation row: its bias below
+        if recent:   # the last R tokens are read from the recent rows, after the compensation row
+            sink_age = n[:, None] - torch.arange(sink, device=device)[None, :]
+            parts[0] = live & (torch.cat([sink_age, age], dim=1) >= recent)
+            parts.append(torch.arange(recent, device=device)[None, :] < present[:, None])
+        live = torch.cat(parts, dim=1)
         bias = torch.zeros(live.shape, device=device).masked_fill(~live, float("-inf"))
-        log_count = torch.tensor(self._counts, dtype=torch.float32, device=device).log()[:, None]   # [B, 1]
-        return torch.cat([bias, log_count], dim=1).to(self.dtype)[:, None, None]
+        log_count = torch.tensor(self._counts, dtype=torch.float32, device=device).log()                # [B]
+        bias[:, sink + self.ring] = log_count                                                           # the comp row
+        return bias.to(self.dtype)[:, None, None]
 
     def append(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """This step's token of every member: keys, values [B, n_kv_heads, D] (after RoPE)."""
         slots = self.storage[layer_idx]
         if slots.keys is not None:
             r_idx = self.r_idx[layer_idx]
-            rows = self._flat_rows(len(r_idx), self.rows, self._row)
-            new = encoded(keys.index_select(1, r_idx), values.index_select(1, r_idx),   # [B, r, D] each
-                          self.key_bits, self.value_bits)
-            for store, row in zip(slots.retrieval_stores().values(), new):
+            k, v = keys.index_select(1, r_idx), values.index_select(1, r_idx)                  # [B, r, D] each
+            rows = self._flat_rows("retrieval", len(r_idx), self.rows, self._row)
+            for store, row in zip(slots.retrieval_stores().values(), encoded(k, v, self.key_bits, self.value_bits)):
                 _write_rows(store, rows, row)
+            self._append_recent("retrieval", slots, k, v)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
-            rows = self._flat_rows(len(l_idx), self.local_rows, self._local_row)
-            new = encoded(keys.index_select(1, l_idx), values.index_select(1, l_idx),
-                          self.local_key_bits, self.local_value_bits)
+            k, v = keys.index_select(1, l_idx), values.index_select(1, l_idx)
+            rows = self._flat_rows("local", len(l_idx), self.local_rows, self._local_row)
+            new = encoded(k, v, self.local_key_bits, self.local_value_bits)
             for store, row in zip(slots.local_stores().values(), new):
                 _write_rows(store, rows, row)
+            self._append_recent("local", slots, k, v)
 
-    def _flat_rows(self, heads: int, rows: int, row: torch.Tensor) -> torch.Tensor:
+    def _append_recent(self, group: str, slots: LayerSlots, k: torch.Tensor, v: torch.Tensor) -> None:
+        """This step's rows of a group ([B, h, D] each) as computed, into its recent rows (if it keeps any)."""
+        recent = slots.recent(group)
+        if not recent:
+            return
+        rows = self._flat_rows(f"{group} recent", k.shape[1], self.recent[group], self._recent_row[group])
+        for store, row in zip(recent.values(), (k, v)):
+            _write_rows(store, rows, row)
+
+    def _flat_rows(self, store: str, heads: int, rows: int, row: torch.Tensor) -> torch.Tensor:
         """Indices into a [B * heads * rows, D] view of a store of each member's `row` in every head: [B * heads]."""
-        key = (heads, rows)
-        if key not in self._flat:   # per step and store shape, shared by every layer with that many heads
+        key = (store, heads, rows)
+        if key not in self._flat:   # per step and store, shared by every layer with that many heads
             base = (self._slots[:, None] * heads + torch.arange(heads, device=self.device)[None, :]) * rows
             self._flat[key] = (base + row[:, None]).reshape(-1)
         return self._flat[key]
@@ -282,13 +350,14 @@ class DecodeSlab:
         out = torch.empty_like(q_kv)
         if slots.keys is not None:
             r_idx = self.r_idx[layer_idx]
-            keys, values = self._retrieval_rows(slots)
+            keys, values = _with_recent(*self._retrieval_rows(slots), slots.recent("retrieval"), self.key_rotation)
             o = F.scaled_dot_product_attention(_rotated(q_kv.index_select(1, r_idx), self.key_rotation), keys,
                                                values, attn_mask=self._r_mask, scale=scale)
             out.index_copy_(1, r_idx, o)
         if slots.local_keys is not None:
             l_idx = self.l_idx[layer_idx]
-            local_keys, local_values = self._local_rows(slots)
+            local_keys, local_values = _with_recent(*self._local_rows(slots), slots.recent("local"),
+                                                    self.local_key_rotation)
             o = F.scaled_dot_product_attention(_rotated(q_kv.index_select(1, l_idx), self.local_key_rotation),
                                                local_keys, local_values, attn_mask=self._l_bias,
                                                scale=scale)                                         # [B, l, G, D]
@@ -384,11 +453,23 @@ def slot_bytes(template: CompressedKVCache, rows: int, head_dim: int, itemsize: 
     for layer in template.layers:
         r, l = len(layer.retrieval_heads), len(layer.local_heads)
         total += r * rows * r_row + l * (local_rows * l_row + 2 * head_dim * 4)   # K and V; compensation f32
+        total += recent_nbytes(layer, head_dim, itemsize)
     return total
 
 
+def _with_recent(keys: torch.Tensor, values: torch.Tensor, recent: dict[str, torch.Tensor],
+                 rotation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a group reads this step ([B, h, S, D]) followed by its recent rows ([B, h, R, D], keys turned into
+    the basis `rotation` reads them in), or as they are without recent rows."""
+    if not recent:
+        return keys, values
+    return (torch.cat([keys, _rotated(recent["k_recent"], rotation)], dim=2),
+            torch.cat([values, recent["v_recent"]], dim=2))
+
+
 def _rotated(q: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
-    """Queries [B, h, G, D] in the basis `rotation` ([D, D], float32) stores keys in (None: as they are)."""
+    """Queries [B, h, G, D] (or keys as computed) in the basis `rotation` ([D, D], float32) stores keys in (None:
+    as they are)."""
     return q if rotation is None else (q.float() @ rotation).to(q.dtype)
 
 

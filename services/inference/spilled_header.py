@@ -78,7 +78,7 @@ PARAMS_FIELDS = {"sink": is_count, "min_window": lambda v: is_count(v) and v >= 
 _KEY_BITS = lambda v: v in kv_quant.BITS and not isinstance(v, bool)   # noqa: E731
 _VALUE_BITS = lambda v: is_count(v) and v in {b for _, b in kv_quant.STORAGES}   # noqa: E731
 OPTIONAL_PARAMS_FIELDS = {"retrieval_bits": _KEY_BITS, "retrieval_value_bits": _VALUE_BITS,
-                          "local_bits": _KEY_BITS, "local_value_bits": _VALUE_BITS}
+                          "local_bits": _KEY_BITS, "local_value_bits": _VALUE_BITS, "recent_rows": is_count}
 
 
 def check_meta(meta: dict) -> None:
@@ -213,27 +213,32 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
         if comp:
             raise HeaderInvalid(f"layer {i} folded {comp} tokens into an empty cache")
         return {}
-    out, bits = {}, _bits(cache["params"])
+    out, bits, params = {}, _bits(cache["params"]), cache["params"]
+    recent = params.get("recent_rows", 0)
     if n_retrieval:
-        out.update(_group_tensors(i, "", bits, [1, n_retrieval, length], dtype))
+        out.update(_group_tensors(i, "", bits, [1, n_retrieval, length], dtype, recent))
     if n_local:
         local_shape = tensors.get(f"{i}.local_keys", (None, []))[1]
         rows = local_shape[2] if len(local_shape) == 4 else -1
         compensates = cache["params"]["compensation"]
         if not 0 <= rows <= length or (rows + comp != length if compensates else comp != 0):
             raise HeaderInvalid(f"layer {i} keeps {rows} local rows and folded {comp} of {length} tokens")
-        out.update(_group_tensors(i, "local_", bits, [1, n_local, rows], dtype))
+        out.update(_group_tensors(i, "local_", bits, [1, n_local, rows], dtype, min(recent, params["min_window"])))
         if comp:
             out.update({f"{i}.{name}": (COMP_DTYPE, [1, n_local, 1]) for name in ("comp_keys", "comp_values")})
     return out
 
 
-def _group_tensors(i: int, prefix: str, bits: dict[str, int], dims: list[int], dtype: str) -> dict:
-    """One head group's keys and values (``prefix`` "" or "local_"), and their scales where stored in integers."""
+def _group_tensors(i: int, prefix: str, bits: dict[str, int], dims: list[int], dtype: str, recent: int) -> dict:
+    """One head group's keys and values (``prefix`` "" or "local_"), and where stored in integers their scales
+    and the copies of the last ``recent`` rows in ``dtype``."""
     if bits[f"{prefix}keys"] == 16:
         return {f"{i}.{prefix}{name}": (dtype, dims) for name in ("keys", "values")}
     out = {f"{i}.{prefix}{name}": (INT_DTYPES[bits[prefix + name]], dims) for name in ("keys", "values")}
     out.update({f"{i}.{prefix}{name}": (SCALE_DTYPE, dims) for name in ("key_scales", "value_scales")})
+    if recent:
+        out.update({f"{i}.{prefix}{name}": (dtype, [*dims[:2], min(recent, dims[2])])
+                    for name in ("recent_keys", "recent_values")})
     return out
 
 
