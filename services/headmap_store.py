@@ -64,6 +64,8 @@ def parse_profile_params(params: dict, compression: CompressionParams | None = N
     for group in ("retrieval", "local"):
         if f"{group}_bits" in params and f"{group}_value_bits" not in params:
             base[f"{group}_value_bits"] = None   # values follow the keys' bits a job names, not the service's default
+    if "recent_rows" in params and "local_recent_rows" not in params:
+        base["local_recent_rows"] = None   # likewise the local group's recent rows
     targets = {k: float(v) for k, v in params.items() if k in CALIBRATION_TARGETS}
     try:
         CalibrationParams(**targets)   # validates the targets' ranges

@@ -161,10 +161,13 @@ def assert_same_int8_rows(a, b) -> None:
             torch.testing.assert_close(x, rows_b[name], atol=0, rtol=1e-2)
 
 
-def stored_in(head_map: HeadMap, bits: int | str, local: int | str = 16, recent: int = 0) -> HeadMap:
+def stored_in(head_map: HeadMap, bits: int | str, local: int | str = 16, recent: int = 0,
+              local_recent: int | None = None) -> HeadMap:
     """The same heads and shape with retrieval rows kept in `bits` (16: the model's dtype; 8: int8 + scales;
-    "8/4": int8 keys, 4-bit values), the local heads' sink and window rows in `local`, and `recent` rows."""
-    compression = dataclasses.replace(head_map.compression.stored_as(bits).local_stored_as(local), recent_rows=recent)
+    "8/4": int8 keys, 4-bit values), the local heads' sink and window rows in `local`, and `recent` rows
+    (`local_recent` the local group's)."""
+    compression = dataclasses.replace(head_map.compression.stored_as(bits).local_stored_as(local), recent_rows=recent,
+                                      local_recent_rows=local_recent)
     return dataclasses.replace(head_map, compression=compression, version="")
 
 

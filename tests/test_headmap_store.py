@@ -108,10 +108,20 @@ def test_params_digest_and_lookup(store):
     ({"seq_len": 4096, "repeats": 9}, r"seq_len x repeats must be at most 32768"),
     ({"seq_len": 8192, "repeats": 5}, r"got 8192 x 5"),
     ({"seed": -1}, "seed must be within"),
+    ({"recent_rows": -4}, "recent_rows must be a count"),
+    ({"local_recent_rows": 2.5}, "local_recent_rows must be a count"),
 ])
 def test_bad_profile_params_are_value_errors(params, words):
     with pytest.raises(InvalidProfileParams, match=words):
         parse_profile_params(params)
+
+
+def test_a_job_may_keep_recent_rows_and_the_local_group_follows_unless_named():
+    service = CompressionParams(recent_rows=0, local_recent_rows=8)
+    _, cp, _ = parse_profile_params({"retrieval_bits": 8, "local_bits": 8, "recent_rows": 16.0}, service)
+    assert (cp.recent_rows, cp.local_recent_rows, cp.recent) == (16, None, (16, 16))
+    _, cp, _ = parse_profile_params({"recent_rows": 16, "local_recent_rows": 4}, service)
+    assert (cp.recent_rows, cp.local_recent_rows) == (16, 4)
 
 
 def test_a_job_may_store_values_in_4_bits_beside_8_bit_keys():

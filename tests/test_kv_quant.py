@@ -32,7 +32,8 @@ def maps():
             # retrieval : local rows (16 for the local rows when not named)
             "6/4:6/4": stored_in(profiled, "6/4", "6/4"), "16:8": stored_in(profiled, 16, 8),
             # + the last 5 tokens of each group also in float32 (SMALL's window is 8, so the local group keeps 5)
-            "6/4:6/4+r5": stored_in(profiled, "6/4", "6/4", recent=5), "8+r5": stored_in(profiled, 8, recent=5)}
+            "6/4:6/4+r5": stored_in(profiled, "6/4", "6/4", recent=5), "8+r5": stored_in(profiled, 8, recent=5),
+            "6/4:6/4+l5": stored_in(profiled, "6/4", "6/4", local_recent=5)}   # the local group's only
 
 
 # ---- the quantiser ----------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def test_recent_rows_batched_equal_each_alone_and_hold_each_groups_last_tokens(m
     in slabs beside 16-bit and 6/4 ones without recent rows: each produces what it produces alone, and holds its
     last min(5, N) tokens (the local group's too: SMALL's window keeps 8)."""
     engine = Engine(tiny(), maps["16"])
-    layouts = ["6/4:6/4+r5", "8+r5", "16", "6/4:6/4+r5", "6/4:6/4", "8+r5", "6/4:6/4+r5"]
+    layouts = ["6/4:6/4+r5", "8+r5", "16", "6/4:6/4+l5", "6/4:6/4", "8+r5", "6/4:6/4+r5"]
     lengths, max_new = [2, 3, 12, 20, 26, 33, 47], [2, 9, 14, 6, 8, 12, 10]
 
     def make(i):
@@ -366,18 +367,18 @@ def test_integer_local_rows_spill_bit_exact_and_their_header_checks(maps, storag
             spilled_header.check(codec.read_header(codec.encode(encoded, told).header), "s1", ModelShape.of(loaded))
 
 
-@pytest.mark.parametrize("storage", ["6/4:6/4+r5", "8+r5"])
+@pytest.mark.parametrize("storage", ["6/4:6/4+r5", "8+r5", "6/4:6/4+l5"])
 def test_recent_rows_spill_bit_exact_and_their_header_checks(maps, storage):
-    """The recent rows' float32 copies are spilled beside the integers (each integer group's last 5 tokens),
-    restored bit-exact, and a header whose recent_rows disagree with the tensors is refused."""
+    """The recent rows' float32 copies are spilled beside the integers (each group's last 5 tokens where it keeps
+    them), restored bit-exact, and a header whose recent rows disagree with the tensors is refused."""
     loaded = tiny()
     engine = Engine(loaded, maps[storage])
     params = SamplingParams(max_new_tokens=8)
     state, _ = engine.generate(ids(90, 25), params)
     tensors, meta = state.to_tensors()
     c = maps[storage].compression
-    assert meta["cache"]["params"]["recent_rows"] == 5
-    groups = {"recent": c.retrieval_bits < 16, "local_recent": c.local_bits < 16}
+    assert c.recent in ((5, 5), (5, 0), (0, 5))
+    groups = {"recent": c.recent[0], "local_recent": c.recent[1]}
     for i, layer in enumerate(state.cache.layers):
         for prefix, heads in (("recent", layer.retrieval_heads), ("local_recent", layer.local_heads)):
             if heads and groups[prefix]:
@@ -391,8 +392,9 @@ def test_recent_rows_spill_bit_exact_and_their_header_checks(maps, storage):
     encoded = state.to_tensors()[0]
     spilled_header.check(codec.read_header(codec.encode(encoded, header).header), "s1", ModelShape.of(loaded))
     cache = header["state"]["cache"]
+    field = "recent_rows" if c.recent[0] else "local_recent_rows"
     for recent in (3, None):
-        params_ = {k: v for k, v in {**cache["params"], "recent_rows": recent}.items() if v is not None}
+        params_ = {k: v for k, v in {**cache["params"], field: recent}.items() if v is not None}
         told = {**header, "state": {**header["state"], "cache": {**cache, "params": params_}}}
         with pytest.raises(HeaderInvalid, match="recent"):
             spilled_header.check(codec.read_header(codec.encode(encoded, told).header), "s1", ModelShape.of(loaded))
@@ -411,6 +413,11 @@ def test_recent_rows_are_validated_and_only_named_in_maps_that_keep_them(maps):
     # a group in 16 bits keeps none; a local group at most its smallest window
     assert CompressionParams(min_window=8, recent_rows=20, retrieval_bits=8, local_bits=8).recent == (20, 8)
     assert CompressionParams(min_window=8, recent_rows=20).recent == (0, 0)
+    local_only = CompressionParams(recent_rows=0, local_recent_rows=16, retrieval_bits=8, local_bits=8)
+    assert local_only.recent == (0, 16) and local_only.to_dict()["local_recent_rows"] == 16
+    assert CompressionParams(recent_rows=4, local_recent_rows=4).local_recent_rows is None   # one map, one hash
+    with pytest.raises(ValueError, match="local_recent_rows"):
+        CompressionParams(local_recent_rows=-2)
 
 
 def test_8bit_head_map_json_round_trip_and_16bit_maps_unchanged(maps):

@@ -43,8 +43,10 @@ class CompressionParams:
     local_value_bits: int | None = None   # token stays float32); values as `retrieval_value_bits`
     # The last `recent_rows` tokens of a group stored in integers are also kept in the model's dtype and read
     # from there, so the turn being answered is read as computed (docs 3.2q); a local group keeps at most
-    # `min_window` of them, so its window never evicts one.
+    # `min_window` of them, so its window never evicts one. `local_recent_rows`: the local group's own count
+    # (None, kept so when equal: as `recent_rows`).
     recent_rows: int = 0
+    local_recent_rows: int | None = None
 
     def __post_init__(self):
         if self.sink < 0:
@@ -55,10 +57,17 @@ class CompressionParams:
             raise ValueError(f"ratio must be >= 1, got {self.ratio}")
         for group in ("retrieval", "local"):
             self._check_bits(f"{group}_bits", f"{group}_value_bits")
-        recent = self.recent_rows
-        if isinstance(recent, bool) or not isinstance(recent, (int, float)) or recent < 0 or recent != int(recent):
-            raise ValueError(f"recent_rows must be a count of tokens >= 0, got {recent!r}")
-        object.__setattr__(self, "recent_rows", int(recent))   # 32.0 from a job's JSON: one map
+        self._check_count("recent_rows")
+        if self.local_recent_rows is not None:
+            self._check_count("local_recent_rows")
+            if self.local_recent_rows == self.recent_rows:
+                object.__setattr__(self, "local_recent_rows", None)
+
+    def _check_count(self, name: str) -> None:
+        count = getattr(self, name)
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or count < 0 or count != int(count):
+            raise ValueError(f"{name} must be a count of tokens >= 0, got {count!r}")
+        object.__setattr__(self, name, int(count))   # 32.0 from a job's JSON: one map
 
     def _check_bits(self, key_field: str, value_field: str) -> None:
         """One group's (key bits, value bits): a storage kv_quant has; stored as ints, values None when equal."""
@@ -88,8 +97,9 @@ class CompressionParams:
     @property
     def recent(self) -> tuple[int, int]:
         """Rows (retrieval, local) a group keeps in the model's dtype beside their integers (0 in 16 bits)."""
+        local = self.recent_rows if self.local_recent_rows is None else self.local_recent_rows
         return (self.recent_rows if self.retrieval_bits < 16 else 0,
-                min(self.recent_rows, self.min_window) if self.local_bits < 16 else 0)
+                min(local, self.min_window) if self.local_bits < 16 else 0)
 
     def window(self, seq_len: int) -> int:
         """L_h: recent tokens a local head keeps at sequence length N."""
@@ -123,6 +133,8 @@ class CompressionParams:
             bits["local_value_bits"] = self.local_value_bits
         if self.recent_rows:
             bits["recent_rows"] = self.recent_rows
+        if self.local_recent_rows is not None:
+            bits["local_recent_rows"] = self.local_recent_rows
         return {"sink": self.sink, "min_window": self.min_window, "ratio": self.ratio,
                 "compensation": self.compensation, **bits}
 

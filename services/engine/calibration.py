@@ -398,7 +398,8 @@ def _rounded(point: dict) -> dict:
 
 def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
                ratio: float | None = None, bits: int | str | None = None,
-               local_bits: int | str | None = None, recent_rows: int | None = None) -> HeadMap:
+               local_bits: int | str | None = None, recent_rows: int | None = None,
+               local_recent_rows: int | None = None) -> HeadMap:
     """Another point of a calibrated map's curve: its top-k KV heads with another window (sink size, ratio,
     storages, recent rows), without re-profiling."""
     if not head_map.calibration:
@@ -414,5 +415,7 @@ def variant_at(head_map: HeadMap, k: int, window: int, sink: int | None = None,
                           ratio=c.ratio if ratio is None else ratio).stored_as(c.storage() if bits is None else bits)
     compression = compression.local_stored_as(c.local_storage() if local_bits is None else local_bits)
     compression = compression if recent_rows is None else replace(compression, recent_rows=recent_rows)
+    if local_recent_rows is not None:
+        compression = replace(compression, local_recent_rows=local_recent_rows)
     return replace(head_map, retrieval_kv_heads=kv, version="", calibration=None,
                    method="razor+calibrated-variant", compression=compression)

@@ -30,7 +30,8 @@ def cmd_profile(args) -> int:
     loaded = load_model(args.model, args.device)
     params = ProfileParams(seq_len=args.seq_len, repeats=args.repeats, n_samples=args.samples, seed=args.seed,
                            induction_fraction=args.induction_fraction, echo_fraction=args.echo_fraction)
-    compression = CompressionParams(args.sink, args.min_window, args.ratio, recent_rows=args.recent_rows).stored_as(
+    compression = CompressionParams(args.sink, args.min_window, args.ratio, recent_rows=args.recent_rows,
+                                    local_recent_rows=args.local_recent_rows).stored_as(
         args.retrieval_bits[0]).local_stored_as(args.local_bits[0])
     bar = tqdm(total=1, desc="profiling", unit="step")
 
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--recent-rows", type=int, default=c.recent_rows,
                       help="the last this many tokens of a group stored in integers are also kept (and read) in the "
                            "model's dtype; a local group keeps at most its minimum window of them")
+    prof.add_argument("--local-recent-rows", type=int, default=None,
+                      help="the local group's own count of recent rows (default: as --recent-rows)")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()

@@ -78,7 +78,8 @@ PARAMS_FIELDS = {"sink": is_count, "min_window": lambda v: is_count(v) and v >= 
 _KEY_BITS = lambda v: v in kv_quant.BITS and not isinstance(v, bool)   # noqa: E731
 _VALUE_BITS = lambda v: is_count(v) and v in {b for _, b in kv_quant.STORAGES}   # noqa: E731
 OPTIONAL_PARAMS_FIELDS = {"retrieval_bits": _KEY_BITS, "retrieval_value_bits": _VALUE_BITS,
-                          "local_bits": _KEY_BITS, "local_value_bits": _VALUE_BITS, "recent_rows": is_count}
+                          "local_bits": _KEY_BITS, "local_value_bits": _VALUE_BITS, "recent_rows": is_count,
+                          "local_recent_rows": is_count}
 
 
 def check_meta(meta: dict) -> None:
@@ -215,6 +216,7 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
         return {}
     out, bits, params = {}, _bits(cache["params"]), cache["params"]
     recent = params.get("recent_rows", 0)
+    local_recent = min(params.get("local_recent_rows", recent), params["min_window"])
     if n_retrieval:
         out.update(_group_tensors(i, "", bits, [1, n_retrieval, length], dtype, recent))
     if n_local:
@@ -223,7 +225,7 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
         compensates = cache["params"]["compensation"]
         if not 0 <= rows <= length or (rows + comp != length if compensates else comp != 0):
             raise HeaderInvalid(f"layer {i} keeps {rows} local rows and folded {comp} of {length} tokens")
-        out.update(_group_tensors(i, "local_", bits, [1, n_local, rows], dtype, min(recent, params["min_window"])))
+        out.update(_group_tensors(i, "local_", bits, [1, n_local, rows], dtype, local_recent))
         if comp:
             out.update({f"{i}.{name}": (COMP_DTYPE, [1, n_local, 1]) for name in ("comp_keys", "comp_values")})
     return out
