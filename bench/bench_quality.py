@@ -229,6 +229,12 @@ def flips(result: dict, full: dict, families=BENCH_FAMILIES) -> tuple[int, int]:
     return sum(f and not h for h, f in pairs), sum(h and not f for h, f in pairs)
 
 
+def lost_documents(result: dict, full: dict, family: str) -> list[int]:
+    """Which of a family's documents (their index in the bench) the full cache answers and this variant does not:
+    the same few lost by every map are fragile answers, not a map's loss."""
+    return [i for i, (h, f) in enumerate(zip(result["hits"][family], full["hits"][family])) if f and not h]
+
+
 def mcnemar_p(lost: int, gained: int) -> float:
     """Exact two-sided McNemar test: how likely a split of the discordant documents at least this uneven is if a
     variant were as likely to gain an answer as to lose one (i.e. if it only added noise)."""
@@ -244,9 +250,11 @@ def print_losses(rows: dict, tables: dict) -> None:
         if name == "full cache":
             continue
         for family in BENCH_FAMILIES:
-            cells = [flips(table[name], table["full cache"], (family,)) for table in tables.values()]
+            cells = [(*flips(table[name], table["full cache"], (family,)),
+                      lost_documents(table[name], table["full cache"], family)) for table in tables.values()]
             out.append([name, family, *[f"{lost} / {gained} (p {mcnemar_p(lost, gained):.2g})"
-                                        for lost, gained in cells]])
+                                        + (f" lost #{', #'.join(map(str, which))}" if which else "")
+                                        for lost, gained, which in cells]])
     print("\nLost or noise: answers lost / gained against the full cache, exact McNemar p (two-sided; a small p "
           "says the losses are not the flips a variant that only adds noise would make)\n")
     print(common.table(["variant", "family", *[f"@{n}" for n in tables]], out))

@@ -110,8 +110,12 @@ def test_two_families_are_validated_per_family_and_left_out_in_turn():
     loaded = planted_loaded(copy_output=True, induction_head=(1, 2))
     base = profile_model(loaded, ProfileParams(seq_len=32, n_samples=1, token_low=2, token_high=256))
     params = CalibrationParams(families=("copy", "copy-edge"), lengths=(200, 300), n_tasks=2, n_validation=2,
-                               windows=(16,), sinks=(2,), ratios=(1e9, 4.0))
-    head_map = calibrate(Engine(loaded, base), base, params)
+                               windows=(16,), sinks=(2,), ratios=(1e9, 4.0), fold_gate_steps=40)
+    trainings = []
+    head_map = calibrate(Engine(loaded, base), base, params,
+                         lambda done, total, stage: trainings.append(total) if stage == "training KV-head gates"
+                         and done == 1 else None)
+    assert trainings == [params.gates.steps, 40, 40]   # the folds train shorter: they are checks
     assert head_map.retrieval_kv_heads == [[], [1]]
     record = head_map.calibration
     assert set(record["full"]["accuracy_by_family"]) == {"copy", "copy-edge"}

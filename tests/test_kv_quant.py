@@ -468,6 +468,13 @@ def test_a_budget_too_small_for_the_planted_head_in_16_bits_is_met_in_8():
     assert chosen_local["bytes_fraction"] < chosen6["bytes_fraction"]
     assert {c.get("local_bits", 16) for c in local.calibration["candidates"]} == {16, "6/4"}
     assert HeadMap.from_json(local.to_json()).compression == local.compression
+    # recent rows are kept by every point searched (not searched themselves), and priced
+    recent = calibrate(Engine(loaded, base), base, CalibrationParams(**shape, bits=("6/4",), local_bits=("6/4",),
+                                                                     recent_rows=4))
+    chosen_recent = recent.calibration["chosen"]
+    assert recent.retrieval_kv_heads == [[], [1]] and recent.compression.recent == (4, 4)
+    assert all(c["recent_rows"] == 4 for c in recent.calibration["candidates"]) and chosen_recent["meets"]
+    assert chosen_local["bytes_fraction"] < chosen_recent["bytes_fraction"] <= 0.25
 
 
 # ---- the service: an 8-bit map over gRPC, spilled to Redis and restored ---------------------------------

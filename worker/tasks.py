@@ -142,9 +142,12 @@ def _load(model_ref: str) -> engine.LoadedModel:
 def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
     # a job's retrieval_bits and local_bits are the storage its calibration searches (the map's heads are chosen
-    # for it)
+    # for it), and its recent rows those every searched point keeps
     calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.storage(),),
-                                                      local_bits=(compression.local_storage(),), **CALIBRATION_TASKS,
+                                                      local_bits=(compression.local_storage(),),
+                                                      recent_rows=compression.recent_rows,
+                                                      local_recent_rows=compression.local_recent_rows,
+                                                      **CALIBRATION_TASKS,
                                                       **targets) if calibrate else None)
     return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 

@@ -80,12 +80,16 @@ class CalibrationParams:
     bits: tuple = (16,)                        # retrieval heads' storage candidates: 16 (model dtype), 8 (int8),
                                                # "8/4" (int8 keys, 4-bit values), "6/4" (6-bit keys)
     local_bits: tuple = (16,)                  # the local heads' sink and window rows' storage candidates, as bits
+    recent_rows: int = 0                       # every shape keeps these recent rows (CompressionParams; not
+    local_recent_rows: int | None = None       # searched)
     leave_one_out: bool = True         # re-run the search without each family and check it on that family
     ranking: str = "gates"             # "gates": learned per-head gates over every task (head_gates.py)
                                        # "attention": mass on the fact (one forward per task; fact_attention.py)
                                        # "ablation": answer log-prob lost when one head is compressed (one per head)
     ablation_length: int | None = None  # attention / ablation ranking's tasks: this length's (None: the middle one)
     gates: GateParams = GateParams()   # gate training (ranking="gates"), at the middle window and the largest sink
+    fold_gate_steps: int | None = None  # each leave-one-family-out fold's gate training (None: as `gates`): the
+                                        # folds are checks, and seven trainings are most of a calibration's time
     max_bytes: float | None = None     # a byte budget (mean fraction of the full cache over `lengths`): no point
                                        # above it is chosen; when none within it meets the target, the one that
                                        # keeps the most answers is, and the record says the target was missed
@@ -126,6 +130,12 @@ class CalibrationParams:
             raise ValueError(f"max_bytes must be within (0, 1] of the full cache's bytes, got {self.max_bytes}")
         if not self.ratios or min(self.ratios) < 1:
             raise ValueError(f"ratios must be >= 1 (1e9 = a fixed window), got {self.ratios}")
+        CompressionParams(recent_rows=self.recent_rows, local_recent_rows=self.local_recent_rows)   # their checks
+        self.fold_gates()   # GateParams' checks, for fold_gate_steps
+
+    def fold_gates(self) -> GateParams:
+        """The gate training of each leave-one-family-out fold."""
+        return self.gates if self.fold_gate_steps is None else replace(self.gates, steps=self.fold_gate_steps)
 
     def ablation_shape(self) -> CompressionParams:
         """Where single heads are ablated: the middle window at the largest ratio (fixed, when searched)."""
@@ -139,7 +149,8 @@ class CalibrationParams:
     def shapes(self) -> list[CompressionParams]:
         """Every (window, sink, ratio, bits, local bits) to search, fewest local tokens first (cheap shapes set the
         bar), fewer bits before more (at equal heads, cheaper)."""
-        shapes = [CompressionParams(sink=s, min_window=w, ratio=r).stored_as(b).local_stored_as(lb)
+        recent = {"recent_rows": self.recent_rows, "local_recent_rows": self.local_recent_rows}
+        shapes = [CompressionParams(sink=s, min_window=w, ratio=r, **recent).stored_as(b).local_stored_as(lb)
                   for w in self.windows for s in self.sinks for r in self.ratios for b in self.bits
                   for lb in self.local_bits]
         return sorted(shapes, key=lambda c: (c.window(max(self.lengths)) + c.sink, -c.ratio,
@@ -187,29 +198,31 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
 
 
 def _shape_of(point: dict) -> CompressionParams:
-    shape = CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"])
+    shape = CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"],
+                              recent_rows=point.get("recent_rows", 0), local_recent_rows=point.get("local_recent_rows"))
     return shape.stored_as(point.get("bits", 16)).local_stored_as(point.get("local_bits", 16))
 
 
 def _ranker(bench: TaskBench, base: HeadMap, params: CalibrationParams, report: Progress
-            ) -> Callable[[tuple[str, ...]], Order]:
+            ) -> Callable[..., Order]:
     """families -> their ranking of KV heads (leave-one-family-out asks for every family but one)."""
     if params.ranking == "gates":
-        return lambda families: _gate_ranking(bench, base, params, families, report)
+        return lambda families, fold=False: _gate_ranking(bench, base, params, families, report,
+                                                          params.fold_gates() if fold else params.gates)
     ablated = params.ablation_length or params.lengths[len(params.lengths) // 2]
     which = bench.indices(lengths=(ablated,))
     damage = (_ablation(bench, params.ablation_shape(), which, report) if params.ranking == "ablation"
               else _fact_attention(bench, which, report))
-    return lambda families: _ranking(bench, base, damage, families)
+    return lambda families, fold=False: _ranking(bench, base, damage, families)
 
 
-def _gate_ranking(bench: TaskBench, base: HeadMap, params: CalibrationParams, families, report: Progress) -> Order:
-    """KV heads by their trained gates' scores on `families`' tasks (head_gates.py), most needed first."""
+def _gate_ranking(bench: TaskBench, base: HeadMap, params: CalibrationParams, families, report: Progress,
+                  gates: GateParams) -> Order:
+    """KV heads by their gates' scores, trained (`gates`) on `families`' tasks (head_gates.py), most needed first."""
     which = bench.indices(families)
     shape = params.ablation_shape()
     scores = train_gates(bench.engine.model, [bench.tasks[i] for i in which], [bench.kvs[i] for i in which],
-                         bench.fp.n_layers, bench.fp.n_kv_heads, shape.sink, shape.min_window, params.gates,
-                         report)                                                  # [n_layers, n_kv_heads]
+                         bench.fp.n_layers, bench.fp.n_kv_heads, shape.sink, shape.min_window, gates, report)                                                  # [n_layers, n_kv_heads]
     return _ordered(bench, base, {head: float(scores[head]) for head in bench.all_heads})
 
 
@@ -310,6 +323,8 @@ def _k_within(bench: TaskBench, order: Order, shape: CompressionParams, max_byte
 
 def _point(bench: TaskBench, order: Order, k: int, shape: CompressionParams, families=None) -> dict:
     local = {} if shape.local_storage() == 16 else {"local_bits": shape.local_storage()}
+    local.update({name: getattr(shape, name) for name in ("recent_rows", "local_recent_rows")
+                  if getattr(shape, name)})
     return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio, "bits": shape.storage(),
             **local, **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
 
@@ -352,13 +367,13 @@ def _validate(held_out: TaskBench, order: Order, best: dict, target: Target, che
         k = min(len(order), max_k, k + step)
 
 
-def _leave_one_out(bench: TaskBench, held_out: TaskBench, rank: Callable[[tuple[str, ...]], Order], best: dict,
+def _leave_one_out(bench: TaskBench, held_out: TaskBench, rank: Callable[..., Order], best: dict,
                    params: CalibrationParams, report: Progress) -> list[dict]:
     """Per family: rank and search on the OTHER families only, then check that family's held-out documents."""
     out, shape, k_all = [], _shape_of(best), best["k"]
     for i, family in enumerate(params.families):
         others = tuple(f for f in params.families if f != family)
-        order = rank(others)
+        order = rank(others, fold=True)
         # a fold needing twice the heads is a miss anyway; under a budget the choice itself is the limit
         lo, hi = 0, min(len(order), 2 * k_all + 1 if best["meets"] else k_all)
         while lo < hi:

@@ -47,7 +47,9 @@ def cmd_profile(args) -> int:
     families = {"families": tuple(args.families)} if args.families else {}
     calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl,
                                               max_bytes=args.max_bytes, bits=tuple(args.retrieval_bits),
-                                              local_bits=tuple(args.local_bits),
+                                              local_bits=tuple(args.local_bits), recent_rows=args.recent_rows,
+                                              local_recent_rows=args.local_recent_rows,
+                                              fold_gate_steps=args.fold_gate_steps,
                                               **families) if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "model's dtype; a local group keeps at most its minimum window of them")
     prof.add_argument("--local-recent-rows", type=int, default=None,
                       help="the local group's own count of recent rows (default: as --recent-rows)")
+    prof.add_argument("--fold-gate-steps", type=int, default=None,
+                      help="gate-training steps of each leave-one-family-out check (default: as the first training)")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()
