@@ -2,11 +2,14 @@
 map holds on held-out keys."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from services.engine import CalibrationParams, Engine, HeadMap, ProfileParams, calibrate, profile_model, variant_at
 from services.engine.evaluation import answer_generated, full_prefill, retrieval_tasks
 from services.engine.fact_attention import one_vote_per_family
+from services.engine.head_gates import GateParams
 from services.engine.headmap import shipped_head_map
 from tests.engine_models import smollm2
 from tests.planted_loaded import planted_loaded
@@ -138,3 +141,13 @@ def test_each_family_gets_one_vote_in_the_head_ranking():
     votes = one_vote_per_family(scores)
     assert votes == {(0, 0): 1.0, (0, 1): 0.8, (1, 0): 1.0}
     assert one_vote_per_family({"edge": {(0, 0): 0.0}}) == {(0, 0): 0.0}   # no attention at all: no votes
+
+
+def test_a_model_with_a_tokenizer_checks_its_folds_with_half_the_gate_training():
+    with_tokenizer, without = SimpleNamespace(tokenizer=object()), SimpleNamespace(tokenizer=None)
+    assert CalibrationParams.for_model(with_tokenizer).fold_gates().steps == GateParams().steps // 2
+    assert CalibrationParams.for_model(with_tokenizer, gates=GateParams(steps=30)).fold_gate_steps == 15
+    assert CalibrationParams.for_model(with_tokenizer, fold_gate_steps=80).fold_gate_steps == 80
+    assert CalibrationParams.for_model(without).fold_gates() == GateParams(steps=20)
+    with pytest.raises(ValueError, match="steps >= 10"):
+        CalibrationParams(fold_gate_steps=5)

@@ -44,13 +44,14 @@ def cmd_profile(args) -> int:
             bar.set_description(stage)
         bar.update(done - bar.n)
 
-    families = {"families": tuple(args.families)} if args.families else {}
+    overrides = {"families": tuple(args.families)} if args.families else {}
+    if args.fold_gate_steps:
+        overrides["fold_gate_steps"] = args.fold_gate_steps
     calibration = CalibrationParams.for_model(loaded, max_accuracy_drop=args.max_accuracy_drop, max_kl=args.max_kl,
                                               max_bytes=args.max_bytes, bits=tuple(args.retrieval_bits),
                                               local_bits=tuple(args.local_bits), recent_rows=args.recent_rows,
                                               local_recent_rows=args.local_recent_rows,
-                                              fold_gate_steps=args.fold_gate_steps,
-                                              **families) if args.calibrate else None
+                                              **overrides) if args.calibrate else None
     head_map = profile_model(loaded, params, compression, progress, calibrate=calibration)
     bar.close()
     with open(args.out, "w") as f:
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--local-recent-rows", type=int, default=None,
                       help="the local group's own count of recent rows (default: as --recent-rows)")
     prof.add_argument("--fold-gate-steps", type=int, default=None,
-                      help="gate-training steps of each leave-one-family-out check (default: as the first training)")
+                      help="gate-training steps of each leave-one-family-out check (default: half the first training's)")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()

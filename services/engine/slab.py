@@ -267,7 +267,7 @@ class DecodeSlab:
         self._span = max(self._lengths) + 1                                 # retrieval rows worth reading
         self._r_mask = self._retrieval_mask(n)                              # [B, 1, 1, span (+ R)]
         self._counts = [_comp_count(c) for c in self.members]
-        self._l_bias = self._local_bias(n)                                  # [B, 1, 1, sink + ring + 1]
+        self._l_bias = self._local_bias(n)                                  # [B, 1, 1, sink + ring + 1 (+ R)]
 
     def _retrieval_mask(self, n: torch.Tensor) -> torch.Tensor:
         """True for the retrieval rows read after this step's append: tokens 0..n, the last R of them (with recent
@@ -280,7 +280,8 @@ class DecodeSlab:
 
     def _local_bias(self, n: torch.Tensor) -> torch.Tensor:
         """0 for the live local rows after this step's append (sinks, window and the new token), else -inf; the
-        compensation row's is log(count) (-inf for none). In the cache dtype, as the attention kernel takes it."""
+        compensation row's is log(count) (-inf for none); with recent rows, their tokens' integer rows are -inf and
+        the recent rows follow. In the cache dtype, as the attention kernel takes it."""
         sink, device = self.params.sink, self.device
         keep = torch.tensor([self.params.window(x) + 1 for x in self._lengths], device=device)     # [B]
         present = n + 1                                                                             # tokens
