@@ -140,26 +140,34 @@ def test_quantized_kvbuffer_matches_a_dequantised_reference_through_append_evict
 
 
 # ---- the engine: per-session and batched paths, bytes -----------------------------------------------
+def batched_as_alone(maps, layouts: list[str], lengths: list[int], max_new: list[int], seed: int
+                     ) -> tuple[list[Job], dict]:
+    """Sessions of `maps[layouts[i]]` (odd ones with a second turn) run alone, then all batched in slabs: asserts
+    each batched conversation is the one run alone; returns the batched jobs and the batch's step statistics."""
+    engine = Engine(tiny(), maps["16"])
+
+    def make(i):
+        turns, params = [ids(lengths[i], seed + i)], [greedy(max_new[i])]
+        if i % 2:
+            turns.append(ids(4 + i, seed + 100 + i))
+            params.append(greedy(6))
+        return Job(f"{layouts[i]}#{i}", maps[layouts[i]], turns, params)
+
+    alone = [run_alone(engine, make(i)) for i in range(len(layouts))]
+    batched = [make(i) for i in range(len(layouts))]
+    stats = run_batched(engine, batched, SchedulerConfig(max_running=8, step_tokens=512))
+    for got, want in zip(batched, alone):
+        assert_same_conversation(got, want)
+    return batched, stats
+
+
 def test_8bit_sessions_batched_equal_each_alone_and_store_int8(maps):
     """Eight sessions (8-bit, 16-bit, local rows in integers and an all-retrieval 8-bit map) decoding together in
     slabs produce what each produces alone; each cache holds its rows in the integers its map names."""
-    engine = Engine(tiny(), maps["16"])
     layouts = ["8", "16", "8/4", "full8", "6/4", "6/4:6/4", "16:8", "full8"]
-    lengths, max_new = [5, 12, 19, 27, 33, 41, 50, 64], [9, 14, 6, 12, 20, 7, 11, 16]
-
-    def make(i):
-        turns, params = [ids(lengths[i], 300 + i)], [greedy(max_new[i])]
-        if i % 2:
-            turns.append(ids(4 + i, 400 + i))
-            params.append(greedy(6))
-        return Job(f"q{i}", maps[layouts[i]], turns, params)
-
-    alone = [run_alone(engine, make(i)) for i in range(8)]
-    batched = [make(i) for i in range(8)]
-    stats = run_batched(engine, batched, SchedulerConfig(max_running=8, step_tokens=512))
+    batched, stats = batched_as_alone(maps, layouts, [5, 12, 19, 27, 33, 41, 50, 64], [9, 14, 6, 12, 20, 7, 11, 16],
+                                      seed=300)
     assert stats["max_running"] == 8
-    for got, want in zip(batched, alone):
-        assert_same_conversation(got, want)
     for job in batched:
         c, layers = job.head_map.compression, job.state.cache.layers
         for group, bits in (("retrieval", (c.retrieval_bits, c.value_bits)), ("local", c.local_storage_bits)):
@@ -173,22 +181,9 @@ def test_recent_rows_batched_equal_each_alone_and_hold_each_groups_last_tokens(m
     """Sessions whose integer groups keep their last 5 tokens in float32 too, shorter and longer than that, decoding
     in slabs beside 16-bit and 6/4 ones without recent rows: each produces what it produces alone, and holds its
     last min(5, N) tokens (the local group's too: SMALL's window keeps 8)."""
-    engine = Engine(tiny(), maps["16"])
     layouts = ["6/4:6/4+r5", "8+r5", "16", "6/4:6/4+l5", "6/4:6/4", "8+r5", "6/4:6/4+r5"]
-    lengths, max_new = [2, 3, 12, 20, 26, 33, 47], [2, 9, 14, 6, 8, 12, 10]
-
-    def make(i):
-        turns, params = [ids(lengths[i], 500 + i)], [greedy(max_new[i])]
-        if i % 2:
-            turns.append(ids(3 + i, 600 + i))
-            params.append(greedy(5))
-        return Job(f"r{i}", maps[layouts[i]], turns, params)
-
-    alone = [run_alone(engine, make(i)) for i in range(len(layouts))]
-    batched = [make(i) for i in range(len(layouts))]
-    run_batched(engine, batched, SchedulerConfig(max_running=8, step_tokens=512))
-    for got, want in zip(batched, alone):
-        assert_same_conversation(got, want)
+    batched, _ = batched_as_alone(maps, layouts, [2, 3, 12, 20, 26, 33, 47], [2, 9, 14, 6, 8, 12, 10], seed=500)
+    for got in batched:
         for layer in got.state.cache.layers:
             for buffer, recent in zip((layer.retrieval, layer.local), got.head_map.compression.recent):
                 if buffer is not None:
