@@ -225,7 +225,8 @@ def _gate_ranking(bench: TaskBench, base: HeadMap, params: CalibrationParams, fa
     which = bench.indices(families)
     shape = params.ablation_shape()
     scores = train_gates(bench.engine.model, [bench.tasks[i] for i in which], [bench.kvs[i] for i in which],
-                         bench.fp.n_layers, bench.fp.n_kv_heads, shape.sink, shape.min_window, gates, report)                                                  # [n_layers, n_kv_heads]
+                         bench.fp.n_layers, bench.fp.n_kv_heads, shape.sink, shape.min_window, gates,
+                         report)                                                  # [n_layers, n_kv_heads]
     return _ordered(bench, base, {head: float(scores[head]) for head in bench.all_heads})
 
 
