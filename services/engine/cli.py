@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--local-recent-rows", type=int, default=None,
                       help="the local group's own count of recent rows (default: as --recent-rows)")
     prof.add_argument("--fold-gate-steps", type=int, default=None,
-                      help="gate-training steps of each leave-one-family-out check (default: half the first training's)")
+                      help="gate-training steps of each leave-one-family-out check (default: half the first "
+                           "training's)")
     prof.add_argument("--calibrate", action="store_true",
                       help="refine the selection with measured retrieval on five task families (see calibration.py)")
     cal = CalibrationParams()
