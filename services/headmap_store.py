@@ -95,7 +95,9 @@ def _check_limits(params: dict) -> None:
 def params_digest(profile: ProfileParams, compression: CompressionParams, calibrate: bool,
                   targets: dict | None = None) -> str:
     """Names one set of profiling parameters (the store remembers which version it produced)."""
-    body = {"profile": asdict(profile), "compression": asdict(compression), "calibrate": bool(calibrate)}
+    # the compression as a map records it (fields at their defaults left out): a field added later with a default
+    # names the same jobs as before
+    body = {"profile": asdict(profile), "compression": compression.to_dict(), "calibrate": bool(calibrate)}
     if calibrate and targets:
         body["targets"] = targets
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 
 import pytest
 import redis
@@ -79,6 +80,9 @@ def test_params_digest_and_lookup(store):
     assert pp.seq_len == 32 and cp.sink == 2 and cp.min_window == CompressionParams().min_window and targets == {}
     digest = params_digest(pp, cp, calibrate=False)
     assert digest == params_digest(*parse_profile_params({"sink": 2, "seq_len": 32})[:2], calibrate=False)
+    # the compression as a map records it: fields at their defaults name the same job, others another
+    assert digest == params_digest(pp, replace(cp, recent_rows=0, local_recent_rows=None), calibrate=False)
+    assert digest != params_digest(pp, replace(cp, recent_rows=8), calibrate=False)
     # calibration targets name another job only when it calibrates
     _, _, targets = parse_profile_params({"max_kl": 0.2, "max_accuracy_drop": 0.05})
     assert targets == {"max_kl": 0.2, "max_accuracy_drop": 0.05}
