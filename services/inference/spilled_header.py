@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from services.engine import hf, kv_quant
+from services.engine import CompressionParams, hf, kv_quant
 
 from .codec import is_count
 
@@ -131,6 +131,14 @@ def _check_storage(params: dict) -> None:
         raise HeaderInvalid(f"state.cache.params: {e}") from None
 
 
+def _recent(params: dict) -> tuple[int, int]:
+    """The recent rows (retrieval, local) a cache of these (checked) params keeps, by the engine's own rule."""
+    try:
+        return CompressionParams(**params).recent
+    except ValueError as e:
+        raise HeaderInvalid(f"state.cache.params: {e}") from None
+
+
 def _bits(params: dict) -> dict[str, int]:
     """The bits each group's keys and values are stored in, by spill name ("keys", "local_values", ...); a spill
     from before 8 bits names none (16), from before integer local rows no local ones."""
@@ -214,9 +222,8 @@ def _layer_tensors(i: int, tensors: dict, n_retrieval: int, cache: dict, length:
         if comp:
             raise HeaderInvalid(f"layer {i} folded {comp} tokens into an empty cache")
         return {}
-    out, bits, params = {}, _bits(cache["params"]), cache["params"]
-    recent = params.get("recent_rows", 0)
-    local_recent = min(params.get("local_recent_rows", recent), params["min_window"])
+    out, bits = {}, _bits(cache["params"])
+    recent, local_recent = _recent(cache["params"])
     if n_retrieval:
         out.update(_group_tensors(i, "", bits, [1, n_retrieval, length], dtype, recent))
     if n_local:
