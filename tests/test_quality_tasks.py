@@ -111,3 +111,30 @@ def test_held_full_caches_take_half_the_bytes_and_come_back_in_the_models_dtype(
     keys = state.cache.layers[0].keys
     assert keys.dtype == torch.float32
     assert torch.equal(keys, full[0][0].to(torch.bfloat16).float())   # the rounding, nothing else
+
+
+def test_answer_rows_score_each_task_under_its_own_map_in_one_batch():
+    """One packed batch mixing head maps (and a task with an intervening turn) gives each task what it gets
+    alone, teacher-forced, under its own map: the diagnostic bench compares maps on one document this way."""
+    from dataclasses import replace
+
+    import torch
+
+    from services.engine import CompressionParams, Engine, HeadMap
+    from services.engine.evaluation import answer_rows, full_prefill, score_answer
+
+    engine = Engine(tiny())
+    fp = engine.loaded.fingerprint
+    zeros = [[0.0] * fp.n_heads for _ in range(fp.n_layers)]
+    shape = CompressionParams(sink=2, min_window=16, ratio=1e9, retrieval_bits=8, retrieval_value_bits=4)
+    one_head = HeadMap(fp, zeros, zeros, [], [[0]] + [[] for _ in range(fp.n_layers - 1)], shape, method="test")
+    maps = [HeadMap.full(fp), one_head, one_head, HeadMap.full(fp)]
+    task = retrieval_tasks("copy", 120, 1, seed=3, vocab=(10, 200))[0]
+    tasks = [task, task, replace(task, interlude=(11, 12, 13)), replace(task, interlude=(11, 12, 13))]
+    kvs = [full_prefill(engine, task.document)] * len(tasks)
+    rows = answer_rows(engine, tasks, kvs, maps, batch_size=3)              # two batches, the maps mixed
+    alone = [score_answer(engine, t, kv, hm)[0] for t, kv, hm in zip(tasks, kvs, maps)]
+    got = [float(row.gather(1, torch.tensor(t.answer)[:, None]).mean()) for row, t in zip(rows, tasks)]
+    assert got == pytest.approx(alone, abs=1e-4)
+    assert got[0] != pytest.approx(got[1], abs=1e-4)                      # the maps do differ here
+    assert all(row.shape == (len(task.answer), engine.dims.vocab_size) for row in rows)

@@ -69,9 +69,7 @@ def score_answer(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap
     """Teacher-forced question + answer in one forward -> (mean answer log-prob, every answer token argmax)."""
     state = _with_interlude(engine, task, session_from_full(engine, task.document, full_kv, head_map))
     logits = forward_all(engine.model, task.question + task.answer, state.cache)            # [Q + A, V]
-    logp = torch.log_softmax(logits[len(task.question) - 1: -1].float(), dim=-1)    # [A, V]
-    answer = torch.tensor(task.answer, device=logp.device)
-    return float(logp.gather(1, answer[:, None]).mean()), bool((logp.argmax(-1) == answer).all())
+    return _scored(torch.log_softmax(logits[len(task.question) - 1: -1].float(), dim=-1), task.answer)   # [A, V]
 
 
 @torch.no_grad()
@@ -79,14 +77,30 @@ def score_answers(engine: Engine, tasks: list[RetrievalTask], full_kvs: list, he
                   batch_size: int = 16) -> list[tuple[float, bool]]:
     """`score_answer` for many tasks, `batch_size` at a time in one packed forward each (the same numbers:
     every task attends only to its own cache; the projections and MLPs run once for the whole batch)."""
+    rows = answer_rows(engine, tasks, full_kvs, [head_map] * len(tasks), batch_size)
+    return [_scored(row, t.answer) for row, t in zip(rows, tasks)]
+
+
+def _scored(logp: torch.Tensor, answer: list[int]) -> tuple[float, bool]:
+    """[A, V] log-probs predicting the answer -> (mean answer log-prob, every answer token the argmax)."""
+    target = torch.tensor(answer, device=logp.device)                                  # [A]
+    return float(logp.gather(1, target[:, None]).mean()), bool((logp.argmax(-1) == target).all())
+
+
+@torch.no_grad()
+def answer_rows(engine: Engine, tasks: list[RetrievalTask], full_kvs: list, head_maps: list[HeadMap],
+                    batch_size: int = 16) -> list[torch.Tensor]:
+    """Per task, the log-probs [A, V] predicting its answer tokens (teacher-forced) over its document's
+    cache compressed by its own head map, `batch_size` tasks in one packed forward."""
     out = []
     for i in range(0, len(tasks), batch_size):
-        out += _score_batch(engine, tasks[i:i + batch_size], full_kvs[i:i + batch_size], head_map)
+        span = slice(i, i + batch_size)
+        out += _answer_batch(engine, tasks[span], full_kvs[span], head_maps[span])
     return out
 
 
-def _score_batch(engine: Engine, tasks: list[RetrievalTask], full_kvs: list, head_map: HeadMap) -> list:
-    caches = [session_from_full(engine, t.document, kv, head_map).cache for t, kv in zip(tasks, full_kvs)]
+def _answer_batch(engine: Engine, tasks: list, full_kvs: list, head_maps: list) -> list[torch.Tensor]:
+    caches = [session_from_full(engine, t.document, kv, hm).cache for t, kv, hm in zip(tasks, full_kvs, head_maps)]
     with_interlude = [(c, list(t.interlude)) for t, c in zip(tasks, caches) if t.interlude]
     if with_interlude:   # cached (and compressed) in a step of its own, before the question
         _packed_forward(engine, with_interlude, None)
@@ -97,15 +111,7 @@ def _score_batch(engine: Engine, tasks: list[RetrievalTask], full_kvs: list, hea
         at += range(start + len(t.question) - 1, start + len(t.question) + len(t.answer) - 1)
         start += len(t.question) + len(t.answer)
     logp = torch.log_softmax(_packed_forward(engine, turns, at).float(), dim=-1)          # [sum A, V]
-    answers = torch.tensor([a for t in tasks for a in t.answer], device=logp.device)      # [sum A]
-    token_logp = logp.gather(1, answers[:, None])[:, 0]
-    token_hit = logp.argmax(-1) == answers
-    out, j = [], 0
-    for t in tasks:
-        span = slice(j, j + len(t.answer))
-        out.append((float(token_logp[span].mean()), bool(token_hit[span].all())))
-        j += len(t.answer)
-    return out
+    return list(logp.split([len(t.answer) for t in tasks]))
 
 
 def _packed_forward(engine: Engine, segments: list[tuple], logits_at: list[int] | None) -> torch.Tensor:

@@ -1,0 +1,200 @@
+"""Why does a map lose a document's answer? For each named document of the quality bench, the answer's margin
+(the answer token's log-prob minus the best other token's, the lowest over the answer's tokens: above 0, the
+greedy answer is right) under the full cache, under the map, under the map with its integer rows kept in 16
+bits, with its local windows doubled, with each local head made whole in turn, and with each whole head made
+local in turn. So it says whether rounding, the window or the choice of heads loses the answer, which heads
+would bring it back, and where the map's recorded order ranks them.
+
+The documents are bench_quality's (bench part, seed 777000 + length, `--tasks` a family: a document's index
+is the one bench_quality prints for the answers a map loses).
+
+    .venv/bin/python bench/bench_lost_documents.py --map bench/results/map-e836427db1db61d9.headmap.json \\
+        --family multi --length 1000 --tasks 40 --docs 14 22
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import common
+import torch
+
+from bench_quality import BENCH_SEED, NOISE_ROW, heads_of, make_map
+from services.engine import Engine, HeadMap, load_model
+from services.engine.evaluation import answer_rows, full_prefill, held, retrieval_tasks, session_from_full
+from services.engine.headmap import shipped_head_map
+
+SHOWN = 8   # heads listed per document, the strongest effects first
+
+
+def margin(logp: torch.Tensor, answer: list[int]) -> float:
+    """[A, V] log-probs -> min over the answer's tokens of (its log-prob - the best other token's)."""
+    target = torch.tensor(answer)                                                    # [A]
+    right = logp.gather(1, target[:, None])[:, 0]                                    # [A]
+    others = logp.scatter(1, target[:, None], float("-inf")).max(-1).values          # [A]
+    return float((right - others).min())
+
+
+def variants(hm: HeadMap, length: int) -> dict[str, HeadMap]:
+    """Name -> map: the map, its rows in 16 bits, its windows doubled, each local head whole, each whole head
+    local (the last two named by the head, "+L.H" and "-L.H")."""
+    fp, c, heads = hm.fingerprint, hm.compression, set(heads_of(hm))
+    local = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads) if (layer, h) not in heads]
+    out = {"full cache": HeadMap.full(fp), "map": hm,
+           "map, rows in 16 bits": make_map(hm, heads, c.stored_as(16).local_stored_as(16), "diagnostic"),
+           "map, window x2": make_map(hm, heads, replace(c, min_window=2 * c.window(length), ratio=1e9),
+                                      "diagnostic"),
+           "map, no compensation token": make_map(hm, heads, replace(c, compensation=False), "diagnostic")}
+    out |= {f"+{layer}.{h}": make_map(hm, heads | {(layer, h)}, c, "diagnostic") for layer, h in local}
+    out |= {f"-{layer}.{h}": make_map(hm, heads - {(layer, h)}, c, "diagnostic") for layer, h in sorted(heads)}
+    return out
+
+
+def diagnose(engine: Engine, task, maps: dict[str, HeadMap]) -> dict[str, tuple[float, list[int]]]:
+    """Name -> (answer margin, greedy tokens where the answer's are) for one task under every map."""
+    kv = full_prefill(engine, task.document)
+    names = list(maps)
+    rows = answer_rows(engine, [task] * len(names), [kv] * len(names), [maps[n] for n in names])
+    return {n: (margin(row, task.answer), row.argmax(-1).tolist()) for n, row in zip(names, rows)}
+
+
+def report(engine: Engine, index: int, task, result: dict, rank: dict) -> list[str]:
+    decode = engine.tokenizer.decode
+    lines = [f"\n### document #{index} (depth {task.depth:.2f}, answer {task.answer_text!r})", ""]
+    for name in ("full cache", "map", "map, rows in 16 bits", "map, window x2", "map, no compensation token"):
+        m, greedy = result[name]
+        lines.append(f"- {name}: margin {m:+.3f}, greedy {decode(greedy)!r}")
+    base = result["map"][0]
+    for sign, what in (("+", "local heads made whole, the margin's gain"),
+                       ("-", "whole heads made local, the margin's loss")):
+        moves = sorted(((m - base, n) for n, (m, _) in result.items() if n[0] == sign), reverse=sign == "+")
+        flipped = sum((base + d > 0) != (base > 0) for d, _ in moves)
+        lines.append(f"- {what} ({flipped} of {len(moves)} flip the answer): " + ", ".join(
+            f"{n} {d:+.3f} (rank {rank.get(n[1:], '-')})" for d, n in moves[:SHOWN]))
+    return lines
+
+
+def survey(engine: Engine, tasks: list, maps: dict[str, HeadMap]) -> tuple[dict[str, list[float]], dict]:
+    """(name -> the answer margin of every task, name -> bytes / 16-bit full cache on the first document):
+    the full cache, the bf16 noise floor and each map."""
+    fp = engine.loaded.fingerprint
+    hms = {"full cache": HeadMap.full(fp), NOISE_ROW: HeadMap.full(fp), **maps}
+    margins: dict[str, list[float]] = {n: [] for n in hms}
+    for i, task in enumerate(tasks):
+        kv = full_prefill(engine, task.document)
+        rows = answer_rows(engine, [task] * len(hms), [kv, held(kv)] + [kv] * len(maps), list(hms.values()))
+        for n, row in zip(hms, rows):
+            margins[n].append(margin(row, task.answer))
+        if i == 0:
+            nbytes = {n: session_from_full(engine, task.document, kv, hm).cache.bytes_fraction()
+                      for n, hm in hms.items()}
+        print(f"  {i + 1}/{len(tasks)} documents", flush=True)
+    return margins, nbytes
+
+
+def survey_table(margins: dict[str, list[float]], nbytes: dict) -> str:
+    """Per map: bytes, answers lost / gained, the full cache's margins on the lost ones, the margin's shift."""
+    full = margins["full cache"]
+    rows = []
+    for name, ms in margins.items():
+        lost = [f for f, m in zip(full, ms) if f > 0 >= m]
+        gained = sum(f <= 0 < m for f, m in zip(full, ms))
+        shifts = sorted(m - f for f, m in zip(full, ms) if f > 0)
+        rows.append([name, f"{nbytes[name]:.3f}", f"{len(lost)} / {gained}",
+                     ", ".join(f"{f:.2f}" for f in sorted(lost)) or "-",
+                     f"{statistics.median(shifts):+.3f}", f"{shifts[len(shifts) // 10]:+.3f}"])
+    near = sum(0 < f < 0.25 for f in full)
+    return (f"full cache: {sum(f > 0 for f in full)} of {len(full)} answered, {near} of them by a margin under "
+            f"0.25\n\n" + common.table(["map", "bytes / 16-bit full", "lost / gained",
+                                           "full-cache margins of the lost", "median shift (answered)",
+                                           "10th percentile shift"], rows, "lrrlrr"))
+
+
+def plot_survey(margins: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    full = margins["full cache"]
+    for name, ms in margins.items():
+        if name != "full cache":
+            ax.scatter(full, ms, s=14, label=name[:48])
+    lo, hi = min(full) - 0.5, max(full) + 0.5
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set(xlabel="answer margin, full cache (nats)", ylabel="answer margin, variant (nats)", title=title)
+    ax.legend(fontsize=7)
+    common.save_figure(fig, path)
+
+
+def recorded_rank(hm: HeadMap, fallback: HeadMap) -> dict[str, int]:
+    """'L.H' -> its 1-based rank in the map's recorded calibration order (the shipped map's for variants)."""
+    order = (hm.calibration or fallback.calibration or {}).get("order", [])
+    return {f"{layer}.{h}": i + 1 for i, (layer, h) in enumerate(order)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--map", type=Path, help="head map JSON (default: the shipped map)")
+    ap.add_argument("--family", nargs="+", default=["multi"], help="the family (with --survey: families)")
+    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--tasks", type=int, default=40, help="documents a family, as bench_quality's --tasks")
+    ap.add_argument("--docs", type=int, nargs="+", help="indices of the documents to diagnose")
+    ap.add_argument("--survey", type=Path, nargs="+",
+                    help="instead: these maps' margins on every document of the family, against the full cache's")
+    ap.add_argument("--plot", type=Path, help="with --survey: margins against the full cache's, drawn here")
+    ap.add_argument("--json", type=Path, help="write every margin here")
+    args = ap.parse_args()
+    print(common.header(), flush=True)
+    loaded = load_model("smollm2", "cpu")
+    shipped = shipped_head_map(loaded.fingerprint)
+    hm = HeadMap.from_json(args.map.read_text(), expect=loaded.fingerprint) if args.map else shipped
+    engine = Engine(loaded)
+    if args.survey:
+        return run_survey(engine, args)
+    tasks = bench_tasks(engine, args.family[0], args)
+    maps, rank, out = variants(hm, args.length), recorded_rank(hm, shipped), {}
+    print(f"map {hm.version}: {len(heads_of(hm))} whole KV heads, {hm.compression.to_dict()}; "
+          f"{len(maps)} variants a document", flush=True)
+    for i in args.docs or ():
+        start = time.perf_counter()
+        out[i] = diagnose(engine, tasks[i], maps)
+        print("\n".join(report(engine, i, tasks[i], out[i], rank)), flush=True)
+        print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"map": hm.version, "family": args.family[0], "length": args.length,
+                                         "margins": {i: {n: m for n, (m, _) in r.items()} for i, r in out.items()}},
+                                        indent=1))
+
+
+def bench_tasks(engine: Engine, family: str, args) -> list:
+    return retrieval_tasks(family, args.length, args.tasks, BENCH_SEED + args.length, engine.tokenizer, part="bench")
+
+
+def run_survey(engine: Engine, args) -> None:
+    fp = engine.loaded.fingerprint
+    maps = {}
+    for path in args.survey:
+        hm = HeadMap.from_json(path.read_text(), expect=fp)
+        maps[f"{hm.version} ({len(heads_of(hm))} heads, {hm.compression.storage()}, "
+             f"local {hm.compression.local_storage()})"] = hm
+    by_family, nbytes = {}, {}
+    for family in args.family:
+        by_family[family], nbytes = survey(engine, bench_tasks(engine, family, args), maps)
+        print(f"\n#### {family}, {args.length} tokens\n\n{survey_table(by_family[family], nbytes)}", flush=True)
+    if len(by_family) > 1:
+        pooled = {n: [m for margins in by_family.values() for m in margins[n]] for n in by_family[args.family[0]]}
+        print(f"\n#### every family, {args.length} tokens\n\n{survey_table(pooled, nbytes)}", flush=True)
+    if args.plot:
+        for family, margins in by_family.items():
+            plot_survey(margins, args.plot.with_name(f"{args.plot.stem}-{family}{args.plot.suffix}"),
+                        f"{family}, {args.length} tokens, {args.tasks} documents")
+    if args.json:
+        args.json.write_text(json.dumps({"length": args.length, "bytes": nbytes, "margins": by_family}, indent=1))
+
+if __name__ == "__main__":
+    main()
