@@ -8,8 +8,15 @@ would bring it back, and where the map's recorded order ranks them.
 The documents are bench_quality's (bench part, seed 777000 + length, `--tasks` a family: a document's index
 is the one bench_quality prints for the answers a map loses).
 
+`--survey` instead scores several maps on every document of the families named, beside the full cache and the
+bf16 noise floor: answers lost and gained, the full cache's margins on the answers lost (near-ties or not), the
+margin's shift, and a plot per family; `--results` prints and plots a saved survey again.
+
     .venv/bin/python bench/bench_lost_documents.py --map bench/results/map-e836427db1db61d9.headmap.json \\
         --family multi --length 1000 --tasks 40 --docs 14 22
+    .venv/bin/python bench/bench_lost_documents.py --family digits word multi turn edge passkey --length 1000 \\
+        --tasks 40 --survey services/engine/data/smollm2.headmap.json bench/results/map-*.headmap.json \\
+        --plot docs/margins-1000.png --json margins.json
 """
 from __future__ import annotations
 
@@ -114,21 +121,32 @@ def survey_table(margins: dict[str, list[float]], nbytes: dict) -> str:
                                            "10th percentile shift"], rows, "lrrlrr"))
 
 
-def plot_survey(margins: dict[str, list[float]], path: Path, title: str) -> None:
+def plot_survey(by_family: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
+    """One panel a family: each variant's answer margin against the full cache's, document by document."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    full = margins["full cache"]
-    for name, ms in margins.items():
-        if name != "full cache":
-            ax.scatter(full, ms, s=14, label=name[:48])
-    lo, hi = min(full) - 0.5, max(full) + 0.5
-    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.set(xlabel="answer margin, full cache (nats)", ylabel="answer margin, variant (nats)", title=title)
-    ax.legend(fontsize=7)
-    common.save_figure(fig, path)
+    cols = min(3, len(by_family))
+    rows = -(-len(by_family) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows), squeeze=False)
+    for ax, (family, margins) in zip(axes.flat, by_family.items()):
+        full = margins["full cache"]
+        variants = [name for name in margins if name != "full cache"]
+        for i, name in enumerate(variants):   # tab20 and two markers: a dozen maps stay apart
+            ax.scatter(full, margins[name], s=10, color=plt.cm.tab20(i % 20), marker="o^"[i % 2], label=name[:60])
+        lo, hi = min(full) - 0.5, max(full) + 0.5
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(xlabel="margin, full cache (nats)", ylabel="margin, variant (nats)", title=family)
+    for ax in list(axes.flat)[len(by_family):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * len(labels) / 2, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def recorded_rank(hm: HeadMap, fallback: HeadMap) -> dict[str, int]:
@@ -143,12 +161,17 @@ def main() -> None:
     ap.add_argument("--family", nargs="+", default=["multi"], help="the family (with --survey: families)")
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--tasks", type=int, default=40, help="documents a family, as bench_quality's --tasks")
-    ap.add_argument("--docs", type=int, nargs="+", help="indices of the documents to diagnose")
+    ap.add_argument("--docs", type=int, nargs="+", default=[14],
+                    help="indices of the documents to diagnose (default: multi #14 at 1,000 tokens, which the "
+                         "shipped map loses)")
     ap.add_argument("--survey", type=Path, nargs="+",
                     help="instead: these maps' margins on every document of the family, against the full cache's")
     ap.add_argument("--plot", type=Path, help="with --survey: margins against the full cache's, drawn here")
     ap.add_argument("--json", type=Path, help="write every margin here")
+    ap.add_argument("--results", type=Path, help="print (and --plot) a --survey's JSON without running")
     args = ap.parse_args()
+    if args.results:
+        return from_results(args.results, args.plot)
     print(common.header(), flush=True)
     loaded = load_model("smollm2", "cpu")
     shipped = shipped_head_map(loaded.fingerprint)
@@ -160,7 +183,7 @@ def main() -> None:
     maps, rank, out = variants(hm, args.length), recorded_rank(hm, shipped), {}
     print(f"map {hm.version}: {len(heads_of(hm))} whole KV heads, {hm.compression.to_dict()}; "
           f"{len(maps)} variants a document", flush=True)
-    for i in args.docs or ():
+    for i in args.docs:
         start = time.perf_counter()
         out[i] = diagnose(engine, tasks[i], maps)
         print("\n".join(report(engine, i, tasks[i], out[i], rank)), flush=True)
@@ -175,26 +198,43 @@ def bench_tasks(engine: Engine, family: str, args) -> list:
     return retrieval_tasks(family, args.length, args.tasks, BENCH_SEED + args.length, engine.tokenizer, part="bench")
 
 
+def label(hm: HeadMap) -> str:
+    c = hm.compression
+    recent = "" if not any(c.recent) else ", recent rows {}/{}".format(*c.recent)
+    return f"{hm.version} ({len(heads_of(hm))} heads {c.storage()}, local {c.local_storage()}{recent})"
+
+
 def run_survey(engine: Engine, args) -> None:
     fp = engine.loaded.fingerprint
-    maps = {}
-    for path in args.survey:
-        hm = HeadMap.from_json(path.read_text(), expect=fp)
-        maps[f"{hm.version} ({len(heads_of(hm))} heads, {hm.compression.storage()}, "
-             f"local {hm.compression.local_storage()})"] = hm
-    by_family, nbytes = {}, {}
+    maps = {label(hm): hm for hm in (HeadMap.from_json(path.read_text(), expect=fp) for path in args.survey)}
+    by_family, nbytes = {}, {}   # family -> map -> margins, and bytes on the family's first document
     for family in args.family:
-        by_family[family], nbytes = survey(engine, bench_tasks(engine, family, args), maps)
-        print(f"\n#### {family}, {args.length} tokens\n\n{survey_table(by_family[family], nbytes)}", flush=True)
-    if len(by_family) > 1:
-        pooled = {n: [m for margins in by_family.values() for m in margins[n]] for n in by_family[args.family[0]]}
-        print(f"\n#### every family, {args.length} tokens\n\n{survey_table(pooled, nbytes)}", flush=True)
-    if args.plot:
-        for family, margins in by_family.items():
-            plot_survey(margins, args.plot.with_name(f"{args.plot.stem}-{family}{args.plot.suffix}"),
-                        f"{family}, {args.length} tokens, {args.tasks} documents")
+        by_family[family], nbytes[family] = survey(engine, bench_tasks(engine, family, args), maps)
+        print(f"\n#### {family}, {args.length} tokens\n\n{survey_table(by_family[family], nbytes[family])}",
+              flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"length": args.length, "bytes": nbytes, "margins": by_family}, indent=1))
+        args.json.write_text(json.dumps({"length": args.length, "tasks": args.tasks, "bytes": nbytes,
+                                         "margins": by_family}, indent=1))
+    summarise(by_family, nbytes, args.length, args.tasks, args.plot)
+
+
+def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path | None) -> None:
+    """Every family pooled (bytes: the mean of the families' first documents), and the plot."""
+    if len(by_family) > 1:
+        first = next(iter(by_family.values()))
+        pooled = {n: [m for margins in by_family.values() for m in margins[n]] for n in first}
+        mean_bytes = {n: statistics.mean(b[n] for b in nbytes.values()) for n in first}
+        print(f"\n#### every family, {length} tokens\n\n{survey_table(pooled, mean_bytes)}", flush=True)
+    if plot:
+        plot_survey(by_family, plot, f"answer margins, {length} tokens, {tasks} documents a family")
+
+
+def from_results(path: Path, plot: Path | None) -> None:
+    """Print the tables of a --json survey and draw its plot, without running anything."""
+    run = json.loads(path.read_text())
+    for family, margins in run["margins"].items():
+        print(f"\n#### {family}, {run['length']} tokens\n\n{survey_table(margins, run['bytes'][family])}")
+    summarise(run["margins"], run["bytes"], run["length"], run["tasks"], plot)
 
 if __name__ == "__main__":
     main()
