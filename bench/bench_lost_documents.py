@@ -47,8 +47,8 @@ def margin(logp: torch.Tensor, answer: list[int]) -> float:
 
 
 def variants(hm: HeadMap, length: int) -> dict[str, HeadMap]:
-    """Name -> map: the map, its rows in 16 bits, its windows doubled, each local head whole, each whole head
-    local (the last two named by the head, "+L.H" and "-L.H")."""
+    """Name -> map: the map, its rows in 16 bits, its window at `length` doubled, without the compensation token,
+    each local head whole and each whole head local (the last two named by the head, "+L.H" and "-L.H")."""
     fp, c, heads = hm.fingerprint, hm.compression, set(heads_of(hm))
     local = [(layer, h) for layer in range(fp.n_layers) for h in range(fp.n_kv_heads) if (layer, h) not in heads]
     out = {"full cache": HeadMap.full(fp), "map": hm,

@@ -69,7 +69,8 @@ def score_answer(engine: Engine, task: RetrievalTask, full_kv, head_map: HeadMap
     """Teacher-forced question + answer in one forward -> (mean answer log-prob, every answer token argmax)."""
     state = _with_interlude(engine, task, session_from_full(engine, task.document, full_kv, head_map))
     logits = forward_all(engine.model, task.question + task.answer, state.cache)            # [Q + A, V]
-    return _scored(torch.log_softmax(logits[len(task.question) - 1: -1].float(), dim=-1), task.answer)   # [A, V]
+    logp = torch.log_softmax(logits[len(task.question) - 1: -1].float(), dim=-1)            # [A, V]
+    return _scored(logp, task.answer)
 
 
 @torch.no_grad()
@@ -89,7 +90,7 @@ def _scored(logp: torch.Tensor, answer: list[int]) -> tuple[float, bool]:
 
 @torch.no_grad()
 def answer_rows(engine: Engine, tasks: list[RetrievalTask], full_kvs: list, head_maps: list[HeadMap],
-                    batch_size: int = 16) -> list[torch.Tensor]:
+                batch_size: int = 16) -> list[torch.Tensor]:
     """Per task, the log-probs [A, V] predicting its answer tokens (teacher-forced) over its document's
     cache compressed by its own head map, `batch_size` tasks in one packed forward."""
     out = []
