@@ -110,7 +110,7 @@ def survey_table(margins: dict[str, list[float]], nbytes: dict) -> str:
     for name, ms in margins.items():
         lost = [f for f, m in zip(full, ms) if f > 0 >= m]
         gained = sum(f <= 0 < m for f, m in zip(full, ms))
-        shifts = sorted(m - f for f, m in zip(full, ms) if f > 0)
+        shifts = sorted(m - f for f, m in zip(full, ms) if f > 0) or [float("nan")]   # none answered: no shift
         rows.append([name, f"{nbytes[name]:.3f}", f"{len(lost)} / {gained}",
                      ", ".join(f"{f:.2f}" for f in sorted(lost)) or "-",
                      f"{statistics.median(shifts):+.3f}", f"{shifts[len(shifts) // 10]:+.3f}"])
