@@ -130,8 +130,8 @@ def plot_survey(by_family: dict[str, dict[str, list[float]]], path: Path, title:
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows), squeeze=False)
     for ax, (family, margins) in zip(axes.flat, by_family.items()):
         full = margins["full cache"]
-        variants = [name for name in margins if name != "full cache"]
-        for i, name in enumerate(variants):   # tab20 and two markers: a dozen maps stay apart
+        names = [name for name in margins if name != "full cache"]
+        for i, name in enumerate(names):   # tab20 and two markers: a dozen maps stay apart
             ax.scatter(full, margins[name], s=10, color=plt.cm.tab20(i % 20), marker="o^"[i % 2], label=name[:60])
         lo, hi = min(full) - 0.5, max(full) + 0.5
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
@@ -143,10 +143,7 @@ def plot_survey(by_family: dict[str, dict[str, list[float]]], path: Path, title:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=2)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * len(labels) / 2, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, path, rect=(0, 0.06 + 0.02 * len(labels) / 2, 1, 1))
 
 
 def recorded_rank(hm: HeadMap, fallback: HeadMap) -> dict[str, int]:

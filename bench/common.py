@@ -50,11 +50,12 @@ def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.2f}"
 
 
-def save_figure(fig, path: Path) -> None:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
+def save_figure(fig, path: Path, rect=None) -> None:
+    """Lay out (within `rect`, when a figure legend needs room below), write (creating the folder) and close a
+    matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

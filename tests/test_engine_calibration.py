@@ -151,3 +151,17 @@ def test_a_model_with_a_tokenizer_checks_its_folds_with_half_the_gate_training()
     assert CalibrationParams.for_model(without).fold_gates() == GateParams(steps=20)
     with pytest.raises(ValueError, match="steps >= 10"):
         CalibrationParams(fold_gate_steps=5)
+
+
+@pytest.mark.parametrize("recent", [{}, {"recent_rows": 32}, {"recent_rows": 16, "local_recent_rows": 0},
+                                    {"recent_rows": 0, "local_recent_rows": 32}])
+def test_a_points_shape_reads_back_as_searched(recent):
+    """The chosen map's compression is read back from the best point's record: every field must survive, a local
+    group's 0 recent rows beside the retrieval group's 16 included."""
+    from services.engine.cache import CompressionParams
+    from services.engine.calibration import _shape_fields, _shape_of
+
+    shape = CompressionParams(sink=4, min_window=64, ratio=10, **recent).stored_as("6/4").local_stored_as("6/4")
+    assert _shape_of(_shape_fields(shape)) == shape
+    assert _shape_of(_shape_fields(CompressionParams(sink=2, min_window=32, ratio=1e9, **recent))) == \
+        CompressionParams(sink=2, min_window=32, ratio=1e9, **recent)

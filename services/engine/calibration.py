@@ -326,11 +326,17 @@ def _k_within(bench: TaskBench, order: Order, shape: CompressionParams, max_byte
 
 
 def _point(bench: TaskBench, order: Order, k: int, shape: CompressionParams, families=None) -> dict:
+    return {"k": k, **_shape_fields(shape), **bench.score(set(map(tuple, order[:k])), shape, families,
+                                                           kl=families is None)}
+
+
+def _shape_fields(shape: CompressionParams) -> dict:
+    """A point's record of its shape, which `_shape_of` reads back: the recent rows as `to_dict` records them
+    (a local count of 0 beside a retrieval count is kept, not read back as "as recent_rows")."""
     local = {} if shape.local_storage() == 16 else {"local_bits": shape.local_storage()}
-    local.update({name: getattr(shape, name) for name in ("recent_rows", "local_recent_rows")
-                  if getattr(shape, name)})
-    return {"k": k, "window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio, "bits": shape.storage(),
-            **local, **bench.score(set(map(tuple, order[:k])), shape, families, kl=families is None)}
+    recent = {k: v for k, v in shape.to_dict().items() if k in ("recent_rows", "local_recent_rows")}
+    return {"window": shape.min_window, "sink": shape.sink, "ratio": shape.ratio, "bits": shape.storage(),
+            **local, **recent}
 
 
 def _pick(candidates: list[dict]) -> dict:
