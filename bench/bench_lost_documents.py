@@ -9,19 +9,23 @@ The documents are bench_quality's (bench part, seed 777000 + length, `--tasks` a
 is the one bench_quality prints for the answers a map loses).
 
 `--survey` instead scores several maps on every document of the families named, beside the full cache and the
-bf16 noise floor: answers lost and gained, the full cache's margins on the answers lost (near-ties or not), the
-margin's shift, and a plot per family; `--results` prints and plots a saved survey again.
+bf16 noise floor: answers lost and gained, whether each family meets the issue's target, the full cache's margins
+on the answers lost (near-ties or not), the margin's shift, each map's loss rate with its exact 95% interval, and
+a plot per family. `--seed` draws other documents from the bench part; `--results` prints and plots saved surveys
+again, pooling the documents of several surveys of one length.
 
     .venv/bin/python bench/bench_lost_documents.py --map bench/results/map-e836427db1db61d9.headmap.json \\
         --family multi --length 1000 --tasks 40 --docs 14 22
     .venv/bin/python bench/bench_lost_documents.py --family digits word multi turn edge passkey --length 1000 \\
         --tasks 40 --survey services/engine/data/smollm2.headmap.json bench/results/map-*.headmap.json \\
         --plot docs/margins-1000.png --json margins.json
+    .venv/bin/python bench/bench_lost_documents.py --results margins.json margins-seed-889000.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -34,6 +38,7 @@ from bench_quality import BENCH_SEED, NOISE_ROW, heads_of, make_map
 from services.engine import Engine, HeadMap, load_model
 from services.engine.evaluation import answer_rows, full_prefill, held, retrieval_tasks, session_from_full
 from services.engine.headmap import shipped_head_map
+from services.engine.task_bench import Target
 
 SHOWN = 8   # heads listed per document, the strongest effects first
 
@@ -103,8 +108,9 @@ def survey(engine: Engine, tasks: list, maps: dict[str, HeadMap]) -> tuple[dict[
     return margins, nbytes
 
 
-def survey_table(margins: dict[str, list[float]], nbytes: dict) -> str:
-    """Per map: bytes, answers lost / gained, the full cache's margins on the lost ones, the margin's shift."""
+def survey_table(margins: dict[str, list[float]], nbytes: dict, one_family: bool = True) -> str:
+    """Per map: bytes, answers lost / gained, whether the family meets the target (the target is per family: "-"
+    for families pooled), the full cache's margins on the lost ones, the margin's shift."""
     full = margins["full cache"]
     rows = []
     for name, ms in margins.items():
@@ -112,13 +118,48 @@ def survey_table(margins: dict[str, list[float]], nbytes: dict) -> str:
         gained = sum(f <= 0 < m for f, m in zip(full, ms))
         shifts = sorted(m - f for f, m in zip(full, ms) if f > 0) or [float("nan")]   # none answered: no shift
         rows.append([name, f"{nbytes[name]:.3f}", f"{len(lost)} / {gained}",
+                     ("met" if meets(full, ms) else "missed") if one_family else "-",
                      ", ".join(f"{f:.2f}" for f in sorted(lost)) or "-",
                      f"{statistics.median(shifts):+.3f}", f"{shifts[len(shifts) // 10]:+.3f}"])
     near = sum(0 < f < 0.25 for f in full)
     return (f"full cache: {sum(f > 0 for f in full)} of {len(full)} answered, {near} of them by a margin under "
-            f"0.25\n\n" + common.table(["map", "bytes / 16-bit full", "lost / gained",
+            f"0.25\n\n" + common.table(["map", "bytes / 16-bit full", "lost / gained", "target",
                                            "full-cache margins of the lost", "median shift (answered)",
-                                           "10th percentile shift"], rows, "lrrlrr"))
+                                           "10th percentile shift"], rows, "lrrllrr"))
+
+
+def meets(full: list[float], margins: list[float], target: Target = Target()) -> bool:
+    """The issue's target on one family's documents: accuracy within 2 points of the full cache's, and at least
+    97% of the full cache's answers kept (`task_bench.Target`)."""
+    answered = [m > 0 for f, m in zip(full, margins) if f > 0]
+    point = {"accuracy_by_family": {"": [sum(m > 0 for m in margins) / len(margins)]},
+             "kept_by_family": {"": [sum(answered) / max(1, len(answered))]}}
+    return target.met_by(point, {"accuracy_by_family": {"": [sum(f > 0 for f in full) / len(full)]}})
+
+
+def loss_rate(by_family: dict[str, dict[str, list[float]]], name: str) -> str:
+    """Answers lost over the full cache's answers, every family pooled, with its exact 95% interval."""
+    pairs = [(f, m) for margins in by_family.values() for f, m in zip(margins["full cache"], margins[name])]
+    lost, answered = sum(f > 0 >= m for f, m in pairs), sum(f > 0 for f, _ in pairs)
+    low, high = clopper_pearson(lost, answered)
+    return f"{lost} / {answered} = {lost / answered:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact binomial interval for k events in n trials, by bisection on the binomial tails (no scipy here)."""
+    def at_least(p: float, j: int) -> float:   # P(X >= j), increasing in p
+        return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(j, n + 1))
+
+    def solve(f, want: float) -> float:   # f increasing in p
+        lo, hi = 0.0, 1.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < want else (lo, mid)
+        return (lo + hi) / 2
+
+    low = 0.0 if k == 0 else solve(lambda p: at_least(p, k), alpha / 2)
+    high = 1.0 if k == n else solve(lambda p: at_least(p, k + 1), 1 - alpha / 2)   # P(X <= k) = alpha / 2
+    return low, high
 
 
 def plot_survey(by_family: dict[str, dict[str, list[float]]], path: Path, title: str) -> None:
@@ -158,6 +199,8 @@ def main() -> None:
     ap.add_argument("--family", nargs="+", default=["multi"], help="the family (with --survey: families)")
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--tasks", type=int, default=40, help="documents a family, as bench_quality's --tasks")
+    ap.add_argument("--seed", type=int, help="the documents' seed (default: bench_quality's, 777000 + length); "
+                                             "another seed draws other documents from the bench part")
     ap.add_argument("--docs", type=int, nargs="+", default=[14],
                     help="indices of the documents to diagnose (default: multi #14 at 1,000 tokens, which the "
                          "shipped map loses)")
@@ -165,7 +208,8 @@ def main() -> None:
                     help="instead: these maps' margins on every document of the family, against the full cache's")
     ap.add_argument("--plot", type=Path, help="with --survey: margins against the full cache's, drawn here")
     ap.add_argument("--json", type=Path, help="write every margin here")
-    ap.add_argument("--results", type=Path, help="print (and --plot) a --survey's JSON without running")
+    ap.add_argument("--results", type=Path, nargs="+",
+                    help="print (and --plot) --survey JSONs without running; several of one length are pooled")
     args = ap.parse_args()
     if args.results:
         return from_results(args.results, args.plot)
@@ -192,7 +236,8 @@ def main() -> None:
 
 
 def bench_tasks(engine: Engine, family: str, args) -> list:
-    return retrieval_tasks(family, args.length, args.tasks, BENCH_SEED + args.length, engine.tokenizer, part="bench")
+    seed = BENCH_SEED + args.length if args.seed is None else args.seed
+    return retrieval_tasks(family, args.length, args.tasks, seed, engine.tokenizer, part="bench")
 
 
 def label(hm: HeadMap) -> str:
@@ -210,28 +255,52 @@ def run_survey(engine: Engine, args) -> None:
         print(f"\n#### {family}, {args.length} tokens\n\n{survey_table(by_family[family], nbytes[family])}",
               flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"length": args.length, "tasks": args.tasks, "bytes": nbytes,
+        args.json.write_text(json.dumps({"length": args.length, "tasks": args.tasks, "seed": args.seed,
+                                         "bytes": nbytes,
                                          "margins": by_family}, indent=1))
     summarise(by_family, nbytes, args.length, args.tasks, args.plot)
 
 
 def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path | None) -> None:
-    """Every family pooled (bytes: the mean of the families' first documents), and the plot."""
+    """Every family pooled (bytes: the mean of the families' first documents), each map's families that miss the
+    target and its pooled loss rate, and the plot."""
+    first = next(iter(by_family.values()))
     if len(by_family) > 1:
-        first = next(iter(by_family.values()))
         pooled = {n: [m for margins in by_family.values() for m in margins[n]] for n in first}
         mean_bytes = {n: statistics.mean(b[n] for b in nbytes.values()) for n in first}
-        print(f"\n#### every family, {length} tokens\n\n{survey_table(pooled, mean_bytes)}", flush=True)
+        print(f"\n#### every family, {length} tokens\n\n{survey_table(pooled, mean_bytes, False)}", flush=True)
+    rows = [[name, ", ".join(f for f, m in by_family.items() if not meets(m["full cache"], m[name])) or "none",
+             loss_rate(by_family, name)] for name in first if name != "full cache"]
+    print(f"\n#### the target per map, {length} tokens\n\n" + common.table(
+        ["map", "families that miss the target", "answers lost / the full cache's (95% interval)"], rows, "lll"))
     if plot:
         plot_survey(by_family, plot, f"answer margins, {length} tokens, {tasks} documents a family")
 
 
-def from_results(path: Path, plot: Path | None) -> None:
-    """Print the tables of a --json survey and draw its plot, without running anything."""
-    run = json.loads(path.read_text())
-    for family, margins in run["margins"].items():
-        print(f"\n#### {family}, {run['length']} tokens\n\n{survey_table(margins, run['bytes'][family])}")
-    summarise(run["margins"], run["bytes"], run["length"], run["tasks"], plot)
+def from_results(paths: list[Path], plot: Path | None) -> None:
+    """Print the tables of --json surveys and draw their plot, without running anything. Several surveys at one
+    length (other seeds) are pooled: each family's documents put together, for the maps every survey has."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    lengths = {run["length"] for run in runs}
+    if len(lengths) > 1:
+        raise SystemExit(f"--results: pool surveys of one length, not {sorted(lengths)}")
+    margins, nbytes = pooled_runs(runs)
+    for family, by_map in margins.items():
+        print(f"\n#### {family}, {runs[0]['length']} tokens\n\n{survey_table(by_map, nbytes[family])}")
+    tasks = sum(run["tasks"] for run in runs)
+    summarise(margins, nbytes, runs[0]["length"], tasks, plot)
+
+
+def pooled_runs(runs: list[dict]) -> tuple[dict, dict]:
+    """(family -> map -> margins over every run's documents, family -> map -> the first run's bytes), for the
+    families and maps every run has."""
+    families = [f for f in runs[0]["margins"] if all(f in run["margins"] for run in runs)]
+    margins, nbytes = {}, {}
+    for family in families:
+        names = [n for n in runs[0]["margins"][family] if all(n in run["margins"][family] for run in runs)]
+        margins[family] = {n: [m for run in runs for m in run["margins"][family][n]] for n in names}
+        nbytes[family] = {n: runs[0]["bytes"][family][n] for n in names}
+    return margins, nbytes
 
 if __name__ == "__main__":
     main()
