@@ -137,10 +137,15 @@ def meets(full: list[float], margins: list[float], target: Target = Target()) ->
     return target.met_by(point, {"accuracy_by_family": {"": [sum(f > 0 for f in full) / len(full)]}})
 
 
+def losses(by_family: dict[str, dict[str, list[float]]], name: str) -> tuple[int, int]:
+    """(answers the map loses, answers the full cache gives), every family pooled."""
+    pairs = [(f, m) for margins in by_family.values() for f, m in zip(margins["full cache"], margins[name])]
+    return sum(f > 0 >= m for f, m in pairs), sum(f > 0 for f, _ in pairs)
+
+
 def loss_rate(by_family: dict[str, dict[str, list[float]]], name: str) -> str:
     """Answers lost over the full cache's answers, every family pooled, with its exact 95% interval."""
-    pairs = [(f, m) for margins in by_family.values() for f, m in zip(margins["full cache"], margins[name])]
-    lost, answered = sum(f > 0 >= m for f, m in pairs), sum(f > 0 for f, _ in pairs)
+    lost, answered = losses(by_family, name)
     low, high = clopper_pearson(lost, answered)
     return f"{lost} / {answered} = {lost / answered:.1%} [{low:.1%}, {high:.1%}]"
 
@@ -187,6 +192,32 @@ def plot_survey(by_family: dict[str, dict[str, list[float]]], path: Path, title:
     common.save_figure(fig, path, rect=(0, 0.06 + 0.02 * len(labels) / 2, 1, 1))
 
 
+def plot_frontier(by_family: dict, nbytes: dict, path: Path, title: str) -> None:
+    """Each map's share of the full cache's answers lost (every family pooled, and each family apart) against its
+    bytes, with the pooled share's exact 95% interval; the target's 3% and the issue's quarter of the bytes drawn."""
+    import matplotlib.pyplot as plt
+
+    first = next(iter(by_family.values()))
+    names = [n for n in first if n != "full cache"]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    for i, name in enumerate(names):   # tab20 and two markers, as plot_survey
+        color = plt.cm.tab20(i % 20)
+        x = statistics.mean(b[name] for b in nbytes.values())
+        lost, answered = losses(by_family, name)
+        low, high = clopper_pearson(lost, answered)
+        rate = lost / answered
+        ax.errorbar([x], [100 * rate], yerr=[[100 * (rate - low)], [100 * (high - rate)]], fmt="o^"[i % 2],
+                    capsize=3, color=color, label=name[:60])
+        for family, margins in by_family.items():
+            kept = [m > 0 for f, m in zip(margins["full cache"], margins[name]) if f > 0]
+            ax.scatter([x], [100 * (1 - sum(kept) / max(1, len(kept)))], s=9, marker="_", color=color)
+    ax.axhline(3, color="grey", ls="--", lw=0.8)
+    ax.axvline(0.25, color="grey", ls=":", lw=0.8)
+    ax.set(xlabel="bytes / 16-bit full cache", ylabel="full-cache answers lost (%)", title=title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    common.save_figure(fig, path)
+
+
 def recorded_rank(hm: HeadMap, fallback: HeadMap) -> dict[str, int]:
     """'L.H' -> its 1-based rank in the map's recorded calibration order (the shipped map's for variants)."""
     order = (hm.calibration or fallback.calibration or {}).get("order", [])
@@ -207,12 +238,13 @@ def main() -> None:
     ap.add_argument("--survey", type=Path, nargs="+",
                     help="instead: these maps' margins on every document of the family, against the full cache's")
     ap.add_argument("--plot", type=Path, help="with --survey: margins against the full cache's, drawn here")
+    ap.add_argument("--frontier", type=Path, help="with --survey or --results: answers lost against bytes, drawn here")
     ap.add_argument("--json", type=Path, help="write every margin here")
     ap.add_argument("--results", type=Path, nargs="+",
                     help="print (and --plot) --survey JSONs without running; several of one length are pooled")
     args = ap.parse_args()
     if args.results:
-        return from_results(args.results, args.plot)
+        return from_results(args.results, args.plot, args.frontier)
     print(common.header(), flush=True)
     loaded = load_model("smollm2", "cpu")
     shipped = shipped_head_map(loaded.fingerprint)
@@ -258,10 +290,11 @@ def run_survey(engine: Engine, args) -> None:
         args.json.write_text(json.dumps({"length": args.length, "tasks": args.tasks, "seed": args.seed,
                                          "bytes": nbytes,
                                          "margins": by_family}, indent=1))
-    summarise(by_family, nbytes, args.length, args.tasks, args.plot)
+    summarise(by_family, nbytes, args.length, args.tasks, args.plot, args.frontier)
 
 
-def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path | None) -> None:
+def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path | None,
+              frontier: Path | None = None) -> None:
     """Every family pooled (bytes: the mean of the families' first documents), each map's families that miss the
     target and its pooled loss rate, and the plot."""
     first = next(iter(by_family.values()))
@@ -275,9 +308,12 @@ def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path
         ["map", "families that miss the target", "answers lost / the full cache's (95% interval)"], rows, "lll"))
     if plot:
         plot_survey(by_family, plot, f"answer margins, {length} tokens, {tasks} documents a family")
+    if frontier:
+        plot_frontier(by_family, nbytes, frontier, f"answers lost, {length} tokens, {tasks} documents a family\n"
+                                                   f"(dots: families pooled, 95% interval; dashes: each family)")
 
 
-def from_results(paths: list[Path], plot: Path | None) -> None:
+def from_results(paths: list[Path], plot: Path | None, frontier: Path | None) -> None:
     """Print the tables of --json surveys and draw their plot, without running anything. Several surveys at one
     length (other seeds) are pooled: each family's documents put together, for the maps every survey has."""
     runs = [json.loads(path.read_text()) for path in paths]
@@ -288,7 +324,7 @@ def from_results(paths: list[Path], plot: Path | None) -> None:
     for family, by_map in margins.items():
         print(f"\n#### {family}, {runs[0]['length']} tokens\n\n{survey_table(by_map, nbytes[family])}")
     tasks = sum(run["tasks"] for run in runs)
-    summarise(margins, nbytes, runs[0]["length"], tasks, plot)
+    summarise(margins, nbytes, runs[0]["length"], tasks, plot, frontier)
 
 
 def pooled_runs(runs: list[dict]) -> tuple[dict, dict]:
