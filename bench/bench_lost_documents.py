@@ -178,7 +178,7 @@ def plot_survey(by_family: dict[str, dict[str, list[float]]], path: Path, title:
         full = margins["full cache"]
         names = [name for name in margins if name != "full cache"]
         for i, name in enumerate(names):   # tab20 and two markers: a dozen maps stay apart
-            ax.scatter(full, margins[name], s=10, color=plt.cm.tab20(i % 20), marker="o^"[i % 2], label=name[:60])
+            ax.scatter(full, margins[name], s=10, color=plt.cm.tab20(i % 20), marker="o^"[i % 2], label=name[:72])
         lo, hi = min(full) - 0.5, max(full) + 0.5
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
         ax.axhline(0, color="black", lw=0.8)
@@ -207,7 +207,7 @@ def plot_frontier(by_family: dict, nbytes: dict, path: Path, title: str) -> None
         low, high = clopper_pearson(lost, answered)
         rate = lost / answered
         ax.errorbar([x], [100 * rate], yerr=[[100 * (rate - low)], [100 * (high - rate)]], fmt="o^"[i % 2],
-                    capsize=3, color=color, label=name[:60])
+                    capsize=3, color=color, label=name[:72])
         for family, margins in by_family.items():
             kept = [m > 0 for f, m in zip(margins["full cache"], margins[name]) if f > 0]
             ax.scatter([x], [100 * (1 - sum(kept) / max(1, len(kept)))], s=9, marker="_", color=color)
@@ -314,17 +314,30 @@ def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path
 
 
 def from_results(paths: list[Path], plot: Path | None, frontier: Path | None) -> None:
-    """Print the tables of --json surveys and draw their plot, without running anything. Several surveys at one
-    length (other seeds) are pooled: each family's documents put together, for the maps every survey has."""
+    """Print the tables of --json surveys and draw their plots, without running anything. Surveys of the same
+    documents (seed and count) put their maps side by side; surveys of other documents at the same length are
+    pooled: each family's documents put together, for the maps every set of documents has."""
     runs = [json.loads(path.read_text()) for path in paths]
     lengths = {run["length"] for run in runs}
     if len(lengths) > 1:
         raise SystemExit(f"--results: pool surveys of one length, not {sorted(lengths)}")
-    margins, nbytes = pooled_runs(runs)
+    draws: dict[tuple, list[dict]] = {}
+    for run in runs:
+        draws.setdefault((run.get("seed"), run["tasks"]), []).append(run)
+    margins, nbytes = pooled_runs([side_by_side(same) for same in draws.values()])
     for family, by_map in margins.items():
         print(f"\n#### {family}, {runs[0]['length']} tokens\n\n{survey_table(by_map, nbytes[family])}")
-    tasks = sum(run["tasks"] for run in runs)
+    tasks = sum(tasks for _, tasks in draws)
     summarise(margins, nbytes, runs[0]["length"], tasks, plot, frontier)
+
+
+def side_by_side(runs: list[dict]) -> dict:
+    """Surveys of the same documents as one: the families they all have, with every map of each."""
+    families = [f for f in runs[0]["margins"] if all(f in run["margins"] for run in runs)]
+    for family in families:   # the same documents: the same full-cache margins
+        assert all(run["margins"][family]["full cache"] == runs[0]["margins"][family]["full cache"] for run in runs)
+    return {**runs[0], "margins": {f: {n: m for run in runs for n, m in run["margins"][f].items()} for f in families},
+            "bytes": {f: {n: b for run in runs for n, b in run["bytes"][f].items()} for f in families}}
 
 
 def pooled_runs(runs: list[dict]) -> tuple[dict, dict]:
@@ -337,6 +350,7 @@ def pooled_runs(runs: list[dict]) -> tuple[dict, dict]:
         margins[family] = {n: [m for run in runs for m in run["margins"][family][n]] for n in names}
         nbytes[family] = {n: runs[0]["bytes"][family][n] for n in names}
     return margins, nbytes
+
 
 if __name__ == "__main__":
     main()
