@@ -128,6 +128,13 @@ def survey_table(margins: dict[str, list[float]], nbytes: dict, one_family: bool
                                            "10th percentile shift"], rows, "lrrllrr"))
 
 
+def family_cell(full: list[float], margins: list[float]) -> str:
+    """'lost / gained', marked x where the family misses the target."""
+    lost = sum(f > 0 >= m for f, m in zip(full, margins))
+    gained = sum(f <= 0 < m for f, m in zip(full, margins))
+    return f"{lost} / {gained}" + ("" if meets(full, margins) else " x")
+
+
 def meets(full: list[float], margins: list[float], target: Target = Target()) -> bool:
     """The issue's target on one family's documents: accuracy within 2 points of the full cache's, and at least
     97% of the full cache's answers kept (`task_bench.Target`)."""
@@ -302,10 +309,14 @@ def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path
         pooled = {n: [m for margins in by_family.values() for m in margins[n]] for n in first}
         mean_bytes = {n: statistics.mean(b[n] for b in nbytes.values()) for n in first}
         print(f"\n#### every family, {length} tokens\n\n{survey_table(pooled, mean_bytes, False)}", flush=True)
-    rows = [[name, ", ".join(f for f, m in by_family.items() if not meets(m["full cache"], m[name])) or "none",
-             loss_rate(by_family, name)] for name in first if name != "full cache"]
-    print(f"\n#### the target per map, {length} tokens\n\n" + common.table(
-        ["map", "families that miss the target", "answers lost / the full cache's (95% interval)"], rows, "lll"))
+    names = [name for name in first if name != "full cache"]
+    rows = [[name, *(family_cell(m["full cache"], m[name]) for m in by_family.values()), loss_rate(by_family, name)]
+            for name in names]
+    answered = [f"{family} ({sum(f > 0 for f in m['full cache'])} of {len(m['full cache'])})"
+                for family, m in by_family.items()]
+    print(f"\n#### the target per map and family, {length} tokens: answers lost / gained (x: the family misses "
+          f"it)\n\n" + common.table(["map", *answered, "answers lost / the full cache's (95% interval)"], rows,
+                                        "l" + "r" * len(answered) + "l"))
     if plot:
         plot_survey(by_family, plot, f"answer margins, {length} tokens, {tasks} documents a family")
     if frontier:
