@@ -245,7 +245,8 @@ def main() -> None:
     ap.add_argument("--survey", type=Path, nargs="+",
                     help="instead: these maps' margins on every document of the family, against the full cache's")
     ap.add_argument("--plot", type=Path, help="with --survey: margins against the full cache's, drawn here")
-    ap.add_argument("--frontier", type=Path, help="with --survey or --results: answers lost against bytes, drawn here")
+    ap.add_argument("--frontier", type=Path,
+                    help="with --survey or --results: each map's answers lost against its bytes, drawn here")
     ap.add_argument("--json", type=Path, help="write every margin here")
     ap.add_argument("--results", type=Path, nargs="+",
                     help="print (and --plot) --survey JSONs without running; several of one length are pooled")
@@ -275,8 +276,13 @@ def main() -> None:
 
 
 def bench_tasks(engine: Engine, family: str, args) -> list:
-    seed = BENCH_SEED + args.length if args.seed is None else args.seed
-    return retrieval_tasks(family, args.length, args.tasks, seed, engine.tokenizer, part="bench")
+    return retrieval_tasks(family, args.length, args.tasks, documents_seed(args.length, args.seed), engine.tokenizer,
+                           part="bench")
+
+
+def documents_seed(length: int, seed: int | None) -> int:
+    """The bench documents' seed: bench_quality's (777000 + length) unless another was asked for."""
+    return BENCH_SEED + length if seed is None else seed
 
 
 def label(hm: HeadMap) -> str:
@@ -294,7 +300,8 @@ def run_survey(engine: Engine, args) -> None:
         print(f"\n#### {family}, {args.length} tokens\n\n{survey_table(by_family[family], nbytes[family])}",
               flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"length": args.length, "tasks": args.tasks, "seed": args.seed,
+        args.json.write_text(json.dumps({"length": args.length, "tasks": args.tasks,
+                                         "seed": documents_seed(args.length, args.seed),
                                          "bytes": nbytes,
                                          "margins": by_family}, indent=1))
     summarise(by_family, nbytes, args.length, args.tasks, args.plot, args.frontier)
@@ -334,7 +341,7 @@ def from_results(paths: list[Path], plot: Path | None, frontier: Path | None) ->
         raise SystemExit(f"--results: pool surveys of one length, not {sorted(lengths)}")
     draws: dict[tuple, list[dict]] = {}
     for run in runs:
-        draws.setdefault((run.get("seed"), run["tasks"]), []).append(run)
+        draws.setdefault((documents_seed(run["length"], run.get("seed")), run["tasks"]), []).append(run)
     margins, nbytes = pooled_runs([side_by_side(same) for same in draws.values()])
     for family, by_map in margins.items():
         print(f"\n#### {family}, {runs[0]['length']} tokens\n\n{survey_table(by_map, nbytes[family])}")
@@ -346,7 +353,8 @@ def side_by_side(runs: list[dict]) -> dict:
     """Surveys of the same documents as one: the families they all have, with every map of each."""
     families = [f for f in runs[0]["margins"] if all(f in run["margins"] for run in runs)]
     for family in families:   # the same documents: the same full-cache margins
-        assert all(run["margins"][family]["full cache"] == runs[0]["margins"][family]["full cache"] for run in runs)
+        if any(run["margins"][family]["full cache"] != runs[0]["margins"][family]["full cache"] for run in runs):
+            raise SystemExit(f"--results: surveys of seed {runs[0].get('seed')} differ on {family}'s full cache")
     return {**runs[0], "margins": {f: {n: m for run in runs for n, m in run["margins"][f].items()} for f in families},
             "bytes": {f: {n: b for run in runs for n, b in run["bytes"][f].items()} for f in families}}
 
