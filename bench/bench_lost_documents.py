@@ -12,7 +12,7 @@ is the one bench_quality prints for the answers a map loses).
 bf16 noise floor: answers lost and gained, whether each family meets the issue's target, the full cache's margins
 on the answers lost (near-ties or not), the margin's shift, each map's loss rate with its exact 95% interval, and
 a plot per family. `--seed` draws other documents from the bench part; `--results` prints and plots saved surveys
-again, pooling the documents of several surveys of one length.
+again: surveys of the same documents side by side, the documents of other surveys of one length pooled.
 
     .venv/bin/python bench/bench_lost_documents.py --map bench/results/map-e836427db1db61d9.headmap.json \\
         --family multi --length 1000 --tasks 40 --docs 14 22
