@@ -114,8 +114,7 @@ def survey_table(margins: dict[str, list[float]], nbytes: dict, one_family: bool
     full = margins["full cache"]
     rows = []
     for name, ms in margins.items():
-        lost = [f for f, m in zip(full, ms) if f > 0 >= m]
-        gained = sum(f <= 0 < m for f, m in zip(full, ms))
+        lost, gained = flips(full, ms)
         shifts = sorted(m - f for f, m in zip(full, ms) if f > 0) or [float("nan")]   # none answered: no shift
         rows.append([name, f"{nbytes[name]:.3f}", f"{len(lost)} / {gained}",
                      ("met" if meets(full, ms) else "missed") if one_family else "-",
@@ -128,11 +127,15 @@ def survey_table(margins: dict[str, list[float]], nbytes: dict, one_family: bool
                                            "10th percentile shift"], rows, "lrrllrr"))
 
 
+def flips(full: list[float], margins: list[float]) -> tuple[list[float], int]:
+    """(the full cache's margins on the answers a variant loses, how many answers it gains)."""
+    return [f for f, m in zip(full, margins) if f > 0 >= m], sum(f <= 0 < m for f, m in zip(full, margins))
+
+
 def family_cell(full: list[float], margins: list[float]) -> str:
     """'lost / gained', marked x where the family misses the target."""
-    lost = sum(f > 0 >= m for f, m in zip(full, margins))
-    gained = sum(f <= 0 < m for f, m in zip(full, margins))
-    return f"{lost} / {gained}" + ("" if meets(full, margins) else " x")
+    lost, gained = flips(full, margins)
+    return f"{len(lost)} / {gained}" + ("" if meets(full, margins) else " x")
 
 
 def meets(full: list[float], margins: list[float], target: Target = Target()) -> bool:
@@ -146,8 +149,9 @@ def meets(full: list[float], margins: list[float], target: Target = Target()) ->
 
 def losses(by_family: dict[str, dict[str, list[float]]], name: str) -> tuple[int, int]:
     """(answers the map loses, answers the full cache gives), every family pooled."""
-    pairs = [(f, m) for margins in by_family.values() for f, m in zip(margins["full cache"], margins[name])]
-    return sum(f > 0 >= m for f, m in pairs), sum(f > 0 for f, _ in pairs)
+    full = [f for margins in by_family.values() for f in margins["full cache"]]
+    lost, _ = flips(full, [m for margins in by_family.values() for m in margins[name]])
+    return len(lost), sum(f > 0 for f in full)
 
 
 def loss_rate(by_family: dict[str, dict[str, list[float]]], name: str) -> str:
@@ -351,7 +355,7 @@ def from_results(paths: list[Path], plot: Path | None, frontier: Path | None) ->
 
 def side_by_side(runs: list[dict]) -> dict:
     """Surveys of the same documents as one: the families they all have, with every map of each."""
-    families = [f for f in runs[0]["margins"] if all(f in run["margins"] for run in runs)]
+    families = shared_families(runs)
     for family in families:   # the same documents: the same full-cache margins
         if any(run["margins"][family]["full cache"] != runs[0]["margins"][family]["full cache"] for run in runs):
             raise SystemExit(f"--results: surveys of seed {runs[0].get('seed')} differ on {family}'s full cache")
@@ -362,13 +366,17 @@ def side_by_side(runs: list[dict]) -> dict:
 def pooled_runs(runs: list[dict]) -> tuple[dict, dict]:
     """(family -> map -> margins over every run's documents, family -> map -> the first run's bytes), for the
     families and maps every run has."""
-    families = [f for f in runs[0]["margins"] if all(f in run["margins"] for run in runs)]
     margins, nbytes = {}, {}
-    for family in families:
+    for family in shared_families(runs):
         names = [n for n in runs[0]["margins"][family] if all(n in run["margins"][family] for run in runs)]
         margins[family] = {n: [m for run in runs for m in run["margins"][family][n]] for n in names}
         nbytes[family] = {n: runs[0]["bytes"][family][n] for n in names}
     return margins, nbytes
+
+
+def shared_families(runs: list[dict]) -> list[str]:
+    """The families every survey scored, in the first survey's order."""
+    return [f for f in runs[0]["margins"] if all(f in run["margins"] for run in runs)]
 
 
 if __name__ == "__main__":
