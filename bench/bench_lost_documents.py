@@ -34,7 +34,7 @@ from pathlib import Path
 import common
 import torch
 
-from bench_quality import BENCH_SEED, NOISE_ROW, heads_of, make_map
+from bench_quality import NOISE_ROW, documents_seed, heads_of, make_map
 from services.engine import Engine, HeadMap, load_model
 from services.engine.evaluation import answer_rows, full_prefill, held, retrieval_tasks, session_from_full
 from services.engine.headmap import shipped_head_map
@@ -282,11 +282,6 @@ def main() -> None:
 def bench_tasks(engine: Engine, family: str, args) -> list:
     return retrieval_tasks(family, args.length, args.tasks, documents_seed(args.length, args.seed), engine.tokenizer,
                            part="bench")
-
-
-def documents_seed(length: int, seed: int | None) -> int:
-    """The bench documents' seed: bench_quality's (777000 + length) unless another was asked for."""
-    return BENCH_SEED + length if seed is None else seed
 
 
 def label(hm: HeadMap) -> str:

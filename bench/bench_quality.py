@@ -61,6 +61,11 @@ NOISE_ROW = "full cache, keys/values rounded to bf16"   # `evaluation.held`: the
 BENCH_FAMILIES = FAMILIES + ("passkey",)
 
 
+def documents_seed(length: int, seed: int | None = None) -> int:
+    """The bench documents' seed: 777000 + length unless another seed of the bench part was asked for."""
+    return BENCH_SEED + length if seed is None else seed
+
+
 def make_map(base: HeadMap, heads, compression: CompressionParams, method: str) -> HeadMap:
     fp, heads = base.fingerprint, set(map(tuple, heads))
     kv = [[h for h in range(fp.n_kv_heads) if (layer, h) in heads] for layer in range(fp.n_layers)]

@@ -208,9 +208,9 @@ def score(engine: Engine, tasks, kvs, hm: HeadMap, plan: Plan, partial: set, sco
 
 
 def run_length(engine: Engine, length: int, plans: list, base: HeadMap, order: list, args) -> dict:
+    seed = bq.documents_seed(length, args.seed)
     tasks = [t for family in bq.BENCH_FAMILIES
-             for t in retrieval_tasks(family, length, args.tasks, bq.BENCH_SEED + length, engine.tokenizer,
-                                      part="bench")]
+             for t in retrieval_tasks(family, length, args.tasks, seed, engine.tokenizer, part="bench")]
     full, points = None, dict.fromkeys(p.name for p in plans)
     maps = {p.name: plan_map(base, order, p) for p in plans}
     probed = any(p.partial and p.score != "norm" for p in plans)
@@ -223,7 +223,7 @@ def run_length(engine: Engine, length: int, plans: list, base: HeadMap, order: l
             part = score(engine, chunk, kvs, maps[p.name], p, partial_heads(order, p), scores, args)
             points[p.name] = bq.merged(points[p.name], part)
         print(f"  {length} tokens: {start + len(chunk)}/{len(tasks)} tasks ({args.clock})", flush=True)
-    return {"full": full, "points": points}
+    return {"full": full, "points": points, "seed": seed}
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -248,7 +248,9 @@ def print_tables(results: dict, plans: list) -> None:
     answered = ", ".join(f"{f} {' / '.join(str(sum(results[n]['full']['hits'][f])) for n in results)}"
                          for f in bq.BENCH_FAMILIES)
     at = " / ".join(map(str, results))
-    print(f"\nShare of the full cache's answers kept at {at} tokens (the full cache answers {answered}); "
+    seeds = " / ".join(str(results[n].get("seed", bq.documents_seed(n))) for n in results)
+    print(f"\nShare of the full cache's answers kept at {at} tokens, documents of seed {seeds} "
+          f"(the full cache answers {answered}); "
           f"answers lost / gained over every family, McNemar p\n")
     print(common.table(["plan", f"bytes / 16-bit full @{at}", *bq.BENCH_FAMILIES, "lost / gained"], rows))
 
@@ -290,6 +292,8 @@ def parse_args():
     ap.add_argument("--quick", action="store_true", help="smoke run: 400 tokens, 1 task a family, 3 plans")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--tasks", type=int, default=40, help="bench tasks per family and length")
+    ap.add_argument("--seed", type=int, help="the documents' seed (default 777000 + length, bench_quality's); "
+                                             "another seed draws other documents from the bench part")
     ap.add_argument("--chunk", type=int, default=20, help="tasks prefilled (and held in memory) at a time")
     ap.add_argument("--plans", nargs="+", default=["32", "40", "0+64@0.5", "16+64@0.25", "32+32@0.25"],
                     help="WHOLE or WHOLE+PARTIAL@FRACTION (heads of the order, most needed first)")
