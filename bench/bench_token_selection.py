@@ -186,7 +186,7 @@ def bytes_fraction(state, bits: bkq.Bits | None) -> float:
         if kept is not None:
             dropped += int((~kept).sum()) * row_pair_nbytes(layer, bits)
     full = sum(layer.full_nbytes_at(2) for layer in cache.layers)
-    held = cache.bytes_fraction(2) if bits is None else bkq.packed_fraction(state, bits, kv_quant.GROUP)
+    held = cache.bytes_fraction(2) if bits is None else bkq.packed_fraction(state, bkq.Point(0, bits), kv_quant.GROUP)
     return held - dropped / full
 
 
@@ -195,12 +195,12 @@ def row_pair_nbytes(layer, bits: bkq.Bits | None) -> int:
     head_dim = layer.retrieval_or_local().head_dim
     if bits is None:
         return layer.params.retrieval_row_nbytes(head_dim, 2)   # the map's own store (8/4 maps included)
-    return sum(bkq.packed_nbytes(head_dim, b, kv_quant.GROUP) for b in (bits.keys, bits.values))
+    return bkq.rows_nbytes(head_dim, bits, kv_quant.GROUP)
 
 
 # --- scoring -----------------------------------------------------------------------------------------
 def score(engine: Engine, tasks, kvs, hm: HeadMap, plan: Plan, partial: set, scores: dict, args) -> dict:
-    rounded = bkq.quantised(plan.bits, kv_quant.GROUP) if plan.bits is not None else nullcontext()
+    rounded = bkq.quantised(bkq.Point(0, plan.bits), kv_quant.GROUP) if plan.bits is not None else nullcontext()
     with rounded, select_tokens(plan, partial, scores, hm.compression.sink, args.recent), masked_attention():
         result = bq.evaluate(engine, tasks, kvs, hm)
         state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
@@ -319,7 +319,7 @@ def parse_args():
 
 
 def plans_of(args) -> list[Plan]:
-    bits = bkq.points([f"0:{args.bits}"])[0][1] if args.bits else None
+    bits = bkq.parse_bits(args.bits) if args.bits else None
     plans = []
     for text in args.plans:
         for s in (args.scores if "+" in text else ["-"]):
