@@ -40,6 +40,7 @@ from services.engine import HeadMap, attention, evaluation, hf, kv_quant, load_m
 from services.engine.evaluation import full_prefill, retrieval_tasks
 from services.engine.generation import Engine
 from services.engine.headmap import shipped_head_map
+from services.engine.task_bench import Target
 
 SCORES = ("snap", "h2o", "norm")
 OBS, POOL = 32, 7   # SnapKV's observation window (the document's last queries) and pooling kernel
@@ -209,7 +210,7 @@ def score(engine: Engine, tasks, kvs, hm: HeadMap, plan: Plan, partial: set, sco
 
 def run_length(engine: Engine, length: int, plans: list, base: HeadMap, order: list, args) -> dict:
     seed = bq.documents_seed(length, args.seed)
-    tasks = [t for family in bq.BENCH_FAMILIES
+    tasks = [t for family in args.families
              for t in retrieval_tasks(family, length, args.tasks, seed, engine.tokenizer, part="bench")]
     full, points = None, dict.fromkeys(p.name for p in plans)
     maps = {p.name: plan_map(base, order, p) for p in plans}
@@ -233,25 +234,39 @@ def per_length(results: dict, plan: Plan, fmt, sep: str = " / ") -> str:
                     else "-" for n in results)
 
 
+def scored_flips(result: dict, full: dict) -> tuple[int, int]:
+    """(lost, gained) over the families the run scored (`--families`)."""
+    return bq.flips(result, full, list(result["hits"]))
+
+
 def flips_cell(result: dict, full: dict) -> str:
-    lost, gained = bq.flips(result, full)
+    lost, gained = scored_flips(result, full)
     return f"{lost}/{gained} (p {bq.mcnemar_p(lost, gained):.2g})"
+
+
+def kept_cell(result: dict, full: dict, family: str) -> str:
+    """Share of the full cache's answers kept, x where the family misses the target (`task_bench.Target`)."""
+    if family not in result["hits"]:
+        return "-"
+    (accuracy, kept), full_accuracy = bq.cell(result, full, family), bq.cell(full, full, family)[0]
+    met = Target().met_by({"accuracy_by_family": {family: [accuracy]}, "kept_by_family": {family: [kept]}},
+                          {"accuracy_by_family": {family: [full_accuracy]}})
+    return f"{kept:.0%}" + ("" if met else " x")
 
 
 def print_tables(results: dict, plans: list) -> None:
     rows = []
     for p in plans:
-        kept = [per_length(results, p, lambda r, full, fam=fam: f"{bq.cell(r, full, fam)[1]:.0%}")
-                for fam in bq.BENCH_FAMILIES]
+        kept = [per_length(results, p, lambda r, full, fam=fam: kept_cell(r, full, fam)) for fam in bq.BENCH_FAMILIES]
         rows.append([p.name, per_length(results, p, lambda r, _: f"{r['bytes']:.3f}"), *kept,
                      per_length(results, p, flips_cell, " · ")])
-    answered = ", ".join(f"{f} {' / '.join(str(sum(results[n]['full']['hits'][f])) for n in results)}"
+    answered = ", ".join(f"{f} {' / '.join(str(sum(results[n]['full']['hits'].get(f, []))) for n in results)}"
                          for f in bq.BENCH_FAMILIES)
     at = " / ".join(map(str, results))
     seeds = " / ".join(str(results[n].get("seed", bq.documents_seed(n))) for n in results)
     print(f"\nShare of the full cache's answers kept at {at} tokens, documents of seed {seeds} "
           f"(the full cache answers {answered}); "
-          f"answers lost / gained over every family, McNemar p\n")
+          f"answers lost / gained over every family scored, McNemar p; x: the family misses the target\n")
     print(common.table(["plan", f"bytes / 16-bit full @{at}", *bq.BENCH_FAMILIES, "lost / gained"], rows))
 
 
@@ -267,7 +282,7 @@ def plot(results: dict, plans: list, path: Path) -> None:
         if not per:
             continue
         x = sum(r["bytes"] for r, _ in per) / len(per)
-        lost, gained = (sum(bq.flips(r, full)[j] for r, full in per) for j in (0, 1))
+        lost, gained = (sum(scored_flips(r, full)[j] for r, full in per) for j in (0, 1))
         color = f"C{i % 10}"
         scored = [n for n in results if p.name in results[n]["points"]]
         label = p.name if len(scored) == len(results) else f"{p.name}, {', '.join(map(str, scored))} only"
@@ -294,6 +309,8 @@ def parse_args():
     ap.add_argument("--tasks", type=int, default=40, help="bench tasks per family and length")
     ap.add_argument("--seed", type=int, help="the documents' seed (default 777000 + length, bench_quality's); "
                                              "another seed draws other documents from the bench part")
+    ap.add_argument("--families", nargs="+", default=list(bq.BENCH_FAMILIES), choices=bq.BENCH_FAMILIES,
+                    help="the families scored (default: every one)")
     ap.add_argument("--chunk", type=int, default=20, help="tasks prefilled (and held in memory) at a time")
     ap.add_argument("--plans", nargs="+", default=["32", "40", "0+64@0.5", "16+64@0.25", "32+32@0.25"],
                     help="WHOLE or WHOLE+PARTIAL@FRACTION (heads of the order, most needed first)")
