@@ -131,6 +131,13 @@ def test_two_families_are_validated_per_family_and_left_out_in_turn():
     assert record["validated_on"]["families"] == ["copy", "copy-edge"]
     assert record["validated_on"]["lengths"] == [200, 300]
     assert record["validated_on"]["families_held_when_left_out"] == ["copy", "copy-edge"]
+    # 2 documents a cell, 2 lengths: at most 4 answers a family, so a loss rate of a half can pass unseen
+    assert record["validated_on"]["documents_per_family"] == 4
+    answers = {f: round(sum(a) * 2) for f, a in record["validation_full"]["accuracy_by_family"].items()}
+    assert all(0 < n <= 4 for n in answers.values())
+    undetected = record["validated_on"]["undetected_loss_rate"]
+    assert undetected == {f: round(1 - 0.05 ** (1 / n), 3) for f, n in answers.items()}
+    assert min(undetected.values()) >= 1 - 0.05 ** 0.25 - 1e-3   # 0.527 with all 4 answered
 
 
 def test_each_family_gets_one_vote_in_the_head_ranking():
