@@ -176,10 +176,11 @@ def run(args) -> dict:
     compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=args.ratio)
     maps = {point: bq.make_map(shipped, order[:point.k], compression, "quantised") for point in points(args.points)}
     full = HeadMap.full(loaded.fingerprint)
-    results: dict = {"full": {}, "points": {str(point): {} for point in maps}}
+    results: dict = {"full": {}, "points": {str(point): {} for point in maps},
+                     "seeds": {n: bq.documents_seed(n, args.seed) for n in args.lengths}}
     for n in args.lengths:
-        tasks = [t for family in bq.BENCH_FAMILIES
-                 for t in retrieval_tasks(family, n, args.tasks, bq.BENCH_SEED + n, engine.tokenizer, part="bench")]
+        tasks = [t for family in args.families
+                 for t in retrieval_tasks(family, n, args.tasks, results["seeds"][n], engine.tokenizer, part="bench")]
         for start in range(0, len(tasks), args.chunk):    # each chunk's full caches dropped before the next
             chunk = tasks[start:start + args.chunk]
             kvs = [full_prefill(engine, t.document) for t in chunk]
@@ -226,26 +227,34 @@ def merged_results(runs: list[dict]) -> dict:
     have scored the same documents: the full cache's answers are compared)."""
     full = runs[0]["full"]
     assert all(run["full"] == full for run in runs), "the runs scored different documents"
-    return {"full": full, "points": {key: per for run in runs for key, per in run["points"].items()}}
+    return {"full": full, "points": {key: per for run in runs for key, per in run["points"].items()},
+            "seeds": runs[0].get("seeds", {})}
 
 
 def kept(results: dict, key: str, family: str) -> list[float]:
     return [bq.cell(results["points"][key][n], results["full"][n], family)[1] for n in results["full"]]
 
 
+def scored_families(results: dict) -> list[str]:
+    """The families the run scored (`--families`), in the bench's order."""
+    first = next(iter(results["full"].values()))
+    return [f for f in bq.BENCH_FAMILIES if f in first["hits"]]
+
+
 def print_table(results: dict, args) -> None:
-    lengths = " / ".join(map(str, results["full"]))
+    lengths, families = " / ".join(map(str, results["full"])), scored_families(results)
+    seeds = " / ".join(str(results.get("seeds", {}).get(n, bq.documents_seed(int(n)))) for n in results["full"])
     answered = ", ".join(f"{f} {' / '.join(str(sum(results['full'][n]['hits'][f])) for n in results['full'])}"
-                         for f in bq.BENCH_FAMILIES)
+                         for f in families)
     rows = [[*key.split(":", 1), " / ".join(f"{per[n]['bytes']:.3f}" for n in results["full"]),
-             *[" / ".join(f"{x:.0%}" for x in kept(results, key, f)) for f in bq.BENCH_FAMILIES],
+             *[" / ".join(f"{x:.0%}" for x in kept(results, key, f)) for f in families],
              " · ".join(lost_gained(per[n], results["full"][n]) for n in results["full"])]
             for key, per in results["points"].items()]
     print(f"\nShare of the full cache's answers kept at {lengths} tokens ({args.tasks} documents per family and "
-          f"length, {window_text(args)}, sink {args.sink}, groups of {args.group}; the full cache answers "
-          f"{answered})\n")
+          f"length, seed {seeds}, {window_text(args)}, sink {args.sink}, groups of {args.group}; the full cache "
+          f"answers {answered})\n")
     print(common.table(["KV heads full", "bits (whole:local)", f"bytes / 16-bit full @{lengths}",
-                        *bq.BENCH_FAMILIES, "lost / gained"], rows))
+                        *families, "lost / gained"], rows))
 
 
 def window_text(args) -> str:
@@ -253,7 +262,7 @@ def window_text(args) -> str:
 
 
 def lost_gained(result: dict, full: dict) -> str:
-    lost, gained = bq.flips(result, full)
+    lost, gained = bq.flips(result, full, list(result["hits"]))
     return f"{lost}/{gained} (p {bq.mcnemar_p(lost, gained):.2g})"
 
 
@@ -261,7 +270,8 @@ def summary(results: dict) -> dict:
     """{"k:bits": {"bytes", "lost", "gained"}} at the first length (answers over every family against the full
     cache's): the plot's data."""
     first = next(iter(results["full"]))
-    return {key: dict(zip(("lost", "gained"), bq.flips(per[first], results["full"][first])), bytes=per[first]["bytes"])
+    return {key: dict(zip(("lost", "gained"), bq.flips(per[first], results["full"][first], list(per[first]["hits"]))),
+                      bytes=per[first]["bytes"])
             for key, per in results["points"].items()}
 
 
@@ -300,6 +310,10 @@ def parse_args():
                                                      "90:4"], help="KV heads full:bits or :key bits/value bits (16 = unrounded)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--tasks", type=int, default=12, help="bench tasks per family and length")
+    ap.add_argument("--seed", type=int, help="the documents' seed (default 777000 + length, bench_quality's); "
+                                             "another seed draws other documents from the bench part")
+    ap.add_argument("--families", nargs="+", default=list(bq.BENCH_FAMILIES), choices=bq.BENCH_FAMILIES,
+                    help="the families scored (default: every one)")
     ap.add_argument("--chunk", type=int, default=24, help="tasks prefilled (and held in memory) at a time")
     ap.add_argument("--results", nargs="+", default=[],
                     help="JSON results: one path is written after a run; if every path exists, they are read (runs "
