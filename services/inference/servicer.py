@@ -194,10 +194,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
     def ProfileModel(self, request: pb.ProfileModelRequest, context):
         params = {field.name: value for field, value in request.params.ListFields()}
         calibrate = {"calibrate": params.pop("calibrate")} if "calibrate" in params else {}
-        try:
-            job_id = self._jobs().submit(request.model_ref, params, **calibrate)
-        except ValueError as exc:   # ProfileJobs.submit's documented "bad parameters, nothing queued"
-            raise InvalidArgument(str(exc)) from exc
+        job_id = self._jobs().submit(request.model_ref, params, **calibrate)   # refusals: rows of _STATUS
         return pb.ProfileJob(job_id=job_id, state=pb.JOB_STATE_QUEUED)
 
     @_grpc_errors
