@@ -260,8 +260,8 @@ def print_tables(results: dict, plans: list) -> None:
         kept = [per_length(results, p, lambda r, full, fam=fam: kept_cell(r, full, fam)) for fam in bq.BENCH_FAMILIES]
         rows.append([p.name, per_length(results, p, lambda r, _: f"{r['bytes']:.3f}"), *kept,
                      per_length(results, p, flips_cell, " · ")])
-    answered = ", ".join(f"{f} {' / '.join(str(sum(results[n]['full']['hits'].get(f, []))) for n in results)}"
-                         for f in bq.BENCH_FAMILIES)
+    answered = ", ".join(f"{f} {' / '.join(str(sum(results[n]['full']['hits'][f])) for n in results)}"
+                         for f in bq.BENCH_FAMILIES if all(f in results[n]["full"]["hits"] for n in results))
     at = " / ".join(map(str, results))
     seeds = " / ".join(str(results[n].get("seed", bq.documents_seed(n))) for n in results)
     print(f"\nShare of the full cache's answers kept at {at} tokens, documents of seed {seeds} "
