@@ -262,7 +262,7 @@ def window_text(args) -> str:
 
 
 def lost_gained(result: dict, full: dict) -> str:
-    lost, gained = bq.flips(result, full, list(result["hits"]))
+    lost, gained = bq.flips(result, full)
     return f"{lost}/{gained} (p {bq.mcnemar_p(lost, gained):.2g})"
 
 
@@ -270,8 +270,7 @@ def summary(results: dict) -> dict:
     """{"k:bits": {"bytes", "lost", "gained"}} at the first length (answers over every family against the full
     cache's): the plot's data."""
     first = next(iter(results["full"]))
-    return {key: dict(zip(("lost", "gained"), bq.flips(per[first], results["full"][first], list(per[first]["hits"]))),
-                      bytes=per[first]["bytes"])
+    return {key: dict(zip(("lost", "gained"), bq.flips(per[first], results["full"][first])), bytes=per[first]["bytes"])
             for key, per in results["points"].items()}
 
 

@@ -227,9 +227,11 @@ def cell(result: dict, full: dict, family: str) -> tuple[float, float]:
     return statistics.mean(hits), (statistics.mean(answered) if answered else 1.0)
 
 
-def flips(result: dict, full: dict, families=BENCH_FAMILIES) -> tuple[int, int]:
+def flips(result: dict, full: dict, families=None) -> tuple[int, int]:
     """(answers the full cache gives that this variant loses, answers it gives that the full cache does not), over
-    `families`: "kept" counts only the first; the two together tell a loss from noise (McNemar's pairs)."""
+    `families` (default: every family the variant was scored on): "kept" counts only the first; the two together
+    tell a loss from noise (McNemar's pairs)."""
+    families = result["hits"] if families is None else families
     pairs = [(h, f) for family in families for h, f in zip(result["hits"][family], full["hits"][family])]
     return sum(f and not h for h, f in pairs), sum(h and not f for h, f in pairs)
 

@@ -234,13 +234,8 @@ def per_length(results: dict, plan: Plan, fmt, sep: str = " / ") -> str:
                     else "-" for n in results)
 
 
-def scored_flips(result: dict, full: dict) -> tuple[int, int]:
-    """(lost, gained) over the families the run scored (`--families`)."""
-    return bq.flips(result, full, list(result["hits"]))
-
-
 def flips_cell(result: dict, full: dict) -> str:
-    lost, gained = scored_flips(result, full)
+    lost, gained = bq.flips(result, full)
     return f"{lost}/{gained} (p {bq.mcnemar_p(lost, gained):.2g})"
 
 
@@ -282,7 +277,7 @@ def plot(results: dict, plans: list, path: Path) -> None:
         if not per:
             continue
         x = sum(r["bytes"] for r, _ in per) / len(per)
-        lost, gained = (sum(scored_flips(r, full)[j] for r, full in per) for j in (0, 1))
+        lost, gained = (sum(bq.flips(r, full)[j] for r, full in per) for j in (0, 1))
         color = f"C{i % 10}"
         scored = [n for n in results if p.name in results[n]["points"]]
         label = p.name if len(scored) == len(results) else f"{p.name}, {', '.join(map(str, scored))} only"
