@@ -10,6 +10,9 @@ RoPE; symmetric from 4 bits, with a zero below), every other head at sink + a wi
 with its compensation token, its rows in 16 bits or, as a point's third field says, rounded too. Keys may be
 rounded after a fixed rotation (`r`, kv_quant.rotation: the engine's 6-bit keys) or per channel over blocks of
 `--group` tokens (`c`, KIVI's; asymmetric). `--key-error` prints how far each rounding moves real keys.
+Whole heads' keys can also be rounded as they were before RoPE (docs 3.2w): per channel (`q`, KVQuant's), per
+token after the document's mean key is taken out (`m`), or as coefficients on their top principal directions
+(`p<rank>`, from calibration documents; values likewise, `/4p48`), then turned back to their positions.
 
 Simulated (written before the engine stored integers; it now stores retrieval heads in 8/8, 8/4 and 6r/4 bits,
 kv_quant.py, and `bench_quality` measures a map in the bits it stores; this bench also covers the widths and local rows
@@ -23,11 +26,14 @@ the local rows and the float32 compensation token) against a 16-bit full cache.
     .venv/bin/python bench/bench_kv_quant.py --quick                # smoke run
     .venv/bin/python bench/bench_kv_quant.py --lengths 1000 --tasks 40 --window 64 --ratio 10 \
         --order bench/orders/shipped-213a693a65022d9c.json --points 39:8/4 60:6r/4:6r/4   # docs 3.2o
+    .venv/bin/python bench/bench_kv_quant.py --lengths 1000 --tasks 80 --seed 889000 --families multi \
+        --window 64 --ratio 10 --order bench/orders/shipped-213a693a65022d9c.json --points 90:6p48/4p48 90:4q/4   # 3.2w
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +41,7 @@ import bench_quality as bq
 import common
 import torch
 
-from services.engine import CompressionParams, Engine, HeadMap, evaluation, kv_quant, load_model
+from services.engine import CompressionParams, Engine, HeadMap, evaluation, hf, kv_quant, load_model
 from services.engine.evaluation import full_prefill, retrieval_tasks
 from services.engine.headmap import shipped_head_map
 
@@ -47,11 +53,55 @@ SCALE_ITEMSIZE = 2   # float16 scales
 class Bits:
     keys: int
     values: int
-    key_mode: str = ""   # "": per token; "r": per token after a random Hadamard rotation; "c": per channel
+    key_mode: str = ""   # "": per token; "r": per token after a random Hadamard rotation; "c": per channel;
+                         # "p": per token, on a key subspace's top `key_rank` directions (KeySubspace);
+                         # before RoPE: "q" per channel (KVQuant's), "m" per token after the document's mean
+                         # key is taken out and the Hadamard rotation (PRE_ROPE)
+    key_rank: int = 0
+    value_rank: int = 0  # > 0: values as coefficients on their subspace's top `value_rank` directions
 
     def __str__(self) -> str:
-        key = f"{self.keys}{self.key_mode}"
-        return key if (self.keys, self.key_mode) == (self.values, "") else f"{key}/{self.values}"
+        key = f"{self.keys}{self.key_mode}{self.key_rank or ''}"
+        value = f"{self.values}{f'p{self.value_rank}' if self.value_rank else ''}"
+        return key if key == value and not self.key_mode else f"{key}/{value}"
+
+
+@dataclass(frozen=True)
+class KeySubspace:
+    """Each KV head's principal directions of its keys *before RoPE*, from calibration documents: per layer
+    [n_kv_heads, D, D], columns by falling variance. Before RoPE a head's keys are low-rank (on SmolLM2 the top 32
+    of 64 directions hold 98% of their energy on bench documents, after RoPE 93%), so a key is stored as its
+    coefficients on the top directions at its position 0 and rotated back to its position when read. Values'
+    directions likewise (they have no RoPE)."""
+    bases: list[torch.Tensor]
+    inv_freq: torch.Tensor                                                            # [D / 2], RoPE's
+    value_bases: list[torch.Tensor]
+
+
+def rope(x: torch.Tensor, inv_freq: torch.Tensor, sign: int) -> torch.Tensor:
+    """x: [..., n, D] at positions 0..n-1 rotated by RoPE (sign 1) or back to position 0 (sign -1)."""
+    angles = torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * inv_freq      # [n, D / 2]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    first, second = x.chunk(2, -1)
+    return x * cos + sign * torch.cat([-second, first], -1) * sin
+
+
+def key_subspace(engine, length: int, per_family: int) -> KeySubspace:
+    """Keys' principal directions before RoPE (and values') over `per_family` calibration-part documents of
+    every family."""
+    inv_freq = hf.rope_frequencies(engine.model)
+    grams: list[torch.Tensor] | None = None
+    for family in bq.BENCH_FAMILIES:
+        for task in retrieval_tasks(family, length, per_family, bq.RANK_SEED + 7, engine.tokenizer,
+                                    part="calibration"):
+            keys, values = full_prefill(engine, task.document)
+            rows = [rope(k[0].float(), inv_freq, -1) for k in keys] + [v[0].float() for v in values]  # [h, n, D]
+            gram = [u.transpose(-1, -2) @ u for u in rows]                                  # [h, D, D]
+            grams = gram if grams is None else [a + b for a, b in zip(grams, gram)]
+    if grams is None:   # no document: RoPE's frequencies only (keys rounded before RoPE, not projected)
+        return KeySubspace([], inv_freq, [])
+    bases = [torch.linalg.eigh(g).eigenvectors.flip(-1) for g in grams]
+    return KeySubspace(bases[:len(bases) // 2], inv_freq, bases[len(bases) // 2:])
 
 
 def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -77,7 +127,7 @@ def asymmetric_round(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def fake_quant_keys(rows: torch.Tensor, bits: int, mode: str, group: int) -> torch.Tensor:
-    """rows: [1, h, n, D] keys rounded as `mode` says, and back."""
+    """rows: [1, h, n, D] keys rounded as `mode` says, and back ("p": `subspace_keys`)."""
     if mode == "r":   # the engine's 6-bit keys are rounded so
         rot = kv_quant.rotation(rows.shape[-1], rows.device).to(rows.dtype)
         return fake_quant(rows @ rot, bits, group) @ rot.T
@@ -86,6 +136,52 @@ def fake_quant_keys(rows: torch.Tensor, bits: int, mode: str, group: int) -> tor
         blocks = [asymmetric_round(rows[..., i:i + group, :].float(), bits, -2) for i in range(0, n, group)]
         return torch.cat(blocks, -2).to(rows.dtype)
     return fake_quant(rows, bits, group)
+
+
+PRE_ROPE = ("p", "q", "m")   # key modes that round keys as they were before RoPE
+
+
+def pre_rope_keys(rows: torch.Tensor, bits: Bits, group: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """rows: [1, h, N, D] keys at positions 0..N-1, rounded before RoPE ("q": per channel over blocks of `group`
+    tokens, KVQuant's pre-RoPE keys; "m": each head's mean key over the document taken out, kept in float32,
+    the rest rounded per token after the Hadamard rotation) and rotated back."""
+    unrotated = rope(rows.float(), inv_freq, -1)
+    if bits.key_mode == "q":
+        return rope(fake_quant_keys(unrotated, bits.keys, "c", group), inv_freq, 1).to(rows.dtype)
+    mean = unrotated.mean(-2, keepdim=True)                                           # [1, h, 1, D]
+    rounded = fake_quant_keys(unrotated - mean, bits.keys, "r", group) + mean
+    return rope(rounded, inv_freq, 1).to(rows.dtype)
+
+
+def subspace_keys(rows: torch.Tensor, bits: Bits, group: int, basis: torch.Tensor,
+                  inv_freq: torch.Tensor) -> torch.Tensor:
+    """rows: [1, h, N, D] keys at positions 0..N-1; basis [h, D, D]. Each key un-rotated from its position, kept
+    as its `bits.key_rank` coefficients on the basis's top directions (rounded to `bits.keys` after a Hadamard
+    rotation where the rank is a power of two, as the engine's 6-bit keys are), rotated back."""
+    projected = on_subspace(rope(rows.float(), inv_freq, -1), basis, bits.key_rank, bits.keys, group)
+    return rope(projected, inv_freq, 1).to(rows.dtype)
+
+
+def on_subspace(rows: torch.Tensor, basis: torch.Tensor, rank: int, bits: int, group: int) -> torch.Tensor:
+    """rows [1, h, N, D] -> their projection on `basis`'s ([h, D, D]) top `rank` directions, the coefficients
+    rounded to `bits` after an orthogonal rotation (a Hadamard matrix where the rank is a power of two, else a
+    seeded random one) that evens their sizes out under one scale."""
+    top = basis[..., :rank]                                                            # [h, D, r]
+    coefficients = rows @ top                                                          # [1, h, N, r]
+    if bits < 16:
+        rot = coefficient_rotation(rank)
+        coefficients = fake_quant(coefficients @ rot, bits, coefficient_group(rank, group)) @ rot.T
+    return coefficients @ top.transpose(-1, -2)
+
+
+def coefficient_rotation(rank: int) -> torch.Tensor:
+    if rank & (rank - 1) == 0:
+        return kv_quant.rotation(rank, torch.device("cpu"))
+    return torch.linalg.qr(torch.randn(rank, rank, generator=torch.Generator().manual_seed(0))).Q
+
+
+def coefficient_group(rank: int, group: int) -> int:
+    return group if rank % group == 0 else rank
 
 
 @dataclass(frozen=True)
@@ -100,23 +196,36 @@ class Point:
         return f"{self.k}:{self.retrieval}{local}"
 
 
-def round_rows(buffer, bits: Bits, group: int) -> None:
-    """A buffer's live keys and values rounded to `bits` in place (16: unrounded)."""
+def round_rows(buffer, bits: Bits, group: int, basis: tuple | None = None) -> None:
+    """A buffer's live keys and values rounded to `bits` in place (16: unrounded); `basis`: (the buffer's heads'
+    KeySubspace bases, RoPE's frequencies) for keys on a subspace."""
     keys, values = buffer.keys, buffer.values                                        # views of the stores
-    if bits.keys < 16:
+    if bits.key_mode == "p":
+        keys.copy_(subspace_keys(keys, bits, group, *basis[:2]))
+    elif bits.key_mode in PRE_ROPE:
+        keys.copy_(pre_rope_keys(keys, bits, group, basis[1]))
+    elif bits.keys < 16:
         keys.copy_(fake_quant_keys(keys, bits.keys, bits.key_mode, group))
-    if bits.values < 16:
+    if bits.value_rank:
+        values.copy_(on_subspace(values.float(), basis[2], bits.value_rank, bits.values, group).to(values.dtype))
+    elif bits.values < 16:
         values.copy_(fake_quant(values, bits.values, group))
 
 
-def quantised(point: Point, group: int):
+def quantised(point: Point, group: int, subspace: KeySubspace | None = None):
     """Within: every session `evaluation` builds holds its retrieval heads' rows rounded to `point.retrieval`
     and its local heads' sink and window rows to `point.local` (their compensation token stays float32)."""
     def quantise(state) -> None:
-        for layer in state.cache.layers:
+        for i, layer in enumerate(state.cache.layers):
+            basis = None
+            if (point.retrieval.key_mode in PRE_ROPE or point.retrieval.value_rank) and layer.retrieval is not None:
+                assert layer.retrieval_length() == layer.seq_len, "subspace keys need every position's row"
+                heads = layer.retrieval_heads
+                basis = (subspace.bases[i][heads] if subspace.bases else None, subspace.inv_freq,
+                         subspace.value_bases[i][heads] if subspace.value_bases else None)
             for buffer, bits in ((layer.retrieval, point.retrieval), (layer.local, point.local)):
                 if buffer is not None:
-                    round_rows(buffer, bits, group)
+                    round_rows(buffer, bits, group, basis)
 
     return bq.transformed_sessions(quantise)
 
@@ -128,10 +237,15 @@ def packed_nbytes(elements: int, bits: int, group: int, asymmetric: bool = False
     return elements * bits // 8 + elements // group * SCALE_ITEMSIZE * (2 if asymmetric else 1)
 
 
-def rows_nbytes(elements: int, bits: Bits, group: int) -> int:
-    """Bytes `elements` keys and as many values take packed at `bits`."""
-    return (packed_nbytes(elements, bits.keys, group, bits.keys < 4 or bits.key_mode == "c")
-            + packed_nbytes(elements, bits.values, group, bits.values < 4))
+def rows_nbytes(elements: int, bits: Bits, group: int, head_dim: int = 0) -> int:
+    """Bytes `elements` keys and as many values take packed at `bits` (`head_dim` for keys on a subspace)."""
+    keys = values = (elements, group)
+    if bits.key_mode == "p":
+        keys = (elements // head_dim * bits.key_rank, coefficient_group(bits.key_rank, group))
+    if bits.value_rank:
+        values = (elements // head_dim * bits.value_rank, coefficient_group(bits.value_rank, group))
+    return (packed_nbytes(keys[0], bits.keys, keys[1], bits.keys < 4 or bits.key_mode in ("c", "q"))
+            + packed_nbytes(values[0], bits.values, values[1], bits.values < 4))
 
 
 def packed_fraction(state, point: Point, group: int) -> float:
@@ -141,7 +255,9 @@ def packed_fraction(state, point: Point, group: int) -> float:
         head_dim = (layer.keys if layer.keys is not None else layer.local_keys).shape[-1]
         full += 2 * layer.n_kv_heads * layer.seq_len * head_dim * FULL_ITEMSIZE
         if layer.keys is not None:
-            held += rows_nbytes(layer.keys.numel(), point.retrieval, group)
+            held += rows_nbytes(layer.keys.numel(), point.retrieval, group, head_dim)
+            if point.retrieval.key_mode == "m":   # each head's mean key, float32
+                held += layer.keys.shape[1] * head_dim * 4
         if layer.local_keys is not None:
             held += rows_nbytes(layer.local_keys.numel(), point.local, group)
         if layer.comp_keys is not None:
@@ -151,12 +267,19 @@ def packed_fraction(state, point: Point, group: int) -> float:
 
 def parse_bits(text: str) -> Bits:
     """'8' -> keys and values in 8 bits; '8/4' -> keys in 8, values in 4; '4r/2': keys in 4 bits after a
-    Hadamard rotation, values in 2; '4c/4': keys per channel (KIVI)."""
+    Hadamard rotation, values in 2; '4c/4': keys per channel (KIVI); '6p32/4': keys as 6-bit coefficients on
+    their top 32 directions before RoPE (KeySubspace)."""
     key, _, value = text.partition("/")
-    mode = key[-1] if key[-1] in "rc" else ""
-    bits = Bits(int(key.rstrip("rc")), int(value or key.rstrip("rc")), mode)
+    match = re.fullmatch(r"(\d+)([rcpqm]?)(\d*)", key)
+    value_match = re.fullmatch(r"(\d+)(?:p(\d+))?", value or match[1] if match else "")
+    if match is None or value_match is None or bool(match[3]) != (match[2] == "p"):
+        raise SystemExit(f"keys' bits are a width, then r, c or p<rank> (e.g. 6r, 4c, 6p32); values' a width, "
+                         f"then p<rank> or nothing; got {text!r}")
+    bits = Bits(int(match[1]), int(value_match[1]), match[2], int(match[3] or 0), int(value_match[2] or 0))
     if not {bits.keys, bits.values} <= {2, 3, 4, 5, 6, 8, 16}:
         raise SystemExit(f"bits must be 2-6, 8 or 16 (unrounded), for keys/values, got {text!r}")
+    if not (0 <= bits.key_rank <= 64 and 0 <= bits.value_rank <= 64):
+        raise SystemExit(f"a subspace's rank is 1 to the head's channels, got {text!r}")
     return bits
 
 
@@ -165,7 +288,10 @@ def points(spec: list[str]) -> list[Point]:
     out = []
     for item in spec:
         k, bits, *local = item.split(":")
-        out.append(Point(int(k), parse_bits(bits), *map(parse_bits, local)))
+        point = Point(int(k), parse_bits(bits), *map(parse_bits, local))
+        if point.local.key_mode in PRE_ROPE or point.local.value_rank:
+            raise SystemExit(f"local rows do not hold every position, so their keys cannot be on a subspace: {item}")
+        out.append(point)
     return out
 
 
@@ -175,6 +301,12 @@ def run(args) -> dict:
     order = bq.saved_or_trained_order(engine, args)
     compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=args.ratio)
     maps = {point: bq.make_map(shipped, order[:point.k], compression, "quantised") for point in points(args.points)}
+    subspace = None
+    if any(point.retrieval.key_mode in PRE_ROPE or point.retrieval.value_rank for point in maps):
+        with_bases = any(point.retrieval.key_mode == "p" or point.retrieval.value_rank for point in maps)
+        subspace = key_subspace(engine, args.subspace_length, args.subspace_tasks if with_bases else 0)
+        print(f"  key subspace: {args.subspace_tasks if with_bases else 0} calibration documents a family at "
+              f"{args.subspace_length} tokens ({args.clock})", flush=True)
     full = HeadMap.full(loaded.fingerprint)
     results: dict = {"full": {}, "points": {str(point): {} for point in maps},
                      "seeds": {n: bq.documents_seed(n, args.seed) for n in args.lengths}}
@@ -187,7 +319,7 @@ def run(args) -> dict:
             results["full"][n] = bq.merged(results["full"].get(n), bq.evaluate(engine, chunk, kvs, full))
             for point, hm in maps.items():
                 results["points"][str(point)][n] = score_point(engine, point, hm, chunk, kvs, args,
-                                                               results["points"][str(point)].get(n))
+                                                               results["points"][str(point)].get(n), subspace)
             print(f"  {n} tokens: {start + len(chunk)}/{len(tasks)} tasks, {len(maps)} points ({args.clock})",
                   flush=True)
             del kvs
@@ -212,9 +344,10 @@ def key_errors(args) -> None:
         print(common.table(["key bits", "mean over layers", "worst layer"], rows))
 
 
-def score_point(engine, point: Point, hm: HeadMap, tasks, kvs, args, into: dict | None) -> dict:
+def score_point(engine, point: Point, hm: HeadMap, tasks, kvs, args, into: dict | None,
+                subspace: KeySubspace | None = None) -> dict:
     """One point's hits on a chunk of tasks merged `into` the earlier chunks'; its bytes from the first task."""
-    with quantised(point, args.group):
+    with quantised(point, args.group, subspace):
         result = bq.evaluate(engine, tasks, kvs, hm)
         if into is None:
             state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
@@ -280,7 +413,8 @@ def plot(points: dict, args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(points, key=lambda key: points[key]["bytes"])
+    keys = sorted((key for key in points if points[key]["bytes"] <= args.plot_below),
+                  key=lambda key: points[key]["bytes"])
     fig, ax = plt.subplots(figsize=(10, 5))
     for i, key in enumerate(keys):
         x, colour = 100 * points[key]["bytes"], "C1" if key.count(":") > 1 else "C0"
@@ -323,9 +457,15 @@ def parse_args():
                     "default: a fixed window (the shipped map's ratio is 10)")
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--group", type=int, default=32, help="channels per scale (SmolLM2's heads have 64)")
+    ap.add_argument("--subspace-length", type=int, default=1000, help="calibration documents' length for keys "
+                    "on a subspace ('p' points)")
+    ap.add_argument("--subspace-tasks", type=int, default=2, help="calibration documents a family for the key "
+                    "subspace")
     bq.add_order_args(ap)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--png", default=None, help="plot path (default docs/kv-quant.png)")
+    ap.add_argument("--plot-below", type=float, default=1.0, help="plot only the points holding at most this "
+                    "share of the bytes (the table keeps every point)")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.tasks, args.points = [400], 2, ["20:16", "45:8", "45:4"]

@@ -70,6 +70,23 @@ def test_explicit_positions_reach_rope():
     torch.testing.assert_close(at_zero.values[0], at_seven.values[0])   # values carry no rotation
 
 
+def test_rope_frequencies_rotate_keys_by_position():
+    """`rope_frequencies`' claim: a layer-0 key at position p is its position-0 key with channels i and
+    i + D / 2 turned by p * frequency i (what a bench un-rotates keys with)."""
+    loaded = tiny()
+    hf.install(loaded.model, attention.razor_attention)
+    ids = torch.tensor([[500, 501]])
+    at_zero, at_seven = Recorder(), Recorder()
+    hf.forward_step(loaded.model, ids, torch.tensor([[0, 0]]), at_zero)
+    hf.forward_step(loaded.model, ids, torch.tensor([[7, 7]]), at_seven)
+    frequencies = hf.rope_frequencies(loaded.model)                                    # [D / 2]
+    assert frequencies.shape == (at_zero.keys[0].shape[-1] // 2,)
+    cos, sin = (7 * frequencies).cos(), (7 * frequencies).sin()
+    first, second = at_zero.keys[0].float().chunk(2, -1)
+    turned = torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
+    torch.testing.assert_close(turned, at_seven.keys[0].float(), atol=1e-5, rtol=1e-4)
+
+
 def test_model_dims_read_the_config():
     dims = hf.model_dims(tiny().model.config)
     assert (dims.model_type, dims.n_layers, dims.n_heads, dims.n_kv_heads, dims.head_dim) == ("llama", 4, 4, 2, 16)

@@ -124,6 +124,15 @@ def gated_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, ga
                      **{GATES_KWARG: gates}).logits
 
 
+def rope_frequencies(model) -> torch.Tensor:
+    """RoPE's inverse frequencies [head_dim / 2] (float32): keys rotate by position * these, as transformers'
+    `rotate_half` pairs channel i with i + head_dim / 2. Models whose RoPE scales attention are refused."""
+    rotary = model.model.rotary_emb
+    if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        raise NotImplementedError("RoPE with attention scaling")
+    return rotary.inv_freq.float()
+
+
 @contextmanager
 def frozen_weights(model):
     """Weights without gradients for a while (their flags restored after)."""

@@ -1,0 +1,73 @@
+"""bench/bench_kv_quant.py's arithmetic (no model): the point labels it parses, the bytes it reports, and the
+pre-RoPE roundings it simulates. A bench's own API is otherwise exercised only by running it (docs §3.2v: its
+`--bits` once went stale unseen)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_kv_quant as bkq  # noqa: E402
+
+FREQUENCIES = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)                     # [D / 2], D = 8
+
+
+@pytest.mark.parametrize("label", ["8", "8/4", "6r/4", "4c/3", "6p48/4", "6p48/4p48", "16p48/16p48", "16/16p40", "4q/4", "5m/4"])
+def test_bits_labels_round_trip(label):
+    assert str(bkq.parse_bits(label)) == label
+
+
+@pytest.mark.parametrize("label", ["6p/4", "6r32/4", "6p80/4", "6/4r", "7/4", "6p48/4q"])
+def test_bits_labels_refused_say_what_a_label_is(label):
+    with pytest.raises(SystemExit):
+        bkq.parse_bits(label)
+
+
+def test_local_rows_cannot_be_rounded_before_rope():
+    with pytest.raises(SystemExit, match="every position"):
+        bkq.points(["40:6r/4:6p32/4"])
+
+
+def test_bytes_of_rows_on_a_subspace():
+    """Against a 16-bit full cache: 6r/4 is 6 + 4 bits a channel plus a float16 scale per 32; keys on 48 of 64
+    directions in 6 bits with one scale per row, values on 48 in 4 bits likewise, are a quarter."""
+    elements, full = 64 * 100, 64 * 100 * 2 * bkq.FULL_ITEMSIZE
+    assert bkq.rows_nbytes(elements, bkq.parse_bits("6r/4"), 32, 64) / full == pytest.approx(0.34375)
+    assert bkq.rows_nbytes(elements, bkq.parse_bits("6p48/4p48"), 32, 64) / full == pytest.approx(0.25)
+    assert bkq.rows_nbytes(elements, bkq.parse_bits("6p32/4"), 32, 64) / full == pytest.approx(62 / 256)
+
+
+def test_rope_inverts_and_depends_on_relative_position_only():
+    x = torch.randn(1, 2, 10, 8)
+    torch.testing.assert_close(bkq.rope(bkq.rope(x, FREQUENCIES, 1), FREQUENCIES, -1), x, atol=1e-5, rtol=1e-5)
+    q, k = (torch.randn(8).expand(1, 1, 10, 8) for _ in range(2))
+    rq, rk = bkq.rope(q, FREQUENCIES, 1)[0, 0], bkq.rope(k, FREQUENCIES, 1)[0, 0]
+    assert torch.dot(rq[2], rk[5]) == pytest.approx(float(torch.dot(rq[4], rk[7])), rel=1e-4)
+    assert torch.dot(rq[2], rk[5]) != pytest.approx(float(torch.dot(rq[2], rk[6])), rel=1e-4)
+
+
+def test_subspace_keys_keep_what_lies_in_the_subspace():
+    """Keys whose pre-RoPE rows lie in a basis's top directions come back as they were (16 bits); others lose
+    exactly their part outside, so a second projection changes nothing."""
+    basis = torch.linalg.qr(torch.randn(2, 8, 8)).Q                                   # [h, D, D]
+    inside = torch.randn(1, 2, 10, 3) @ basis[..., :3].transpose(-1, -2)              # pre-RoPE, rank 3
+    keys = bkq.rope(inside, FREQUENCIES, 1)
+    torch.testing.assert_close(bkq.subspace_keys(keys, bkq.Bits(16, 16, "p", 3), 32, basis, FREQUENCIES), keys,
+                               atol=1e-5, rtol=1e-4)
+    other = bkq.rope(torch.randn(1, 2, 10, 8), FREQUENCIES, 1)
+    once = bkq.subspace_keys(other, bkq.Bits(16, 16, "p", 3), 32, basis, FREQUENCIES)
+    assert not torch.allclose(once, other, atol=1e-3)
+    torch.testing.assert_close(bkq.subspace_keys(once, bkq.Bits(16, 16, "p", 3), 32, basis, FREQUENCIES), once,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_pre_rope_rounding_errs_less_with_more_bits():
+    keys = bkq.rope(torch.randn(1, 2, 64, 64) + 3.0, FREQUENCIES.repeat_interleave(8), 1)
+    frequencies = FREQUENCIES.repeat_interleave(8)                                    # [32] for D = 64
+    for mode in ("q", "m"):
+        errors = [float((bkq.pre_rope_keys(keys, bkq.Bits(b, 16, mode), 32, frequencies) - keys).pow(2).mean())
+                  for b in (3, 4, 6, 8)]
+        assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * float(keys.pow(2).mean()), (mode, errors)
