@@ -58,8 +58,10 @@ def test_forward_step_reaches_every_layer_and_equals_the_model_with_sdpa():
     torch.testing.assert_close(logits, reference[[3, 8]], atol=1e-4, rtol=1e-4)
 
 
-def test_explicit_positions_reach_rope():
-    """A packed batch relies on position_ids: the same token at position 7 gets position 7's rotation."""
+def test_explicit_positions_reach_rope_at_its_frequencies():
+    """A packed batch relies on position_ids: the same token at position 7 gets position 7's rotation. And
+    `rope_frequencies`' claim: that rotation turns channels i and i + D / 2 by 7 * frequency i (what a bench
+    un-rotates keys with)."""
     loaded = tiny()
     hf.install(loaded.model, attention.razor_attention)
     ids = torch.tensor([[500, 501]])
@@ -68,21 +70,10 @@ def test_explicit_positions_reach_rope():
     hf.forward_step(loaded.model, ids, torch.tensor([[7, 8]]), at_seven)
     assert not torch.allclose(at_zero.keys[0], at_seven.keys[0])
     torch.testing.assert_close(at_zero.values[0], at_seven.values[0])   # values carry no rotation
-
-
-def test_rope_frequencies_rotate_keys_by_position():
-    """`rope_frequencies`' claim: a layer-0 key at position p is its position-0 key with channels i and
-    i + D / 2 turned by p * frequency i (what a bench un-rotates keys with)."""
-    loaded = tiny()
-    hf.install(loaded.model, attention.razor_attention)
-    ids = torch.tensor([[500, 501]])
-    at_zero, at_seven = Recorder(), Recorder()
-    hf.forward_step(loaded.model, ids, torch.tensor([[0, 0]]), at_zero)
-    hf.forward_step(loaded.model, ids, torch.tensor([[7, 7]]), at_seven)
     frequencies = hf.rope_frequencies(loaded.model)                                    # [D / 2]
     assert frequencies.shape == (at_zero.keys[0].shape[-1] // 2,)
     cos, sin = (7 * frequencies).cos(), (7 * frequencies).sin()
-    first, second = at_zero.keys[0].float().chunk(2, -1)
+    first, second = at_zero.keys[0].float().chunk(2, -1)          # layer 0: keys of the tokens alone
     turned = torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
     torch.testing.assert_close(turned, at_seven.keys[0].float(), atol=1e-5, rtol=1e-4)
 
