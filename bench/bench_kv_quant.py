@@ -127,7 +127,7 @@ def asymmetric_round(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def fake_quant_keys(rows: torch.Tensor, bits: int, mode: str, group: int) -> torch.Tensor:
-    """rows: [1, h, n, D] keys rounded as `mode` says, and back ("p": `subspace_keys`)."""
+    """rows: [1, h, n, D] keys rounded as `mode` says, and back."""
     if mode == "r":   # the engine's 6-bit keys are rounded so
         rot = kv_quant.rotation(rows.shape[-1], rows.device).to(rows.dtype)
         return fake_quant(rows @ rot, bits, group) @ rot.T
@@ -198,7 +198,8 @@ class Point:
 
 def round_rows(buffer, bits: Bits, group: int, basis: tuple | None = None) -> None:
     """A buffer's live keys and values rounded to `bits` in place (16: unrounded); `basis`: (the buffer's heads'
-    KeySubspace bases, RoPE's frequencies) for keys on a subspace."""
+    key bases, RoPE's frequencies, their value bases; from a KeySubspace) for rows rounded before RoPE or on a
+    subspace."""
     keys, values = buffer.keys, buffer.values                                        # views of the stores
     if bits.key_mode == "p":
         keys.copy_(subspace_keys(keys, bits, group, *basis[:2]))
@@ -273,13 +274,13 @@ def parse_bits(text: str) -> Bits:
     match = re.fullmatch(r"(\d+)([rcpqm]?)(\d*)", key)
     value_match = re.fullmatch(r"(\d+)(?:p(\d+))?", value or match[1] if match else "")
     if match is None or value_match is None or bool(match[3]) != (match[2] == "p"):
-        raise SystemExit(f"keys' bits are a width, then r, c or p<rank> (e.g. 6r, 4c, 6p32); values' a width, "
+        raise SystemExit(f"keys' bits are a width, then r, c, q, m or p<rank> (e.g. 6r, 4c, 6p32); values' a width, "
                          f"then p<rank> or nothing; got {text!r}")
     bits = Bits(int(match[1]), int(value_match[1]), match[2], int(match[3] or 0), int(value_match[2] or 0))
     if not {bits.keys, bits.values} <= {2, 3, 4, 5, 6, 8, 16}:
         raise SystemExit(f"bits must be 2-6, 8 or 16 (unrounded), for keys/values, got {text!r}")
-    if not (0 <= bits.key_rank <= 64 and 0 <= bits.value_rank <= 64):
-        raise SystemExit(f"a subspace's rank is 1 to the head's channels, got {text!r}")
+    if not all(1 <= int(rank) <= 64 for rank in (match[3], value_match[2]) if rank):
+        raise SystemExit(f"a subspace's rank is 1 to SmolLM2's 64 channels a head, got {text!r}")
     return bits
 
 

@@ -164,14 +164,15 @@ def saved_or_trained_order(engine: Engine, args) -> list[tuple[int, int]]:
 
 
 @contextmanager
-def transformed_sessions(transform: Callable[[SessionState], None]):
+def transformed_sessions(transform: Callable[..., None], with_full: bool = False):
     """Within: every session `evaluation` builds from a full prefill goes through `transform` before its turn
-    is scored (a bench's prototype of a cache the engine does not build: a window per layer, quantised rows)."""
+    is scored (a bench's prototype of a cache the engine does not build: a window per layer, quantised rows);
+    `with_full`: `transform(state, full_kv)`, for a prototype that reads the rows the cache dropped."""
     original = evaluation.session_from_full
 
     def transformed(engine, ids, full_kv, head_map):
         state = original(engine, ids, full_kv, head_map)
-        transform(state)
+        transform(state, full_kv) if with_full else transform(state)
         return state
 
     evaluation.session_from_full = transformed
