@@ -48,7 +48,6 @@ from services.engine import CompressionParams, Engine, HeadMap, evaluation, kv_q
 from services.engine.evaluation import (FAMILIES, full_prefill, held, retrieval_tasks, score_answers,
                                        session_from_full)
 from services.engine.fact_attention import fact_attention, one_vote_per_family
-from services.engine.generation import SessionState
 from services.engine.head_gates import GateParams, train_gates
 from services.engine.headmap import shipped_head_map
 from services.engine.profiling import ProfileParams, select_heads
@@ -172,7 +171,10 @@ def transformed_sessions(transform: Callable[..., None], with_full: bool = False
 
     def transformed(engine, ids, full_kv, head_map):
         state = original(engine, ids, full_kv, head_map)
-        transform(state, full_kv) if with_full else transform(state)
+        if with_full:
+            transform(state, full_kv)
+        else:
+            transform(state)
         return state
 
     evaluation.session_from_full = transformed
