@@ -42,6 +42,7 @@ def test_bytes_of_rows_on_a_subspace():
 
 
 def test_rope_inverts_and_depends_on_relative_position_only():
+    torch.manual_seed(0)
     x = torch.randn(1, 2, 10, 8)
     torch.testing.assert_close(bkq.rope(bkq.rope(x, FREQUENCIES, 1), FREQUENCIES, -1), x, atol=1e-5, rtol=1e-5)
     q, k = (torch.randn(8).expand(1, 1, 10, 8) for _ in range(2))
@@ -53,6 +54,7 @@ def test_rope_inverts_and_depends_on_relative_position_only():
 def test_subspace_keys_keep_what_lies_in_the_subspace():
     """Keys whose pre-RoPE rows lie in a basis's top directions come back as they were (16 bits); others lose
     exactly their part outside, so a second projection changes nothing."""
+    torch.manual_seed(0)
     basis = torch.linalg.qr(torch.randn(2, 8, 8)).Q                                   # [h, D, D]
     inside = torch.randn(1, 2, 10, 3) @ basis[..., :3].transpose(-1, -2)              # pre-RoPE, rank 3
     keys = bkq.rope(inside, FREQUENCIES, 1)
@@ -66,8 +68,9 @@ def test_subspace_keys_keep_what_lies_in_the_subspace():
 
 
 def test_pre_rope_rounding_errs_less_with_more_bits():
-    keys = bkq.rope(torch.randn(1, 2, 64, 64) + 3.0, FREQUENCIES.repeat_interleave(8), 1)
+    torch.manual_seed(0)
     frequencies = FREQUENCIES.repeat_interleave(8)                                    # [32] for D = 64
+    keys = bkq.rope(torch.randn(1, 2, 64, 64) + 3.0, frequencies, 1)                  # a mean key, as real ones
     for mode in ("q", "m"):
         errors = [float((bkq.pre_rope_keys(keys, bkq.Bits(b, 16, mode), 32, frequencies) - keys).pow(2).mean())
                   for b in (3, 4, 6, 8)]
