@@ -54,13 +54,12 @@ def centroids(keys: torch.Tensor, values: torch.Tensor, m: int, cluster: str):
 
 def kmeans_labels(x: torch.Tensor, m: int) -> torch.Tensor:
     """Lloyd's k-means on x [n, D], seeded by m rows evenly spread over the positions -> labels [n]."""
-    centres = x[torch.linspace(0, x.shape[0] - 1, m).long()].clone()
+    centres = x[torch.linspace(0, x.shape[0] - 1, m).long()].clone()                  # [m, D]
     for _ in range(KMEANS_STEPS):
-        labels = torch.cdist(x, centres).argmin(-1)
-        for j in range(m):
-            members = x[labels == j]
-            if len(members):
-                centres[j] = members.mean(0)
+        one_hot = torch.nn.functional.one_hot(torch.cdist(x, centres).argmin(-1), m).float()   # [n, m]
+        counts = one_hot.sum(0)
+        kept = counts > 0                                                              # an empty cluster stays put
+        centres[kept] = (one_hot.T @ x)[kept] / counts[kept, None]
     return torch.cdist(x, centres).argmin(-1)
 
 
@@ -139,13 +138,10 @@ def with_centroids(m: int, cluster: str):
 
 def centroid_bytes(state, m: int) -> float:
     """The centroids' bytes as a share of a 16-bit full cache's (two 16-bit rows each, per local head)."""
-    extra = full = 0
-    for layer in state.cache.layers:
-        head_dim = (layer.keys if layer.keys is not None else layer.local_keys).shape[-1]
-        full += 2 * layer.n_kv_heads * layer.seq_len * head_dim * 2
-        if layer.comp_count:
-            extra += len(layer.local_heads) * min(m, layer.comp_count) * 2 * head_dim * CENTROID_ITEMSIZE
-    return extra / full
+    layers = state.cache.layers
+    extra = sum(len(layer.local_heads) * min(m, layer.comp_count) * 2 * layer.retrieval_or_local().head_dim
+                for layer in layers if layer.comp_count) * CENTROID_ITEMSIZE
+    return extra / sum(layer.full_nbytes_at(CENTROID_ITEMSIZE) for layer in layers)
 
 
 def variants(maps: dict[str, HeadMap], args) -> dict[str, tuple]:

@@ -332,6 +332,8 @@ def parse_args():
 
 def plans_of(args) -> list[Plan]:
     bits = bkq.parse_bits(args.bits) if args.bits else None
+    if bits is not None and (bits.key_mode in bkq.PRE_ROPE or bits.value_rank):
+        raise SystemExit(f"--bits {args.bits}: rows rounded before RoPE or on a subspace are bench_kv_quant's only")
     plans = []
     for text in args.plans:
         for s in (args.scores if "+" in text else ["-"]):
