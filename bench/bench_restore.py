@@ -15,6 +15,11 @@ restores, interleaved; the two reads alternate which goes first.
 
     .venv/bin/python bench/bench_restore.py                       # SmolLM2, 1024 and 4096 tokens
     .venv/bin/python bench/bench_restore.py --lengths 512 2048 --repeats 5 --dtype float32
+    python3 bench/bench_restore.py --model random-llama-8b --device cuda --lengths 8192   # issue 15, on a GPU
+
+`random-llama-8b` is bench_gpu's random-weight Llama-3-8B shape (bf16 on CUDA), with bench_gpu's 16%-of-KV-heads
+maps in place of the shipped one and random token ids as the history; `random-llama-small` is its 4-layer shape,
+a CPU smoke test of the same path.
 """
 from __future__ import annotations
 
@@ -23,12 +28,15 @@ import statistics
 import sys
 import time
 
+import bench_gpu
 import common  # also puts the repository root on sys.path
 import redis
 import torch
 from redis.utils import HIREDIS_AVAILABLE
 
-from services.engine import CompressionParams, Engine, HeadMap, SamplingParams, SessionState, load_model  # noqa: E402
+from services.engine import (CompressionParams, Engine, HeadMap, LoadedModel, SamplingParams, SessionState,  # noqa: E402
+                             load_model)
+from services.engine.models import resolve_dtype  # noqa: E402
 from services.engine.headmap import shipped_head_map  # noqa: E402
 from services.inference import codec  # noqa: E402
 from services.inference.sessions import SessionStore  # noqa: E402
@@ -45,9 +53,33 @@ def clock(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+RANDOM_MODELS = {"random-llama-8b": bench_gpu.LLAMA_8B_SHAPE, "random-llama-small": bench_gpu.SMALL_SHAPE}
+RANDOM_MAPS = ("C=5 S0=256", "8/4-bit, window 1024")   # of bench_gpu.razor_maps: the paper's shape, the stored one
+
+
 def history_ids(engine: Engine, length: int) -> list[int]:
+    if isinstance(engine.loaded.tokenizer, bench_gpu.NoText):   # a random model: random ids, as bench_gpu's
+        return bench_gpu.random_prompt(length, engine.loaded, torch.Generator().manual_seed(length))
     ids = engine.encode(text=TEXT * (length // 20 + 1))
     return ids[:length]
+
+
+def model(args) -> LoadedModel:
+    if args.model not in RANDOM_MODELS:
+        return load_model(args.model, device=args.device, dtype=args.dtype)
+    device = torch.device(args.device)
+    return bench_gpu.random_llama(RANDOM_MODELS[args.model], max(args.lengths) + 64, device,
+                                  resolve_dtype(args.dtype, device))
+
+
+def head_maps(loaded: LoadedModel, random_model: bool) -> dict[str, HeadMap]:
+    """The compressed maps first, then the full cache."""
+    full = {"full cache": HeadMap.full(loaded.fingerprint, CompressionParams())}
+    if random_model:
+        maps = bench_gpu.razor_maps(loaded, 0.16, seed=0)
+        return {name: hm for name, hm in maps.items() if name.endswith(RANDOM_MAPS)} | full
+    shipped = shipped_head_map(loaded.fingerprint)
+    return full if shipped is None else {f"razor ({shipped.kv_fraction:.0%} KV heads)": shipped, **full}
 
 
 def measure(engine: Engine, store: SessionStore, spill: Spill, ids: list[int], repeats: int,
@@ -105,7 +137,8 @@ def per_chunk_read(spill: Spill, sid: str, n_chunks: int) -> list:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-random, or a path")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-random, a path, or "
+                   f"{' / '.join(RANDOM_MODELS)} (bench_gpu's shapes, random weights)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="history lengths in tokens")
     p.add_argument("--repeats", type=int, default=3, help="re-prefill samples per row")
     p.add_argument("--io-repeats", type=int, default=7, help="spill and restore samples per row")
@@ -120,11 +153,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     watch = common.Stopwatch()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    maps = {"full cache": HeadMap.full(loaded.fingerprint, CompressionParams())}
-    shipped = shipped_head_map(loaded.fingerprint)
-    if shipped is not None:
-        maps = {f"razor ({shipped.kv_fraction:.0%} KV heads)": shipped, **maps}
+    loaded = model(args)
+    maps = head_maps(loaded, args.model in RANDOM_MODELS)
     proc, url = (None, args.redis_url) if args.redis_url else common.start_redis()
     try:
         spill = Spill(url, ttl_s=600, timeout_s=30.0)

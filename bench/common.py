@@ -29,11 +29,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def interpreter() -> str:
+    """`.venv/bin/python` in this repository's venv (the docs' commands), else the interpreter as run (on the
+    GPU machine, its image's python3)."""
+    venv = Path(__file__).resolve().parents[1] / ".venv"
+    return ".venv/bin/python" if Path(sys.prefix).resolve() == venv.resolve() else sys.executable
+
+
 def header() -> str:
     """One line: the command as run, the machine (CPU model, cores, torch threads) and the torch version."""
     import torch
 
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
+    command = " ".join(shlex.quote(a) for a in [interpreter(), *sys.argv])
     return (f"`{command}` on {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), "
             f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
 

@@ -26,3 +26,28 @@ def test_the_scripts_the_docs_cite_exist():
              for m in re.findall(r"bench/(\w+)\.py", (root / doc).read_text())}
     assert "bench_kv_quant" in cited
     assert sorted(name for name in cited if not (BENCH / f"{name}.py").exists()) == []
+
+
+def test_restore_bench_runs_a_random_model_through_redis(monkeypatch, capsys):
+    """bench_restore's random-weight path (the GPU session's restore stage, here on bench_gpu's small shape):
+    every map spills, restores and re-prefills, and the table shows each."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench_restore = importlib.import_module("bench_restore")
+    monkeypatch.setattr("sys.argv", ["bench_restore.py", "--model", "random-llama-small", "--lengths", "300",
+                                     "--repeats", "1", "--io-repeats", "1"])
+    bench_restore.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["razor 12% KV heads, C=5 S0=256",
+                                                     "razor 12% KV heads 8/4-bit, window 1024", "full cache"]
+
+
+def test_gpu_session_script_parses_and_says_how_to_use_it():
+    import subprocess
+
+    script = BENCH / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "prepare | device" in usage.stderr
+    # its `device` stages run these scripts and tests, which must exist
+    for path in re.findall(r"(bench/\w+\.py|tests/\w+\.py)", script.read_text()):
+        assert (BENCH.parent / path).exists(), path
