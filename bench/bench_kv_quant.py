@@ -345,6 +345,31 @@ def key_errors(args) -> None:
         print(common.table(["key bits", "mean over layers", "worst layer"], rows))
 
 
+def adjacent_layer_cosines(rows: list[torch.Tensor]) -> list[float]:
+    """Per adjacent pair of layers, the mean over tokens of the cosine between a token's rows in the two layers,
+    every KV head's row joined into one vector as MiniCache compares them. rows: per layer [1, Hkv, N, D]."""
+    joined = [r[0].transpose(0, 1).flatten(1).float() for r in rows]                 # per layer [N, Hkv * D]
+    return [float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()) for a, b in zip(joined, joined[1:])]
+
+
+def layer_cosines(args) -> None:
+    """Could adjacent layers share one cache (MiniCache merges them from the middle layer on, where it found their
+    rows nearly parallel)? One bench document of each length. RoPE turns both layers' keys at a position by the
+    same angles, so the keys' cosines are those before RoPE too."""
+    engine = Engine(load_model("smollm2", "cpu"))
+    for n in args.lengths:
+        task = retrieval_tasks("multi", n, 1, bq.BENCH_SEED + n, engine.tokenizer, part="bench")[0]
+        keys, values = full_prefill(engine, task.document)
+        rows = []
+        for name, cached in (("keys", keys), ("values", values)):
+            cos = adjacent_layer_cosines(cached)
+            deep = cos[len(cos) // 2:]
+            rows.append([name, f"{sum(cos) / len(cos):+.3f}", f"{sum(deep) / len(deep):+.3f}",
+                         f"{min(cos):+.3f} / {max(cos):+.3f}"])
+        print(f"\nAdjacent layers' rows, one {n}-token document: mean cosine over tokens\n")
+        print(common.table(["rows", "every pair", "deeper half", "lowest / highest pair"], rows))
+
+
 def score_point(engine, point: Point, hm: HeadMap, tasks, kvs, args, into: dict | None,
                 subspace: KeySubspace | None = None) -> dict:
     """One point's hits on a chunk of tasks merged `into` the earlier chunks'; its bytes from the first task."""
@@ -453,6 +478,8 @@ def parse_args():
                     help="JSON results: one path is written after a run; if every path exists, they are read (runs "
                          "on the same documents, their points merged) and only the table and plot are made")
     ap.add_argument("--key-error", action="store_true", help="only print the keys' rounding error per bits and mode")
+    ap.add_argument("--layer-cosine", action="store_true", help="only print how parallel adjacent layers' rows "
+                    "are (could layers share a cache, as MiniCache's do?)")
     ap.add_argument("--window", type=int, default=32, help="local heads' window (its least, with --ratio)")
     ap.add_argument("--ratio", type=float, default=1e9, help="local window max(--window, N / ratio); "
                     "default: a fixed window (the shipped map's ratio is 10)")
@@ -478,8 +505,8 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     common.begin(args)
-    if args.key_error:
-        key_errors(args)
+    if args.key_error or args.layer_cosine:
+        (key_errors if args.key_error else layer_cosines)(args)
         return
     if args.results and all(Path(path).exists() for path in args.results):
         results = merged_results([json.loads(Path(path).read_text()) for path in args.results])

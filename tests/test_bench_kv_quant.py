@@ -75,3 +75,12 @@ def test_pre_rope_rounding_errs_less_with_more_bits():
         errors = [float((bkq.pre_rope_keys(keys, bkq.Bits(b, 16, mode), 32, frequencies) - keys).pow(2).mean())
                   for b in (3, 4, 6, 8)]
         assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * float(keys.pow(2).mean()), (mode, errors)
+
+
+def test_adjacent_layer_cosines_join_the_heads_of_each_token():
+    torch.manual_seed(0)
+    first = torch.randn(1, 3, 5, 8)                          # [1, Hkv, N, D]
+    other_heads_swapped = first[:, [1, 0, 2]]                # the same rows under other heads: not the same vector
+    cos = bkq.adjacent_layer_cosines([first, first.clone(), -first, other_heads_swapped])
+    assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(-1.0)
+    assert abs(cos[2]) < 0.9
