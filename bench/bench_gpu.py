@@ -193,7 +193,10 @@ def main() -> None:
                          f"{r['prefill_tps']:.0f}", f"{r['prefill_tps'] / base['prefill_tps']:.2f}x",
                          f"{r['decode_tps']:.1f}", f"{r['decode_tps'] / base['decode_tps']:.2f}x",
                          f"{r['peak_gib']:.2f}"])
-            print(f"  {n} tokens, {name}: done", flush=True)
+            # the numbers in the progress line too: a run stopped at its time limit still reports the rows done
+            print(f"  {n} tokens, {name}: bytes {r['bytes'] / base['bytes']:.3f} of full, prefill "
+                  f"{r['prefill_tps']:.0f} tok/s, decode {r['decode_tps']:.1f} tok/s, peak {r['peak_gib']:.2f} GiB",
+                  flush=True)
     print(common.table(["tokens", "cache", "KV MiB", "bytes / full", "prefill tok/s", "prefill vs full",
                         "decode tok/s", "decode vs full", "peak GiB"], rows, align="rlrrrrrrr"))
     # The full-cache engine prefills; the Scheduler runs each session under its own cache's head layout.
