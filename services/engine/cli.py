@@ -27,12 +27,12 @@ def _mib(n: int) -> str:
 
 
 def cmd_profile(args) -> int:
-    loaded = load_model(args.model, args.device)
     params = ProfileParams(seq_len=args.seq_len, repeats=args.repeats, n_samples=args.samples, seed=args.seed,
                            induction_fraction=args.induction_fraction, echo_fraction=args.echo_fraction)
     compression = CompressionParams(args.sink, args.min_window, args.ratio, recent_rows=args.recent_rows,
                                     local_recent_rows=args.local_recent_rows).stored_as(
         args.retrieval_bits[0]).local_stored_as(args.local_bits[0])
+    loaded = load_model(args.model, args.device)   # after the parameters: a bad one fails before the load
     bar = tqdm(total=1, desc="profiling", unit="step")
 
     current = {"stage": None}

@@ -14,6 +14,7 @@ between dtypes is the KV cache, so a spilled session names its dtype (`LoadedMod
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -22,8 +23,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from . import converted
 from .threads import in_passing_thread
 
 log = logging.getLogger(__name__)
@@ -195,6 +198,17 @@ def _load(ref: str | None, device: str | None, dtype: str | torch.dtype | None) 
 
 def _load_pretrained(directory: Path, gguf_file: str | None, dtype: torch.dtype = torch.float32):
     """The model in `dtype` when that loses nothing against float32 (see `load_model`), else in float32."""
+    if gguf_file:
+        return _load_gguf(directory / gguf_file)
+    stored = stored_float_dtypes(directory)
+    load_dtype = dtype if dtype == torch.float32 or stored == {dtype} else torch.float32
+    if load_dtype != dtype:
+        log.info("loading %s in float32 to fingerprint it, then casting to %s (stored as %s)", directory,
+                 dtype_name(dtype), ", ".join(sorted(dtype_name(d) for d in stored)) if stored else "unknown")
+    return _from_directory(directory, load_dtype)
+
+
+def _from_directory(directory: Path, dtype: torch.dtype, gguf_file: str | None = None):
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
@@ -202,14 +216,40 @@ def _load_pretrained(directory: Path, gguf_file: str | None, dtype: torch.dtype 
         raise ModelLoadError(f"cannot read a model config from {directory / (gguf_file or '')}: {e}") from None
     check_supported(config)
     tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
-    stored = None if gguf_file else stored_float_dtypes(directory)
-    load_dtype = dtype if dtype == torch.float32 or stored == {dtype} else torch.float32
-    if load_dtype != dtype:
-        log.info("loading %s in float32 to fingerprint it, then casting to %s (stored as %s)",
-                 directory / (gguf_file or ""), dtype_name(dtype),
-                 ", ".join(sorted(dtype_name(d) for d in stored)) if stored else "GGUF or unknown")
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=load_dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype, **kwargs), tok
+
+
+def _load_gguf(path: Path):
+    """A GGUF file's model, in float32 (its dequantised weights are not exact in 16 bits), and its tokenizer:
+    from the converted copy (converted.py) where there is one, else dequantised, and the copy written."""
+    converter = gguf_converter()
+    copy = converted.lookup(path, converter)
+    if copy is not None:
+        try:
+            return _from_directory(copy, torch.float32)
+        except Exception as e:  # a damaged copy (a disk error, a partial manual edit): convert afresh
+            log.warning("the converted copy %s of %s would not load (%s): converting again", copy, path, e)
+            converted.discard(copy)
+    model, tok = _from_directory(path.parent, torch.float32, gguf_file=path.name)
+    converted.publish(path, converter, lambda directory: _save_checkpoint(model, tok, directory))
     return model, tok
+
+
+def _save_checkpoint(model, tok, directory: Path) -> None:
+    """The dequantised weights as a plain float32 checkpoint. `save_pretrained` refuses a model loaded from GGUF
+    (it still counts as quantized), so the weights go through safetensors' `save_model` (which writes tied
+    tensors once) beside the config."""
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(directory)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+@lru_cache(maxsize=1)
+def gguf_converter() -> str:
+    """What turns a GGUF file into weights: a converted copy is valid for these versions only."""
+    return f"transformers {importlib.metadata.version('transformers')}, gguf {importlib.metadata.version('gguf')}"
 
 
 def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -258,7 +298,16 @@ def check_supported(config) -> None:
 
 @lru_cache(maxsize=1)
 def embedded_tokenizer():
-    return AutoTokenizer.from_pretrained(embedded_model_dir(), gguf_file=EMBEDDED_GGUF, local_files_only=True)
+    """SmolLM2's tokenizer (tiny-random's too): from the converted copy where one exists (a fraction of a second
+    against several to read it out of the GGUF file)."""
+    path = embedded_model_dir() / EMBEDDED_GGUF
+    copy = converted.lookup(path, gguf_converter())
+    if copy is not None:
+        try:
+            return AutoTokenizer.from_pretrained(copy, local_files_only=True)
+        except Exception as e:  # the model's next load replaces a damaged copy
+            log.warning("the converted copy %s would not give its tokenizer (%s)", copy, e)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
 
 
 def tiny_random_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

@@ -1,0 +1,124 @@
+"""Converted copies of GGUF checkpoints (services/engine/converted.py): named by their source, published whole,
+the first to land kept, and a load that goes on where none can be written. Then the real one: the embedded
+SmolLM2's copy is the GGUF model, weight for weight, with the same tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+from services.engine import converted, models
+from services.engine.headmap import shipped_head_map
+
+CONVERTER = "transformers 0, gguf 0"
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(60))
+    return path
+
+
+def writer(text: str, calls: list | None = None):
+    def write(directory):
+        (directory / "weights.txt").write_text(text)
+        if calls is not None:
+            calls.append(directory)
+    return write
+
+
+def test_a_published_copy_is_found_by_its_source_and_converter(source, tmp_path):
+    root = tmp_path / "cache"
+    assert converted.lookup(source, CONVERTER, root) is None
+    copy = converted.publish(source, CONVERTER, writer("one"), root)
+    assert converted.lookup(source, CONVERTER, root) == copy and (copy / "weights.txt").read_text() == "one"
+    manifest = json.loads((copy / converted.MANIFEST).read_text())
+    assert manifest["source"] == str(source.resolve()) and manifest["converter"] == CONVERTER
+    assert converted.lookup(source, "transformers 1, gguf 0", root) is None      # an upgrade converts again
+    assert [p.name for p in root.iterdir()] == [copy.name]                       # no partial copy left
+
+
+def test_a_changed_source_is_not_served_its_old_copy(source, tmp_path):
+    root = tmp_path / "cache"
+    converted.publish(source, CONVERTER, writer("old"), root)
+    source.write_bytes(b"GGUF" + bytes(61))
+    os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert converted.lookup(source, CONVERTER, root) is None
+
+
+def test_the_first_copy_to_land_is_kept(source, tmp_path):
+    root = tmp_path / "cache"
+    first = converted.publish(source, CONVERTER, writer("first"), root)
+    calls: list = []
+    second = converted.publish(source, CONVERTER, writer("second", calls), root)
+    assert calls and second == first and (first / "weights.txt").read_text() == "first"
+    assert not calls[0].exists()                                                 # the loser's copy is removed
+
+
+@pytest.mark.parametrize("blocked", ["root is a file", "writer fails"])
+def test_a_copy_that_cannot_be_written_leaves_nothing_and_raises_nothing(source, tmp_path, blocked):
+    root = tmp_path / "cache"
+    if blocked == "root is a file":
+        root.write_text("not a directory")
+        write = writer("x")
+    else:
+        def write(directory):
+            (directory / "half.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert converted.publish(source, CONVERTER, write, root) is None
+    assert converted.lookup(source, CONVERTER, root) is None
+    assert root.is_file() or list(root.iterdir()) == []
+
+
+def test_stale_partial_copies_are_swept(source, tmp_path):
+    root = tmp_path / "cache"
+    final = converted.copy_dir(source, CONVERTER, root)
+    root.mkdir()
+    stale, fresh = root / f".{final.name}-dead", root / f".{final.name}-writing"
+    stale.mkdir(), fresh.mkdir()
+    old = time.time() - converted.STALE_PARTIAL_S - 60
+    os.utime(stale, (old, old))
+    converted.publish(source, CONVERTER, writer("x"), root)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_damaged_copy_is_converted_again(monkeypatch, source, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    converter = models.gguf_converter()
+    damaged = converted.publish(source, converter, writer("garbage"))
+    loads = []
+
+    def from_directory(directory, dtype, gguf_file=None):
+        loads.append((directory, gguf_file))
+        if gguf_file is None:
+            raise OSError("not a checkpoint")
+        return "model", "tokenizer"
+
+    monkeypatch.setattr(models, "_from_directory", from_directory)
+    monkeypatch.setattr(models, "_save_checkpoint", lambda model, tok, d: (d / "weights.txt").write_text("fresh"))
+    assert models._load_gguf(source) == ("model", "tokenizer")
+    assert loads == [(damaged, None), (source.parent, source.name)]
+    assert (converted.lookup(source, converter) / "weights.txt").read_text() == "fresh"
+
+
+@pytest.mark.slow
+def test_the_embedded_models_copy_is_the_gguf_model_and_tokenizer():
+    """The shipped head map is bound to the fingerprint of SmolLM2 as loaded from its GGUF file (its config and a
+    strided sample of every weight), so finding it proves the copy's weights without dequantising them again
+    (~35 s here; a whole-weight comparison found every tensor equal, 2026-12-07)."""
+    loaded = models.load_model("smollm2", "cpu")              # the copy (written by this load if there was none)
+    path = models.embedded_model_dir() / models.EMBEDDED_GGUF
+    assert converted.lookup(path, models.gguf_converter()) is not None
+    assert shipped_head_map(loaded.fingerprint) is not None
+    gguf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    texts = ["The pass key is 12345.", "  tabs\tand\n\nnewlines ünïcödé 漢字 🙂", "<|im_start|>user\nhi<|im_end|>"]
+    assert [loaded.tokenizer.encode(t) for t in texts] == [gguf_tok.encode(t) for t in texts]
+    chat = [{"role": "user", "content": "hi"}]
+    assert (loaded.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == gguf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert loaded.tokenizer.all_special_tokens == gguf_tok.all_special_tokens
+    assert models.embedded_tokenizer().encode(texts[1]) == gguf_tok.encode(texts[1])   # tiny-random's, from the copy
