@@ -9,7 +9,7 @@ A copy is named by its source (resolved path, size, mtime) and the converter (th
 versions): a changed file or an upgrade converts again. A copy is written under a temporary name and renamed
 into place whole, so a reader never sees half of one and processes converting at once keep the first that
 lands. Safetensors and JSON only: nothing here is unpickled. Where the cache cannot be written (a read-only
-home), loads convert every time, as before, and say so once.
+home), loads convert every time, as before, and log why.
 
 Location: `$XDG_CACHE_HOME/razorserve/converted` (default `~/.cache/razorserve/converted`).
 """
@@ -88,7 +88,11 @@ def sweep_stale_partials(final: Path) -> None:
     """Remove the half-written copies of `final` that processes which died while writing left behind."""
     cutoff = time.time() - STALE_PARTIAL_S
     for partial in final.parent.glob(f".{final.name}-*"):
-        if partial.stat().st_mtime < cutoff:
+        try:
+            stale = partial.stat().st_mtime < cutoff
+        except FileNotFoundError:   # its writer renamed or removed it meanwhile
+            continue
+        if stale:
             shutil.rmtree(partial, ignore_errors=True)
 
 
