@@ -37,7 +37,7 @@ def test_a_published_copy_is_found_by_its_source_and_converter(source, tmp_path)
     copy = converted.publish(source, CONVERTER, writer("one"), root)
     assert converted.lookup(source, CONVERTER, root) == copy and (copy / "weights.txt").read_text() == "one"
     manifest = json.loads((copy / converted.MANIFEST).read_text())
-    assert manifest["source"] == str(source.resolve()) and manifest["converter"] == CONVERTER
+    assert manifest["converted_from"] == str(source.resolve()) and manifest["converter"] == CONVERTER
     assert converted.lookup(source, "transformers 1, gguf 0", root) is None      # an upgrade converts again
     assert [p.name for p in root.iterdir()] == [copy.name]                       # no partial copy left
 
@@ -45,9 +45,18 @@ def test_a_published_copy_is_found_by_its_source_and_converter(source, tmp_path)
 def test_a_changed_source_is_not_served_its_old_copy(source, tmp_path):
     root = tmp_path / "cache"
     converted.publish(source, CONVERTER, writer("old"), root)
-    source.write_bytes(b"GGUF" + bytes(61))
+    source.write_bytes(b"GGUF" + bytes(59) + b"!")                               # same size, new content
     os.utime(source, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert converted.lookup(source, CONVERTER, root) is None
+
+
+def test_the_same_file_elsewhere_shares_the_copy(source, tmp_path):
+    root = tmp_path / "cache"
+    copy = converted.publish(source, CONVERTER, writer("one"), root)
+    elsewhere = tmp_path / "other-venv" / source.name
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(source.read_bytes())                                   # another install: a new mtime
+    assert converted.lookup(elsewhere, CONVERTER, root) == copy
 
 
 def test_the_first_copy_to_land_is_kept(source, tmp_path):

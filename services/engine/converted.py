@@ -5,8 +5,8 @@ every process that loads it (each replica, the worker, the CLI, each test that s
 the same float32 weights from safetensors takes about a second. So the first load writes the converted model and
 tokenizer here, and later loads read them back (`models._load_gguf`).
 
-A copy is named by its source (resolved path, size, mtime) and the converter (the transformers and gguf
-versions): a changed file or an upgrade converts again. A copy is written under a temporary name and renamed
+A copy is named by its source's content (sha256) and the converter (the transformers and gguf versions): a
+changed file or an upgrade converts again, and every venv holding the same file shares one copy. A copy is written under a temporary name and renamed
 into place whole, so a reader never sees half of one and processes converting at once keep the first that
 lands. Safetensors and JSON only: nothing here is unpickled. Where the cache cannot be written (a read-only
 home), loads convert every time, as before, and log why.
@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,27 @@ def cache_root() -> Path:
 
 
 def source_identity(source: Path, converter: str) -> dict:
-    """What a copy must have been converted from: the file as it is now, by the converter in use now."""
+    """What a copy must have been converted from: the file's content, by the converter in use now. By content,
+    not path or mtime, so every venv or clone holding the same wheel shares one copy."""
     stat = source.stat()
-    return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+    return {"sha256": content_digest(source.resolve(), stat.st_size, stat.st_mtime_ns), "size": stat.st_size,
             "converter": converter, "format": FORMAT}
+
+
+@lru_cache(maxsize=16)
+def content_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file (0.1 s for SmolLM2's 94 MiB); once per process while its size and mtime stay."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def copy_dir(source: Path, converter: str, root: Path | None = None) -> Path:
     identity = source_identity(source, converter)
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return (root or cache_root()) / f"{source.stem}-{digest}"
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return (root or cache_root()) / f"{source.stem}-{key}"
 
 
 def lookup(source: Path, converter: str, root: Path | None = None) -> Path | None:
@@ -72,7 +84,8 @@ def publish(source: Path, converter: str, write: Callable[[Path], None], root: P
         return None
     try:
         write(partial)
-        (partial / MANIFEST).write_text(json.dumps(source_identity(source, converter), indent=1))
+        manifest = {**source_identity(source, converter), "converted_from": str(source.resolve())}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.rename(partial, final)   # atomic; refused where `final` exists (another process's copy landed first)
         log.info("kept a converted copy of %s in %s", source, final)
     except Exception as e:   # a full disk, or a writer that fails: the load goes on without a copy
