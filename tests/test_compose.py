@@ -173,6 +173,18 @@ def test_dockerfiles_install_the_pinned_requirements(dockerfile):
         assert (ROOT / path).exists(), f"{dockerfile} copies {path}, which is not in the repository"
 
 
+def test_app_services_share_the_converted_model_in_a_volume_their_user_can_write():
+    compose = _load("docker-compose.yml")
+    assert "model-cache" in compose["volumes"]
+    for name in APP_SERVICES:
+        assert "model-cache:/app/.cache" in compose["services"][name]["volumes"], name
+    for dockerfile in ("deploy/Dockerfile", "deploy/Dockerfile.gpu"):
+        text = (ROOT / dockerfile).read_text()
+        # a new named volume takes the owner of the image's directory: it must exist, owned by the user
+        assert re.search(r"mkdir -p /app/\.cache && chown -R razor /app", text), dockerfile
+        assert re.search(r"^USER razor$", text, re.MULTILINE) and "--home-dir /app" in text
+
+
 def test_makefile_installs_the_same_requirements():
     makefile = (ROOT / "Makefile").read_text()
     assert "-r deploy/requirements.txt" in makefile
