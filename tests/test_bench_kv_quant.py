@@ -79,8 +79,11 @@ def test_pre_rope_rounding_errs_less_with_more_bits():
 
 def test_adjacent_layer_cosines_join_the_heads_of_each_token():
     torch.manual_seed(0)
-    first = torch.randn(1, 3, 5, 8)                          # [1, Hkv, N, D]
-    other_heads_swapped = first[:, [1, 0, 2]]                # the same rows under other heads: not the same vector
-    cos = bkq.adjacent_layer_cosines([first, first.clone(), -first, other_heads_swapped])
+    first = torch.randn(1, 2, 5, 8)                          # [1, Hkv, N, D]
+    first[:, 0] *= 2 / first[:, 0].norm(dim=-1, keepdim=True)
+    first[:, 1] /= first[:, 1].norm(dim=-1, keepdim=True)    # every token: head 0's row twice head 1's length
+    second_head_flipped = first * torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)
+    cos = bkq.adjacent_layer_cosines([first, first.clone(), -first, -second_head_flipped])
     assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(-1.0)
-    assert abs(cos[2]) < 0.9
+    # joined, (4 - 1) / (4 + 1); a mean of per-head cosines would say (1 - 1) / 2 = 0
+    assert cos[2] == pytest.approx(0.6)
