@@ -23,12 +23,9 @@ PY_VERSION=${PY_VERSION:-3.12}   # the device image's Python
 DISTS="transformers huggingface-hub tokenizers hf-xet httpx2 httpcore2 truststore redis"
 
 pinned() {   # "name==version" of each of DISTS as this repository's venv holds it
-    local name version
-    for name in $DISTS; do
-        version=$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name") \
-            || { echo "gpu_session: $name is not in .venv; run make venv first" >&2; return 1; }
-        echo "$name==$version"
-    done
+    # shellcheck disable=SC2086  # one argument per name
+    .venv/bin/python -c 'import importlib.metadata as m, sys; print("\n".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' \
+        $DISTS || { echo "gpu_session: a package of '$DISTS' is not in .venv; run make venv first" >&2; return 1; }
 }
 
 prepare() {
