@@ -1,11 +1,15 @@
 """Converted copies of GGUF checkpoints (services/engine/converted.py): named by their source, published whole,
 the first to land kept, and a load that goes on where none can be written. Then the real one: the embedded
-SmolLM2's copy is the GGUF model, weight for weight, with the same tokenizer."""
+SmolLM2's copy is the GGUF model, weight for weight, with the same tokenizer. Between processes: one converts
+while the others wait for its copy, and copies no load has used for a week are pruned."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -93,6 +97,83 @@ def test_stale_partial_copies_are_swept(source, tmp_path):
     os.utime(stale, (old, old))
     converted.publish(source, CONVERTER, writer("x"), root)
     assert not stale.exists() and fresh.exists()
+
+
+# A process that obtains a copy: converted.py loaded by its path (it imports only the standard library), so
+# each starts in a fraction of a second; "converted" is printed by the one that converted.
+OBTAINER = """
+import importlib.util, logging, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+spec = importlib.util.spec_from_file_location("converted", sys.argv[1])
+converted = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(converted)
+source, root = Path(sys.argv[2]), Path(sys.argv[3])
+
+def convert():
+    print("converted", flush=True)
+    time.sleep(0.3)   # the others are waiting for the lock meanwhile
+    return "weights"
+
+text = converted.obtain(source, "transformers 0, gguf 0", read=lambda d: (d / "weights.txt").read_text(),
+                        convert=convert, save=lambda text, d: (d / "weights.txt").write_text(text), root=root)
+print("got", text, flush=True)
+"""
+
+
+def obtainer(source: Path, root: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", OBTAINER, converted.__file__, str(source), str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_waiting(process: subprocess.Popen) -> None:
+    """Read the process's log until it says it waits for the lock (EOF first: it never waited, and the test fails)."""
+    for line in process.stderr:
+        if "waiting for another process converting" in line:
+            return
+    pytest.fail(f"the process never waited for the lock: {process.communicate()}")
+
+
+def test_one_process_converts_while_the_others_wait_for_its_copy(source, tmp_path):
+    root = tmp_path / "cache"
+    with converted.converting(source, CONVERTER, root):   # held here until all three are queued behind it
+        processes = [obtainer(source, root) for _ in range(3)]
+        for process in processes:
+            wait_until_waiting(process)
+    outputs = [process.communicate(timeout=60)[0].split() for process in processes]
+    assert all(process.returncode == 0 for process in processes)
+    assert sorted(outputs) == [["converted", "got", "weights"], ["got", "weights"], ["got", "weights"]]
+    assert (converted.lookup(source, CONVERTER, root) / "weights.txt").read_text() == "weights"
+
+
+def test_a_converter_held_too_long_is_not_waited_for(monkeypatch, source, tmp_path, caplog):
+    root = tmp_path / "cache"
+    monkeypatch.setattr(converted, "CONVERT_WAIT_S", 0.3)
+    with converted.converting(source, CONVERTER, root):   # a stuck converter: its lock is never released
+        text = converted.obtain(source, CONVERTER, read=lambda d: (d / "weights.txt").read_text(),
+                                convert=lambda: "weights", save=lambda text, d: (d / "weights.txt").write_text(text),
+                                root=root)
+    assert text == "weights" and "converting it here too" in caplog.text
+
+
+def test_an_unwritable_cache_still_converts(source, tmp_path):
+    root = tmp_path / "cache"
+    root.write_text("not a directory")
+    assert converted.obtain(source, CONVERTER, read=lambda d: "copy", convert=lambda: "converted",
+                            save=lambda text, d: None, root=root) == "converted"
+
+
+def test_copies_no_load_used_for_a_week_are_pruned_when_a_new_one_lands(source, tmp_path):
+    root = tmp_path / "cache"
+    upgraded_away = converted.publish(source, "transformers 0, gguf 0", writer("old"), root)
+    still_loaded = converted.publish(source, "transformers 1, gguf 0", writer("used"), root)
+    week_ago = time.time() - converted.UNUSED_PRUNE_S - 60
+    for copy in (upgraded_away, still_loaded):
+        os.utime(copy / converted.MANIFEST, (week_ago, week_ago))
+    assert converted.lookup(source, "transformers 1, gguf 0", root) == still_loaded   # a load renews its stamp
+    new = converted.publish(source, "transformers 2, gguf 0", writer("new"), root)
+    assert not upgraded_away.exists() and still_loaded.exists() and new.exists()
+    assert not [p for p in root.iterdir() if "discarded" in p.name]
 
 
 def test_a_damaged_copy_is_converted_again(monkeypatch, source, tmp_path):

@@ -18,11 +18,9 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from safetensors.torch import save_model
@@ -32,7 +30,6 @@ from . import converted
 from .threads import in_passing_thread
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Decoder-only models whose attention is Llama's: RoPE, GQA, `cache.update` then the attention interface.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -225,26 +222,9 @@ def _from_directory(directory: Path, dtype: torch.dtype, gguf_file: str | None =
 def _load_gguf(path: Path):
     """A GGUF file's model, in float32 (its dequantised weights are not exact in 16 bits), and its tokenizer:
     from the converted copy (converted.py) where there is one, else dequantised, and the copy written."""
-    loaded = _from_copy(path, lambda copy: _from_directory(copy, torch.float32))
-    if loaded is not None:
-        return loaded
-    model, tok = _from_directory(path.parent, torch.float32, gguf_file=path.name)
-    converted.publish(path, gguf_converter(), lambda directory: _save_checkpoint(model, tok, directory))
-    return model, tok
-
-
-def _from_copy(path: Path, read: Callable[[Path], T]) -> T | None:
-    """`read(copy)` of `path`'s converted copy; None where there is none, or where it would not read (a disk
-    error, a manual edit): that copy is discarded, so the next model load converts afresh."""
-    copy = converted.lookup(path, gguf_converter())
-    if copy is None:
-        return None
-    try:
-        return read(copy)
-    except Exception as e:  # transformers raises several types for an unreadable checkpoint
-        log.warning("the converted copy %s of %s would not load (%s): converting again", copy, path, e)
-        converted.discard(copy)
-        return None
+    return converted.obtain(path, gguf_converter(), read=lambda copy: _from_directory(copy, torch.float32),
+                            convert=lambda: _from_directory(path.parent, torch.float32, gguf_file=path.name),
+                            save=lambda loaded, directory: _save_checkpoint(*loaded, directory))
 
 
 def _save_checkpoint(model, tok, directory: Path) -> None:
@@ -313,7 +293,8 @@ def embedded_tokenizer():
     """SmolLM2's tokenizer (tiny-random's too): from the converted copy where one exists (a fraction of a second
     against several to read it out of the GGUF file)."""
     path = embedded_model_dir() / EMBEDDED_GGUF
-    tok = _from_copy(path, lambda copy: AutoTokenizer.from_pretrained(copy, local_files_only=True))
+    tok = converted.read_copy(path, gguf_converter(),
+                              lambda copy: AutoTokenizer.from_pretrained(copy, local_files_only=True))
     if tok is None:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     return tok
