@@ -714,6 +714,85 @@ def test_admit_hook_that_raises_refuses_only_that_turn(engine, maps):
     assert outcomes["good"].finish_reason == "length" and len(outcomes["good"].token_ids) == 2
 
 
+def test_a_turn_whose_logits_are_not_finite_fails_alone_and_the_others_go_on(engine, maps, monkeypatch):
+    """A row of NaN logits (a float16 model that overflowed) fails its own turn; the batch's other turns keep
+    stepping and equal the same turns run alone, and nothing is left stuck in the scheduler."""
+    jobs = {name: Job(name, maps["a"], [ids(9, 40 + i)], [greedy(6)]) for i, name in enumerate(("nan", "kept"))}
+    control = run_alone(engine, Job("kept", maps["a"], jobs["kept"].turns, jobs["kept"].params))
+    forward_step, steps = hf.forward_step, []
+
+    def poisoned(model, input_ids, position_ids, target, positions, *args, **kwargs):
+        logits = forward_step(model, input_ids, position_ids, target, positions, *args, **kwargs)   # [n, V]
+        steps.append(len(steps))
+        if len(steps) == 3:
+            logits[0] = float("nan")            # the first sampled row: "nan", which was submitted first
+        return logits
+
+    monkeypatch.setattr(hf, "forward_step", poisoned)
+    sched, outcomes = Scheduler(engine, SchedulerConfig(max_running=4, step_tokens=64)), {}
+    for job in jobs.values():
+        job.state = engine.new_session(head_map=job.head_map)
+        sched.submit(TurnRequest(job.state, job.turns[0], job.params[0],
+                                 on_token=lambda e, j=job: j.logprobs.append(e.logprob),
+                                 on_done=lambda r, n=job.name: outcomes.__setitem__(n, r), tag=job.name))
+    for _ in range(20):
+        sched.step()
+    assert not sched.has_work and isinstance(outcomes["nan"], RuntimeError)
+    assert "not finite" in str(outcomes["nan"]) and len(jobs["nan"].logprobs) == 2
+    jobs["kept"].results, jobs["kept"].logprobs = [outcomes["kept"]], [jobs["kept"].logprobs]
+    assert_same_conversation(jobs["kept"], control)
+
+
+def test_a_turn_that_cannot_take_its_token_fails_alone(engine, maps, monkeypatch):
+    """An error while a sampled token is streamed (here from its text stream) fails that turn only: left
+    running with nothing pending, it would stall every later step."""
+    sched, outcomes, seen = Scheduler(engine, SchedulerConfig(max_running=4, step_tokens=64)), {}, {"bad": 0}
+    for name in ("bad", "good"):
+        sched.submit(TurnRequest(engine.new_session(head_map=maps["a"]), ids(7, 60), greedy(5),
+                                 on_token=lambda e, n=name: seen.__setitem__(n, seen.get(n, 0) + 1),
+                                 on_done=lambda r, n=name: outcomes.__setitem__(n, r), tag=name))
+    sched.step()                                                     # both prefill and take a first token
+    bad_turn = next(t for t in sched.running if t.request.tag == "bad")
+    monkeypatch.setattr(bad_turn.stream, "push", lambda *a, **k: (_ for _ in ()).throw(UnicodeDecodeError(
+        "utf-8", b"\xff", 0, 1, "a broken tokenizer")))
+    for _ in range(10):
+        sched.step()
+    assert not sched.has_work and isinstance(outcomes["bad"], UnicodeDecodeError) and seen["bad"] == 1
+    assert outcomes["good"].finish_reason == "length" and len(outcomes["good"].token_ids) == 5
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token(engine, maps):
+    prompt = ids(12, 80)
+    want = engine.generate(prompt, greedy(6), head_map=maps["a"])[1].token_ids
+    params = SamplingParams(max_new_tokens=6, temperature=1e-40, top_p=0.9, top_k=5, seed=3)
+    assert engine.generate(prompt, params, head_map=maps["a"])[1].token_ids == want
+
+
+def test_the_next_turns_bound_covers_what_a_turn_cancelled_mid_prefill_left_uncompressed(engine, maps):
+    """Compression waits for a prompt's last chunk, so a turn cancelled after some chunks leaves the local heads
+    holding all of them; the next turn's prompt is fed beside them. Its admission bound must cover that peak."""
+    state, fed = engine.new_session(head_map=maps["a"]), {"chunks": 0}
+    sched = Scheduler(engine, SchedulerConfig(max_running=2, step_tokens=16))
+    sched.submit(TurnRequest(state, ids(200, 90), greedy(3), cancelled=lambda: fed["chunks"] >= 10))
+    while sched.has_work:
+        sched.step()
+        fed["chunks"] += 1
+    assert state.cache.seq_length == 160                       # ten chunks of 16, never compressed
+    local = max(layer.local_length() for layer in state.cache.layers)
+    assert local > SMALL.sink + SMALL.window(160)              # more than sink + window stays
+    new, max_new = ids(5, 91), 3
+    final = len(state.token_ids) + len(new) + max_new
+    chunk = len(state.token_ids) + len(new) - state.cache.seq_length
+    head_dim, itemsize = engine.dims.head_dim, engine.loaded.dtype.itemsize
+    bound, peak = state.cache.bytes_bound(final, chunk, head_dim, itemsize), 0
+    sched.submit(TurnRequest(state, new, greedy(max_new)))
+    while sched.has_work:
+        sched.step()
+        if state.cache.seat is None:
+            peak = max(peak, state.cache.nbytes())
+    assert state.cache.seq_length == final - 1 and 0 < peak <= bound
+
+
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match="max_running"):
         SchedulerConfig(max_running=0)

@@ -297,10 +297,12 @@ class RazorLayer:
 
     def bytes_bound(self, seq_len: int, chunk: int, head_dim: int, itemsize: int) -> int:
         """Most bytes this layer can hold while it grows to `seq_len` tokens fed `chunk` at a time."""
-        # A store never shrinks below what it holds now (a larger earlier chunk may have left headroom).
+        # A store never shrinks below what it holds now (a larger earlier chunk may have left headroom). The local
+        # group may also hold more than sink + window now: a turn cancelled mid-prefill leaves its chunks
+        # uncompressed until the next turn's prompt ends, and they stay beside that prompt's chunks till then.
         r_rows = max(capacity_for(seq_len), self.retrieval.capacity if self.retrieval is not None else 0)
-        l_rows = max(capacity_for(self.params.sink + self.params.window(seq_len) + chunk),
-                      self.local.capacity if self.local is not None else 0)
+        l_held = max(self.params.sink + self.params.window(seq_len), self.local_length())
+        l_rows = max(capacity_for(l_held + chunk), self.local.capacity if self.local is not None else 0)
         r_rows, l_rows = (r_rows if self.retrieval_heads else 0), (l_rows if self.local_heads else 0)
         comp = 2 * len(self.local_heads) * head_dim * 4
         retrieval = len(self.retrieval_heads) * r_rows * self.params.retrieval_row_nbytes(head_dim, itemsize)

@@ -101,13 +101,9 @@ class Scheduler:
         plan = self._plan()
         if not plan:
             return 0
-        self.slabs.arrange([(t.request.state.cache, _final_length(t)) for t, ids in plan if not t.prefilling])
-        batch = StepBatch([(t.request.state.cache, ids) for t, ids in plan], self.engine.device)
         sampling = [i for i, (t, ids) in enumerate(plan) if len(ids) == len(t.pending)]
         try:
-            logits = hf.forward_step(self.engine.model, batch.input_ids(), batch.position_ids(), batch,
-                                     batch.last_positions()[sampling])                         # [n, V]
-            batch.compress([plan[i][0].request.state.cache for i in sampling])
+            logits, n_tokens = self._forward(plan, sampling)                                    # [n, V]
         except Exception as exc:  # noqa: BLE001 - these sessions' caches are now half-updated
             log.exception("a step over %d turns failed", len(plan))
             for turn, _ in plan:
@@ -116,10 +112,41 @@ class Scheduler:
         for turn, ids in plan:
             del turn.pending[:len(ids)]
         turns = [plan[i][0] for i in sampling]
-        for turn, sampled in zip(turns, sample_rows(logits, [t.request.params for t in turns],
-                                                   [t.generator for t in turns])):
-            self._advance(turn, sampled)
-        return batch.n_tokens
+        for turn, sampled in zip(turns, self._sample(logits, turns)):
+            try:
+                self._advance(turn, sampled)
+            except Exception as exc:  # noqa: BLE001 - left running with nothing pending, it would stall every step
+                log.exception("turn %r could not take its next token", turn.request.tag)
+                if turn in self.running:
+                    self._finish(turn, error=exc)
+        return n_tokens
+
+    def _forward(self, plan: list[tuple[_Turn, list[int]]], sampling: list[int]) -> tuple[torch.Tensor, int]:
+        """One forward over the plan -> the logits of the turns in `sampling` ([n, V]) and the tokens run."""
+        self.slabs.arrange([(t.request.state.cache, _final_length(t)) for t, ids in plan if not t.prefilling])
+        batch = StepBatch([(t.request.state.cache, ids) for t, ids in plan], self.engine.device)
+        logits = hf.forward_step(self.engine.model, batch.input_ids(), batch.position_ids(), batch,
+                                 batch.last_positions()[sampling])                             # [n, V]
+        batch.compress([plan[i][0].request.state.cache for i in sampling])
+        return logits, batch.n_tokens
+
+    def _sample(self, logits: torch.Tensor, turns: list[_Turn]) -> list[Sampled | Exception]:
+        """logits: [n, V] -> each turn's next token, or the error its turn fails with: a row that is not finite
+        (a model that overflowed) fails its own turn only, before any generator draws, so the others' seeded
+        draws stay as they would be."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()                                   # [n]
+        rows = [i for i, ok in enumerate(finite) if ok]
+        results: list[Sampled | Exception] = [
+            RuntimeError("the model's logits for this turn are not finite (NaN or infinity): weights in "
+                         "float16 may overflow; load the model in bfloat16 or float32")] * len(turns)
+        try:
+            sampled = sample_rows(logits if len(rows) == len(turns) else logits[rows],
+                                  [turns[i].request.params for i in rows], [turns[i].generator for i in rows])
+        except Exception as exc:  # noqa: BLE001 - a fault in sampling itself: these turns fail, the loop goes on
+            sampled = [exc] * len(rows)
+        for i, result in zip(rows, sampled):
+            results[i] = result
+        return results
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -171,8 +198,12 @@ class Scheduler:
         return plan
 
     # --- sampling and streaming -------------------------------------------------------------------
-    def _advance(self, turn: _Turn, sampled: Sampled) -> None:
+    def _advance(self, turn: _Turn, sampled: Sampled | Exception) -> None:
         """Take the turn's sampled next token, stream it, and decide whether the turn goes on."""
+        if isinstance(sampled, Exception):
+            log.error("turn %r: its next token could not be sampled: %r", turn.request.tag, sampled)
+            self._finish(turn, error=sampled)
+            return
         params, state = turn.request.params, turn.request.state
         token, logprob, top = sampled
         turn.generated.append(token)
@@ -194,9 +225,14 @@ class Scheduler:
         if turn in self.running:
             self.running.remove(turn)
         state = turn.request.state
-        if state is not None and state.cache.seat is not None:
-            self.slabs.unseat(state.cache)   # the session owns its cache again before anyone sees it
-        _call(turn.request.on_done, error if error is not None else self.engine.result(turn, reason))
+        try:
+            if state is not None and state.cache.seat is not None:
+                self.slabs.unseat(state.cache)   # the session owns its cache again before anyone sees it
+            outcome = error if error is not None else self.engine.result(turn, reason)
+        except Exception as exc:  # noqa: BLE001 - out of memory, say: the turn fails, and its caller still hears
+            log.exception("turn %r could not finish cleanly", turn.request.tag)
+            outcome = error if error is not None else exc
+        _call(turn.request.on_done, outcome)
 
     def run_until_idle(self) -> None:
         while self.has_work:
