@@ -6,6 +6,8 @@ puts after an assistant message (e.g. "<|im_end|>\\n").
 """
 from __future__ import annotations
 
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
 from .errors import InvalidRequest
 
 _PROBE_USER, _PROBE_REPLY = "\x00probe-user\x00", "\x00probe-reply\x00"
@@ -14,7 +16,13 @@ _PROBE_USER, _PROBE_REPLY = "\x00probe-user\x00", "\x00probe-reply\x00"
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model's tokenizer has no chat template; send `prompt` text instead of messages")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateSyntaxError:
+        raise   # a broken template is the deployment's bug, not the caller's
+    except TemplateError as exc:   # the template's own raise_exception, e.g. "roles must alternate"
+        raise InvalidRequest(f"the model's chat template refused these messages: {exc}; change them as it says (a "
+                             "continued session's messages follow its last assistant reply)") from exc
 
 
 def check_messages(messages: list[dict]) -> None:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from services.engine import (Engine, GenerationResult, HeadMap, InvalidRequest, LoadedModel, SamplingParams,
+from services.engine import (Engine, GenerationResult, HeadMap, LoadedModel, SamplingParams,
                              SchedulerConfig, Scheduler, TokenEvent, TurnRequest, threads)
 
 from .admission import Admission
 from .engine_loop import EngineLoop
-from .errors import Cancelled, InvalidArgument, SessionError, ShuttingDown
+from .errors import InvalidArgument, ShuttingDown
 from .leases import LeaseKeeper
 from .requests import RequestRegistry, check_request_id
 from . import session_moves, transfer
@@ -36,8 +36,6 @@ from .spilled_header import ModelShape
 from .validation import DEFAULT_PAGE_SIZE, Limits, check_tokens
 
 log = logging.getLogger(__name__)
-# Refusals raised before a turn touched its session's cache: the session stays as it was.
-_REFUSED_UNTOUCHED = (InvalidArgument, InvalidRequest, SessionError, Cancelled, ShuttingDown)
 
 
 @dataclass(frozen=True)
@@ -59,6 +57,14 @@ class Turn:
             raise ValueError("a Turn takes exactly one of text or messages")   # a bug in the caller
         if self.request_id:
             check_request_id(self.request_id)
+
+
+@dataclass
+class _Request(TurnRequest):
+    """A turn with what the runtime tracks for it, kept on the turn: CPython reuses a finished request's id()."""
+
+    restore_error: BaseException | None = None   # the I/O thread's failed restore, raised at the next admission
+    admitted: bool = False   # the scheduler starts it: from here a failure may have touched the session's cache
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,6 @@ class Runtime:
         self._tokenizer = threading.Lock()   # a fast tokenizer is not safe to share between threads
         self._continued: set[int] = set()    # model loop: continued turns whose session it pinned
         self._restoring: set[int] = set()    # turns whose session the I/O thread is restoring
-        self._restore_errors: dict[int, BaseException] = {}
         self._mu = threading.Condition()
         self._cancels: set[threading.Event] = set()
         self._closed = False
@@ -175,13 +180,13 @@ class Runtime:
                 self._cancels.add(cancel)
             request = self._request(turn, sid, entry, events, cancel)
             self.loop.submit(request)   # the engine's own checks raise here, synchronously
-        except BaseException as exc:
+        except BaseException:
             self._forget(cancel)
-            self._abandon(turn, sid, exc)
+            self._abandon(turn, sid)   # not submitted: the session's cache is untouched
             raise
         return sid, events
 
-    def _request(self, turn: Turn, sid: str, entry, events, cancel: threading.Event) -> TurnRequest:
+    def _request(self, turn: Turn, sid: str, entry, events, cancel: threading.Event) -> _Request:
         history = entry.length if entry is not None else 0
         ids = self._encode(turn, sid if entry is not None else None)
         check_tokens(history, len(ids), turn.params.max_new_tokens, self.loaded.max_context)
@@ -189,8 +194,8 @@ class Runtime:
         state = None if entry is not None else self.engine.new_session(chat=turn.messages is not None,
                                                                        head_map=self.head_maps.active)
         started = time.perf_counter()
-        request = TurnRequest(state, ids, turn.params, on_token=lambda event: self._stream(events, event),
-                              cancelled=cancel.is_set, tag=sid)
+        request = _Request(state, ids, turn.params, on_token=lambda event: self._stream(events, event),
+                           cancelled=cancel.is_set, tag=sid)
         request.on_done = lambda outcome: self._done(turn, request, events, cancel, outcome, started)
         return request
 
@@ -207,12 +212,12 @@ class Runtime:
             return self.engine.encode_turn(self.store.last_token(continued_sid), text=turn.text,
                                            messages=_messages(turn))
 
-    def _admit(self, request: TurnRequest) -> bool:
+    def _admit(self, request: _Request) -> bool:
         """Scheduler hook (model loop). A continued session is pinned (restored first when spilled) and
         unpinned again while its turn cannot fit yet, so a queued turn never keeps others from the budget."""
         continued = request.state is None or id(request) in self._continued
         if request.state is None:
-            error = self._restore_errors.pop(id(request), None)
+            error, request.restore_error = request.restore_error, None
             if error is not None:
                 raise error
             request.state = self.store.pin(request.tag)
@@ -220,14 +225,17 @@ class Runtime:
                 self._restore(request)
                 return False
             self._continued.add(id(request))
+        # The scheduler's own check, made here first so that a turn this hook admits is one it starts.
+        self.engine.check_turn(request.state, request.new_ids, request.params)
         if self.admission.admit(request, running=len(self.scheduler.running)):
+            request.admitted = True
             return True
         if continued:
             self.store.unpin(request.tag)
             request.state = None
         return False
 
-    def _restore(self, request: TurnRequest) -> None:
+    def _restore(self, request: _Request) -> None:
         """Restore a spilled session on the I/O thread (making room first), then wake the model loop."""
         if id(request) in self._restoring:
             return
@@ -238,26 +246,21 @@ class Runtime:
             try:
                 self.store.load(sid, lambda n: self.store.make_room(n, keep=sid))
             except BaseException as exc:  # noqa: BLE001 - the turn is refused with it at its next admission
-                self._restore_errors[id(request)] = exc
+                request.restore_error = exc   # a request that already ended takes it away with it
             finally:
                 self._restoring.discard(id(request))
                 self.loop.wake()
         self.io.submit(job)
 
     # ---- turn outcomes (model loop) --------------------------------------------------------
-    def _done(self, turn: Turn, request: TurnRequest, events, cancel, outcome, started: float) -> None:
-        sid = request.tag
+    def _done(self, turn: Turn, request: _Request, events, cancel, outcome, started: float) -> None:
         self.admission.release(request)
         self._continued.discard(id(request))
-        self._restore_errors.pop(id(request), None)
         if isinstance(outcome, BaseException):
-            self._abandon(turn, sid, outcome, redis_work=self.io.submit)   # model loop: no Redis here
+            self._abandon(turn, request.tag, outcome, request.admitted, self.io.submit)  # model loop: no Redis here
             events.put(_Failed(outcome))
         else:
-            if sid and request.state is not None:   # None: cancelled before its spilled session came back
-                self.store.put(sid, request.state)
-            if sid:
-                self.store.release(sid)
+            self._keep(turn, request)
             events.put(Finished(outcome))
             self._notify(outcome, time.perf_counter() - started)
             self.io.submit(self.store.settle)  # spill over-budget idle sessions, off the model loop
@@ -277,15 +280,25 @@ class Runtime:
         except Exception:  # noqa: BLE001 - a metrics hook must never break serving
             log.exception("on_turn hook failed")
 
-    def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None, redis_work=None) -> None:
-        """`redis_work` runs the Redis part of dropping a session (the model loop passes the I/O thread's submit)."""
+    def _keep(self, turn: Turn, request: _Request) -> None:
+        """Model loop: record the session of a turn that ended without an error."""
+        if not request.admitted:   # cancelled while queued: as it was (a new session, never seen, never was)
+            self._abandon(turn, request.tag, redis_work=self.io.submit)
+        elif request.tag:
+            self.store.put(request.tag, request.state)
+            self.store.release(request.tag)
+
+    def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None, admitted: bool = False,
+                 redis_work=None) -> None:
+        """Drop the session of a turn that failed, or never ran (not `admitted`: its cache is untouched).
+        `redis_work` runs the Redis part of dropping a session (the model loop passes the I/O thread's submit)."""
         if not sid:
             return
         redis_work = redis_work or (lambda fn, *args: fn(*args))
         if turn.session_id is None:
             self.store.discard(sid, redis_work)  # a new session whose first turn failed never existed
-        elif exc is None or isinstance(exc, _REFUSED_UNTOUCHED):
-            self.store.release(sid)  # refused before the cache was touched
+        elif not admitted:
+            self.store.release(sid)  # ended before the scheduler started it: the cache was never touched
         else:
             self.store.mark_lost(sid, f"an internal error interrupted a turn ({exc!r})", redis_work)
 
