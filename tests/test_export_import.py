@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 import time
 
 import grpc
@@ -17,7 +18,7 @@ import pytest
 
 from services.api.razorserve.v1 import razorserve_pb2 as pb
 from services.engine import Engine, HeadMap, SamplingParams, load_model
-from services.inference import codec, session_moves, transfer
+from services.inference import codec, servicer, session_moves, transfer
 from services.inference.client import RazorClient
 
 from replay import replay as engine_replay
@@ -246,6 +247,37 @@ def test_imports_over_the_limit_and_malformed_streams_are_refused(start_server):
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
         for call in (lambda: client.export_session(""), lambda: client.fork_session("")):
             assert rpc_error(call).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_import_the_client_cancels_midway_imports_nothing_and_is_no_incident(start_server, monkeypatch,
+                                                                                 caplog):
+    """Once the client cancels, grpc's request iterator raises a bare RpcError (or ends early): the client's
+    doing (CANCELLED, or the declared size not reached), with nothing imported, never an internal incident."""
+    mapped = []
+    status_for = servicer.status_for
+    monkeypatch.setattr(servicer, "status_for", lambda exc: mapped.append((exc, status_for(exc))) or mapped[-1][1])
+    server = start_server()
+    with RazorClient(server.target) as client:
+        sid = client.generate(prompt=PROMPT, max_new_tokens=2).session_id
+        blob, sent = client.export_session(sid), threading.Event()
+
+        def requests():
+            yield pb.ImportSessionRequest(options=pb.ImportOptions(size_bytes=len(blob)))
+            yield pb.ImportSessionRequest(chunk=blob[:100])
+            sent.set()
+            time.sleep(5)   # the rest never comes: the call is cancelled first
+
+        call = client.stub.ImportSession.future(requests())
+        assert sent.wait(10)
+        time.sleep(0.3)   # the server reads the first chunk and waits for the next
+        call.cancel()
+        wait_until(lambda: mapped, timeout_s=10)
+        (exc, (code, _)), = mapped
+        # grpc either raises in the request iterator or just ends it (then the declared size is not reached)
+        assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DATA_LOSS), mapped
+        assert "nothing was imported" in str(exc) and ("cancelled" in str(exc) or "declared" in str(exc)), mapped
+        assert "incident" not in caplog.text
+        assert [s.session_id for s in client.list_sessions()] == [sid]
 
 
 def test_the_cli_exports_imports_and_forks(start_server, tmp_path, capsys):

@@ -241,7 +241,7 @@ class RazorServeServicer(pb_grpc.RazorServeServicer):
 
     @_grpc_errors
     def ImportSession(self, request_iterator, context):
-        options, pieces = _import_parts(request_iterator)
+        options, pieces = _import_parts(request_iterator, context)
         tenant = tenant_of(context)
         sid, meta = self.runtime.import_session(pieces, tenant, options.size_bytes)
         return pb.ImportSessionResponse(session=session_pb(self.runtime.store.info(sid, tenant)),
@@ -272,7 +272,7 @@ def _input(request, text_field: str) -> dict:
     return {"text": getattr(request, text_field)}
 
 
-def _import_parts(requests) -> tuple[pb.ImportOptions, Iterator[bytes]]:
+def _import_parts(requests, context) -> tuple[pb.ImportOptions, Iterator[bytes]]:
     """The options of an ImportSession stream (its first message) and the export's bytes that follow."""
     first = next(requests, None)
     if first is None or first.WhichOneof("part") != "options":
@@ -280,11 +280,20 @@ def _import_parts(requests) -> tuple[pb.ImportOptions, Iterator[bytes]]:
                               "the export's bytes as `chunk`s")
 
     def pieces() -> Iterator[bytes]:
-        for message in requests:
-            if message.WhichOneof("part") != "chunk":
-                raise InvalidArgument("after the first ImportSession message, send only `chunk`s of the export")
-            yield message.chunk
+        try:
+            for message in requests:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("after the first ImportSession message, send only `chunk`s of the export")
+                yield message.chunk
+        except grpc.RpcError:   # what grpc's request iterator may raise once the client has cancelled the call
+            raise _import_cancelled() from None
+        if not context.is_active():   # or it just ends: a cancelled stream, not a damaged export
+            raise _import_cancelled()
     return first.options, pieces()
+
+
+def _import_cancelled() -> Cancelled:
+    return Cancelled("the client cancelled ImportSession before the export's last chunk; nothing was imported")
 
 
 # ---- domain -> proto --------------------------------------------------------------------------

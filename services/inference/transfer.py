@@ -103,7 +103,8 @@ def copy_state(state):
 
 # ---- import ------------------------------------------------------------------------------------
 def gather(pieces: Iterable[bytes], limit: int, declared: int = 0) -> bytes:
-    """The whole export from its streamed pieces, refused once it passes ``limit`` bytes."""
+    """The whole export from its streamed pieces, refused once it passes ``limit`` bytes or, where the client
+    declared its size, when it carried another number of bytes."""
     if declared > limit:
         raise ImportTooLarge(_too_large(f"is {declared} bytes", limit))
     buffer = bytearray()
@@ -111,6 +112,10 @@ def gather(pieces: Iterable[bytes], limit: int, declared: int = 0) -> bytes:
         buffer += piece
         if len(buffer) > limit:
             raise ImportTooLarge(_too_large(f"passed {limit} bytes", limit))
+    if declared and len(buffer) != declared:
+        raise ExportDamaged(f"the stream carried {len(buffer)} bytes where its options declared {declared}: it was "
+                            "cut short (a cancelled call, a broken connection) or padded; nothing was imported, send "
+                            "the whole export again")
     return bytes(buffer)
 
 
