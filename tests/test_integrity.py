@@ -8,6 +8,7 @@ unsigned prove the MAC. Also: the header checks against the tensors and the mode
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import NamedTuple
 
 import grpc
@@ -17,7 +18,9 @@ from test_codec import resign
 
 from services.api.razorserve.v1 import razorserve_pb2 as pb
 from services.inference import codec, spilled_header
+from services.inference import spill as spill_module
 from services.inference.client import RazorClient
+from services.inference.local_spill import LocalSpill, LocalSpills
 from services.inference.spill import Spill
 from services.inference.spilled_header import HeaderInvalid, ModelShape
 from tests.test_service import rpc_error, wait_until
@@ -303,3 +306,62 @@ def test_any_value_anywhere_is_refused_cleanly_or_rebuilds(spilled, tiny_loaded)
             accepted += 1
             SessionState.from_tensors(tensors, checked["meta"]["state"], "cpu")
     assert refused > 1000 and accepted < refused / 10, (refused, accepted)
+
+
+# ---- lengths from an unverified header or local spill never size a read --------------------------
+FORGED_COUNTS = {   # case -> (the key the forged header is signed with, None: left unsigned; a word of the reason)
+    "left unsigned": (None, "MAC mismatch"),
+    "re-signed with the key": (KEY.encode(), "total_bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED_COUNTS))
+def test_forged_chunk_counts_are_refused_before_they_size_a_read(start_server, service_redis_url, monkeypatch, case):
+    """A header naming 10**9 one-byte chunks: the restore asks Redis for a bounded batch (not one HMGET of
+    millions of fields, gigabytes on the I/O thread), then the codec refuses the header as DATA_LOSS."""
+    key, hint = FORGED_COUNTS[case]
+    server = start_server(kv_budget_bytes=1, spill_key=KEY)
+    r = redis.Redis.from_url(service_redis_url)
+    client_of_spills, asked = server.runtime.store.spill.client, []
+    hmget = client_of_spills.hmget
+
+    def bounded_hmget(name, fields):
+        asked.append(len(fields))
+        if len(fields) > 10_000:   # refused here rather than allocated
+            raise redis.ResponseError(f"HMGET of {len(fields)} fields")
+        return hmget(name, fields)
+
+    with RazorClient(server.target) as client:
+        sid = spilled_session(client)
+        r.hset(Spill.key(sid), "c1", b"x")   # a second chunk, so the read goes on past its first batch
+        edit_header(r, sid, lambda h: h.update(n_chunks=10**9, total_bytes=10**9), key)
+        monkeypatch.setattr(client_of_spills, "hmget", bounded_hmget)
+        assert_lost(client, sid, hint)
+    assert asked and max(asked) <= spill_module.READ_BATCH_FIELDS, asked
+
+
+LOCAL_EDITS = {   # the sizes a local spill's first line names, edited
+    "a header of a petabyte": lambda intro: intro.update(header_bytes=10**15),
+    "a chunk of 2 GiB": lambda intro: intro["chunk_bytes"].__setitem__(0, 2**31),
+    "a negative chunk": lambda intro: intro["chunk_bytes"].__setitem__(1, -1),
+    "a size as text": lambda intro: intro.update(header_bytes=str(intro["header_bytes"])),
+}
+
+
+@pytest.mark.parametrize("case", list(LOCAL_EDITS))
+def test_a_local_spill_naming_sizes_its_file_lacks_is_refused_before_reading(tmp_path, case):
+    spills = LocalSpills(tmp_path)
+    path = spills.save(LocalSpill("s1", "a", 1, "", 1.0, {"length": 3}, b"h" * 10, [b"x" * 5, b"y" * 3]))
+    assert LocalSpills.load(path).chunks == [b"x" * 5, b"y" * 3]
+    first, rest = path.read_bytes().split(b"\n", 1)
+    intro = json.loads(first)
+    LOCAL_EDITS[case](intro)
+    path.write_bytes(json.dumps(intro).encode() + b"\n" + rest)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="truncated"):   # what upload_local_spills skips, never MemoryError
+            LocalSpills.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak} bytes allocated for a 10-byte header"

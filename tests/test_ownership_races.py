@@ -16,7 +16,7 @@ import torch
 
 from services.engine import Engine, SamplingParams
 from services.inference.sessions import SessionBusy, SessionNotFound, SessionStore
-from services.inference.spill import Spill, lease_key, meta_key
+from services.inference.spill import Spill, lease_key, meta_key, spill_key
 
 
 @pytest.fixture
@@ -158,3 +158,97 @@ def test_a_request_arriving_while_its_session_expires_is_refused_not_run(service
     assert refused and "busy" in refused[0]
     with pytest.raises(SessionNotFound):
         store.acquire(sid)
+
+
+def assert_gone(url: str, store: SessionStore, sid: str) -> None:
+    """No trace of ``sid`` in Redis: no zombie meta, lease or spill, and not listed or counted."""
+    client = redis.Redis.from_url(url)
+    assert [client.exists(k(sid)) for k in (meta_key, lease_key, spill_key)] == [0, 0, 0], "a deleted session is back"
+    assert store.directory.count() == 0 and store.page("", "", 10) == ([], False)
+
+
+def test_a_spill_chosen_while_its_session_is_deleted_does_not_bring_it_back(replicas, engine, service_redis_url,
+                                                                           monkeypatch):
+    a, _ = replicas
+    sid = resident(a, new_state(engine))
+    chosen, spill_one = [], a.residency._spill_one
+    monkeypatch.setattr(a.residency, "_spill_one", lambda victim: chosen.append(victim) or spill_one(victim))
+    delete = a.directory.delete
+
+    def io_thread_settles_after(sid_, tenant):   # the delete's Redis DEL lands before the I/O thread's spill
+        found = delete(sid_, tenant)
+        a.budget_bytes = 0
+        a.settle()
+        return found
+
+    monkeypatch.setattr(a.directory, "delete", io_thread_settles_after)
+    assert a.delete(sid)
+    assert_gone(service_redis_url, a, sid)
+    assert chosen == [], "a session being deleted is no spill victim"
+
+
+def test_a_spill_landing_after_a_delete_does_not_register_the_session_again(replicas, engine, service_redis_url,
+                                                                          monkeypatch):
+    a, _ = replicas
+    sid = resident(a, new_state(engine))
+    delete = a.directory.delete
+
+    def spill_lands_after(sid_, tenant):   # a spill picked just before the delete marked it, written after its DEL
+        found = delete(sid_, tenant)
+        a.spiller.spill_one(sid_)
+        return found
+
+    monkeypatch.setattr(a.directory, "delete", spill_lands_after)
+    assert a.delete(sid)
+    assert_gone(service_redis_url, a, sid)
+
+
+@pytest.mark.parametrize("ends_by", ["DeleteSession", "expiry"])
+def test_a_summary_note_queued_before_a_delete_does_not_bring_the_session_back(service_redis_url, engine, ends_by):
+    now = [1000.0]
+    store = SessionStore(Spill(service_redis_url, ttl_s=3600), engine.loaded.fingerprint.id, "cpu", 10**9,
+                         replica_id="a", clock=lambda: now[0])
+    sid = resident(store, new_state(engine), ttl_s=60)
+    queued = []
+    store.defer = lambda fn, *args: queued.append((fn, args))   # the I/O thread, busy elsewhere for now
+    store.acquire(sid)
+    store.put(sid, new_state(engine, "The fox and the river, a second turn"))   # queues the turn's summary note
+    store.release(sid)
+    if ends_by == "DeleteSession":
+        assert store.delete(sid)
+    else:
+        now[0] += 61
+        store.renew_leases()
+    assert store.table.get(sid) is None
+    for fn, args in queued:   # the note runs at last
+        fn(*args)
+    assert_gone(service_redis_url, store, sid)
+
+
+def test_a_renewal_landing_after_a_hand_over_does_not_take_the_lease_back(replicas, engine, service_redis_url,
+                                                                         monkeypatch):
+    a, b = replicas
+    sid = resident(a, new_state(engine))
+    fenced = a.directory.fenced
+
+    def hand_over_lands_first(sid_, gen, mode, *args, **kwargs):
+        if mode == "renew":   # the renewal passed its check; the hand-over's release reached Redis before it
+            a.hand_over(sid_)
+        return fenced(sid_, gen, mode, *args, **kwargs)
+
+    monkeypatch.setattr(a.directory, "fenced", hand_over_lands_first)
+    a.ownership.renew_leases()
+    assert lease_holder(service_redis_url, sid) is None, "no replica holds it: another may claim it at once"
+    assert a.table.get(sid) is None
+    one_turn(b, sid, new_state(engine, "The fox and the river, taken by b"))
+    assert lease_holder(service_redis_url, sid) == "b"
+
+
+def test_a_lease_that_lapsed_unclaimed_is_renewed_not_dropped(replicas, engine, service_redis_url):
+    """Only a lease given back ends its generation: one that lapsed (Redis unreachable past its TTL) while no
+    replica claimed the session is taken again, so the resident turns Redis has not saved are not lost."""
+    a, _ = replicas
+    sid = resident(a, new_state(engine))
+    redis.Redis.from_url(service_redis_url).delete(lease_key(sid))
+    a.ownership.renew_leases()
+    assert lease_holder(service_redis_url, sid) == "a" and a.table.get(sid) is not None

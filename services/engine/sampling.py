@@ -77,7 +77,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
-        scaled = (logits - logits.max()) / params.temperature   # shifted first: a tiny temperature gives -inf, never inf - inf
+        # Shifted first: a tiny temperature then gives -inf for the others, never inf - inf (NaN).
+        scaled = (logits - logits.max()) / params.temperature
         if params.top_k:
             kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

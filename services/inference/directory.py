@@ -3,10 +3,10 @@
 Per session (all keys share the hash tag ``{<id>}``, so they sit in one Redis Cluster slot):
 
 * ``razor:{id}:meta`` — a hash: tenant, model fingerprint and dtype, ``gen`` (the fencing token, bumped by
-  every change of owner), ``spill_gen`` (the generation whose state the spill holds), ``dirty`` (the generation
-  of a turn not yet saved to the spill, 0 when the spill is current), ``owner`` (the last replica to own it),
-  ``lost`` (why it can no longer be continued), and a summary (length, bytes, head-map version, times) for
-  listing from any replica.
+  every change of owner, and when an owner gives its lease back: a late write of its generation is refused),
+  ``spill_gen`` (the generation whose state the spill holds), ``dirty`` (the generation of a turn not yet saved
+  to the spill, 0 when the spill is current), ``owner`` (the last replica to own it), ``lost`` (why it can no
+  longer be continued), and a summary (length, bytes, head-map version, times) for listing from any replica.
 * ``razor:{id}:lease`` — the id of the replica holding the session resident (or running a turn on it),
   with a TTL that the holder renews; it disappears with a dead replica.
 * ``razor:{id}:spill`` — the spilled cache (`Spill`), written only under a valid lease and generation.
@@ -96,6 +96,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ttl) en
 redis.call('EXPIRE', KEYS[1], ttl)
 if mode == 'release' or mode == 'save_release' then
   redis.call('DEL', KEYS[2])
+  redis.call('HINCRBY', KEYS[1], 'gen', 1)   -- our generation ends: a late renewal or note of it is refused
 else
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 end

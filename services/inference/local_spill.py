@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .codec import is_count
+
 log = logging.getLogger(__name__)
 FORMAT = "razorserve-local-spill/1"
 SUFFIX = ".razorspill"
@@ -64,13 +66,22 @@ class LocalSpills:
                 intro = json.loads(f.readline())
                 if intro.get("format") != FORMAT:
                     raise ValueError(f"unknown format {intro.get('format')!r}")
-                header = f.read(int(intro["header_bytes"]))
-                chunks = [f.read(int(n)) for n in intro["chunk_bytes"]]
+                sizes = _sizes(intro, os.fstat(f.fileno()).st_size - f.tell())
+                header, chunks = f.read(sizes[0]), [f.read(n) for n in sizes[1:]]
                 sid, owner, gen = str(intro["session_id"]), str(intro["owner"]), int(intro["gen"])
                 tenant, created_at = str(intro["tenant"]), float(intro["created_at"])
                 fields = dict(intro["fields"])
-            except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
                 raise ValueError(f"not a local spill ({exc!r})") from exc
         if len(header) != intro["header_bytes"] or [len(c) for c in chunks] != intro["chunk_bytes"]:
             raise ValueError("the file is truncated")
         return LocalSpill(sid, owner, gen, tenant, created_at, fields, header, chunks)
+
+
+def _sizes(intro: dict, left: int) -> list[int]:
+    """The header's and chunks' sizes, checked against the ``left`` bytes the file holds before any is read:
+    ``f.read(n)`` allocates n up front, so a forged size would cost that much memory."""
+    sizes = [intro["header_bytes"], *intro["chunk_bytes"]]
+    if not all(is_count(n) for n in sizes) or sum(sizes) != left:
+        raise ValueError(f"the file is truncated or edited: the sizes it names are not the {left} bytes it holds")
+    return sizes

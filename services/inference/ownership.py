@@ -106,10 +106,17 @@ class Ownership:
             return (bool(entry.gen) and self.table.entries.get(entry.session_id) is entry and not entry.spilling
                     and not entry.deleting)
 
+    def held(self, sid: str, gen: int) -> bool:
+        """Still ours at ``gen`` and not being deleted (or expired): only then may a write that finds the metadata
+        gone register it again; else the delete landed first, and registering would bring the session back."""
+        with self.table.mu:
+            entry = self.table.entries.get(sid)
+            return entry is not None and entry.gen == gen and not entry.deleting
+
     def note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
         """Write a session's summary under our lease (for other replicas' listings); best effort."""
         try:
-            if not self.directory.fenced(sid, gen, "note", fields, **identity):
+            if not self.directory.fenced(sid, gen, "note", fields, reregister=lambda: self.held(sid, gen), **identity):
                 self.fence(sid, gen)
         except StoreUnavailable as exc:
             log.info("session %s summary not updated in Redis: %s", sid, exc)

@@ -133,6 +133,7 @@ def _device_bytes(entries) -> int:
 
 
 def _spillable(entry) -> bool:
-    """Resident, and neither in the running batch, pinned by its user, nor already being spilled."""
+    """Resident, and neither in the running batch, pinned by its user, already being spilled, nor being deleted
+    (a spill landing after the delete would bring the session back)."""
     return (entry.location == "device" and entry.state is not None and not entry.pinned and not entry.spilling
-            and not entry.keep_resident)
+            and not entry.keep_resident and not entry.deleting)

@@ -22,7 +22,7 @@ import redis.cluster
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .codec import DEFAULT_CHUNK_BYTES, Encoded
+from .codec import DEFAULT_CHUNK_BYTES, Encoded, is_count
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # 1.2 GB/s while replies of 24 MiB or more fell to 0.5-0.7 GB/s (hiredis showed the same, less so).
 # A round trip costs ~0.05 ms on loopback: 16 MiB batches already make it noise next to the transfer.
 READ_BATCH_BYTES = 16 * 2**20
+# Most chunks one round trip asks for when a header (not yet verified by the codec) sets the batch: a forged tiny
+# chunk size (n_chunks 10**9) could otherwise make one HMGET name millions of fields. The read also stops at the
+# first missing chunk, so an unverified n_chunks never costs more than the chunks Redis really holds.
+READ_BATCH_FIELDS = 1024
 
 
 # What an unreachable Redis raises: redis-py's cluster client raises RedisClusterException, which is no
@@ -157,7 +161,8 @@ class Spill:
 
         The header comes in the same HMGET as the first batch of chunks, so a session of up to one
         batch is one round trip. Without ``n_chunks`` the header says how many chunks there are (and
-        their size, for the later batches); a header that cannot be parsed, or a missing chunk, ends the
+        their size, for the later batches, never more than ``READ_BATCH_FIELDS`` a trip: it is not verified
+        yet); a header that cannot be parsed or names counts the codec refuses, or a missing chunk, ends the
         read early, with what was read so far, for the codec to refuse."""
         key, step = self.key(session_id), self.batch_chunks(chunk_bytes)
         first = step if n_chunks is None else min(step, n_chunks)
@@ -170,7 +175,7 @@ class Spill:
                 if n_chunks is None:
                     return header, chunks
                 chunks = chunks[:n_chunks]
-                step = self.batch_chunks(chunk_bytes)
+                step = min(READ_BATCH_FIELDS, self.batch_chunks(chunk_bytes))   # the header is not verified yet
             for start in range(len(chunks), n_chunks, step):
                 if None in chunks:  # incomplete: the codec refuses it whatever the rest holds
                     break
@@ -214,12 +219,13 @@ def _fields(start: int, stop: int) -> list[str]:
 
 
 def _chunking(header: bytes, default_chunk_bytes: int) -> tuple[int | None, int]:
-    """(n_chunks, chunk size) from a codec header; (None, default) when it cannot be read."""
+    """(n_chunks, chunk size) from a codec header, not yet verified: a hint for batching only; (None, default)
+    when it cannot be read or its counts are ones the codec refuses."""
     try:
         parsed = json.loads(header)
-        n_chunks, total = int(parsed["n_chunks"]), int(parsed["total_bytes"])
-    except (ValueError, TypeError, KeyError):
+        n_chunks, total = parsed["n_chunks"], parsed["total_bytes"]
+    except (ValueError, TypeError, KeyError, RecursionError):
         return None, default_chunk_bytes
-    if n_chunks < 0:
+    if not (is_count(n_chunks) and is_count(total)) or (n_chunks == 0) != (total == 0) or n_chunks > total:
         return None, default_chunk_bytes
     return n_chunks, -(-total // n_chunks) if n_chunks else default_chunk_bytes

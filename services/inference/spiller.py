@@ -9,6 +9,7 @@ Bytes are encoded and verified by `SpilledCopies`; the entries' bookkeeping live
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 from .directory import SessionDirectory, not_found_message
@@ -79,6 +80,8 @@ class Spiller:
             release = not entry.busy
             state, gen, saved = entry.state, entry.gen, entry.saved
             fields, identity = summary_fields(entry), identity_fields(entry)
+        # Metadata found gone is registered again only while the session is still ours (not deleted meanwhile).
+        identity["reregister"] = functools.partial(self.ownership.held, sid, gen)
         try:
             if saved:   # Redis already holds exactly this state: nothing to write
                 still_ours = self.directory.fenced(sid, gen, "release" if release else "renew", **identity)

@@ -114,8 +114,8 @@ def gather(pieces: Iterable[bytes], limit: int, declared: int = 0) -> bytes:
             raise ImportTooLarge(_too_large(f"passed {limit} bytes", limit))
     if declared and len(buffer) != declared:
         raise ExportDamaged(f"the stream carried {len(buffer)} bytes where its options declared {declared}: it was "
-                            "cut short (a cancelled call, a broken connection) or padded; nothing was imported: export it "
-                            "again and send all of it")
+                            "cut short (a cancelled call, a broken connection) or padded; nothing was imported: "
+                            "export it again and send all of it")
     return bytes(buffer)
 
 
