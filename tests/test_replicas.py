@@ -200,6 +200,39 @@ def test_stop_with_redis_down_then_start_with_redis_up_continues_every_session(
         own.stop()
 
 
+def test_a_session_deleted_after_it_was_saved_locally_is_not_uploaded_again(start_server, make_redis, tmp_path,
+                                                                           monkeypatch):
+    """Redis was unreachable from this replica at its shutdown (here: its spills refused), so it saved its session
+    locally; Redis kept the session, which was then deleted through another replica. The next start must not
+    upload the local copy: the delete's tombstone tells it from a Redis that lost everything."""
+    from services.inference.errors import StoreUnavailable
+
+    own = make_redis().start()
+    spill_dir = tmp_path / "spill-dir"
+    try:
+        first = start_server(redis_url=own.url, local_spill_dir=str(spill_dir), lease_ttl_s=0.5)
+        with RazorClient(first.target) as client:
+            sid = client.generate(prompt="A conversation deleted while its copy waited", max_new_tokens=2).session_id
+
+        def unreachable(session_id):
+            raise StoreUnavailable("Redis is unreachable (the test says so)")
+        monkeypatch.setattr(first.runtime.store.spiller, "spill_one", unreachable)
+        first.stop(1.0)
+        assert first.shutdown_counts == {"spilled": 0, "saved_locally": 1, "lost": 0}
+        time.sleep(0.6)   # its lease lapses
+        other = start_server(redis_url=own.url, local_spill_dir=str(tmp_path / "other-spill"))
+        with RazorClient(other.target) as client:
+            assert client.delete_session(sid)
+        third = start_server(redis_url=own.url, local_spill_dir=str(spill_dir))
+        assert not list(spill_dir.glob("*.razorspill")), "read at start, and discarded"
+        with RazorClient(third.target) as client:
+            error = rpc_error(lambda: client.get_session(sid))
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert not redis.Redis.from_url(own.url).exists(meta_key(sid))
+    finally:
+        own.stop()
+
+
 def test_a_resident_session_outlives_a_redis_restart_that_lost_its_metadata(start_server, make_redis, tiny_loaded,
                                                                              tiny_head_map):
     """Redis restarts empty (no persistence) under a running replica: the session's metadata and lease are gone,

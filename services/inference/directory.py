@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import redis
 
 from .errors import SessionLost, SessionModelMismatch, SessionNotFound, StoreUnavailable
-from .spill import lease_key, meta_key, spill_key, translated
+from .spill import deleted_key, lease_key, meta_key, spill_key, translated
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,16 @@ end
 return 1
 """
 
-# ARGV: me, tenant
+# KEYS: meta, lease, spill, tombstone; ARGV: me, tenant, session_ttl_s
 _DELETE = """
 local tenant = redis.call('HGET', KEYS[1], 'tenant')
 if not tenant or tenant ~= ARGV[2] then return {'missing'} end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return {'owned', holder} end
 local fingerprint = redis.call('HGET', KEYS[1], 'fingerprint_id') or ''
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl')) or tonumber(ARGV[3])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SET', KEYS[4], '1', 'EX', ttl)   -- a copy saved locally while Redis was away must not bring it back
 return {'ok', fingerprint}
 """
 
@@ -218,13 +220,19 @@ class SessionDirectory:
     def delete(self, sid: str, tenant: str) -> bool:
         """Delete a session no other replica holds; False when there was none. Raises OwnedElsewhere."""
         with _redis("delete the session"):
-            kind, *rest = [_text(x) for x in self._delete(keys=self.keys(sid), args=[self.replica_id, tenant])]
+            kind, *rest = [_text(x) for x in self._delete(keys=[*self.keys(sid), deleted_key(sid)],
+                                                          args=[self.replica_id, tenant, self.session_ttl_s])]
             if kind == "owned":
                 raise OwnedElsewhere(rest[0])
             if kind == "ok":
                 self.client.zrem(self.index(tenant, rest[0]), sid)
                 self.client.zrem(self.index(None, rest[0]), sid)
         return kind == "ok"
+
+    def deleted(self, sid: str) -> bool:
+        """Whether the session was deleted within its TTL (its tombstone is there)."""
+        with _redis("read the session's tombstone"):
+            return bool(self.client.exists(deleted_key(sid)))
 
     def mark_lost(self, sid: str, reason: str) -> None:
         with _redis("mark the session lost"):

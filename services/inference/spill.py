@@ -59,6 +59,11 @@ def lease_key(session_id: str) -> str:
     return f"razor:{{{session_id}}}:lease"
 
 
+def deleted_key(session_id: str) -> str:
+    """A deleted session's tombstone (for its TTL): a copy saved locally before the delete is not uploaded."""
+    return f"razor:{{{session_id}}}:deleted"
+
+
 def connect(redis_url: str, password: str = "", timeout_s: float = 2.0, cluster: bool = False):
     """A redis-py client for the sessions' Redis: one server, or a Redis Cluster seeded from `redis_url`."""
     # One quick retry on a fresh connection: a pooled connection that died while Redis

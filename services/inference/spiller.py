@@ -180,10 +180,12 @@ class Spiller:
         """Fenced as a spill by the replica and generation that saved it: refused once the session moved on."""
         uploader = self._directory_of(spill.owner)
         if uploader.fenced(spill.sid, spill.gen, "save_release", spill.fields, blob=(spill.header, spill.chunks),
-                           tenant=spill.tenant, created_at=spill.created_at):
+                           tenant=spill.tenant, created_at=spill.created_at,
+                           reregister=lambda: not uploader.deleted(spill.sid)):   # else Redis lost it: bring it back
             log.info("uploaded session %s saved locally at the last shutdown", spill.sid)
             return 1
-        log.warning("local copy of session %s is older than Redis's (it moved on); discarded", spill.sid)
+        log.warning("local copy of session %s is older than Redis's (it moved on or was deleted); discarded",
+                    spill.sid)
         return 0
 
 
