@@ -7,11 +7,17 @@ Keys (one model fingerprint ``fp``, one content-hash ``version``):
     razor:headmaps:{fp}:versions          sorted set version -> created_at (publication order)
     razor:headmaps:{fp}:info              hash version -> {"created_at", "kv_fraction"} as JSON
     razor:headmaps:{fp}:active            the active version
+    razor:headmaps:{fp}:active_by         hash {"order", "job", "at"}: what set the active pointer; "order" is the
+                                          submission time of the job that set it (or the time of an explicit
+                                          `activate`), so an older job's map never replaces a newer one's
     razor:headmaps:{fp}:params:{digest}   version produced by one set of profiling parameters
     razor:headmaps:{fp}:refused           hash version -> {"reason", "at"} as JSON: active pointers a
                                           service could not load (cleared when one later loads)
 
-Activation publishes ``{"fingerprint": fp, "version": v}`` on channel ``razor:headmaps``.
+Activation publishes ``{"fingerprint": fp, "version": v}`` on channel ``razor:headmaps``. A profiling job
+activates with ``activate_if_newer`` (one Lua script: compare its order with ``active_by``, then move the pointer
+and notify), so maps go live in the order their jobs were submitted, not the order they finished; ``activate``
+is the explicit, unconditional path.
 Only JSON and raw PNG bytes are stored; nothing is ever pickled. Every map read back is validated
 with ``HeadMap.from_json`` (raises ``HeadMapError``, a ``ValueError``).
 """
@@ -20,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import redis
 
@@ -127,6 +133,10 @@ def _params_key(fingerprint_id: str, params_digest: str) -> str:
     return f"razor:headmaps:{fingerprint_id}:params:{params_digest}"
 
 
+def _active_by_key(fingerprint_id: str) -> str:
+    return f"razor:headmaps:{fingerprint_id}:active_by"
+
+
 def _refused_key(fingerprint_id: str) -> str:
     return f"razor:headmaps:{fingerprint_id}:refused"
 
@@ -148,11 +158,39 @@ def _fp_id(fingerprint: ModelFingerprint | str) -> str:
     return fingerprint if isinstance(fingerprint, str) else fingerprint.id
 
 
+# KEYS: the active pointer, its active_by hash. ARGV: version, order, job, now, channel, notification.
+# The pointer moves (and subscribers hear of it) only when no pointer is set or this order is at least the one
+# that set it. Returns {1, version, job} when it moved, else {0, the active version, the job that set it}.
+_ACTIVATE_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local by = redis.call('HGET', KEYS[2], 'order')
+  if by and tonumber(by) and tonumber(by) > tonumber(ARGV[2]) then
+    return {0, current, redis.call('HGET', KEYS[2], 'job') or ''}
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'order', ARGV[2], 'job', ARGV[3], 'at', ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return {1, ARGV[1], ARGV[3]}
+"""
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What `activate_if_newer` did: `activated`, else `active` is the version a newer job (`by_job`; "" for an
+    explicit activation) set."""
+    activated: bool
+    active: str
+    by_job: str
+
+
 class HeadMapStore:
     """Versioned head maps per model fingerprint, one of them active; see the module docstring."""
 
     def __init__(self, client: redis.Redis):
         self.client = client
+        self._activate_if_newer = client.register_script(_ACTIVATE_IF_NEWER)
 
     # --- writing (the worker) ---------------------------------------------------------------
     def publish(self, head_map: HeadMap, png_bytes: bytes | None = None,
@@ -176,14 +214,32 @@ class HeadMapStore:
         return version
 
     def activate(self, fingerprint: ModelFingerprint | str, version: str) -> None:
-        """Mark `version` active and notify subscribers. KeyError if it was never published, HeadMapError if
-        the stored map is unusable (then nothing changes: a map no reader would load never becomes active)."""
+        """Mark `version` active and notify subscribers, unconditionally (an explicit choice: a job submitted
+        before it does not override it, see `activate_if_newer`). KeyError if it was never published,
+        HeadMapError if the stored map is unusable (then nothing changes: a map no reader would load never
+        becomes active)."""
         fp = _fp_id(fingerprint)
         self.get(fingerprint, version)
+        now = time.time()
         pipe = self.client.pipeline(transaction=True)
         pipe.set(_active_key(fp), version)
+        pipe.hset(_active_by_key(fp), mapping={"order": repr(now), "job": "", "at": repr(now)})
         pipe.publish(CHANNEL, json.dumps({"fingerprint": fp, "version": version}))
         pipe.execute()
+
+    def activate_if_newer(self, fingerprint: ModelFingerprint | str, version: str, order: float,
+                          job: str) -> Activation:
+        """Mark `version` active for job `job`, submitted at `order` (seconds since the epoch), unless the active
+        pointer was set by a job submitted later (or explicitly activated later); one Lua script, so of two jobs
+        finishing together the one submitted last wins whatever order they finish in. Equal orders: the later
+        call wins. KeyError / HeadMapError as `activate` (then nothing changes)."""
+        fp = _fp_id(fingerprint)
+        self.get(fingerprint, version)
+        note = json.dumps({"fingerprint": fp, "version": version})
+        moved, active, by_job = self._activate_if_newer(
+            keys=[_active_key(fp), _active_by_key(fp)],
+            args=[version, repr(float(order)), job, repr(time.time()), CHANNEL, note])
+        return Activation(bool(moved), _text(active), _text(by_job))
 
     # --- reading (the service and the worker) -----------------------------------------------
     def active_version(self, fingerprint: ModelFingerprint | str) -> str | None:

@@ -2,7 +2,10 @@
 
 - docker-compose.yml and the GPU override validate against the Compose Specification's JSON
   schema as shipped in the pinned docker-compose wheel (compose/config/compose_spec.json),
-  installed without its dependencies only for this file: nothing imports the package.
+  installed without its dependencies only for this file: nothing imports the package. Its
+  `env_file` is replaced by the current specification's (the 2021 one predates `required: false`).
+- The replicas and the worker read an optional `.env` (`env_file`); the replicas never serve TLS
+  behind the plaintext proxy.
 - The Dockerfiles install through the same pinned deploy/requirements.txt as the Makefile.
 - Every environment variable the compose file sets is a Settings field, and the values it sets
   (defaults substituted) pass Settings' validation.
@@ -32,12 +35,29 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_DIST = ("docker-compose", "1.29.2")   # pinned in deploy/requirements-test.txt (# no-deps)
 
 
+# The 2021 schema predates env_file entries with `path` and `required` (Docker Compose 2.24, 2024), which the
+# compose file uses to make .env optional: its service `env_file` is replaced by the current Compose
+# Specification's definition (compose-spec/compose-spec, schema/compose-spec.json, definitions/env_file), nothing
+# else.
+ENV_FILE_DEFINITION = {"oneOf": [
+    {"type": "string"},
+    {"type": "array", "items": {"oneOf": [
+        {"type": "string"},
+        {"type": "object", "additionalProperties": False, "required": ["path"],
+         "properties": {"path": {"type": "string"}, "format": {"type": "string"},
+                        "required": {"type": ["boolean", "string"], "default": True}}}]}}]}
+
+
 def _compose_spec_schema() -> dict:
     # find_spec locates the package without running it: its modules need docker-py, not installed.
     assert importlib.metadata.version(SCHEMA_DIST[0]) == SCHEMA_DIST[1], "run `make test` to install the test pins"
     spec = importlib.util.find_spec("compose")
     path = Path(spec.submodule_search_locations[0]) / "config" / "compose_spec.json"
-    return json.loads(path.read_text())
+    schema = json.loads(path.read_text())
+    service = schema["definitions"]["service"]["properties"]
+    assert service["env_file"] == {"$ref": "#/definitions/string_or_list"}, "the pinned schema changed: re-check"
+    service["env_file"] = ENV_FILE_DEFINITION
+    return schema
 
 
 SCHEMA = _compose_spec_schema()
@@ -83,6 +103,34 @@ def test_schema_accepts_a_known_good_file_and_rejects_bad_ones():
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_file_validates_against_the_spec(name):
     assert _errors(_load(name)) == []
+
+
+def test_schema_takes_env_file_entries_as_the_current_spec_does():
+    def service(env_file) -> dict:
+        return {"services": {"web": {"image": "nginx:1", "env_file": env_file}}}
+
+    for good in (".env", [".env", "other.env"], [{"path": ".env", "required": False}],
+                 [".env", {"path": "x.env", "required": True, "format": "raw"}]):
+        assert _errors(service(good)) == [], good
+    for bad in ([{"required": False}], [{"path": ".env", "optional": True}], [{"path": 7}], {"path": ".env"}, 7):
+        assert _errors(service(bad)), bad
+
+
+def test_replicas_and_worker_read_an_optional_dot_env():
+    services = _load("docker-compose.yml")["services"]
+    for name in APP_SERVICES:   # every setting in .env reaches them, and no .env is no error
+        assert services[name]["env_file"] == [{"path": ".env", "required": False}], name
+    for name in ("redis", "proxy"):   # the secrets in .env stay out of the containers that need none of them
+        assert "env_file" not in services[name], name
+
+
+def test_replicas_speak_plaintext_to_the_proxy_whatever_dot_env_says():
+    services = _load("docker-compose.yml")["services"]
+    site = (proxy.TEMPLATE_DIR / proxy.SITE_TEMPLATE).read_text()
+    assert re.search(r"grpc_pass grpc://", site), "the proxy forwards plain gRPC"
+    for name in REPLICAS:   # set outright, so RAZOR_TLS_* from .env (env_file) cannot turn TLS on behind it
+        env = services[name]["environment"]
+        assert env["RAZOR_TLS_CERT"] == "" and env["RAZOR_TLS_KEY"] == "", name
 
 
 def test_compose_services_and_health():

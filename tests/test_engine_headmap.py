@@ -89,3 +89,45 @@ def test_profile_params_validation():
         ProfileParams(induction_fraction=1.5)
     with pytest.raises(ValueError, match="seq_len"):
         ProfileParams(seq_len=0)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("retrieval_kv_heads", 0.5, "retrieval_kv_heads must hold integer head indices, got 0.5"),
+    ("retrieval_kv_heads", 1.0, "retrieval_kv_heads must hold integer head indices, got 1.0"),
+    ("retrieval_kv_heads", True, "retrieval_kv_heads must hold integer head indices, got True"),
+    ("retrieval_kv_heads", "1", "retrieval_kv_heads must hold integer head indices"),
+    ("retrieval_q_heads", [0, 0.5], r"retrieval_q_heads must hold \[layer, head\] pairs of integers"),
+    ("retrieval_q_heads", [True, 1], r"retrieval_q_heads must hold \[layer, head\] pairs of integers"),
+    ("retrieval_q_heads", [1.5, 0], r"retrieval_q_heads must hold \[layer, head\] pairs of integers"),
+    ("retrieval_q_heads", [0, 1, 2], r"retrieval_q_heads must hold \[layer, head\] pairs of integers"),
+    ("induction", "high", "induction scores must be numbers, got 'high'"),
+    ("echo", None, "echo scores must be numbers, got None"),
+    ("echo", False, "echo scores must be numbers, got False"),
+])
+def test_head_indices_must_be_ints_and_scores_numbers(field, value, words):
+    """A float, bool or string index is not silently truncated or read as 0/1: the map is refused, naming the field."""
+    doc = json.loads(HeadMap.full(tiny().fingerprint).to_json())
+    if field == "retrieval_kv_heads":
+        doc[field][0] = [value]
+    elif field == "retrieval_q_heads":
+        doc[field][0] = value
+    else:
+        doc[field][1][2] = value
+    with pytest.raises(HeadMapError, match=words):
+        HeadMap.from_json(json.dumps(doc))
+    kwargs = {"retrieval_q_heads": [tuple(x) for x in doc["retrieval_q_heads"]]}
+    with pytest.raises(HeadMapError, match=words):   # constructing one directly is checked the same way
+        HeadMap(tiny().fingerprint, doc["induction"], doc["echo"], kwargs["retrieval_q_heads"],
+                doc["retrieval_kv_heads"])
+
+
+def test_int_scores_and_index_types_that_are_ints_still_load():
+    fp = tiny().fingerprint
+    doc = json.loads(HeadMap.full(fp).to_json())
+    doc["induction"][0][0] = 1   # a whole-number score written without a decimal point is a number
+    assert HeadMap.from_json(json.dumps(doc), expect=fp).induction[0][0] == 1
+
+
+def test_a_map_nested_too_deeply_is_a_head_map_error_not_a_crash():
+    with pytest.raises(HeadMapError, match="nested too deeply"):
+        HeadMap.from_json("[" * 100_000 + "]" * 100_000)

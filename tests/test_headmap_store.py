@@ -317,3 +317,119 @@ def test_listing_checks_the_active_pointer_even_when_no_service_refused_it(store
     rows = {r["version"]: r for r in store.list_versions(FP)}
     assert rows[bad]["refused"] and "is for model" in rows[bad]["refused_reason"]
     assert not rows[good]["active"] and not rows[bad]["active"]
+
+
+# --- activation order: maps go live in the order their jobs were submitted ---------------------------
+def _notifications(store: HeadMapStore):
+    pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(CHANNEL)
+    while pubsub.get_message(timeout=0.1) is not None:
+        pass
+    return pubsub
+
+
+def _drain(pubsub) -> list[str]:
+    seen = []
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        seen.append(json.loads(message["data"])["version"])
+    return seen
+
+
+def test_an_older_job_finishing_last_leaves_the_newer_jobs_map_active(store):
+    older, newer = store.publish(make_map(kept=2), None), store.publish(make_map(kept=1), None)
+    pubsub = _notifications(store)
+    try:
+        done = store.activate_if_newer(FP, newer, order=2000.0, job="job-new")   # the newer job finishes first
+        assert (done.activated, done.active, done.by_job) == (True, newer, "job-new")
+        late = store.activate_if_newer(FP, older, order=1000.0, job="job-old")   # then the older one (retried)
+        assert (late.activated, late.active, late.by_job) == (False, newer, "job-new")
+        assert store.active_version(FP) == newer
+        assert _drain(pubsub) == [newer], "subscribers hear of the newer map only"
+        assert [r["version"] for r in store.list_versions(FP) if r["active"]] == [newer]
+        # an equal or later order moves it (the later of two equal calls wins)
+        assert store.activate_if_newer(FP, older, order=2000.0, job="job-same").activated
+        assert store.active_version(FP) == older
+        assert store.activate_if_newer(FP, newer, order=3000.0, job="job-3").activated
+        assert _drain(pubsub) == [older, newer]
+    finally:
+        pubsub.close()
+
+
+def test_explicit_activation_is_unconditional_and_outranks_jobs_submitted_before_it(store):
+    older, newer = store.publish(make_map(kept=2), None), store.publish(make_map(kept=1), None)
+    before = time.time()
+    assert store.activate_if_newer(FP, newer, order=before + 3600, job="job-future").activated
+    store.activate(FP, older)   # explicit: moves the pointer even over a job's newer order
+    assert store.active_version(FP) == older
+    late = store.activate_if_newer(FP, newer, order=before, job="job-before")   # submitted before that choice
+    assert (late.activated, late.active, late.by_job) == (False, older, "")
+    assert store.activate_if_newer(FP, newer, order=time.time() + 1, job="job-after").activated
+
+
+def test_conditional_activation_checks_the_map_first(store):
+    with pytest.raises(KeyError):
+        store.activate_if_newer(FP, "nope", order=1.0, job="j")
+    bad = _bad_pointer(store, "wrong shapes")
+    store.client.delete(f"razor:headmaps:{FP.id}:active")
+    with pytest.raises(HeadMapError):
+        store.activate_if_newer(FP, bad, order=1.0, job="j")
+    assert store.active_version(FP) is None
+
+
+def test_a_pointer_without_a_recorded_order_is_replaced(store):
+    old, new = store.publish(make_map(kept=2), None), store.publish(make_map(kept=1), None)
+    announce_raw(store.client, FP.id, old)   # set by a writer that records no order (or before this existed)
+    assert store.activate_if_newer(FP, new, order=1.0, job="j").activated
+    assert store.active_version(FP) == new
+
+
+# --- the listener survives a notification whose handling fails --------------------------------------
+def test_a_failing_notification_is_logged_and_later_activations_still_hot_load(store, caplog):
+    calls = []
+
+    def fallback():   # the service profiles the model: the first time fine, the second out of memory
+        calls.append(1)
+        if len(calls) > 1:
+            raise MemoryError("CUDA out of memory while profiling the fallback map")
+        return make_map(kept=2)
+
+    reg = HeadMapRegistry(store, FP, poll_s=0.1, fallback=fallback).start()
+    try:
+        assert reg.active.version == make_map(kept=2).version and len(calls) == 1
+        with caplog.at_level(logging.ERROR, logger="services.inference.headmaps"):
+            announce_raw(store.client, FP.id, "never-published")   # refused -> falls back -> fallback raises
+            outcome = reg.wait_processed("never-published")
+        assert outcome and outcome.startswith("failed: MemoryError"), outcome
+        failed = [r for r in caplog.records if "never-published" in r.getMessage()]
+        assert failed and failed[-1].exc_info, "logged with its traceback"
+        assert reg.active.version == make_map(kept=2).version   # still serving the map it had
+        good = store.publish(make_map(kept=1), None)
+        store.activate(FP, good)
+        assert reg.wait_processed(good) == "activated"   # the listener is still alive
+        assert reg.active.version == good
+        assert reg._thread is not None and reg._thread.is_alive()
+    finally:
+        reg.stop()
+
+
+def test_a_failure_while_catching_up_does_not_end_the_listener(store, monkeypatch):
+    reg = HeadMapRegistry(store, FP, initial=make_map(kept=2), poll_s=0.1)
+    real, failures = reg._load_active, []
+
+    def flaky():   # the start's read and the listener's first catch-up read raise
+        if len(failures) < 2:
+            failures.append(1)
+            raise RuntimeError("unexpected")
+        real()
+
+    monkeypatch.setattr(reg, "_load_active", flaky)
+    reg.start()   # logged, not raised: it serves the configured map
+    try:
+        good = store.publish(make_map(kept=1), None)
+        store.activate(FP, good)
+        deadline = time.monotonic() + 30
+        while reg.active.version != good and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reg.active.version == good and len(failures) == 2
+    finally:
+        reg.stop()

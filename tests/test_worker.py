@@ -131,9 +131,12 @@ class StateRecorder:
 
 
 def test_service_and_worker_agree_on_the_task_name():
+    from services.inference.profile_jobs import _record_key
     from worker.app import QUEUE, TASK_NAME as WORKER_TASK
+    from worker.tasks import JOB_RECORD_KEY
     from worker.watchdog import WORKERS_KEY as WORKER_WORKERS_KEY
     assert WORKER_TASK == TASK_NAME and QUEUE == "profiling" and WORKER_WORKERS_KEY == WORKERS_KEY
+    assert JOB_RECORD_KEY.format("abc") == _record_key("abc")   # the worker reads submitted_at from it
 
 
 def test_job_succeeds_with_progress_and_registry_hot_loads(worker, jobs, store, tiny, url):
@@ -177,6 +180,92 @@ def test_a_job_asking_for_8_bit_retrieval_heads_calibrates_and_publishes_an_8_bi
     assert head_map.compression.retrieval_bits == 8 and head_map.compression.local_storage() == "6/4"
     assert head_map.calibration["chosen"]["bits"] == 8 and head_map.calibration["chosen"]["local_bits"] == "6/4"
     assert {(c["bits"], c["local_bits"]) for c in head_map.calibration["candidates"]} == {(8, "6/4")}
+
+
+def test_a_calibrating_job_gets_exactly_the_window_sink_and_ratio_it_names(worker, jobs, store, tiny):
+    # none of them on calibration's own grid (windows 32/64/128, sink 4, ratios fixed/10): it searches only these
+    params = dict(FAST, seed=13, min_window=48, sink=2, ratio=8.0)
+    status = wait_for(jobs, jobs.submit("tiny-random", params, calibrate=True), finished)
+    assert status["state"] == "succeeded", status
+    head_map = store.get(tiny.fingerprint, status["head_map_version"])
+    shape = head_map.compression
+    assert (shape.min_window, shape.sink, shape.ratio) == (48, 2, 8.0)
+    assert head_map.method == "razor+calibrated"
+    assert {(c["window"], c["sink"], c["ratio"]) for c in head_map.calibration["candidates"]} == {(48, 2, 8.0)}
+    searched = head_map.calibration["params"]
+    assert (searched["windows"], searched["sinks"], searched["ratios"]) == ([48], [2], [8.0])
+
+
+def test_only_the_shape_fields_a_job_names_are_pinned():
+    from services.engine import CompressionParams
+    from worker.tasks import _shape_grids
+    shape = CompressionParams(sink=2, min_window=48, ratio=8.0)
+    assert _shape_grids({"min_window": 48, "seq_len": 32}, shape) == {"windows": (48,)}
+    assert _shape_grids({"sink": 2, "ratio": 8.0, "min_window": 48}, shape) == \
+        {"windows": (48,), "sinks": (2,), "ratios": (8.0,)}
+    assert _shape_grids({}, shape) == {}   # calibration searches its own grid
+
+
+def test_an_older_job_finishing_after_a_newer_one_publishes_its_map_but_leaves_the_newer_active(
+        worker, jobs, store, tiny, url):
+    r = redis.Redis.from_url(url)
+    newer_id = jobs.submit("tiny-random", dict(FAST, seed=21), calibrate=False)
+    newer = wait_for(jobs, newer_id, finished)
+    assert newer["state"] == "succeeded", newer
+    assert store.active_version(tiny.fingerprint) == newer["head_map_version"]
+    # A job submitted a minute before it that finishes only now: its pool child was killed and it was retried,
+    # a watchdog re-queued it, or another worker was slower. Its record says when it was submitted.
+    older_id, older_params = f"older-{time.monotonic_ns()}", dict(FAST, seed=22)
+    submitted = float(r.hget(f"razor:profile:job:{newer_id}", "submitted_at")) - 60
+    r.hset(f"razor:profile:job:{older_id}", mapping={"model_ref": "tiny-random", "params": json.dumps(older_params),
+                                                     "submitted_at": submitted, "calibrate": "false"})
+    jobs.app.send_task(TASK_NAME, args=["tiny-random", older_params], kwargs={"calibrate": False},
+                       task_id=older_id, queue="profiling")
+    older = wait_for(jobs, older_id, finished)
+    assert older["state"] == "succeeded", older   # it succeeds, and its map is published ...
+    version = older["head_map_version"]
+    assert version and version != newer["head_map_version"]
+    assert store.get(tiny.fingerprint, version).version == version
+    assert store.active_version(tiny.fingerprint) == newer["head_map_version"]   # ... but not activated
+    result = json.loads(r.get(f"celery-task-meta-{older_id}"))["result"]
+    assert result["activated"] is False and result["active_version"] == newer["head_map_version"]
+    assert "published but not activated" in result["activation"] and newer_id in result["activation"]
+    assert r.hget(f"razor:profile:job:{older_id}", "activation").decode() == result["activation"]
+    assert r.hget(f"razor:profile:job:{newer_id}", "activation") == b"activated"
+
+
+def test_the_soft_time_limit_gets_through_the_heartbeat_and_the_picture(tiny, monkeypatch):
+    """Both swallow other errors; the soft time limit must reach the task, which tells the user to shrink the job
+    (else it runs into the hard kill and fails saying nothing useful)."""
+    from types import SimpleNamespace
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from services.engine import HeadMap
+    from worker import tasks
+
+    def task_whose_backend_raises(exc):
+        def store_result(*args, **kwargs):
+            raise exc
+        return SimpleNamespace(request=SimpleNamespace(id="job-1"), backend=SimpleNamespace(store_result=store_result))
+
+    tasks.Heartbeat(task_whose_backend_raises(redis.ConnectionError("down")), 1, 60.0).update(1, 2, "scoring heads")
+    beat = tasks.Heartbeat(task_whose_backend_raises(SoftTimeLimitExceeded()), 1, 60.0)
+    with pytest.raises(SoftTimeLimitExceeded):
+        beat.update(1, 2, "scoring heads")   # a stage change writes at once, on the job's own thread
+
+    head_map = HeadMap.full(tiny.fingerprint)
+
+    def render_raising(exc):
+        def render_png(self, path):
+            raise exc
+        return render_png
+
+    monkeypatch.setattr(HeadMap, "render_png", render_raising(RuntimeError("no fonts")))
+    assert tasks._png(head_map) is None   # the picture is a nicety
+    monkeypatch.setattr(HeadMap, "render_png", render_raising(SoftTimeLimitExceeded()))
+    with pytest.raises(SoftTimeLimitExceeded):
+        tasks._png(head_map)
 
 
 def test_model_refs_outside_the_deployment_are_refused_at_submit(jobs, url):

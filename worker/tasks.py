@@ -2,8 +2,13 @@
 
 Job-state shape (read by the service through the result backend):
   while running: state PROGRESS, meta {done, total, stage, attempt, heartbeat (unix seconds)}
-  on success:    {head_map_version, fingerprint, kv_fraction, reused, timings}
+  on success:    {head_map_version, fingerprint, kv_fraction, reused, activated, active_version, activation,
+                  timings}
   on failure:    the exception (type + message), e.g. a model that cannot be loaded.
+Maps go live in the order their jobs were SUBMITTED (`submitted_at` of the job record the service writes), not the
+order they finish: a retried, re-queued or slower older job publishes its map but leaves a newer job's map active
+(`HeadMapStore.activate_if_newer`); its result and its job record (field `activation`) say so.
+A calibrating job that names `min_window`, `sink` or `ratio` gets exactly those: they become one-value search grids.
 The heartbeat is refreshed every `profile_heartbeat_s` by a thread, so a reader can tell a running job
 from one whose worker died; the same thread renews the job's lease (worker/watchdog.py), whose lapse makes
 a live worker re-queue the job. `model_ref` is checked again here (`ModelRefPolicy`: a message put on the
@@ -31,6 +36,10 @@ from worker.watchdog import JobLease
 
 log = logging.getLogger(__name__)
 settings = get_settings()
+JOB_RECORD_KEY = "razor:profile:job:{}"   # the service's job record; must match services/inference/profile_jobs.py
+FIRST_SEEN_KEY = "razor:profile:first_seen:{}"   # a job without a record: when a worker first saw it
+# the compression fields a job may pin, and the calibration search grid each one pins
+SHAPE_GRIDS = {"min_window": "windows", "sink": "sinks", "ratio": "ratios"}
 # The deployment's calibration tasks (RAZOR_CALIBRATION_FAMILIES, RAZOR_CALIBRATION_LENGTHS), checked here so that
 # a family the engine does not know stops the worker at start rather than failing every job.
 CALIBRATION_TASKS = settings.calibration_overrides()
@@ -78,6 +87,8 @@ class Heartbeat:
                 if self.lease is not None and not self.lease.renew():
                     # Another delivery may run it too; the result is the same (idempotent publish).
                     log.warning("profile job %s: lease lapsed; a watchdog may have re-queued it", self.task_id)
+            except SoftTimeLimitExceeded:   # the job's time is up (main thread): it must end, saying why
+                raise
             except Exception as e:  # a missed beat must not kill the job; the next one may get through
                 log.warning("profile job %s: progress update failed: %s", self.task_id, e)
 
@@ -125,6 +136,36 @@ def _claim(task) -> JobLease:
     return lease
 
 
+def _job_order(task) -> float:
+    """When the job was submitted (its record's `submitted_at`): the order in which maps go live. A job without a
+    readable record (put on the queue by hand, or its record expired) counts from when a worker first saw it,
+    remembered so that a retry keeps its place."""
+    client = _redis()
+    submitted = client.hget(JOB_RECORD_KEY.format(task.request.id), "submitted_at")
+    try:
+        return float(submitted)
+    except (TypeError, ValueError):
+        key = FIRST_SEEN_KEY.format(task.request.id)
+        client.set(key, repr(time.time()), nx=True, ex=7 * 86400)
+        return float(client.get(key))
+
+
+def _note_on_record(job_id: str, note: str) -> None:
+    """Add `note` to the job's record (field `activation`), if the record still exists."""
+    client, key = _redis(), JOB_RECORD_KEY.format(job_id)
+    try:
+        if client.exists(key):
+            client.hset(key, "activation", note)
+    except redis.RedisError as e:   # the result says it too
+        log.warning("profile job %s: could not annotate its record: %s", job_id, e)
+
+
+def _shape_grids(params: dict, compression: engine.CompressionParams) -> dict:
+    """The calibration search grids pinned by the job: each of `SHAPE_GRIDS` it names, searched at that value
+    only (the others are searched over calibration's own grid)."""
+    return {grid: (getattr(compression, key),) for key, grid in SHAPE_GRIDS.items() if key in params}
+
+
 def _load(model_ref: str) -> engine.LoadedModel:
     """The model `model_ref` names; a failure says what to check, never whether or what a path is."""
     path = ModelRefPolicy.from_settings(settings).resolve(model_ref)   # ModelRefRefused: a ValueError
@@ -139,15 +180,17 @@ def _load(model_ref: str) -> engine.LoadedModel:
                          f"or .gguf file the worker can read (the worker log has the details)") from None
 
 
-def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress) -> engine.HeadMap:
+def _profile(loaded, profile_params, compression, calibrate: bool, targets: dict, progress,
+             grids: dict | None = None) -> engine.HeadMap:
     # Calibration reports its own stages (prefilling, ablating, searching) through `progress`.
     # a job's retrieval_bits and local_bits are the storage its calibration searches (the map's heads are chosen
-    # for it), and its recent rows those every searched point keeps
+    # for it), its recent rows those every searched point keeps, and a window, sink or ratio it names (`grids`,
+    # see _shape_grids) the only one searched
     calibration = (engine.CalibrationParams.for_model(loaded, bits=(compression.storage(),),
                                                       local_bits=(compression.local_storage(),),
                                                       recent_rows=compression.recent_rows,
                                                       local_recent_rows=compression.local_recent_rows,
-                                                      **CALIBRATION_TASKS,
+                                                      **CALIBRATION_TASKS, **(grids or {}),
                                                       **targets) if calibrate else None)
     return engine.profile_model(loaded, profile_params, compression, progress=progress, calibrate=calibration)
 
@@ -158,6 +201,8 @@ def _png(head_map: engine.HeadMap) -> bytes | None:
             path = Path(tmp) / "headmap.png"
             head_map.render_png(path)
             return path.read_bytes()
+    except SoftTimeLimitExceeded:   # the job's time is up: it must end, saying why
+        raise
     except Exception as e:  # the picture is a nicety; the map is what matters
         log.warning("head map %s: heatmap PNG failed: %s", head_map.version, e)
         return None
@@ -187,37 +232,52 @@ def _profile_claimed(task, lease: JobLease, model_ref: str, params: dict | None,
                                                     retrieval_value_bits=settings.retrieval_value_bits or None)
     profile_params, compression, targets = parse_profile_params(params or {}, compression_defaults)
     calibrate = settings.calibrate if calibrate is None else bool(calibrate)
+    grids = _shape_grids(params or {}, compression) if calibrate else {}
+    order = _job_order(task)
     t0 = time.perf_counter()
     try:
         with Heartbeat(task, attempt, settings.profile_heartbeat_s, lease) as beat:
-            return _run(beat, model_ref, profile_params, compression, calibrate, targets, t0)
+            return _run(beat, model_ref, profile_params, compression, calibrate, targets, t0, grids, order)
     except SoftTimeLimitExceeded:
         raise RuntimeError(f"profiling exceeded the time limit of {settings.profile_time_limit_s}s; "
                            f"use smaller seq_len / repeats / n_samples or raise RAZOR_PROFILE_TIME_LIMIT_S") from None
 
 
-def _run(beat: Heartbeat, model_ref, profile_params, compression, calibrate, targets, t0) -> dict:
+def _run(beat: Heartbeat, model_ref, profile_params, compression, calibrate, targets, t0, grids: dict,
+         order: float) -> dict:
     beat.update(0, 1, "loading model")
     loaded = _load(model_ref)
     t_load = time.perf_counter()
     store = _store()
-    # the tasks a map was calibrated on are part of what it is: other tasks, another version
+    # the tasks a map was calibrated on are part of what it is: other tasks, another version; so is a pinned
+    # grid (which also keeps a job from reusing a map published before pinned shapes were honoured)
     digest = params_digest(profile_params, compression, calibrate,
-                           {**targets, **{k: list(v) for k, v in CALIBRATION_TASKS.items()}})
+                           {**targets, **{k: list(v) for k, v in {**CALIBRATION_TASKS, **grids}.items()}})
     version = store.version_for_params(loaded.fingerprint, digest)
     reused = version is not None
     if not reused:   # idempotency: the same model and parameters are profiled once
-        head_map = _profile(loaded, profile_params, compression, calibrate, targets, beat.update)
+        head_map = _profile(loaded, profile_params, compression, calibrate, targets, beat.update, grids)
         beat.update(1, 1, "validating")
         engine.HeadMap.from_json(head_map.to_json(), expect=loaded.fingerprint)
         beat.update(1, 1, "storing")
         version = store.publish(head_map, _png(head_map), params_digest=digest)
     t_profile = time.perf_counter()
-    store.activate(loaded.fingerprint, version)
+    job_id = beat.task_id
+    activation = store.activate_if_newer(loaded.fingerprint, version, order, job_id)
     kv_fraction = store.get(loaded.fingerprint, version).kv_fraction
     t_end = time.perf_counter()
-    log.info("profile job: model %s map %s active (reused=%s)", loaded.fingerprint.id, version, reused)
+    # a newer job may have set the same map (the same parameters): then this job's map is active all the same
+    active = activation.activated or activation.active == version
+    if active:
+        note = "activated"
+        log.info("profile job: model %s map %s active (reused=%s)", loaded.fingerprint.id, version, reused)
+    else:
+        setter = f"job {activation.by_job}" if activation.by_job else "an explicit activation"
+        note = (f"published but not activated: map {activation.active} is active, set by {setter} newer than "
+                f"this job")
+        log.warning("profile job %s: model %s map %s %s", job_id, loaded.fingerprint.id, version, note)
+    _note_on_record(job_id, note)
     return {"head_map_version": version, "fingerprint": loaded.fingerprint.id, "kv_fraction": kv_fraction,
-            "reused": reused,
+            "reused": reused, "activated": active, "active_version": activation.active, "activation": note,
             "timings": {"load_s": round(t_load - t0, 3), "profile_s": round(t_profile - t_load, 3),
                         "publish_s": round(t_end - t_profile, 3), "total_s": round(t_end - t0, 3)}}

@@ -67,13 +67,23 @@ class HeadMap:
             raise HeadMapError(f"head map is for model {fp.id}, not {expect.id}; profile this model "
                                f"(ProfileModel or `razor-engine profile`) to get its own map")
         for name, scores in (("induction", self.induction), ("echo", self.echo)):
-            if len(scores) != fp.n_layers or any(len(row) != fp.n_heads for row in scores):
+            if (not isinstance(scores, (list, tuple)) or len(scores) != fp.n_layers
+                    or any(not isinstance(row, (list, tuple)) or len(row) != fp.n_heads for row in scores)):
                 raise HeadMapError(f"{name} scores must be [{fp.n_layers}][{fp.n_heads}] for this model")
+            bad = [x for row in scores for x in row if not _is_number(x)]
+            if bad:
+                raise HeadMapError(f"{name} scores must be numbers, got {bad[0]!r}")
         if len(self.retrieval_kv_heads) != fp.n_layers:
             raise HeadMapError(f"retrieval_kv_heads needs one list per layer ({fp.n_layers}), "
                                f"got {len(self.retrieval_kv_heads)}")
+        bad = [h for heads in self.retrieval_kv_heads for h in heads if not _is_index(h)]
+        if bad:
+            raise HeadMapError(f"retrieval_kv_heads must hold integer head indices, got {bad[0]!r}")
         if any(not 0 <= h < fp.n_kv_heads for heads in self.retrieval_kv_heads for h in heads):
             raise HeadMapError(f"retrieval_kv_heads has a head outside 0..{fp.n_kv_heads - 1}")
+        bad = [x for x in self.retrieval_q_heads if len(x) != 2 or not all(map(_is_index, x))]
+        if bad:
+            raise HeadMapError(f"retrieval_q_heads must hold [layer, head] pairs of integers, got {list(bad[0])!r}")
         if any(not (0 <= l < fp.n_layers and 0 <= h < fp.n_heads) for l, h in self.retrieval_q_heads):
             raise HeadMapError("retrieval_q_heads has a (layer, head) outside the model")
 
@@ -96,6 +106,8 @@ class HeadMap:
             d = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise HeadMapError(f"head map is not valid JSON: {e}") from None
+        except RecursionError:
+            raise HeadMapError("head map is not valid JSON: nested too deeply") from None
         if not isinstance(d, dict) or d.get("schema_version") != SCHEMA_VERSION:
             raise HeadMapError(f"head map schema_version must be {SCHEMA_VERSION}")
         try:
@@ -135,6 +147,15 @@ class HeadMap:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def _is_index(x) -> bool:
+    """A head or layer index: an int, not a bool (True would pass as head 1) nor a float (0.5 would be truncated)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 SHIPPED_DIR = Path(__file__).with_name("data")

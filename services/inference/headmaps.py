@@ -19,7 +19,9 @@ the same way, so replicas that were running and replicas that restart agree. The
 recorded in Redis, where ListHeadMaps reports them.
 
 Sessions keep the map they were created with, so a swap never changes how an existing cache is read.
-`wait_processed(version)` lets tests wait for a notification's outcome.
+`wait_processed(version)` lets tests wait for a notification's outcome. A notification whose handling fails in
+any other way (a fallback profile out of memory, a bug) is logged with its traceback and recorded as "failed: ...";
+the listener keeps going, so later activations are still hot-loaded.
 """
 from __future__ import annotations
 
@@ -85,6 +87,9 @@ class HeadMapRegistry:
         except redis.RedisError as e:
             log.warning("head maps: Redis unreachable at start (%s); using map %s and retrying",
                         e, self.active.version)
+        except Exception:  # noqa: BLE001 - e.g. a fallback profile out of memory: serve on, the listener retries
+            log.exception("head maps: loading the active map of model %s failed; using map %s and retrying",
+                          self.fingerprint.id, self.active.version)
         log.info("head maps: model %s starts on map %s", self.fingerprint.id, self.active.version)
         self._stop.clear()
         self._thread = threading.Thread(target=self._listen_forever, name="headmap-registry", daemon=True)
@@ -107,7 +112,24 @@ class HeadMapRegistry:
     def _load_active(self) -> None:
         version = self.store.active_version(self.fingerprint)
         if version is not None:
+            self._activate_guarded(version)
+
+    def _activate_guarded(self, version: str) -> None:
+        """`_activate`, where any failure but Redis's is logged and recorded, never raised: one bad activation
+        (a fallback profile out of memory, a bug) must not stop the listener. RedisError: reconnect, then the
+        catch-up read handles the pointer again."""
+        try:
             self._activate(version)
+        except redis.RedisError:
+            raise
+        except Exception as e:  # noqa: BLE001 - logged with its traceback
+            log.exception("head maps: handling the activation of version %s of model %s failed; still "
+                          "serving map %s", version, self.fingerprint.id, self._active_version())
+            self._record(version, f"failed: {type(e).__name__}: {e}")
+
+    def _active_version(self) -> str:
+        with self._cond:
+            return self._active.version if self._active is not None else "(none)"
 
     def _activate(self, version: str) -> None:
         """Swap to `version` if it loads; otherwise refuse it and fall back (never to no compression)."""
@@ -176,6 +198,7 @@ class HeadMapRegistry:
             self._cond.notify_all()
 
     def _listen_forever(self) -> None:
+        """Never ends before stop(): a thread that died would leave this replica deaf to every later activation."""
         delay = 0.2
         while not self._stop.is_set():
             try:
@@ -183,6 +206,10 @@ class HeadMapRegistry:
                 delay = 0.2
             except redis.RedisError as e:
                 log.warning("head maps: lost Redis (%s); reconnecting in %.1fs", e, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+            except Exception:  # noqa: BLE001 - a bug outside one activation: resubscribe (and catch up) later
+                log.exception("head maps: listener failed; resubscribing in %.1fs", delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
 
@@ -202,8 +229,9 @@ class HeadMapRegistry:
         try:
             note = json.loads(data)
             fp, version = note["fingerprint"], note["version"]
-        except (ValueError, TypeError, KeyError):
-            log.error("head maps: ignoring malformed notification %r", data)
+        except (ValueError, TypeError, KeyError, RecursionError):
+            log.error("head maps: ignoring malformed notification %r", data[:200] if isinstance(data, (bytes, str))
+                      else data)
             return
         if fp == self.fingerprint.id:
-            self._activate(str(version))
+            self._activate_guarded(str(version))
