@@ -232,6 +232,10 @@ def test_an_older_job_finishing_after_a_newer_one_publishes_its_map_but_leaves_t
     assert "published but not activated" in result["activation"] and newer_id in result["activation"]
     assert r.hget(f"razor:profile:job:{older_id}", "activation").decode() == result["activation"]
     assert r.hget(f"razor:profile:job:{newer_id}", "activation") == b"activated"
+    # GetProfileJob says so too
+    assert newer["activation"] == "activated" and older["activation"] == result["activation"]
+    from services.inference.servicer import profile_job_pb
+    assert profile_job_pb(older_id, older).activation == result["activation"]
 
 
 def test_the_soft_time_limit_gets_through_the_heartbeat_and_the_picture(tiny, monkeypatch):

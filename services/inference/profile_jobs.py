@@ -106,7 +106,7 @@ class ProfileJobs:
 
     def _describe(self, celery_state: str | None, result) -> dict:
         out = {"state": "queued", "done": 0, "total": 0, "stage": "queued", "timings": {},
-               "head_map_version": "", "error": ""}
+               "head_map_version": "", "error": "", "activation": ""}
         if celery_state == "PROGRESS" and isinstance(result, dict):
             out.update(done=int(result.get("done", 0)), total=int(result.get("total", 0)),
                        stage=str(result.get("stage", "")))
@@ -119,7 +119,8 @@ class ProfileJobs:
         elif celery_state == "SUCCESS" and isinstance(result, dict):
             out.update(state="succeeded", done=1, total=1, stage="done",
                        timings=dict(result.get("timings", {})),
-                       head_map_version=str(result.get("head_map_version", "")))
+                       head_map_version=str(result.get("head_map_version", "")),
+                       activation=str(result.get("activation", "activated")))   # results before it: activated
         elif celery_state in ("FAILURE", "REVOKED", "REJECTED", "SUCCESS"):
             out.update(state="failed", stage="failed", error=_error_text(result))
         return out

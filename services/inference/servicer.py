@@ -369,7 +369,8 @@ def profile_job_pb(job_id: str, status: dict) -> pb.ProfileJob:
         job_id=job_id, state=_JOB_STATE.get(status.get("state"), pb.JOB_STATE_UNSPECIFIED),
         done=int(status.get("done") or 0), total=int(status.get("total") or 0), stage=status.get("stage") or "",
         timings={k: float(v) for k, v in (status.get("timings") or {}).items()},
-        head_map_version=status.get("head_map_version") or "", error=status.get("error") or "")
+        head_map_version=status.get("head_map_version") or "", error=status.get("error") or "",
+        activation=status.get("activation") or "")
 
 
 def head_map_version_pb(v: dict) -> pb.HeadMapVersion:
