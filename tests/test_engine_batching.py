@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from services.engine import (CompressionParams, Engine, HeadMap, ProfileParams, SamplingParams, Scheduler,
-                             SchedulerConfig, TurnRequest, forward, forward_all, hf, kv_quant,
+                             SchedulerConfig, SessionDamagedError, TurnRequest, forward, forward_all, hf, kv_quant,
                              profile_model)
 from services.engine.batch import StepBatch
 from services.engine.headmap import SHIPPED_DIR, shipped_head_map
@@ -759,6 +759,27 @@ def test_a_turn_that_cannot_take_its_token_fails_alone(engine, maps, monkeypatch
         sched.step()
     assert not sched.has_work and isinstance(outcomes["bad"], UnicodeDecodeError) and seen["bad"] == 1
     assert outcomes["good"].finish_reason == "length" and len(outcomes["good"].token_ids) == 5
+
+
+def test_a_session_a_failed_step_left_half_updated_is_never_run_again(engine, maps, monkeypatch):
+    """A step that raises mid-forward may leave some layers holding the chunk and others not: the engine API
+    refuses to run that session again (the service marks it lost) rather than decode from a torn cache."""
+    state, result = engine.generate(ids(9, 50), greedy(3), head_map=maps["a"])
+    calls = {"n": 0}
+    forward_step = hf.forward_step
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (the test says so)")
+        return forward_step(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "forward_step", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.continue_session(state, ids(4, 51), greedy(3))
+    monkeypatch.undo()
+    with pytest.raises(SessionDamagedError, match="out of memory.*start a new session"):
+        engine.continue_session(state, ids(4, 52), greedy(3))
 
 
 def test_a_tiny_temperature_samples_the_most_likely_token(engine, maps):

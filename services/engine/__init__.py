@@ -4,7 +4,7 @@ A plain library (torch + transformers); it imports no gRPC, Redis or Celery. See
 """
 from .cache import CompressedKVCache, CompressionParams
 from .calibration import CalibrationParams, calibrate, variant_at
-from .errors import ContextLengthError, InvalidRequest, SessionMismatchError
+from .errors import ContextLengthError, InvalidRequest, SessionDamagedError, SessionMismatchError
 from .generation import Engine, GenerationResult, SessionState, TokenEvent, forward, forward_all
 from .headmap import HeadMap, HeadMapError
 from .models import LoadedModel, ModelFingerprint, ModelLoadError, load_model
@@ -13,6 +13,6 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig, TurnRequest
 
 __all__ = ["CalibrationParams", "CompressedKVCache", "CompressionParams", "calibrate", "variant_at", "ContextLengthError", "Engine", "GenerationResult",
-           "HeadMap", "HeadMapError", "InvalidRequest", "LoadedModel", "ModelFingerprint", "ModelLoadError", "ProfileParams",
+           "HeadMap", "HeadMapError", "InvalidRequest", "SessionDamagedError", "LoadedModel", "ModelFingerprint", "ModelLoadError", "ProfileParams",
            "SamplingParams", "SessionMismatchError", "SessionState", "TokenEvent", "forward", "forward_all", "Scheduler", "SchedulerConfig", "TurnRequest", "load_model",
            "profile_model"]

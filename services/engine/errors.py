@@ -18,3 +18,8 @@ class ContextLengthError(InvalidRequest):
 
 class SessionMismatchError(InvalidRequest):
     """A session made under another model."""
+
+
+class SessionDamagedError(ValueError):
+    """A session whose cache a failed step left half-updated (some layers hold a chunk the others lack): it
+    cannot be continued; start a new one. Not an `InvalidRequest`: no change to the request helps."""

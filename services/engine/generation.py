@@ -14,7 +14,7 @@ import torch
 from . import attention, chat, hf
 from .batch import StepBatch
 from .cache import CompressedKVCache
-from .errors import ContextLengthError, InvalidRequest, SessionMismatchError
+from .errors import ContextLengthError, InvalidRequest, SessionDamagedError, SessionMismatchError
 from .headmap import HeadMap
 from .models import LoadedModel
 from .sampling import SamplingParams
@@ -47,6 +47,7 @@ class SessionState:
     head_map_version: str
     fingerprint_id: str
     chat: bool = False
+    damaged: str = ""   # why a failed step left the cache half-updated; such a session is never run again
 
     @property
     def seq_length(self) -> int:
@@ -180,6 +181,8 @@ class Engine:
                                 len(turn.generated), turn.cached)
 
     def check_turn(self, state: SessionState, new_ids: list[int], params: SamplingParams) -> None:
+        if state.damaged:
+            raise SessionDamagedError(f"this session cannot be continued: {state.damaged}; start a new session")
         if state.fingerprint_id != self.loaded.fingerprint.id:
             raise SessionMismatchError(f"session was made with model {state.fingerprint_id}; this server runs "
                                        f"{self.loaded.fingerprint.id}: start a new session")

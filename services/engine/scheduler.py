@@ -107,6 +107,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - these sessions' caches are now half-updated
             log.exception("a step over %d turns failed", len(plan))
             for turn, _ in plan:
+                turn.request.state.damaged = f"a model step failed mid-turn ({type(exc).__name__}: {exc})"
                 self._finish(turn, error=exc)
             return 0
         for turn, ids in plan:

@@ -27,7 +27,7 @@ require_generated()  # `make proto` generates the code; say so rather than fail 
 from services.api.razorserve.v1 import razorserve_pb2 as pb  # noqa: E402
 from services.api.razorserve.v1 import razorserve_pb2_grpc as pb_grpc  # noqa: E402
 from services.engine import SamplingParams  # noqa: E402
-from services.engine.errors import InvalidRequest, SessionMismatchError  # noqa: E402
+from services.engine.errors import InvalidRequest, SessionDamagedError, SessionMismatchError  # noqa: E402
 from services.headmap_store import InvalidProfileParams  # noqa: E402
 from services.model_refs import ModelRefRefused  # noqa: E402
 
@@ -59,6 +59,7 @@ _STATUS = (
     (SessionNotFound, Code.NOT_FOUND, ""),
     (NotFound, Code.NOT_FOUND, ""),
     (SessionLost, Code.DATA_LOSS, ""),
+    (SessionDamagedError, Code.DATA_LOSS, ""),   # the service marks such a session lost first; kept for safety
     # session exports
     (ExportDamaged, Code.DATA_LOSS, ""),
     (ExportIncompatible, Code.FAILED_PRECONDITION, ""),
