@@ -137,7 +137,7 @@ def main() -> None:
                 else shipped_head_map(loaded.fingerprint) or HeadMap.full(loaded.fingerprint, CompressionParams()))
     redis_proc, url = common.start_redis()
     settings = Settings(host="127.0.0.1", port=0, redis_url=url, metrics_port=0, auth_token="", tls_cert="",
-                        tls_key="", max_workers=max(16, max(args.clients) + 4), log_level="WARNING",
+                        tls_key="", max_workers=max(32, max(args.clients)) + 16, log_level="WARNING",
                         max_running=max(32, max(args.clients)), step_tokens=args.step_tokens)
     server = build_server(settings, loaded=loaded, head_maps=FixedHeadMaps(head_map), jobs=None,
                           head_map_store=None).start()

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, field_validato
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+HANDLER_HEADROOM = 8          # handler threads beyond RAZOR_MAX_RUNNING, for calls that are not turns
 DEFAULT_TENANT = "default"   # the tenant of RAZOR_AUTH_TOKEN
 # Tenant names go into logs and Redis headers: keep them plain.
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -45,7 +46,8 @@ class Settings(BaseSettings):
     # --- gRPC server ----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
-    max_workers: int = Field(16, ge=1, description="gRPC handler threads")
+    max_workers: int = Field(48, ge=1, description="gRPC handler threads (at least RAZOR_MAX_RUNNING + 8: each "
+                             "streaming turn holds one for its whole life)")
     grace_s: float = Field(10.0, ge=0, description="seconds in-flight streams get on shutdown")
     drain_delay_s: float = Field(
         0.0, ge=0, description="seconds a stopping service keeps serving with health NOT_SERVING, so polling "
@@ -192,6 +194,16 @@ class Settings(BaseSettings):
         if self.step_tokens <= self.max_running:
             raise ValueError(f"RAZOR_STEP_TOKENS ({self.step_tokens}) must exceed RAZOR_MAX_RUNNING "
                              f"({self.max_running}): a step needs room for prefill after every decode token")
+        return self
+
+    @model_validator(mode="after")
+    def _handler_room(self) -> "Settings":
+        # A Generate or ContinueSession stream holds a handler thread while its turn waits and runs: with fewer
+        # threads than turns, health checks, Abort and listings would queue behind the streams.
+        if self.max_workers < self.max_running + HANDLER_HEADROOM:
+            raise ValueError(f"RAZOR_MAX_WORKERS ({self.max_workers}) must be at least RAZOR_MAX_RUNNING "
+                             f"({self.max_running}) + {HANDLER_HEADROOM}: each streaming turn holds a gRPC handler "
+                             "thread, and health checks, Abort and listings need threads beside them")
         return self
 
     @model_validator(mode="after")

@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services import embedded_redis, proxy
 from services.embedded_redis import free_port
+from services.inference import auth
 from services.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +191,7 @@ def _check_replicas(options: StackOptions, settings: Settings) -> None:
     """Refuse, before anything starts, a replica set this machine cannot run."""
     if options.replicas == 1:
         return
+    auth.check_bind(settings)   # the replicas bind loopback, but the proxy publishes them on RAZOR_HOST
     if settings.tls_cert:
         raise ValueError(f"--replicas {options.replicas} with RAZOR_TLS_CERT: the local proxy speaks plaintext; "
                          "run one replica with TLS, or put a TLS-terminating proxy in front")

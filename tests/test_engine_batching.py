@@ -814,6 +814,27 @@ def test_the_next_turns_bound_covers_what_a_turn_cancelled_mid_prefill_left_unco
     assert state.cache.seq_length == final - 1 and 0 < peak <= bound
 
 
+def test_a_turn_that_cannot_start_fails_alone_and_leaves_its_session_as_it_was(engine, maps, monkeypatch):
+    """Starting a turn (its text stream, its generator) raising after admission: the turn is finished with the
+    error, so its caller hears and the admission hook's reservation is released, and its session is untouched."""
+    text_stream = engine.text_stream
+
+    def failing(params):
+        if params.seed == 666:
+            raise RuntimeError("no text stream today")
+        return text_stream(params)
+
+    monkeypatch.setattr(engine, "text_stream", failing)
+    sched, outcomes, states = Scheduler(engine, SchedulerConfig(max_running=4, step_tokens=64)), {}, {}
+    for tag, seed in (("bad", 666), ("good", 1)):
+        states[tag] = engine.new_session(head_map=maps["a"])
+        sched.submit(TurnRequest(states[tag], ids(6, 70), SamplingParams(max_new_tokens=2, seed=seed, temperature=0.5),
+                                 on_done=lambda r, t=tag: outcomes.__setitem__(t, r), tag=tag))
+    sched.run_until_idle()
+    assert isinstance(outcomes["bad"], RuntimeError) and states["bad"].token_ids == []
+    assert outcomes["good"].finish_reason == "length"
+
+
 def test_scheduler_config_validation():
     with pytest.raises(ValueError, match="max_running"):
         SchedulerConfig(max_running=0)

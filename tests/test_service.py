@@ -350,3 +350,29 @@ def test_profiling_rpcs_without_worker_are_unavailable(start_server):
                      lambda: client.list_head_maps()):
             error = rpc_error(call)
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "not configured" in error.details()
+
+
+def test_handler_threads_must_outnumber_the_turns_a_batch_runs():
+    """Each streaming turn holds a gRPC handler thread while it waits and runs: with no threads beside them,
+    health checks and Abort would queue behind the streams."""
+    from services.settings import HANDLER_HEADROOM, Settings
+    with pytest.raises(ValueError, match="RAZOR_MAX_WORKERS .16. must be at least RAZOR_MAX_RUNNING .32. "):
+        Settings(max_workers=16, max_running=32)
+    assert Settings().max_workers >= Settings().max_running + HANDLER_HEADROOM
+    Settings(max_workers=9, max_running=1, step_tokens=64)
+
+
+def test_a_turn_handed_to_a_stopped_model_loop_is_refused_not_left_waiting(tiny_loaded, tiny_head_map):
+    """Shutdown stops the model loop once no turn is left; a handler that submits after that (it was still
+    tokenizing) must hear ShuttingDown, or it would wait for ever and keep the process from exiting."""
+    from services.engine import Engine, SamplingParams, Scheduler, TurnRequest
+    from services.inference.engine_loop import EngineLoop
+    from services.inference.errors import ShuttingDown
+
+    engine = Engine(tiny_loaded, tiny_head_map)
+    loop, done = EngineLoop(Scheduler(engine)), []
+    loop.submit(TurnRequest(engine.new_session(), [5, 6, 7], SamplingParams(max_new_tokens=2), on_done=done.append))
+    loop.stop()   # runs the submitted turn to its end first
+    assert done and done[0].finish_reason == "length" and not loop.thread.is_alive()
+    with pytest.raises(ShuttingDown):
+        loop.submit(TurnRequest(engine.new_session(), [5, 6, 7], SamplingParams(max_new_tokens=2)))

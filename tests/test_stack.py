@@ -204,3 +204,10 @@ def test_stack_refuses_replicas_it_cannot_run(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="apt-get install nginx"):
         _check_replicas(options, Settings())
     _check_replicas(StackOptions(50051, "", True, tmp_path, 10), Settings())  # one replica needs no proxy
+    # The replicas bind loopback, but the proxy publishes them: no API keys on a public host is refused, as it
+    # is for one replica.
+    from services.inference.auth import InsecureBind
+    with pytest.raises(InsecureBind, match="RAZOR_HOST='0.0.0.0'"):
+        _check_replicas(options, Settings(host="0.0.0.0", auth_token="", api_keys="", api_keys_file=""))
+    with pytest.raises(RuntimeError, match="apt-get install nginx"):   # with a key, on to the next check
+        _check_replicas(options, Settings(host="0.0.0.0", auth_token="a-long-enough-token-1234"))

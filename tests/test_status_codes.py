@@ -92,6 +92,8 @@ BAD_INPUTS = [   # (case, call(client, id of a live session), code, a word of th
     ("over-long stop string", lambda c, s: c.stream_generate(prompt="hi", stop_strings=["x" * 257]),
      Code.INVALID_ARGUMENT, "stop_strings[0] has 257 characters"),
     ("chat without messages", lambda c, s: c.stream_generate(messages=[]), Code.INVALID_ARGUMENT, "no messages"),
+    ("chat of too many messages", lambda c, s: c.stream_generate(messages=[{"role": "user", "content": ""}] * 1025),
+     Code.INVALID_ARGUMENT, "at most 1024"),
     ("continue, no input", lambda c, s: c.stream_continue(s), Code.INVALID_ARGUMENT, "send `text`"),
     ("continue, over-long id", lambda c, s: c.stream_continue("a" * 10_000, text="hi"), Code.INVALID_ARGUMENT,
      "session_id must be 1 to 64"),

@@ -61,7 +61,7 @@ class _Turn:
     request: TurnRequest
     pending: list[int]         # tokens still to feed (history lag + new tokens, then the last sample)
     cached: int                # history tokens reused from the cache
-    stream: "TextStream"
+    stream: "TextStream | _NoText"
     generator: torch.Generator | None
     stops: frozenset[int]
     generated: list[int] = field(default_factory=list)
@@ -166,26 +166,28 @@ class Scheduler:
                 if self.admit is not None and not self.admit(request):
                     return   # first come, first served: later turns wait behind this one
                 self.engine.check_turn(request.state, request.new_ids, request.params)
-            except Exception as exc:  # noqa: BLE001 - the hook refuses this turn for good
+                turn = self._start(request)
+            except Exception as exc:  # noqa: BLE001 - the hook (or starting) refuses this turn for good
                 self.waiting.popleft()
                 self._finish(self._unstarted(request), error=exc)
                 continue
             self.waiting.popleft()
-            self.running.append(self._start(request))
+            self.running.append(turn)
 
     def _start(self, request: TurnRequest) -> _Turn:
         state, params = request.state, request.params
         cached = state.cache.seq_length
         pending = state.token_ids[cached:] + list(request.new_ids)
-        state.token_ids.extend(request.new_ids)
         stops = frozenset(params.stop_token_ids) | frozenset(self.engine.eos_ids)
-        return _Turn(request, pending, cached, self.engine.text_stream(params),
+        turn = _Turn(request, pending, cached, self.engine.text_stream(params),
                      make_generator(params, self.engine.device), stops)
+        state.token_ids.extend(request.new_ids)   # last: a start that raised leaves the session as it was
+        return turn
 
     def _unstarted(self, request: TurnRequest) -> _Turn:
         """A turn that leaves before it ran: the session is left exactly as it was."""
         cached = 0 if request.state is None else request.state.cache.seq_length
-        return _Turn(request, [], cached, self.engine.text_stream(request.params), None, frozenset())
+        return _Turn(request, [], cached, _NO_TEXT, None, frozenset())   # no stream: it never streamed a token
 
     def _plan(self) -> list[tuple[_Turn, list[int]]]:
         """Decode tokens first (one per generating turn), then prefill chunks in arrival order."""
@@ -246,6 +248,14 @@ class Scheduler:
             turn.request.deadline = 0.0
         for request in list(self.waiting) + list(self._inbox):
             request.deadline = 0.0
+
+
+class _NoText:
+    """The text stream of a turn that never ran: empty (built without the engine, whose stream may be what failed)."""
+    text, stopped = "", False
+
+
+_NO_TEXT = _NoText()
 
 
 def _final_length(turn: _Turn) -> int:

@@ -15,6 +15,8 @@ import torch
 
 from services.engine import Scheduler, threads
 
+from .errors import ShuttingDown
+
 log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05   # how long a loop whose waiting turns cannot be admitted yet sleeps before retrying
 
@@ -26,11 +28,17 @@ class EngineLoop:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
+        self._mu = threading.Lock()   # a turn is submitted before `stop` or refused, never lost in between
         self.thread = threading.Thread(target=self._run, name="razor-engine", daemon=True)
         self.thread.start()
 
     def submit(self, request) -> None:
-        self.scheduler.submit(request)
+        """Hand a turn to the scheduler; ShuttingDown once `stop` began (the loop may be gone: nothing would run
+        it, and its caller would wait for ever)."""
+        with self._mu:
+            if self._stop:
+                raise ShuttingDown("the service is shutting down; retry on another replica or after restart")
+            self.scheduler.submit(request)
         self.wake()
 
     def wake(self) -> None:
@@ -45,7 +53,8 @@ class EngineLoop:
 
     def stop(self) -> None:
         """Stop once no turn is left (callers cancel or drain them first)."""
-        self._stop = True
+        with self._mu:
+            self._stop = True
         self.wake()
         self.thread.join()
 

@@ -275,7 +275,10 @@ def _input(request, text_field: str) -> dict:
 
 def _import_parts(requests, context) -> tuple[pb.ImportOptions, Iterator[bytes]]:
     """The options of an ImportSession stream (its first message) and the export's bytes that follow."""
-    first = next(requests, None)
+    try:
+        first = next(requests, None)
+    except grpc.RpcError:   # cancelled before its first message
+        raise _import_cancelled() from None
     if first is None or first.WhichOneof("part") != "options":
         raise InvalidArgument("the first ImportSession message must carry `options` (it may be empty); then send "
                               "the export's bytes as `chunk`s")

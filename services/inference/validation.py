@@ -30,6 +30,10 @@ ROLES = ("system", "user", "assistant", "tool")     # the roles the engine's cha
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE = 1000, 50
 MAX_STOP = 32            # stop strings, and stop token ids, per request
 MAX_STOP_CHARS = 256     # characters of one stop string (the text stream holds back that many)
+# Messages per chat turn: each costs its template's framing tokens, so 1,024 already passes any context we serve;
+# without a bound, half a million empty messages would hold the shared tokenizer for seconds before the length
+# check refused them.
+MAX_CHAT_MESSAGES = 1024
 DEFAULT_MAX_NEW_TOKENS = SamplingParams().max_new_tokens
 
 
@@ -119,6 +123,9 @@ def _check_input(request, text_field: str, limits: Limits) -> None:
 def _check_chat(messages, limits: Limits) -> None:
     if not messages:
         raise InvalidArgument("chat has no messages; send at least one")
+    if len(messages) > MAX_CHAT_MESSAGES:
+        raise InvalidArgument(f"chat has {len(messages)} messages; send at most {MAX_CHAT_MESSAGES} in one turn "
+                              "(a continued session needs only the new ones)")
     for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise InvalidArgument(f"chat message {i} has role {_shown(m.role)}; use one of {', '.join(ROLES)}")
