@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import bench_gpu
@@ -40,6 +39,7 @@ from services.engine.models import resolve_dtype  # noqa: E402
 from services.engine.headmap import shipped_head_map  # noqa: E402
 from services.inference import codec  # noqa: E402
 from services.inference.sessions import SessionStore  # noqa: E402
+from services.inference.spilled_header import ModelShape  # noqa: E402
 from services.inference import spill as spill_module  # noqa: E402
 from services.inference.spill import READ_BATCH_BYTES, Spill  # noqa: E402
 
@@ -53,6 +53,10 @@ def clock(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+COLUMNS = ["history tokens", "head map", "KV MiB (full)", "blob MiB / chunks", "encode ms", "write ms", "write GB/s",
+           "read ms", "read GB/s", "per-chunk read ms", "restore ms", "restore GB/s", "re-prefill ms",
+           "re-prefill / restore"]
+ALIGN = "ll" + "r" * 12
 RANDOM_MODELS = {"random-llama-8b": bench_gpu.LLAMA_8B_SHAPE, "random-llama-small": bench_gpu.SMALL_SHAPE}
 RANDOM_MAPS = ("C=5 S0=256", "8/4-bit, window 1024")   # of bench_gpu.razor_maps: the paper's shape, the stored one
 
@@ -168,12 +172,14 @@ def main() -> None:
         rows = []
         for name, head_map in maps.items():
             engine = Engine(loaded, head_map)
-            store = SessionStore(spill, loaded.fingerprint.id, loaded.device, 0)
+            # As the server builds it (services/inference/server.py): the caches' dtype goes into each spill's
+            # header and a restore refuses any other, so without it a bfloat16 (CUDA) session could not come back.
+            store = SessionStore(spill, loaded.fingerprint.id, loaded.device, 0, dtype=loaded.dtype_name,
+                                 shape=ModelShape.of(loaded))
             engine.generate(history_ids(engine, 128), SamplingParams(max_new_tokens=4))   # warm-up
             for length in args.lengths:
                 ids = history_ids(engine, length)
                 m = measure(engine, store, spill, ids, args.repeats, args.io_repeats)
-                print(f"  {name}, {len(ids)} tokens: done ({watch})", file=sys.stderr, flush=True)
                 gbps = lambda s: m["blob"] / s / 1e9   # noqa: E731
                 rows.append([len(ids), name, f"{common.mib(m['kv'])} ({common.mib(m['full_kv'])})",
                              f"{common.mib(m['blob'])} / {m['chunks']}", f"{m['encode'] * 1e3:.1f}",
@@ -181,9 +187,11 @@ def main() -> None:
                              f"{gbps(m['read']):.2f}", f"{m['per_chunk'] * 1e3:.1f}", f"{m['restore'] * 1e3:.1f}",
                              f"{gbps(m['restore']):.2f}", f"{m['prefill'] * 1e3:.1f}",
                              f"{m['prefill'] / m['restore']:.1f}x"])
-        print(common.table(["history tokens", "head map", "KV MiB (full)", "blob MiB / chunks", "encode ms",
-                            "write ms", "write GB/s", "read ms", "read GB/s", "per-chunk read ms", "restore ms",
-                            "restore GB/s", "re-prefill ms", "re-prefill / restore"], rows, align="ll" + "r" * 12))
+                # the row as soon as it is measured: a run stopped at its time limit still reports the rows done
+                print(f"  {name}, {len(ids)} tokens, done ({watch}): "
+                      f"{common.table(COLUMNS, rows[-1:], ALIGN).splitlines()[-1]}", flush=True)
+        print()
+        print(common.table(COLUMNS, rows, ALIGN))
         print(f"\n{watch}")
     finally:
         if proc is not None:

@@ -26,6 +26,7 @@ from services.inference.runtime import FixedHeadMaps  # noqa: E402
 from services.inference.server import build_server  # noqa: E402
 from services.inference.sessions import SessionStore  # noqa: E402
 from services.inference.spill import Spill  # noqa: E402
+from services.inference.spilled_header import ModelShape  # noqa: E402
 from services.settings import Settings  # noqa: E402
 
 TEXT = ("In the long history of the valley, the river changed its course many times, and each time the "
@@ -57,7 +58,10 @@ def history_ids(engine: Engine, length: int) -> list[int]:
 
 
 def bench_restore(engine: Engine, redis_url: str, lengths: list[int], repeats: int) -> list[str]:
-    store = SessionStore(Spill(redis_url, ttl_s=600), engine.loaded.fingerprint.id, engine.loaded.device, 0)
+    loaded = engine.loaded
+    # As the server builds it: a spill's header records the caches' dtype, and a restore refuses any other.
+    store = SessionStore(Spill(redis_url, ttl_s=600), loaded.fingerprint.id, loaded.device, 0,
+                         dtype=loaded.dtype_name, shape=ModelShape.of(loaded))
     one = SamplingParams(max_new_tokens=1)
     rows = ["| history tokens | KV bytes (full) | spill ms | restore ms | re-prefill ms | re-prefill / restore |",
             "|---:|---:|---:|---:|---:|---:|"]

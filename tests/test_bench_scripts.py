@@ -28,17 +28,24 @@ def test_the_scripts_the_docs_cite_exist():
     assert sorted(name for name in cited if not (BENCH / f"{name}.py").exists()) == []
 
 
-def test_restore_bench_runs_a_random_model_through_redis(monkeypatch, capsys):
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_restore_bench_runs_a_random_model_through_redis(monkeypatch, capsys, dtype):
     """bench_restore's random-weight path (the GPU session's restore stage, here on bench_gpu's small shape):
-    every map spills, restores and re-prefills, and the table shows each."""
+    every map spills, restores and re-prefills, and the table shows each. In bfloat16 too, the GPU's dtype: a
+    store that took the caches for float32 refused every bfloat16 spill, and the stage failed before any row.
+    Each row is printed as soon as it is measured, before the table (a stage stopped at its limit keeps them)."""
     monkeypatch.syspath_prepend(str(BENCH))
     bench_restore = importlib.import_module("bench_restore")
     monkeypatch.setattr("sys.argv", ["bench_restore.py", "--model", "random-llama-small", "--lengths", "300",
-                                     "--repeats", "1", "--io-repeats", "1"])
+                                     "--repeats", "1", "--io-repeats", "1", "--dtype", dtype])
     bench_restore.main()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 300 |")]
-    assert [row.split(" | ")[1] for row in rows] == ["razor 12% KV heads, C=5 S0=256",
-                                                     "razor 12% KV heads 8/4-bit, window 1024", "full cache"]
+    out = capsys.readouterr().out
+    assert f"on cpu in {'float32' if dtype == 'auto' else dtype};" in out
+    maps = ["razor 12% KV heads, C=5 S0=256", "razor 12% KV heads 8/4-bit, window 1024", "full cache"]
+    rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
+    assert [row.split(" | ")[1] for row in rows] == maps
+    early = [line.partition("): ")[2] for line in out.splitlines() if line.startswith("  ") and "done (" in line]
+    assert early == rows
 
 
 def test_gpu_session_script_parses_and_says_how_to_use_it():
@@ -51,3 +58,12 @@ def test_gpu_session_script_parses_and_says_how_to_use_it():
     # its `device` stages run these scripts and tests, which must exist
     for path in re.findall(r"(bench/\w+\.py|tests/\w+\.py)", script.read_text()):
         assert (BENCH.parent / path).exists(), path
+    # the GPU stages' limits leave setup (15-30 s) a margin inside the run's timeout_s of 600, the per-call maximum,
+    # which the script and the docs both name
+    text = script.read_text()
+    gpu_branch = text[text.index("    else\n        stage test_gpu"):]
+    limits = [int(n) for n in re.findall(r"stage \w+ (\d+) ", gpu_branch)]
+    assert len(limits) == 3 and sum(limits) <= 480, limits
+    assert int(re.search(r"BUDGET_S:-(\d+)", text)[1]) <= 570
+    for doc in (text, (BENCH.parent / "docs/benchmarks.md").read_text()):
+        assert re.findall(r"timeout_s (\d+)", doc) and set(re.findall(r"timeout_s (\d+)", doc)) == {"600"}
