@@ -67,3 +67,11 @@ def test_gpu_session_script_parses_and_says_how_to_use_it():
     assert int(re.search(r"BUDGET_S:-(\d+)", text)[1]) <= 570
     for doc in (text, (BENCH.parent / "docs/benchmarks.md").read_text()):
         assert re.findall(r"timeout_s (\d+)", doc) and set(re.findall(r"timeout_s (\d+)", doc)) == {"600"}
+
+
+def test_lost_documents_target_keeps_all_of_nothing_where_the_full_cache_answers_none(monkeypatch):
+    """bench_lost_documents' target check, as task_bench's: kept is 1 where the full cache answers none."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    meets = importlib.import_module("bench_lost_documents").meets
+    assert meets([-1.0, -2.0], [-0.5, -1.0])              # nothing to keep, accuracy unchanged
+    assert not meets([1.0, 2.0], [1.0, -1.0])              # half of what the full cache answered is lost

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.engine import CalibrationParams, Engine, HeadMap, ProfileParams, calibrate, profile_model, variant_at
+from services.engine import (CalibrationParams, CompressionParams, Engine, HeadMap, ProfileParams, calibrate,
+                             profile_model, variant_at)
 from services.engine.evaluation import answer_generated, full_prefill, retrieval_tasks
 from services.engine.fact_attention import one_vote_per_family
 from services.engine.head_gates import GateParams
@@ -172,3 +173,14 @@ def test_a_points_shape_reads_back_as_searched(recent):
     assert _shape_of(_shape_fields(shape)) == shape
     assert _shape_of(_shape_fields(CompressionParams(sink=2, min_window=32, ratio=1e9, **recent))) == \
         CompressionParams(sink=2, min_window=32, ratio=1e9, **recent)
+
+
+def test_only_every_head_whole_in_the_models_dtype_counts_as_the_full_cache():
+    """Every head whole is the full cache (it meets any target: its measured flips are noise) only in 16 bits;
+    every head whole in 8 or 6 bits is measured like any other point."""
+    from services.engine.calibration import _is_full_cache
+    order = [[layer, head] for layer in range(2) for head in range(3)]
+    shape = CompressionParams()
+    assert _is_full_cache(6, order, shape) and not _is_full_cache(5, order, shape)
+    assert not _is_full_cache(6, order, shape.stored_as(8)) and not _is_full_cache(6, order, shape.stored_as("6/4"))
+

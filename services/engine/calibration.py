@@ -200,6 +200,12 @@ def calibrate(engine: Engine, base: HeadMap, params: CalibrationParams = Calibra
                    timings={**base.timings, "calibrate_s": round(time.perf_counter() - start, 3)})
 
 
+def _is_full_cache(k: int, order: Order, shape: CompressionParams) -> bool:
+    """Every head whole in the model's dtype: the full cache itself, which meets any target by definition (its
+    measured flips are noise). Every head whole in 8 or 6 bits is not: it is measured like any other point."""
+    return k >= len(order) and shape.storage() == 16
+
+
 def _shape_of(point: dict) -> CompressionParams:
     shape = CompressionParams(sink=point["sink"], min_window=point["window"], ratio=point["ratio"],
                               recent_rows=point.get("recent_rows", 0), local_recent_rows=point.get("local_recent_rows"))
@@ -286,7 +292,7 @@ def _search_shape(bench: TaskBench, order: Order, shape: CompressionParams, targ
     within the budget still leaves its best point among the candidates."""
     def tried(k: int) -> dict:
         point = _point(bench, order, k, shape)
-        point = _rounded({**point, "meets": target.met_by(point, bench.full) or k == len(order)})
+        point = _rounded({**point, "meets": target.met_by(point, bench.full) or _is_full_cache(k, order, shape)})
         candidates.append(point)
         return point
 
@@ -368,9 +374,9 @@ def _validate(held_out: TaskBench, order: Order, best: dict, target: Target, che
     k = best["k"]
     while True:
         point = _point(held_out, order, k, _shape_of(best))
-        point["meets"] = target.met_by(point, held_out.full) or k >= len(order)
+        point["meets"] = target.met_by(point, held_out.full) or _is_full_cache(k, order, _shape_of(best))
         checks.append(_rounded(point))
-        last = point["meets"] or k >= max_k
+        last = point["meets"] or k >= min(max_k, len(order))   # no more heads to add
         report(len(checks), len(checks) + (0 if last else 1), "validating on held-out documents")
         if last:   # the chosen point, as measured on the held-out documents
             return {**checks[-1], "measured_on": "held-out", "searched_k": best["k"]}
