@@ -220,6 +220,7 @@ def test_top_logprobs_are_per_request_inside_one_batch(start_server):
             t.start()
         for t in threads:
             t.join()
+    assert sorted(replies) == [0, 1, 7, 20], "a thread's call failed"   # else the loop below checks fewer
     for k, reply in replies.items():
         assert len(reply.token_ids) == 8 and [len(top) for top in reply.top_logprobs] == ([k] * 8 if k else [])
         for token, top in zip(reply.token_ids, reply.top_logprobs):

@@ -358,8 +358,10 @@ def test_handler_threads_must_outnumber_the_turns_a_batch_runs():
     from services.settings import HANDLER_HEADROOM, Settings
     with pytest.raises(ValueError, match="RAZOR_MAX_WORKERS .16. must be at least RAZOR_MAX_RUNNING .32. "):
         Settings(max_workers=16, max_running=32)
-    assert Settings().max_workers >= Settings().max_running + HANDLER_HEADROOM
+    assert HANDLER_HEADROOM == 8 and Settings().max_workers >= Settings().max_running + 8
     Settings(max_workers=9, max_running=1, step_tokens=64)
+    with pytest.raises(ValueError, match="RAZOR_MAX_WORKERS .8. must be at least RAZOR_MAX_RUNNING .1. \\+ 8"):
+        Settings(max_workers=8, max_running=1, step_tokens=64)
 
 
 def test_a_turn_handed_to_a_stopped_model_loop_is_refused_not_left_waiting(tiny_loaded, tiny_head_map):

@@ -37,7 +37,8 @@ def _denials(client: RazorClient, sid: str) -> dict[str, tuple[str, str]]:
     """(status, message with the id masked) of every per-session RPC on ``sid``."""
     calls = {"GetSession": lambda: client.get_session(sid),
              "ContinueSession": lambda: client.stream_continue(sid, text=" more", max_new_tokens=2),
-             "DeleteSession": lambda: client.delete_session(sid)}
+             "DeleteSession": lambda: client.delete_session(sid),
+             "UpdateSession": lambda: client.update_session(sid, ttl_s=60, pinned=True)}
     out = {}
     for name, call in calls.items():
         error = rpc_error(call)
