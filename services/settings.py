@@ -64,9 +64,11 @@ class Settings(BaseSettings):
 
     # --- sessions ---------------------------------------------------------------------
     kv_budget_bytes: int = Field(512 * 2**20, ge=0, description="device bytes for resident session caches")
-    session_ttl_s: int = Field(7 * 86400, ge=1, description="TTL of spilled sessions in Redis")
+    session_ttl_s: int = Field(7 * 86400, ge=1, description="default and largest TTL of every session, counted "
+                               "from its last use, resident or spilled")
     max_sessions: int = Field(10_000, ge=1, description="sessions known to one service")
-    max_running: int = Field(32, ge=1, description="turns decoding together in one batch")
+    max_running: int = Field(32, ge=1, description="turns decoding together in one batch (at most "
+                             "RAZOR_MAX_WORKERS - 8: raise both together)")
     step_tokens: int = Field(256, ge=2, description="tokens per model step: one per decoding turn + prefill chunks")
     max_input_chars: int = Field(0, ge=0, description="longest prompt or turn in characters (0 = 32 per context token)")
     max_import_bytes: int = Field(2**30, ge=1, description="largest session export ImportSession accepts, in bytes")
