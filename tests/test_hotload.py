@@ -13,10 +13,11 @@ import time
 import grpc
 import pytest
 import redis
+import torch
 
 from conftest import announce_raw, flushed_db
 from services.api.razorserve.v1 import razorserve_pb2 as pb
-from services.engine import HeadMap, HeadMapError, load_model
+from services.engine import Engine, HeadMap, HeadMapError, SamplingParams, load_model
 from services.headmap_store import HeadMapStore, map_key
 from services.inference.client import RazorClient
 from services.inference.headmaps import HeadMapRegistry
@@ -24,13 +25,47 @@ from services.inference.profile_jobs import ProfileJobs
 from services.inference.server import build_server
 from services.observability import METRICS
 from services.settings import Settings
-from test_service import PROMPT, TURNS, engine_turns, rpc_error
+from test_service import PROMPT, SAMPLED, TURNS, rpc_error
 from test_worker import JOB_DEADLINE_S, StateRecorder, start_worker, stop_worker
 
 # Small enough for seconds of profiling (plus calibration, on by default); compression keys included.
 FAST = {"seq_len": 32, "repeats": 2, "n_samples": 2, "sink": 4, "min_window": 16, "ratio": 5.0}
 CALIBRATION_STAGES = {"prefilling calibration tasks", "training KV-head gates"}
 FINISHED = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED)
+# Sessions sample with a fixed seed and report each token's logprob: the tiny random model's tokens barely depend
+# on its attention (greedy or seeded, the two maps here give the same tokens), so a session moved to the new map
+# would go unnoticed by its tokens alone; its logprobs follow the map.
+SAMPLING = dict(max_new_tokens=SAMPLED.max_new_tokens, temperature=SAMPLED.temperature, seed=SAMPLED.seed,
+                logprobs=True)
+LOGPROB_ATOL = 1e-4   # tests/test_engine_batching.py's: batched and alone agree this closely
+
+
+def engine_turns(loaded, head_map) -> list[tuple[list[int], list[float]]]:
+    """The conversation run in-process on the engine with `head_map`, sampling as the sessions do:
+    (tokens, logprobs) of the first reply and of each turn."""
+    engine, params, logprobs = Engine(loaded, head_map), SamplingParams(**SAMPLING), []
+
+    def on_token(event):
+        logprobs[-1].append(event.logprob)
+    logprobs.append([])
+    state, first = engine.generate(engine.encode(text=PROMPT), params, on_token)
+    outs = [first.token_ids]
+    for text in TURNS:
+        logprobs.append([])
+        outs.append(engine.continue_session(state, engine.encode_turn(state.last_token, text=text), params,
+                                            on_token).token_ids)
+    return list(zip(outs, logprobs))
+
+
+def assert_same_turns(replies, control) -> None:
+    assert [r.token_ids for r in replies] == [tokens for tokens, _ in control]
+    got = torch.tensor([lp for r in replies for lp in r.logprobs])
+    torch.testing.assert_close(got, torch.tensor([lp for _, lps in control for lp in lps]), atol=LOGPROB_ATOL, rtol=0)
+
+
+def max_logprob_gap(a, b) -> float:
+    return float((torch.tensor([lp for _, lps in a for lp in lps]) - torch.tensor([lp for _, lps in b for lp in lps]))
+                 .abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +118,7 @@ def test_profile_job_hot_loads_while_old_sessions_keep_their_map(worker, service
     recorder = StateRecorder(url)
     try:
         with RazorClient(server.target) as client:
-            old = client.generate(prompt=PROMPT, max_new_tokens=8)
+            old = client.generate(prompt=PROMPT, **SAMPLING)
             assert client.get_session(old.session_id).head_map_version == tiny_head_map.version
             job = client.profile_model("tiny-random", **FAST, max_kl=5.0)   # a KL target reaches the worker
             assert job.state == pb.JOB_STATE_QUEUED and job.job_id
@@ -105,19 +140,20 @@ def test_profile_job_hot_loads_while_old_sessions_keep_their_map(worker, service
             assert client.server_info().head_map.version == version
 
             # the old session keeps its map and keeps generating as the engine does with that map
-            old_outs = [old.token_ids] + [client.continue_session(old.session_id, text=t, max_new_tokens=8).token_ids
-                                          for t in TURNS]
+            old_outs = [old] + [client.continue_session(old.session_id, text=t, **SAMPLING) for t in TURNS]
             assert client.get_session(old.session_id).head_map_version == tiny_head_map.version
 
-            new = client.generate(prompt=PROMPT, max_new_tokens=8)
-            new_outs = [new.token_ids] + [client.continue_session(new.session_id, text=t, max_new_tokens=8).token_ids
-                                          for t in TURNS]
+            new = client.generate(prompt=PROMPT, **SAMPLING)
+            new_outs = [new] + [client.continue_session(new.session_id, text=t, **SAMPLING) for t in TURNS]
             assert client.get_session(new.session_id).head_map_version == version
     finally:
         recorder.close()
-    assert old_outs == engine_turns(tiny_loaded, tiny_head_map)
     published = store.get(tiny_loaded.fingerprint, version)
-    assert new_outs == engine_turns(tiny_loaded, published)
+    old_control, new_control = engine_turns(tiny_loaded, tiny_head_map), engine_turns(tiny_loaded, published)
+    # the two maps must tell the sessions apart: else a service that moved the old session to the new map passes
+    assert max_logprob_gap(old_control, new_control) > 2 * LOGPROB_ATOL, "the maps give the same turns: untested"
+    assert_same_turns(old_outs, old_control)
+    assert_same_turns(new_outs, new_control)
     assert published.calibration["params"]["max_kl"] == 5.0 and published.calibration["chosen"]["kl"] <= 5.0
     # on the tasks the worker's settings name (tests/test_worker.py's start_worker)
     assert (published.calibration["params"]["families"], published.calibration["params"]["lengths"]) == \

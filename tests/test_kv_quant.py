@@ -217,8 +217,19 @@ def test_8bit_slot_bytes_are_what_the_slab_allocates_and_within_the_bound(maps, 
     slab = DecodeSlab(cache, size_class(60), head_dim, dtype, engine.device)
     slab.set_members([cache])
     key_bits = maps[storage].compression.retrieval_bits
-    assert slab.storage[0].keys is None or (slab.storage[0].keys.dtype, slab.storage[0].keys.shape[-1]) == (
-        kv_quant.store_dtype(key_bits, dtype), kv_quant.store_width(head_dim, key_bits))
+    local_key_bits = maps[storage].compression.local_storage_bits[0]
+    # Every layer's slot keys in their storage's dtype and width; a layer without retrieval (or local) heads has
+    # none, and at least one layer has each, so the check never passes vacuously.
+    with_retrieval = [slots for slots, r in zip(slab.storage, slab.r_heads) if r]
+    with_local = [slots for slots, l in zip(slab.storage, slab.l_heads) if l]
+    assert with_retrieval and with_local, "the profiled map mixes retrieval and local heads"
+    assert all(slots.keys is None for slots, r in zip(slab.storage, slab.r_heads) if not r)
+    for slots in with_retrieval:
+        assert slots.keys is not None and (slots.keys.dtype, slots.keys.shape[-1]) == (
+            kv_quant.store_dtype(key_bits, dtype), kv_quant.store_width(head_dim, key_bits))
+    for slots in with_local:
+        assert slots.local_keys is not None and (slots.local_keys.dtype, slots.local_keys.shape[-1]) == (
+            kv_quant.store_dtype(local_key_bits, dtype), kv_quant.store_width(head_dim, local_key_bits))
     assert cache.nbytes() == slot_bytes(cache, slab.rows, head_dim, dtype.itemsize)
     assert cache.nbytes() <= cache.bytes_bound(60, 1, head_dim, dtype.itemsize)
     sixteen = engine.new_cache(maps["16"])

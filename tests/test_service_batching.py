@@ -13,12 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import torch
 
 from services.engine import Engine, SamplingParams
 from services.inference.client import RazorClient
 
 N_CLIENTS = 32
 NEW_TOKENS = 6
+REDIS = 2   # SessionLocation
+# As tests/test_service.py's SAMPLED: the tiny random model's greedy tokens barely depend on its attention, so a
+# turn compared with its control after a cancellation is sampled, and its logprobs compared too.
+SAMPLING = dict(temperature=1.0, seed=7, logprobs=True)
+LOGPROB_ATOL = 1e-4   # tests/test_engine_batching.py's
 
 
 def prompt(i: int) -> str:
@@ -105,23 +111,50 @@ def test_oversized_input_is_refused_before_tokenizing_and_others_keep_streaming(
     assert first.session_id and rest[-1].HasField("completion") and rest[-1].completion.usage.generated_tokens == 40
 
 
+def wait_until(predicate, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def sampled_second_turn(loaded, head_map, i: int) -> tuple[list[int], list[float]]:
+    """The engine alone: conversation i's greedy first turn, then its second turn sampled -> (tokens, logprobs)."""
+    engine = Engine(loaded, head_map)
+    state, _ = engine.generate(engine.encode(text=prompt(i)), SamplingParams(max_new_tokens=NEW_TOKENS))
+    logprobs: list[float] = []
+    result = engine.continue_session(state, engine.encode_turn(state.last_token, text=turn(i)),
+                                     SamplingParams(max_new_tokens=NEW_TOKENS, **SAMPLING),
+                                     lambda event: logprobs.append(event.logprob))
+    return result.token_ids, logprobs
+
+
 def test_cancelling_a_queued_turn_of_a_spilled_session_leaves_it_intact(start_server, tiny_loaded, tiny_head_map):
     """A continued turn cancelled while it waits (its session still in Redis) ends cleanly; the session then
     continues exactly as its control does."""
     server = start_server(kv_budget_bytes=1, max_running=1, step_tokens=64)   # one turn at a time, all spilled
+    scheduler = server.runtime.scheduler
     with RazorClient(server.target, timeout_s=120) as client:
         sid = client.generate(prompt=prompt(3), max_new_tokens=NEW_TOKENS).session_id
+        wait_until(lambda: client.get_session(sid).location == REDIS)   # spilled once its turn ended
+        length = client.get_session(sid).length
         blocker = client.stream_generate(prompt=prompt(4), max_new_tokens=300, keep_session=False)
         next(blocker)                                          # the one running slot is taken
+        assert client.get_session(sid).location == REDIS and not scheduler.waiting
         queued = client.stream_continue(sid, text=turn(3), max_new_tokens=NEW_TOKENS)
-        time.sleep(0.3)
+        wait_until(lambda: [r.tag for r in list(scheduler.waiting)] == [sid])   # really queued behind the blocker
+        assert sid not in [t.request.tag for t in list(scheduler.running)]
         queued.cancel()
         with pytest.raises(grpc.RpcError) as info:
             list(queued)
         assert info.value.code() == grpc.StatusCode.CANCELLED
+        wait_until(lambda: not scheduler.waiting)              # dropped while the blocker still runs
         blocker.cancel()
-        deadline = time.monotonic() + 30
-        while client.get_session(sid).busy and time.monotonic() < deadline:
-            time.sleep(0.05)
-        second = client.continue_session(sid, text=turn(3), max_new_tokens=NEW_TOKENS)
-    assert second.token_ids == alone(tiny_loaded, tiny_head_map, 3)[1]
+        wait_until(lambda: not client.get_session(sid).busy)
+        session = client.get_session(sid)
+        assert session.length == length and not session.lost_reason, "the cancelled turn left the session as it was"
+        second = client.continue_session(sid, text=turn(3), max_new_tokens=NEW_TOKENS, **SAMPLING)
+    tokens, logprobs = sampled_second_turn(tiny_loaded, tiny_head_map, 3)
+    assert second.token_ids == tokens
+    torch.testing.assert_close(torch.tensor(second.logprobs), torch.tensor(logprobs, dtype=torch.float32),
+                               atol=LOGPROB_ATOL, rtol=0)

@@ -38,19 +38,36 @@ def same_tensors(a, b) -> bool:
     return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+# Three texts of the same token count (so the same cache bytes) and different greedy continuations: each session's
+# cache differs from the others', so a restore that read another session's spill cannot pass for its own.
+TEXTS = ("The fox and the river and the hills at sunset", "A bird over the lake and the trees at dawn",
+         "The dog by the mill and the fields at noon")
+
+
 def test_lru_idle_sessions_spill_first_and_restore_bit_exact(service_redis_url, engine):
-    state = new_state(engine)
-    store = make_store(service_redis_url, engine, budget=int(state.nbytes() * 2.5))
-    old, mid, new = (add(store, new_state(engine)) for _ in range(3))
+    # Each session's own original, generated again apart from what the store holds (no aliasing with its object).
+    originals = [new_state(engine, text) for text in TEXTS]
+    assert len({s.nbytes() for s in originals}) == 1, "the budget below assumes equal sizes"
+    assert not any(same_tensors(a, b) for i, a in enumerate(originals) for b in originals[i + 1:]), \
+        "the sessions must be told apart by their tensors"
+    store = make_store(service_redis_url, engine, budget=int(originals[0].nbytes() * 2.5))
+    old, mid, new = (add(store, new_state(engine, text)) for text in TEXTS)
+    expected = dict(zip((old, mid, new), originals))
     store.settle()
     assert [store.info(s).location for s in (old, mid, new)] == ["redis", "device", "device"]
     key_ttl = redis.Redis.from_url(service_redis_url).ttl(Spill.key(old))
     assert 0 < key_ttl <= 3600
     store.acquire(old)
     restored = store.load(old, lambda n: store.make_room(n, keep=old))
-    assert same_tensors(restored, state), "restore gives back exactly what was spilled"
+    assert same_tensors(restored, expected[old]), "restore gives back exactly what was spilled, its own session's"
     assert store.info(mid).location == "redis", "restoring made room by spilling the next LRU session"
     assert redis.Redis.from_url(service_redis_url).exists(Spill.key(old)), "the spill stays: a crash loses nothing"
+    store.release(old)
+    # The session spilled to make room restores as its own state too (not old's, nor new's).
+    store.acquire(mid)
+    restored_mid = store.load(mid, lambda n: store.make_room(n, keep=mid))
+    assert same_tensors(restored_mid, expected[mid]), "each spilled session restores its own state"
+    store.release(mid)
 
 
 def test_one_request_per_session_and_pinned_sessions_never_spill(service_redis_url, engine):
