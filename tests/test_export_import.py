@@ -23,6 +23,8 @@ from services.engine import Engine, HeadMap, SamplingParams, load_model
 from services.inference import codec, servicer, session_moves, transfer
 from services.inference.client import RazorClient
 
+from replay import replay_logprobs
+
 # Longer than the tiny head map's window (sink 4 + 16), so local heads have folded tokens by export time.
 PROMPT = "The quick brown fox jumps over the lazy dog near the quiet river bank, again and again, " * 2
 NEW_TOKENS = 4
@@ -60,20 +62,8 @@ def wait_until(predicate, timeout_s: float = 30.0) -> None:
 def replay(loaded, head_map, turns: list[str]) -> list[tuple[list[int], list[float]]]:
     """The engine alone, sampling as `turn` does: (tokens, logprobs) of the first reply to PROMPT and of each
     following turn."""
-    engine = Engine(loaded, head_map)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=True, **SAMPLING)
-    logprobs: list[list[float]] = []
-
-    def on_token(event):
-        logprobs[-1].append(event.logprob)
-    logprobs.append([])
-    state, first = engine.generate(engine.encode(text=PROMPT), params, on_token)
-    outs = [first.token_ids]
-    for text in turns:
-        logprobs.append([])
-        ids = engine.encode_turn(state.last_token, text=text)
-        outs.append(engine.continue_session(state, ids, params, on_token).token_ids)
-    return list(zip(outs, logprobs))
+    return replay_logprobs(loaded, head_map, PROMPT, turns,
+                           SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=True, **SAMPLING))
 
 
 def first_reply(client: RazorClient):

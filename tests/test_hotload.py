@@ -16,8 +16,9 @@ import redis
 import torch
 
 from conftest import announce_raw, flushed_db
+from replay import replay_logprobs
 from services.api.razorserve.v1 import razorserve_pb2 as pb
-from services.engine import Engine, HeadMap, HeadMapError, SamplingParams, load_model
+from services.engine import HeadMap, HeadMapError, SamplingParams, load_model
 from services.headmap_store import HeadMapStore, map_key
 from services.inference.client import RazorClient
 from services.inference.headmaps import HeadMapRegistry
@@ -43,18 +44,7 @@ LOGPROB_ATOL = 1e-4   # tests/test_engine_batching.py's: batched and alone agree
 def engine_turns(loaded, head_map) -> list[tuple[list[int], list[float]]]:
     """The conversation run in-process on the engine with `head_map`, sampling as the sessions do:
     (tokens, logprobs) of the first reply and of each turn."""
-    engine, params, logprobs = Engine(loaded, head_map), SamplingParams(**SAMPLING), []
-
-    def on_token(event):
-        logprobs[-1].append(event.logprob)
-    logprobs.append([])
-    state, first = engine.generate(engine.encode(text=PROMPT), params, on_token)
-    outs = [first.token_ids]
-    for text in TURNS:
-        logprobs.append([])
-        outs.append(engine.continue_session(state, engine.encode_turn(state.last_token, text=text), params,
-                                            on_token).token_ids)
-    return list(zip(outs, logprobs))
+    return replay_logprobs(loaded, head_map, PROMPT, TURNS, SamplingParams(**SAMPLING))
 
 
 def assert_same_turns(replies, control) -> None:
