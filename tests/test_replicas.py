@@ -26,6 +26,7 @@ from services.inference.spill import meta_key
 
 from conftest import free_port
 from replay import replay as engine_replay
+from tests.test_service import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 3
@@ -229,6 +230,35 @@ def test_a_session_deleted_after_it_was_saved_locally_is_not_uploaded_again(star
             error = rpc_error(lambda: client.get_session(sid))
             assert error.code() == grpc.StatusCode.NOT_FOUND
         assert not redis.Redis.from_url(own.url).exists(meta_key(sid))
+    finally:
+        own.stop()
+
+
+def test_a_session_that_expired_while_its_local_copy_waited_is_not_uploaded(start_server, make_redis, tmp_path,
+                                                                           monkeypatch):
+    """As above, but nobody deleted the session: it outlived its TTL while the replica was down. Its metadata
+    is gone from Redis, as after a Redis that lost everything; its last use tells the two apart."""
+    from services.inference.errors import StoreUnavailable
+
+    own = make_redis().start()
+    spill_dir = tmp_path / "spill-dir"
+    try:
+        first = start_server(redis_url=own.url, local_spill_dir=str(spill_dir), session_ttl_s=2)
+        with RazorClient(first.target) as client:
+            sid = client.generate(prompt="A conversation that expires while its copy waits", max_new_tokens=2)\
+                .session_id
+
+        def unreachable(session_id):
+            raise StoreUnavailable("Redis is unreachable (the test says so)")
+        monkeypatch.setattr(first.runtime.store.spiller, "spill_one", unreachable)
+        first.stop(1.0)
+        assert first.shutdown_counts == {"spilled": 0, "saved_locally": 1, "lost": 0}
+        wait_until(lambda: not redis.Redis.from_url(own.url).exists(meta_key(sid)), timeout_s=10)
+        time.sleep(0.5)
+        second = start_server(redis_url=own.url, local_spill_dir=str(spill_dir), session_ttl_s=2)
+        assert not list(spill_dir.glob("*.razorspill")), "read at start, and discarded"
+        with RazorClient(second.target) as client:
+            assert rpc_error(lambda: client.get_session(sid)).code() == grpc.StatusCode.NOT_FOUND
     finally:
         own.stop()
 

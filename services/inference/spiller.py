@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 from .directory import SessionDirectory, not_found_message
 from .errors import SessionBusy, SessionLost, SessionNotFound, StoreUnavailable
@@ -179,6 +180,10 @@ class Spiller:
     def _upload(self, spill: LocalSpill) -> int:
         """Fenced as a spill by the replica and generation that saved it: refused once the session moved on."""
         uploader = self._directory_of(spill.owner)
+        if _outlived(spill, uploader.session_ttl_s):
+            log.warning("local copy of session %s was last used longer ago than any session lives (%d s); "
+                        "discarded", spill.sid, uploader.session_ttl_s)
+            return 0
         if uploader.fenced(spill.sid, spill.gen, "save_release", spill.fields, blob=(spill.header, spill.chunks),
                            tenant=spill.tenant, created_at=spill.created_at,
                            reregister=lambda: not uploader.deleted(spill.sid)):   # else Redis lost it: bring it back
@@ -187,6 +192,15 @@ class Spiller:
         log.warning("local copy of session %s is older than Redis's (it moved on or was deleted); discarded",
                     spill.sid)
         return 0
+
+
+def _outlived(spill: LocalSpill, ttl_s: int) -> bool:
+    """Unused for longer than the longest TTL: the session expired while its copy waited (no tombstone tells)."""
+    try:
+        last_used = float(spill.fields.get("last_used", 0))
+    except (TypeError, ValueError):
+        return False
+    return last_used > 0 and time.time() - last_used > ttl_s
 
 
 def _spill_meta(entry: SessionEntry) -> dict:
