@@ -54,6 +54,7 @@ class TurnRequest:
     cancelled: Callable[[], bool] | None = None                 # polled before every step
     deadline: float | None = None                               # time.monotonic() at which the turn stops
     tag: object = None                                          # the caller's (e.g. the session id)
+    started: bool = False   # set when the scheduler starts it: from then a failure may have touched the cache
 
 
 @dataclass
@@ -115,9 +116,11 @@ class Scheduler:
         turns = [plan[i][0] for i in sampling]
         for turn, sampled in zip(turns, self._sample(logits, turns)):
             try:
+                if isinstance(sampled, Exception):
+                    raise sampled
                 self._advance(turn, sampled)
             except Exception as exc:  # noqa: BLE001 - left running with nothing pending, it would stall every step
-                log.exception("turn %r could not take its next token", turn.request.tag)
+                log.error("turn %r could not take its next token: %r", turn.request.tag, exc, exc_info=exc)
                 if turn in self.running:
                     self._finish(turn, error=exc)
         return n_tokens
@@ -182,6 +185,7 @@ class Scheduler:
         turn = _Turn(request, pending, cached, self.engine.text_stream(params),
                      make_generator(params, self.engine.device), stops)
         state.token_ids.extend(request.new_ids)   # last: a start that raised leaves the session as it was
+        request.started = True
         return turn
 
     def _unstarted(self, request: TurnRequest) -> _Turn:
@@ -201,12 +205,8 @@ class Scheduler:
         return plan
 
     # --- sampling and streaming -------------------------------------------------------------------
-    def _advance(self, turn: _Turn, sampled: Sampled | Exception) -> None:
+    def _advance(self, turn: _Turn, sampled: Sampled) -> None:
         """Take the turn's sampled next token, stream it, and decide whether the turn goes on."""
-        if isinstance(sampled, Exception):
-            log.error("turn %r: its next token could not be sampled: %r", turn.request.tag, sampled)
-            self._finish(turn, error=sampled)
-            return
         params, state = turn.request.params, turn.request.state
         token, logprob, top = sampled
         turn.generated.append(token)

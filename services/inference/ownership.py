@@ -8,6 +8,7 @@ past their TTL, and records in Redis why a session was lost. It moves no tensors
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -116,7 +117,8 @@ class Ownership:
     def note(self, sid: str, gen: int, fields: dict, identity: dict) -> None:
         """Write a session's summary under our lease (for other replicas' listings); best effort."""
         try:
-            if not self.directory.fenced(sid, gen, "note", fields, reregister=lambda: self.held(sid, gen), **identity):
+            if not self.directory.fenced(sid, gen, "note", fields, reregister=functools.partial(self.held, sid, gen),
+                                         **identity):
                 self.fence(sid, gen)
         except StoreUnavailable as exc:
             log.info("session %s summary not updated in Redis: %s", sid, exc)

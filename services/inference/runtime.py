@@ -64,7 +64,6 @@ class _Request(TurnRequest):
     """A turn with what the runtime tracks for it, kept on the turn: CPython reuses a finished request's id()."""
 
     restore_error: BaseException | None = None   # the I/O thread's failed restore, raised at the next admission
-    admitted: bool = False   # the scheduler starts it: from here a failure may have touched the session's cache
 
 
 @dataclass(frozen=True)
@@ -225,10 +224,7 @@ class Runtime:
                 self._restore(request)
                 return False
             self._continued.add(id(request))
-        # The scheduler's own check, made here first so that a turn this hook admits is one it starts.
-        self.engine.check_turn(request.state, request.new_ids, request.params)
         if self.admission.admit(request, running=len(self.scheduler.running)):
-            request.admitted = True
             return True
         if continued:
             self.store.unpin(request.tag)
@@ -257,7 +253,7 @@ class Runtime:
         self.admission.release(request)
         self._continued.discard(id(request))
         if isinstance(outcome, BaseException):
-            self._abandon(turn, request.tag, outcome, request.admitted, self.io.submit)  # model loop: no Redis here
+            self._abandon(turn, request.tag, outcome, request.started, self.io.submit)  # model loop: no Redis here
             events.put(_Failed(outcome))
         else:
             self._keep(turn, request)
@@ -282,22 +278,22 @@ class Runtime:
 
     def _keep(self, turn: Turn, request: _Request) -> None:
         """Model loop: record the session of a turn that ended without an error."""
-        if not request.admitted:   # cancelled while queued: as it was (a new session, never seen, never was)
+        if not request.started:   # cancelled while queued: as it was (a new session, never seen, never was)
             self._abandon(turn, request.tag, redis_work=self.io.submit)
         elif request.tag:
             self.store.put(request.tag, request.state)
             self.store.release(request.tag)
 
-    def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None, admitted: bool = False,
+    def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None, started: bool = False,
                  redis_work=None) -> None:
-        """Drop the session of a turn that failed, or never ran (not `admitted`: its cache is untouched).
+        """Drop the session of a turn that failed, or never ran (not `started`: its cache is untouched).
         `redis_work` runs the Redis part of dropping a session (the model loop passes the I/O thread's submit)."""
         if not sid:
             return
         redis_work = redis_work or (lambda fn, *args: fn(*args))
         if turn.session_id is None:
             self.store.discard(sid, redis_work)  # a new session whose first turn failed never existed
-        elif not admitted:
+        elif not started:
             self.store.release(sid)  # ended before the scheduler started it: the cache was never touched
         else:
             self.store.mark_lost(sid, f"an internal error interrupted a turn ({exc!r})", redis_work)
