@@ -243,6 +243,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=40, help="documents a family, as bench_quality's --tasks")
     ap.add_argument("--seed", type=int, help="the documents' seed (default: bench_quality's, 777000 + length); "
                                              "another seed draws other documents from the bench part")
+    ap.add_argument("--chat", action="store_true",
+                    help="the tasks in the model's chat template, as the service sends an Instruct model's turns "
+                         "(default: completion-style text)")
     ap.add_argument("--docs", type=int, nargs="+", default=[14],
                     help="indices of the documents to diagnose (default: multi #14 at 1,000 tokens, which the "
                          "shipped map loses)")
@@ -281,7 +284,11 @@ def main() -> None:
 
 def bench_tasks(engine: Engine, family: str, args) -> list:
     return retrieval_tasks(family, args.length, args.tasks, documents_seed(args.length, args.seed), engine.tokenizer,
-                           part="bench")
+                           part="bench", chat=args.chat)
+
+
+def task_format(chat: bool) -> str:
+    return "chat" if chat else "completion"
 
 
 def label(hm: HeadMap) -> str:
@@ -293,6 +300,8 @@ def label(hm: HeadMap) -> str:
 def run_survey(engine: Engine, args) -> None:
     fp = engine.loaded.fingerprint
     maps = {label(hm): hm for hm in (HeadMap.from_json(path.read_text(), expect=fp) for path in args.survey)}
+    print(f"tasks: {task_format(args.chat)} format, {args.tasks} documents a family, seed "
+          f"{documents_seed(args.length, args.seed)}", flush=True)
     by_family, nbytes = {}, {}   # family -> map -> margins, and bytes on the family's first document
     for family in args.family:
         by_family[family], nbytes[family] = survey(engine, bench_tasks(engine, family, args), maps)
@@ -301,6 +310,7 @@ def run_survey(engine: Engine, args) -> None:
     if args.json:
         args.json.write_text(json.dumps({"length": args.length, "tasks": args.tasks,
                                          "seed": documents_seed(args.length, args.seed),
+                                         "format": task_format(args.chat),
                                          "bytes": nbytes,
                                          "margins": by_family}, indent=1))
     summarise(by_family, nbytes, args.length, args.tasks, args.plot, args.frontier)
@@ -338,6 +348,9 @@ def from_results(paths: list[Path], plot: Path | None, frontier: Path | None) ->
     lengths = {run["length"] for run in runs}
     if len(lengths) > 1:
         raise SystemExit(f"--results: pool surveys of one length, not {sorted(lengths)}")
+    formats = {run.get("format", "completion") for run in runs}
+    if len(formats) > 1:
+        raise SystemExit(f"--results: pool surveys of one task format, not {sorted(formats)}")
     draws: dict[tuple, list[dict]] = {}
     for run in runs:
         draws.setdefault((documents_seed(run["length"], run.get("seed")), run["tasks"]), []).append(run)

@@ -75,3 +75,23 @@ def test_lost_documents_target_keeps_all_of_nothing_where_the_full_cache_answers
     meets = importlib.import_module("bench_lost_documents").meets
     assert meets([-1.0, -2.0], [-0.5, -1.0])              # nothing to keep, accuracy unchanged
     assert not meets([1.0, 2.0], [1.0, -1.0])              # half of what the full cache answered is lost
+
+
+def test_lost_documents_results_pool_one_task_format_only(monkeypatch, tmp_path, capsys):
+    """Surveys in the chat format and in the completion format are other tasks: --results refuses to pool them,
+    and pools two draws of one format (a survey from before the format was recorded is completion-style)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    lost_documents = importlib.import_module("bench_lost_documents")
+    margins = {"word": {"full cache": [1.0, -1.0], "m": [0.5, -0.5]}}
+    survey = {"length": 400, "tasks": 2, "bytes": {"word": {"full cache": 1.0, "m": 0.25}}, "margins": margins}
+    paths = []
+    for name, seed, fmt in (("a", 1, None), ("b", 2, "completion"), ("c", 3, "chat")):
+        run = {**survey, "seed": seed, **({"format": fmt} if fmt else {})}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    lost_documents.from_results(paths[:2], None, None)
+    assert "word (2 of 4)" in capsys.readouterr().out                # two draws pooled
+    with pytest.raises(SystemExit, match="one task format"):
+        lost_documents.from_results(paths, None, None)

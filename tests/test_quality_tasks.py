@@ -138,3 +138,35 @@ def test_answer_rows_score_each_task_under_its_own_map_in_one_batch():
     assert got == pytest.approx(alone, abs=1e-4)
     assert got[0] != pytest.approx(got[1], abs=1e-4)                      # the maps do differ here
     assert all(row.shape == (len(task.answer), engine.dims.vocab_size) for row in rows)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "passkey"])
+def test_chat_tasks_are_the_same_words_as_the_service_renders_the_conversation(tokenizer, family):
+    """The chat format is the completion format's document, question and answer in the model's chat template:
+    the tokens are what the template renders for the whole conversation (document, acknowledgement, the
+    intervening exchange, the question and the reply's start), cut where the turns are cached."""
+    from services.engine.retrieval_tasks import READ_REPLY, READ_REQUEST
+
+    plain = retrieval_tasks(family, 400, 2, seed=5, tokenizer=tokenizer, part="bench")
+    chat = retrieval_tasks(family, 400, 2, seed=5, tokenizer=tokenizer, part="bench", chat=True)
+    for p, c in zip(plain, chat):
+        document = tokenizer.decode(p.document, skip_special_tokens=True)
+        asked, reply = tokenizer.decode(p.question).strip().removeprefix("Question: ").split("? ")
+        messages = [{"role": "user", "content": READ_REQUEST + document}, {"role": "assistant", "content": READ_REPLY}]
+        if p.interlude:
+            other, other_reply = tokenizer.decode(p.interlude).strip().removeprefix("Question: ").split("? ")
+            messages += [{"role": "user", "content": other + "?"}, {"role": "assistant", "content": other_reply}]
+        rendered = tokenizer.apply_chat_template(messages + [{"role": "user", "content": asked + "?"}],
+                                                 tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.decode(c.document + list(c.interlude) + c.question + c.answer)
+        assert whole == rendered + reply + tokenizer.decode(p.answer)
+        assert tokenizer.decode(c.document).endswith("<|im_start|>assistant\n" + READ_REPLY)
+        assert tokenizer.decode(c.question).startswith("<|im_end|>")     # the cached reply's turn closes first
+        assert c.answer_text == p.answer_text and tokenizer.decode(c.answer).strip() == p.answer_text
+        assert tokenizer.decode(c.answer[:1]).strip()                     # no bare space left to score
+        assert c.depth == p.depth and len(c.document) - len(p.document) < 60
+
+
+def test_copy_tasks_have_no_chat_format():
+    with pytest.raises(ValueError, match="no chat format"):
+        retrieval_tasks("copy", 120, 1, seed=3, vocab=(10, 200), chat=True)
