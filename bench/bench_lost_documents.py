@@ -13,6 +13,8 @@ bf16 noise floor: answers lost and gained, whether each family meets the issue's
 on the answers lost (near-ties or not), the margin's shift, each map's loss rate with its exact 95% interval, and
 a plot per family. `--seed` draws other documents from the bench part; `--results` prints and plots saved surveys
 again: surveys of the same documents side by side, the documents of other surveys of one length pooled.
+`--chat` asks the same tasks in the model's chat template (retrieval_tasks: the service's format for an
+Instruct model); surveys of the two formats are never pooled.
 
     .venv/bin/python bench/bench_lost_documents.py --map bench/results/map-e836427db1db61d9.headmap.json \\
         --family multi --length 1000 --tasks 40 --docs 14 22
