@@ -263,6 +263,35 @@ def test_a_session_that_expired_while_its_local_copy_waited_is_not_uploaded(star
         own.stop()
 
 
+def test_a_local_copy_keeps_its_sessions_own_ttl_and_pin(start_server, make_redis, tmp_path):
+    """A session's own TTL and pin travel with its local copy: one whose own (shorter) TTL ran out while the
+    copy waited is not uploaded, though it is younger than the replica's default TTL; one that is uploaded keeps
+    its TTL and pin (a Redis that lost everything has them only from the copy)."""
+    own = make_redis().start()
+    spill_dir = tmp_path / "spill-dir"
+    try:
+        first = start_server(redis_url=own.url, local_spill_dir=str(spill_dir), session_ttl_s=60)
+        with RazorClient(first.target) as client:
+            short = client.generate(prompt="A conversation that lives two seconds", max_new_tokens=2).session_id
+            kept = client.generate(prompt="A pinned conversation that lives long", max_new_tokens=2).session_id
+            client.update_session(short, ttl_s=2)
+            client.update_session(kept, ttl_s=45, pinned=True)
+        own.stop()
+        first.stop(1.0)
+        assert first.shutdown_counts == {"spilled": 0, "saved_locally": 2, "lost": 0}
+        time.sleep(2.5)   # past the short session's own TTL, well within the default
+        own.start()       # empty: this Redis keeps no data across restarts
+        second = start_server(redis_url=own.url, local_spill_dir=str(spill_dir), session_ttl_s=60)
+        assert not list(spill_dir.glob("*.razorspill")), "read at start"
+        with RazorClient(second.target) as client:
+            assert rpc_error(lambda: client.get_session(short)).code() == grpc.StatusCode.NOT_FOUND
+            uploaded = client.get_session(kept)
+            assert (uploaded.ttl_s, uploaded.pinned) == (45, True)
+            assert redis.Redis.from_url(own.url).ttl(meta_key(kept)) <= 45
+    finally:
+        own.stop()
+
+
 def test_a_resident_session_outlives_a_redis_restart_that_lost_its_metadata(start_server, make_redis, tiny_loaded,
                                                                              tiny_head_map):
     """Redis restarts empty (no persistence) under a running replica: the session's metadata and lease are gone,

@@ -32,6 +32,8 @@ class LocalSpill:
     fields: dict
     header: bytes
     chunks: list[bytes]
+    ttl_s: int = 0          # the session's own TTL (0: the replica's default), which the upload keeps
+    pinned: bool = False
 
 
 class LocalSpills:
@@ -42,6 +44,7 @@ class LocalSpills:
         self.directory.mkdir(parents=True, exist_ok=True)
         intro = {"format": FORMAT, "session_id": spill.sid, "owner": spill.owner, "gen": spill.gen,
                  "tenant": spill.tenant, "created_at": spill.created_at, "fields": spill.fields,
+                 "ttl_s": spill.ttl_s, "pinned": spill.pinned,
                  "header_bytes": len(spill.header), "chunk_bytes": [len(c) for c in spill.chunks]}
         path = self.directory / f"{spill.sid}{SUFFIX}"
         tmp = path.with_suffix(".tmp")
@@ -71,11 +74,12 @@ class LocalSpills:
                 sid, owner, gen = str(intro["session_id"]), str(intro["owner"]), int(intro["gen"])
                 tenant, created_at = str(intro["tenant"]), float(intro["created_at"])
                 fields = dict(intro["fields"])
-            except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+                ttl_s, pinned = int(intro.get("ttl_s", 0)), bool(intro.get("pinned", False))   # absent before v0.25
+            except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
                 raise ValueError(f"not a local spill ({exc!r})") from exc
         if len(header) != intro["header_bytes"] or [len(c) for c in chunks] != intro["chunk_bytes"]:
             raise ValueError("the file is truncated")
-        return LocalSpill(sid, owner, gen, tenant, created_at, fields, header, chunks)
+        return LocalSpill(sid, owner, gen, tenant, created_at, fields, header, chunks, ttl_s, pinned)
 
 
 def _sizes(intro: dict, left: int) -> list[int]:

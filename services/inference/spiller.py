@@ -159,7 +159,7 @@ class Spiller:
             return False
         header, chunks = self.copies.encode(entry.state, _spill_meta(entry))
         spill = LocalSpill(sid, self.directory.replica_id, entry.gen, entry.tenant, entry.created_at,
-                           summary_fields(entry), header, chunks)
+                           summary_fields(entry), header, chunks, entry.ttl_s, entry.keep_resident)
         log.warning("saved session %s to %s", sid, self.local_spills.save(spill))
         return True
 
@@ -180,12 +180,13 @@ class Spiller:
     def _upload(self, spill: LocalSpill) -> int:
         """Fenced as a spill by the replica and generation that saved it: refused once the session moved on."""
         uploader = self._directory_of(spill.owner)
-        if _outlived(spill, uploader.session_ttl_s):
-            log.warning("local copy of session %s was last used longer ago than any session lives (%d s); "
-                        "discarded", spill.sid, uploader.session_ttl_s)
+        ttl_s = spill.ttl_s or uploader.session_ttl_s
+        if _outlived(spill, ttl_s):
+            log.warning("local copy of session %s was last used longer ago than the session lives (%d s); "
+                        "discarded", spill.sid, ttl_s)
             return 0
         if uploader.fenced(spill.sid, spill.gen, "save_release", spill.fields, blob=(spill.header, spill.chunks),
-                           tenant=spill.tenant, created_at=spill.created_at,
+                           tenant=spill.tenant, created_at=spill.created_at, ttl_s=spill.ttl_s, pinned=spill.pinned,
                            reregister=lambda: not uploader.deleted(spill.sid)):   # else Redis lost it: bring it back
             log.info("uploaded session %s saved locally at the last shutdown", spill.sid)
             return 1
@@ -195,7 +196,7 @@ class Spiller:
 
 
 def _outlived(spill: LocalSpill, ttl_s: int) -> bool:
-    """Unused for longer than the longest TTL: the session expired while its copy waited (no tombstone tells)."""
+    """Unused for longer than its TTL: the session expired while its copy waited (no tombstone tells)."""
     try:
         last_used = float(spill.fields.get("last_used", 0))
     except (TypeError, ValueError):
