@@ -9,7 +9,8 @@ Keys (one model fingerprint ``fp``, one content-hash ``version``):
     razor:headmaps:{fp}:active            the active version
     razor:headmaps:{fp}:active_by         hash {"order", "job", "at"}: what set the active pointer; "order" is the
                                           submission time of the job that set it (or the time of an explicit
-                                          `activate`), so an older job's map never replaces a newer one's
+                                          `activate`), so an older job's map never replaces a newer one's;
+                                          every such time is Redis's clock (`redis_time`), one for all hosts
     razor:headmaps:{fp}:params:{digest}   version produced by one set of profiling parameters
     razor:headmaps:{fp}:refused           hash version -> {"reason", "at"} as JSON: active pointers a
                                           service could not load (cleared when one later loads)
@@ -176,6 +177,13 @@ return {1, ARGV[1], ARGV[3]}
 """
 
 
+def redis_time(client) -> float:
+    """Seconds since the epoch by the Redis server's clock: the one clock every replica and worker shares, so
+    the order of submissions and activations does not depend on how far apart the hosts' clocks drift."""
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1e6
+
+
 @dataclass(frozen=True)
 class Activation:
     """What `activate_if_newer` did: `activated`, else `active` is the version a newer job (`by_job`; "" for an
@@ -220,7 +228,7 @@ class HeadMapStore:
         becomes active)."""
         fp = _fp_id(fingerprint)
         self.get(fingerprint, version)
-        now = time.time()
+        now = redis_time(self.client)
         pipe = self.client.pipeline(transaction=True)
         pipe.set(_active_key(fp), version)
         pipe.hset(_active_by_key(fp), mapping={"order": repr(now), "job": "", "at": repr(now)})
@@ -238,7 +246,7 @@ class HeadMapStore:
         note = json.dumps({"fingerprint": fp, "version": version})
         moved, active, by_job = self._activate_if_newer(
             keys=[_active_key(fp), _active_by_key(fp)],
-            args=[version, repr(float(order)), job, repr(time.time()), CHANNEL, note])
+            args=[version, repr(float(order)), job, repr(redis_time(self.client)), CHANNEL, note])
         return Activation(bool(moved), _text(active), _text(by_job))
 
     # --- reading (the service and the worker) -----------------------------------------------

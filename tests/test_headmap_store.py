@@ -13,7 +13,7 @@ from conftest import RedisServer, announce_raw
 from services.engine import CompressionParams, HeadMap, HeadMapError, ModelFingerprint
 from services.engine.headmap import SHIPPED_DIR
 from services.headmap_store import (CHANNEL, HeadMapStore, InvalidProfileParams, map_key, params_digest,
-                                    parse_profile_params)
+                                    parse_profile_params, redis_time)
 from services.inference.headmaps import HeadMapRegistry
 
 FP = ModelFingerprint("llama", 4, 4, 2, 16, "a" * 64)
@@ -364,6 +364,29 @@ def test_explicit_activation_is_unconditional_and_outranks_jobs_submitted_before
     late = store.activate_if_newer(FP, newer, order=before, job="job-before")   # submitted before that choice
     assert (late.activated, late.active, late.by_job) == (False, older, "")
     assert store.activate_if_newer(FP, newer, order=time.time() + 1, job="job-after").activated
+
+
+def test_activation_and_submission_times_are_redis_s_clock_not_the_hosts(store, monkeypatch, redis_url):
+    """Replicas and workers on hosts whose clocks drift apart order jobs and explicit choices by one clock:
+    Redis's. An explicit activation on a host an hour fast must not outrank a job submitted after it elsewhere,
+    and a job submitted on a host an hour slow is still ordered after one submitted before it."""
+    from services.inference.profile_jobs import ProfileJobs, _record_key
+
+    older, newer = store.publish(make_map(kept=2), None), store.publish(make_map(kept=1), None)
+    skewed = time.time() + 3600
+    monkeypatch.setattr("services.headmap_store.time.time", lambda: skewed)
+    store.activate(FP, older)                                    # on the fast host
+    monkeypatch.undo()
+    later = redis_time(store.client) + 1                         # a job submitted a second later, on a true clock
+    assert store.activate_if_newer(FP, newer, order=later, job="job-after").activated
+    slow = time.time() - 3600
+    monkeypatch.setattr("services.inference.profile_jobs.time.time", lambda: slow)
+    jobs = ProfileJobs(redis_url)
+    monkeypatch.setattr(jobs.app, "send_task", lambda *args, **kwargs: None)   # no worker here: the record is all
+    job = jobs.submit("smollm2")
+    submitted = float(jobs.redis.hget(_record_key(job), "submitted_at"))
+    assert abs(submitted - redis_time(store.client)) < 5, "the slow host's clock did not stamp it"
+    assert submitted > later - 1
 
 
 def test_conditional_activation_checks_the_map_first(store):

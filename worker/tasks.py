@@ -5,9 +5,10 @@ Job-state shape (read by the service through the result backend):
   on success:    {head_map_version, fingerprint, kv_fraction, reused, activated, active_version, activation,
                   timings}
   on failure:    the exception (type + message), e.g. a model that cannot be loaded.
-Maps go live in the order their jobs were SUBMITTED (`submitted_at` of the job record the service writes), not the
-order they finish: a retried, re-queued or slower older job publishes its map but leaves a newer job's map active
-(`HeadMapStore.activate_if_newer`); its result and its job record (field `activation`) say so.
+Maps go live in the order their jobs were SUBMITTED (`submitted_at` of the job record the service writes, by
+Redis's clock), not the order they finish: a retried, re-queued or slower older job publishes its map but leaves a
+newer job's map active (`HeadMapStore.activate_if_newer`); its result and its job record (field `activation`) say
+so.
 A calibrating job that names `min_window`, `sink` or `ratio` gets exactly those: they become one-value search grids.
 The heartbeat is refreshed every `profile_heartbeat_s` by a thread, so a reader can tell a running job
 from one whose worker died; the same thread renews the job's lease (worker/watchdog.py), whose lapse makes
@@ -28,7 +29,7 @@ import redis
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 import services.engine as engine
-from services.headmap_store import HeadMapStore, params_digest, parse_profile_params
+from services.headmap_store import HeadMapStore, params_digest, parse_profile_params, redis_time
 from services.model_refs import ModelRefPolicy
 from services.settings import get_settings
 from worker.app import TASK_NAME, app, redis_client
@@ -146,7 +147,7 @@ def _job_order(task) -> float:
         return float(submitted)
     except (TypeError, ValueError):
         key = FIRST_SEEN_KEY.format(task.request.id)
-        client.set(key, repr(time.time()), nx=True, ex=7 * 86400)
+        client.set(key, repr(redis_time(client)), nx=True, ex=7 * 86400)
         return float(client.get(key))
 
 

@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from services.headmap_store import InvalidProfileParams, parse_profile_params
+from services.headmap_store import InvalidProfileParams, parse_profile_params, redis_time
 from services.model_refs import ModelRefPolicy
 from services.settings import get_settings
 
@@ -72,9 +72,9 @@ class ProfileJobs:
         if targets and calibrate is False:
             raise InvalidProfileParams(f"{sorted(targets)} are calibration targets; drop them or set calibrate=true")
         job_id = uuid.uuid4().hex
-        record = {"model_ref": model_ref, "params": json.dumps(params), "submitted_at": time.time(),
-                  "calibrate": json.dumps(calibrate)}
         try:
+            record = {"model_ref": model_ref, "params": json.dumps(params), "submitted_at": redis_time(self.redis),
+                      "calibrate": json.dumps(calibrate)}   # Redis's clock: maps go live in this order
             self.redis.hset(_record_key(job_id), mapping=record)
             self.redis.expire(_record_key(job_id), RECORD_TTL_S)
             self.app.send_task(TASK_NAME, args=[model_ref, params], kwargs={"calibrate": None if calibrate is None else bool(calibrate)},
