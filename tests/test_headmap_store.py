@@ -380,13 +380,41 @@ def test_activation_and_submission_times_are_redis_s_clock_not_the_hosts(store, 
     later = redis_time(store.client) + 1                         # a job submitted a second later, on a true clock
     assert store.activate_if_newer(FP, newer, order=later, job="job-after").activated
     slow = time.time() - 3600
-    monkeypatch.setattr("services.inference.profile_jobs.time.time", lambda: slow)
+    monkeypatch.setattr("time.time", lambda: slow)                      # the submitting host
     jobs = ProfileJobs(redis_url)
     monkeypatch.setattr(jobs.app, "send_task", lambda *args, **kwargs: None)   # no worker here: the record is all
     job = jobs.submit("smollm2")
     submitted = float(jobs.redis.hget(_record_key(job), "submitted_at"))
     assert abs(submitted - redis_time(store.client)) < 5, "the slow host's clock did not stamp it"
     assert submitted > later - 1
+
+
+def test_a_running_jobs_heartbeat_and_a_workers_sign_of_life_are_read_by_redis_s_clock(monkeypatch, redis_url):
+    """A worker on a host an hour slow still counts as alive, and its running job as running, to a service on a
+    true clock: both sides stamp and compare by Redis's clock."""
+    import functools
+    import json as json_
+    from types import SimpleNamespace
+
+    from services.inference.profile_jobs import WORKERS_KEY, ProfileJobs, _record_key
+    from worker.tasks import Heartbeat
+    from worker.watchdog import Watchdog
+
+    jobs = ProfileJobs(redis_url, stale_after_s=30)
+    client, job, written = jobs.redis, f"job-skew-{time.monotonic_ns()}", {}
+    client.hset(_record_key(job), mapping={"model_ref": "smollm2", "params": "{}", "calibrate": "null"})
+    task = SimpleNamespace(request=SimpleNamespace(id=job), backend=SimpleNamespace(
+        store_result=lambda task_id, meta, state, request: written.update(meta=meta)))
+    slow = time.time() - 3600
+    monkeypatch.setattr("time.time", lambda: slow)                      # the worker's host
+    Heartbeat(task, 1, 60.0, clock=functools.partial(redis_time, client)).update(1, 4, "scoring heads")
+    watchdog = Watchdog(client, f"worker-skew-{job}", 60.0, resend=lambda *args: None)
+    watchdog.tick()
+    monkeypatch.undo()                                                  # the service's host
+    client.set(f"celery-task-meta-{job}", json_.dumps({"status": "PROGRESS", "result": written["meta"]}))
+    assert jobs.status(job)["state"] == "running"
+    assert abs(client.zscore(WORKERS_KEY, watchdog.name) - redis_time(client)) < 5
+    client.zrem(WORKERS_KEY, watchdog.name)
 
 
 def test_conditional_activation_checks_the_map_first(store):

@@ -50,8 +50,9 @@ engine.CalibrationParams(**CALIBRATION_TASKS)
 class Heartbeat:
     """Publishes progress meta; a background thread re-sends it so the heartbeat stays fresh."""
 
-    def __init__(self, task, attempt: int, every_s: float, lease: JobLease | None = None):
+    def __init__(self, task, attempt: int, every_s: float, lease: JobLease | None = None, clock=time.time):
         self.task, self.every_s, self.lease = task, every_s, lease
+        self.clock = clock   # the heartbeat's time: Redis's clock in a job, which the service compares it with
         # The request is thread-local: the beat thread would see an empty one (no id, no name), so
         # this delivery's request is captured here and passed to every write.
         self.request = task.request
@@ -81,10 +82,10 @@ class Heartbeat:
 
     def _send(self) -> None:
         with self._lock:
-            meta = dict(self.meta, heartbeat=time.time())
             try:
+                meta = dict(self.meta, heartbeat=self.clock())
                 self.task.backend.store_result(self.task_id, meta, "PROGRESS", request=self.request)
-                self._last_sent = meta["heartbeat"]
+                self._last_sent = time.time()
                 if self.lease is not None and not self.lease.renew():
                     # Another delivery may run it too; the result is the same (idempotent publish).
                     log.warning("profile job %s: lease lapsed; a watchdog may have re-queued it", self.task_id)
@@ -237,7 +238,8 @@ def _profile_claimed(task, lease: JobLease, model_ref: str, params: dict | None,
     order = _job_order(task)
     t0 = time.perf_counter()
     try:
-        with Heartbeat(task, attempt, settings.profile_heartbeat_s, lease) as beat:
+        with Heartbeat(task, attempt, settings.profile_heartbeat_s, lease, functools.partial(redis_time, _redis())) \
+                as beat:
             return _run(beat, model_ref, profile_params, compression, calibrate, targets, t0, grids, order)
     except SoftTimeLimitExceeded:
         raise RuntimeError(f"profiling exceeded the time limit of {settings.profile_time_limit_s}s; "

@@ -27,6 +27,8 @@ import uuid
 
 import redis
 
+from services.headmap_store import redis_time
+
 log = logging.getLogger(__name__)
 
 RUNNING_KEY = "razor:profile:running"
@@ -117,7 +119,7 @@ class Watchdog:
 
     def tick(self) -> list[str]:
         """One round: say this worker is alive, then re-queue orphaned jobs. Returns their ids."""
-        now = time.time()
+        now = redis_time(self.client)   # the service compares it with Redis's clock too
         self.client.zadd(WORKERS_KEY, {self.name: now})
         self.client.zremrangebyscore(WORKERS_KEY, "-inf", now - FORGET_WORKER_AFTER_S)
         requeued = []

@@ -15,7 +15,6 @@ say that no worker is alive to take it.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import redis
@@ -93,7 +92,7 @@ class ProfileJobs:
             if not self.redis.exists(_record_key(job_id)):
                 raise KeyError(f"no profiling job {job_id!r}")
             raw = self.redis.get(f"celery-task-meta-{job_id}")
-            out = self._describe(*_meta(raw))
+            out = self._describe(*_meta(raw), now=redis_time(self.redis))
             if out["state"] == "queued" and not self.workers_alive():
                 out["stage"] += " (no profiling worker is alive to take it)"
         except redis.RedisError as e:
@@ -102,15 +101,16 @@ class ProfileJobs:
 
     def workers_alive(self) -> int:
         """Workers whose watchdog reported within the staleness window."""
-        return self.redis.zcount(WORKERS_KEY, time.time() - self.stale_after_s, "+inf")
+        return self.redis.zcount(WORKERS_KEY, redis_time(self.redis) - self.stale_after_s, "+inf")
 
-    def _describe(self, celery_state: str | None, result) -> dict:
+    def _describe(self, celery_state: str | None, result, now: float) -> dict:
+        """`now` is Redis's clock, which workers stamp their heartbeats with (hosts' clocks may drift apart)."""
         out = {"state": "queued", "done": 0, "total": 0, "stage": "queued", "timings": {},
                "head_map_version": "", "error": "", "activation": ""}
         if celery_state == "PROGRESS" and isinstance(result, dict):
             out.update(done=int(result.get("done", 0)), total=int(result.get("total", 0)),
                        stage=str(result.get("stage", "")))
-            if time.time() - float(result.get("heartbeat", 0)) <= self.stale_after_s:
+            if now - float(result.get("heartbeat", 0)) <= self.stale_after_s:
                 out["state"] = "running"
             else:   # the worker died mid-job; the broker redelivers it (late ack) or it fails after retries
                 out["stage"] = f"worker lost during '{out['stage']}'; waiting to be retried"
