@@ -3,7 +3,7 @@
 A real gRPC server on loopback with real Redis and the tiny model. Bad chat input (a template's own
 `raise_exception`) is INVALID_ARGUMENT; any failure before the turn started (while encoding, at admission) only
 releases a continued session, while a failure mid-turn still marks it lost; a restore that fails after its turn
-was cancelled leaves nothing behind; a Generate cancelled while queued leaves no session.
+was cancelled leaves nothing behind; a Generate cancelled (or aborted) while queued leaves no session, and names none.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from services.engine import Engine, SamplingParams, hf
-from services.inference.client import RazorClient
+from services.inference.client import RazorClient, collect
 from services.inference.errors import StoreUnavailable
 from tests.test_abort_logprobs import PROMPT, TURN
 from tests.test_service import rpc_error, wait_until
@@ -160,3 +160,23 @@ def test_a_generate_cancelled_before_admission_leaves_no_session(start_server):
         assert list(client.list_sessions()) == [] and runtime.store.owned() == []
         # The one session max_sessions allows is still free.
         assert client.generate(prompt=PROMPT, max_new_tokens=2).generated_tokens == 2
+
+
+def test_a_generate_aborted_while_queued_names_no_session(start_server):
+    """Aborted from another connection before it started, a Generate's stream ends with a cancelled completion
+    that names no session: the new session was discarded, and continuing it would be NOT_FOUND."""
+    server = start_server(max_running=1, step_tokens=64)
+    runtime = server.runtime
+    with RazorClient(server.target, timeout_s=60) as client, RazorClient(server.target, timeout_s=60) as other:
+        blocker = client.stream_generate(prompt=PROMPT, max_new_tokens=3000, keep_session=False)
+        next(blocker)   # the one running slot is taken
+        queued = client.stream_generate(prompt=PROMPT, max_new_tokens=3, request_id="queued-turn")
+        wait_until(lambda: len(runtime.scheduler.waiting) == 1)
+        assert other.abort("queued-turn")
+        reply = collect(queued)
+        assert reply.finish_reason == "cancelled" and reply.generated_tokens == 0
+        assert reply.session_id == "" and reply.request_id == "queued-turn"
+        blocker.cancel()
+        assert runtime.wait_idle(30)
+        runtime.io.submit(lambda: None).result(timeout=30)
+        assert list(client.list_sessions()) == []

@@ -69,6 +69,7 @@ class _Request(TurnRequest):
 @dataclass(frozen=True)
 class Finished:
     result: GenerationResult
+    session_kept: bool = True   # False: a new session whose turn never started (cancelled while queued) is gone
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class TurnStream:
                     self._on_end()
                 if isinstance(item, _Failed):
                     raise item.error
+                if isinstance(item, Finished) and not item.session_kept:
+                    self.session_id = ""   # the completion names no session: continuing it would be NOT_FOUND
                 yield item
                 if isinstance(item, Finished):
                     return
@@ -256,8 +259,7 @@ class Runtime:
             self._abandon(turn, request.tag, outcome, request.started, self.io.submit)  # model loop: no Redis here
             events.put(_Failed(outcome))
         else:
-            self._keep(turn, request)
-            events.put(Finished(outcome))
+            events.put(Finished(outcome, session_kept=self._keep(turn, request)))
             self._notify(outcome, time.perf_counter() - started)
             self.io.submit(self.store.settle)  # spill over-budget idle sessions, off the model loop
         # Its stream frees the request id before the client sees the end; this covers a stream never read.
@@ -276,13 +278,16 @@ class Runtime:
         except Exception:  # noqa: BLE001 - a metrics hook must never break serving
             log.exception("on_turn hook failed")
 
-    def _keep(self, turn: Turn, request: _Request) -> None:
-        """Model loop: record the session of a turn that ended without an error."""
+    def _keep(self, turn: Turn, request: _Request) -> bool:
+        """Model loop: record the session of a turn that ended without an error; False when it was a new session
+        that is gone again."""
         if not request.started:   # cancelled while queued: as it was (a new session, never seen, never was)
             self._abandon(turn, request.tag, redis_work=self.io.submit)
-        elif request.tag:
+            return turn.session_id is not None
+        if request.tag:
             self.store.put(request.tag, request.state)
             self.store.release(request.tag)
+        return True
 
     def _abandon(self, turn: Turn, sid: str, exc: BaseException | None = None, started: bool = False,
                  redis_work=None) -> None:
