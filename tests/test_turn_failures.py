@@ -3,7 +3,8 @@
 A real gRPC server on loopback with real Redis and the tiny model. Bad chat input (a template's own
 `raise_exception`) is INVALID_ARGUMENT; any failure before the turn started (while encoding, at admission) only
 releases a continued session, while a failure mid-turn still marks it lost; a restore that fails after its turn
-was cancelled leaves nothing behind; a Generate cancelled (or aborted) while queued leaves no session, and names none.
+was cancelled leaves nothing behind; a Generate cancelled (or aborted) while queued leaves no session, and names
+none.
 """
 from __future__ import annotations
 
