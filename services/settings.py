@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     # --- gRPC server ----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the gRPC server binds")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one)")
-    max_workers: int = Field(48, ge=1, description="gRPC handler threads (at least RAZOR_MAX_RUNNING + 8: each "
-                             "streaming turn holds one for its whole life)")
+    max_workers: int = Field(64, ge=1, description="gRPC handler threads (at least RAZOR_MAX_RUNNING + "
+                             "RAZOR_MAX_WAITING + 8: each streaming turn holds one for its whole life)")
     grace_s: float = Field(10.0, ge=0, description="seconds in-flight streams get on shutdown")
     drain_delay_s: float = Field(
         0.0, ge=0, description="seconds a stopping service keeps serving with health NOT_SERVING, so polling "
@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     max_sessions: int = Field(10_000, ge=1, description="sessions known to one service")
     max_running: int = Field(32, ge=1, description="turns decoding together in one batch (at most "
                              "RAZOR_MAX_WORKERS - 8: raise both together)")
+    max_waiting: int = Field(0, ge=0, description="turns waiting for a batch slot; more are refused with "
+                             "RESOURCE_EXHAUSTED (0 = what the handler threads leave: RAZOR_MAX_WORKERS - "
+                             "RAZOR_MAX_RUNNING - 8)")
     step_tokens: int = Field(256, ge=2, description="tokens per model step: one per decoding turn + prefill chunks")
     max_input_chars: int = Field(0, ge=0, description="longest prompt or turn in characters (0 = 32 per context token)")
     max_import_bytes: int = Field(2**30, ge=1, description="largest session export ImportSession accepts, in bytes")
@@ -206,7 +209,17 @@ class Settings(BaseSettings):
             raise ValueError(f"RAZOR_MAX_WORKERS ({self.max_workers}) must be at least RAZOR_MAX_RUNNING "
                              f"({self.max_running}) + {HANDLER_HEADROOM}: each streaming turn holds a gRPC handler "
                              "thread, and health checks, Abort and listings need threads beside them")
+        if self.max_waiting > self.max_workers - self.max_running - HANDLER_HEADROOM:
+            raise ValueError(f"RAZOR_MAX_WAITING ({self.max_waiting}) leaves too few handler threads: a waiting turn "
+                             f"holds one too, so RAZOR_MAX_WORKERS ({self.max_workers}) must be at least "
+                             f"RAZOR_MAX_RUNNING ({self.max_running}) + RAZOR_MAX_WAITING + {HANDLER_HEADROOM}; "
+                             "raise RAZOR_MAX_WORKERS or leave RAZOR_MAX_WAITING at 0")
         return self
+
+    def max_turns(self) -> int:
+        """Turns one replica takes at once, running and waiting; more are refused rather than queued where
+        health checks would wait behind them."""
+        return self.max_running + (self.max_waiting or self.max_workers - self.max_running - HANDLER_HEADROOM)
 
     @model_validator(mode="after")
     def _api_keys_table(self) -> "Settings":

@@ -364,6 +364,51 @@ def test_handler_threads_must_outnumber_the_turns_a_batch_runs():
         Settings(max_workers=8, max_running=1, step_tokens=64)
 
 
+def test_waiting_turns_hold_handler_threads_too_so_their_number_is_bounded_by_them():
+    from services.settings import Settings
+    assert Settings().max_turns() == Settings().max_workers - 8          # 32 running + 24 waiting by default
+    assert Settings(max_workers=20, max_running=4, max_waiting=3, step_tokens=64).max_turns() == 7
+    Settings(max_workers=20, max_running=4, max_waiting=8, step_tokens=64)
+    with pytest.raises(ValueError, match="RAZOR_MAX_WAITING .9. leaves too few handler threads"):
+        Settings(max_workers=20, max_running=4, max_waiting=9, step_tokens=64)
+
+
+def test_a_busy_replica_refuses_turns_beyond_its_queue_and_still_answers_health_checks(start_server):
+    """One turn runs and one waits (RAZOR_MAX_RUNNING=1, RAZOR_MAX_WAITING=1): a third is RESOURCE_EXHAUSTED at
+    once, leaving no session, while health checks are answered; once the load is gone turns are taken again."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = start_server(max_running=1, max_waiting=1, max_workers=10, step_tokens=64)
+    with RazorClient(server.target, timeout_s=60) as client:
+        blocker = client.stream_generate(prompt=PROMPT, max_new_tokens=3000, keep_session=False)
+        next(blocker)
+        queued = client.stream_generate(prompt=PROMPT, max_new_tokens=2)
+        wait_until(lambda: len(server.runtime.scheduler.waiting) == 1)
+        error = rpc_error(lambda: client.generate(prompt=PROMPT, max_new_tokens=2))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "busy" in error.details() and "RAZOR_MAX_WAITING" in error.details()
+        with grpc.insecure_channel(server.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        blocker.cancel()
+        waited = [m for m in queued]
+        assert waited[-1].completion.usage.generated_tokens == 2
+        assert [s.session_id for s in client.list_sessions()] == [waited[-1].session_id]   # the refused left none
+        assert client.generate(prompt=PROMPT, max_new_tokens=2).generated_tokens == 2
+
+
+def test_a_turn_is_counted_out_before_its_caller_hears_it_ended(start_server):
+    """With room for one turn, a client that sends its next turn the moment the last one ended is never refused:
+    the ended turn stops counting before its stream ends."""
+    server = start_server(max_running=1, max_workers=9, step_tokens=64)   # max_turns() == 1
+    assert server.runtime.max_turns == 1
+    with RazorClient(server.target, timeout_s=60) as client:
+        sid = client.generate(prompt=PROMPT, max_new_tokens=1).session_id
+        for _ in range(8):
+            assert client.continue_session(sid, text=" and", max_new_tokens=1).generated_tokens == 1
+
+
+
 def test_a_turn_handed_to_a_stopped_model_loop_is_refused_not_left_waiting(tiny_loaded, tiny_head_map):
     """Shutdown stops the model loop once no turn is left; a handler that submits after that (it was still
     tokenizing) must hear ShuttingDown, or it would wait for ever and keep the process from exiting."""

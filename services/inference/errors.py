@@ -41,6 +41,10 @@ class StoreUnavailable(SessionError):
     """The session is spilled and Redis cannot be reached to restore it."""
 
 
+class Overloaded(Exception):
+    """This replica already runs and queues as many turns as it takes (RAZOR_MAX_RUNNING + RAZOR_MAX_WAITING)."""
+
+
 class ShuttingDown(Exception):
     """The service is stopping and takes no new turns."""
 

@@ -27,7 +27,7 @@ from services.engine import (Engine, GenerationResult, HeadMap, LoadedModel, Sam
 
 from .admission import Admission
 from .engine_loop import EngineLoop
-from .errors import InvalidArgument, ShuttingDown
+from .errors import InvalidArgument, Overloaded, ShuttingDown
 from .leases import LeaseKeeper
 from .requests import RequestRegistry, check_request_id
 from . import session_moves, transfer
@@ -119,7 +119,7 @@ class FixedHeadMaps:
 
 class Runtime:
     def __init__(self, loaded: LoadedModel, head_maps, store: SessionStore,
-                 scheduler: SchedulerConfig = SchedulerConfig(), max_input_chars: int = 0):
+                 scheduler: SchedulerConfig = SchedulerConfig(), max_input_chars: int = 0, max_turns: int = 0):
         self.loaded, self.head_maps, self.store = loaded, head_maps, store
         self.engine = Engine(loaded, head_maps.active)
         fp, itemsize = loaded.fingerprint, loaded.dtype.itemsize
@@ -143,6 +143,9 @@ class Runtime:
         self._mu = threading.Condition()
         self._cancels: set[threading.Event] = set()
         self._closed = False
+        # Turns taken at once, running and waiting (0 = no bound): beyond it a turn is refused, not queued
+        # where it would hold a handler thread that health checks and Abort need.
+        self.max_turns = max_turns
         self.on_turn = None  # optional hook(result, seconds), e.g. metrics
         self.token_rate = TokenRate()
 
@@ -169,6 +172,7 @@ class Runtime:
         self.requests.abort(tenant, check_request_id(request_id))
 
     def _start_turn(self, turn: Turn, cancel: threading.Event) -> tuple[str, queue.SimpleQueue]:
+        self._check_room()   # before any session work: a refusal under load costs no Redis call
         entry = self.store.acquire(turn.session_id, turn.tenant) if turn.session_id is not None else None
         if entry is not None:
             sid = turn.session_id
@@ -179,6 +183,7 @@ class Runtime:
             with self._mu:
                 if self._closed:
                     raise ShuttingDown("the service is shutting down; retry on another replica or after restart")
+                self._check_room()   # again under the lock, where the turn is counted
                 self._cancels.add(cancel)
             request = self._request(turn, sid, entry, events, cancel)
             self.loop.submit(request)   # the engine's own checks raise here, synchronously
@@ -187,6 +192,12 @@ class Runtime:
             self._abandon(turn, sid)   # not submitted: the session's cache is untouched
             raise
         return sid, events
+
+    def _check_room(self) -> None:
+        if self.max_turns and len(self._cancels) >= self.max_turns:
+            raise Overloaded(f"this replica is busy: it takes at most {self.max_turns} turns at once, running and "
+                             "waiting (RAZOR_MAX_RUNNING + RAZOR_MAX_WAITING); retry with backoff, or on another "
+                             "replica")
 
     def _request(self, turn: Turn, sid: str, entry, events, cancel: threading.Event) -> _Request:
         history = entry.length if entry is not None else 0
@@ -257,14 +268,15 @@ class Runtime:
         self._continued.discard(id(request))
         if isinstance(outcome, BaseException):
             self._abandon(turn, request.tag, outcome, request.started, self.io.submit)  # model loop: no Redis here
-            events.put(_Failed(outcome))
+            end = _Failed(outcome)
         else:
-            events.put(Finished(outcome, session_kept=self._keep(turn, request)))
+            end = Finished(outcome, session_kept=self._keep(turn, request))
             self._notify(outcome, time.perf_counter() - started)
             self.io.submit(self.store.settle)  # spill over-budget idle sessions, off the model loop
         # Its stream frees the request id before the client sees the end; this covers a stream never read.
         self.io.submit(self.requests.unregister, turn.tenant, turn.request_id, cancel)
-        self._forget(cancel)
+        self._forget(cancel)   # before its caller hears: the caller's next turn must find the room free
+        events.put(end)
 
     def _forget(self, cancel: threading.Event) -> None:
         with self._mu:

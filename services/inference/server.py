@@ -290,7 +290,8 @@ def build_server(settings: Settings, *, loaded: LoadedModel | None = None, head_
         log.warning("Redis unreachable at start (%s); locally saved sessions stay in %s until the next start",
                     exc, settings.local_spill_dir)
     scheduler = SchedulerConfig(max_running=settings.max_running, step_tokens=settings.step_tokens)
-    runtime = Runtime(loaded, head_maps, store, scheduler, max_input_chars=settings.max_input_chars)
+    runtime = Runtime(loaded, head_maps, store, scheduler, max_input_chars=settings.max_input_chars,
+                      max_turns=settings.max_turns())
     runtime.max_import_bytes = settings.max_import_bytes
     return RazorServer(settings, runtime, jobs, head_map_store)
 

@@ -33,8 +33,8 @@ from services.model_refs import ModelRefRefused  # noqa: E402
 
 from . import validation
 from .auth import tenant_of
-from .errors import (BudgetExhausted, Cancelled, InvalidArgument, NotConfigured, NotFound, SessionBusy, SessionLost,
-                     SessionModelMismatch, SessionNotFound, ShuttingDown, StoreUnavailable)
+from .errors import (BudgetExhausted, Cancelled, InvalidArgument, NotConfigured, NotFound, Overloaded, SessionBusy,
+                     SessionLost, SessionModelMismatch, SessionNotFound, ShuttingDown, StoreUnavailable)
 from .profile_jobs import BrokerUnavailable
 from .requests import DuplicateRequest, RequestNotFound
 from .runtime import Finished, Runtime, Turn
@@ -66,6 +66,7 @@ _STATUS = (
     (ImportTooLarge, Code.RESOURCE_EXHAUSTED, ""),
     # capacity and availability of the service and its stores
     (BudgetExhausted, Code.RESOURCE_EXHAUSTED, ""),
+    (Overloaded, Code.RESOURCE_EXHAUSTED, ""),
     (StoreUnavailable, Code.UNAVAILABLE, ""),
     (SpillUnavailable, Code.UNAVAILABLE, ""),
     (ShuttingDown, Code.UNAVAILABLE, ""),
