@@ -315,11 +315,11 @@ def run_survey(engine: Engine, args) -> None:
                                          "format": task_format(args.chat),
                                          "bytes": nbytes,
                                          "margins": by_family}, indent=1))
-    summarise(by_family, nbytes, args.length, args.tasks, args.plot, args.frontier)
+    summarise(by_family, nbytes, args.length, args.tasks, args.plot, args.frontier, task_format(args.chat))
 
 
 def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path | None,
-              frontier: Path | None = None) -> None:
+              frontier: Path | None = None, fmt: str = "completion") -> None:
     """Every family pooled (bytes: the mean of the families' first documents), each map's families that miss the
     target and its pooled loss rate, and the plot."""
     first = next(iter(by_family.values()))
@@ -335,11 +335,12 @@ def summarise(by_family: dict, nbytes: dict, length: int, tasks: int, plot: Path
     print(f"\n#### the target per map and family, {length} tokens: answers lost / gained (x: the family misses "
           f"it)\n\n" + common.table(["map", *answered, "answers lost / the full cache's (95% interval)"], rows,
                                         "l" + "r" * len(answered) + "l"))
+    drawn = ", chat format" if fmt == "chat" else ""
     if plot:
-        plot_survey(by_family, plot, f"answer margins, {length} tokens, {tasks} documents a family")
+        plot_survey(by_family, plot, f"answer margins, {length} tokens, {tasks} documents a family{drawn}")
     if frontier:
-        plot_frontier(by_family, nbytes, frontier, f"answers lost, {length} tokens, {tasks} documents a family\n"
-                                                   f"(dots: families pooled, 95% interval; dashes: each family)")
+        plot_frontier(by_family, nbytes, frontier, f"answers lost, {length} tokens, {tasks} documents a family"
+                                                   f"{drawn}\n(dots: families pooled, 95% interval; dashes: each family)")
 
 
 def from_results(paths: list[Path], plot: Path | None, frontier: Path | None) -> None:
@@ -360,7 +361,7 @@ def from_results(paths: list[Path], plot: Path | None, frontier: Path | None) ->
     for family, by_map in margins.items():
         print(f"\n#### {family}, {runs[0]['length']} tokens\n\n{survey_table(by_map, nbytes[family])}")
     tasks = sum(tasks for _, tasks in draws)
-    summarise(margins, nbytes, runs[0]["length"], tasks, plot, frontier)
+    summarise(margins, nbytes, runs[0]["length"], tasks, plot, frontier, formats.pop())
 
 
 def side_by_side(runs: list[dict]) -> dict:

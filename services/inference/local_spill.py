@@ -74,7 +74,7 @@ class LocalSpills:
                 sid, owner, gen = str(intro["session_id"]), str(intro["owner"]), int(intro["gen"])
                 tenant, created_at = str(intro["tenant"]), float(intro["created_at"])
                 fields = dict(intro["fields"])
-                ttl_s, pinned = int(intro.get("ttl_s", 0)), bool(intro.get("pinned", False))   # absent before v0.25
+                ttl_s, pinned = int(intro.get("ttl_s", 0)), bool(intro.get("pinned", False))   # absent in older copies
             except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as exc:
                 raise ValueError(f"not a local spill ({exc!r})") from exc
         if len(header) != intro["header_bytes"] or [len(c) for c in chunks] != intro["chunk_bytes"]:
