@@ -68,7 +68,7 @@ class Settings(BaseSettings):
                                "from its last use, resident or spilled")
     max_sessions: int = Field(10_000, ge=1, description="sessions known to one service")
     max_running: int = Field(32, ge=1, description="turns decoding together in one batch (at most "
-                             "RAZOR_MAX_WORKERS - 8: raise both together)")
+                             "RAZOR_MAX_WORKERS - RAZOR_MAX_WAITING - 8: raise them together)")
     max_waiting: int = Field(0, ge=0, description="turns waiting for a batch slot; more are refused with "
                              "RESOURCE_EXHAUSTED (0 = what the handler threads leave: RAZOR_MAX_WORKERS - "
                              "RAZOR_MAX_RUNNING - 8)")
@@ -209,7 +209,7 @@ class Settings(BaseSettings):
             raise ValueError(f"RAZOR_MAX_WORKERS ({self.max_workers}) must be at least RAZOR_MAX_RUNNING "
                              f"({self.max_running}) + {HANDLER_HEADROOM}: each streaming turn holds a gRPC handler "
                              "thread, and health checks, Abort and listings need threads beside them")
-        if self.max_waiting > self.max_workers - self.max_running - HANDLER_HEADROOM:
+        if self.max_waiting > self._threads_for_waiting():
             raise ValueError(f"RAZOR_MAX_WAITING ({self.max_waiting}) leaves too few handler threads: a waiting turn "
                              f"holds one too, so RAZOR_MAX_WORKERS ({self.max_workers}) must be at least "
                              f"RAZOR_MAX_RUNNING ({self.max_running}) + RAZOR_MAX_WAITING + {HANDLER_HEADROOM}; "
@@ -219,7 +219,11 @@ class Settings(BaseSettings):
     def max_turns(self) -> int:
         """Turns one replica takes at once, running and waiting; more are refused rather than queued where
         health checks would wait behind them."""
-        return self.max_running + (self.max_waiting or self.max_workers - self.max_running - HANDLER_HEADROOM)
+        return self.max_running + (self.max_waiting or self._threads_for_waiting())
+
+    def _threads_for_waiting(self) -> int:
+        """Handler threads left for waiting turns: those neither running turns nor kept for other calls hold."""
+        return self.max_workers - self.max_running - HANDLER_HEADROOM
 
     @model_validator(mode="after")
     def _api_keys_table(self) -> "Settings":
