@@ -15,10 +15,12 @@ import time
 
 import grpc
 import pytest
+import redis
 import torch
 
 from services.engine import Engine, SamplingParams, forward
 from services.inference.client import RazorClient
+from services.inference.requests import RequestNotFound, RequestRegistry, request_key
 from tests.test_service import rpc_error
 from tests.test_service_cli import cli
 
@@ -91,6 +93,61 @@ def test_abort_from_a_second_connection_stops_the_turn_and_the_session_continues
     first, second = control(tiny_loaded, tiny_head_map, generated, 6)
     assert [t for r in responses[:-1] for t in r.chunk.token_ids] == first
     assert more.token_ids == second and more.finish_reason == "length" and more.request_id == "turn-1"
+
+
+class SlowToForget:
+    """The registry's Redis client, with the I/O thread's delete of an ended turn's id taking `delay_s`."""
+
+    def __init__(self, client, delay_s: float):
+        self._client, self._delay_s = client, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def eval(self, *args):
+        if threading.current_thread().name.startswith("razor-io"):
+            time.sleep(self._delay_s)
+        return self._client.eval(*args)
+
+
+def test_an_ended_turns_id_is_not_found_while_the_io_thread_is_still_deleting_it(start_server):
+    """The model loop asks the I/O thread to forget an ended turn's id (for a stream nobody reads), and the stream
+    forgets it too before its client hears the end. Here the I/O thread gets there first and is slow to delete the
+    Redis key: the stream must wait for it, or an Abort sent after the end finds the key and answers "found"."""
+    server = start_server()
+    registry = server.runtime.requests
+    registry.client = SlowToForget(registry.client, delay_s=0.5)
+    unregister = registry.unregister
+
+    def late_on_handler_threads(*args):
+        if not threading.current_thread().name.startswith("razor-io"):
+            time.sleep(0.1)   # the I/O thread takes the id first
+        unregister(*args)
+    registry.unregister = late_on_handler_threads
+    with RazorClient(server.target) as client:
+        stream = client.stream_generate(prompt=PROMPT, max_new_tokens=200, request_id="slow-1")
+        read_chunks(stream, 1)
+        assert client.abort("slow-1") is True
+        assert list(stream)[-1].completion.finish_reason == CANCELLED
+        error = rpc_error(lambda: client.abort("slow-1"))
+        assert error.code() == grpc.StatusCode.NOT_FOUND, "the client saw the end: its id is unknown again"
+        assert client.generate(prompt=PROMPT, max_new_tokens=2, request_id="slow-1").request_id == "slow-1"
+
+
+def test_an_abort_while_an_ended_turns_id_is_being_deleted_is_not_found(service_redis_url):
+    registry = RequestRegistry(SlowToForget(redis.Redis.from_url(service_redis_url), delay_s=0.5), "replica-a")
+    cancel = threading.Event()
+    registry.register("alice", "ending-1", cancel)
+    forget = threading.Thread(target=registry.unregister, args=("alice", "ending-1", cancel), name="razor-io-0")
+    forget.start()
+    time.sleep(0.1)   # the delete is under way
+    with pytest.raises(RequestNotFound):
+        registry.abort("alice", "ending-1")
+    assert not cancel.is_set(), "an ended turn is not cancelled"
+    forget.join()
+    assert registry.client.get(request_key("alice", "ending-1")) is None
+    with pytest.raises(RequestNotFound):
+        registry.abort("alice", "ending-1")
 
 
 @pytest.mark.parametrize("store", ["redis", "redis cluster"])

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import InvalidArgument, NotFound, StoreUnavailable
 from .spill import REDIS_ERRORS
@@ -32,6 +32,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]+")
 ABORT_CHANNEL = "razor:abort"
 REQUEST_TTL_S = 60          # a dead replica's ids free up after this; renewed every third of it while running
 _POLL_S = 0.2               # how often the listener checks for a stop between messages
+_FORGET_WAIT_S = 30.0       # longest a second caller of `unregister` waits for the first to delete the Redis key
 
 # Delete the registration only while it is still ours (a turn of the same id on another replica may follow).
 _DELETE_IF_OURS = """
@@ -63,11 +64,13 @@ def request_key(tenant: str, request_id: str) -> str:
     return f"razor:request:{{{request_id}}}:{tenant}"
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Running:
     cancel: threading.Event   # also the turn's identity: a later turn may reuse the id
     value: str                # what Redis holds for it (with a per-turn nonce), to delete it only while ours
     in_redis: bool
+    ending: bool = False      # the turn ended and its Redis key is being deleted: Abort no longer finds it
+    forgotten: threading.Event = field(default_factory=threading.Event)   # set once it is gone everywhere
 
 
 class RequestRegistry:
@@ -94,10 +97,11 @@ class RequestRegistry:
         """Record a starting turn; raises DuplicateRequest while another turn of the tenant has its id."""
         key = (tenant, request_id)
         value = json.dumps({"replica": self.replica_id, "tenant": tenant, "turn": uuid.uuid4().hex})
+        running = _Running(cancel, value, in_redis=False)
         with self._mu:
             if key in self._running:
                 raise _duplicate(request_id)
-            self._running[key] = _Running(cancel, value, in_redis=False)
+            self._running[key] = running
         try:
             stored = self.client.set(request_key(tenant, request_id), value, nx=True, ex=self.ttl_s)
         except REDIS_ERRORS as exc:
@@ -107,29 +111,44 @@ class RequestRegistry:
             with self._mu:
                 self._running.pop(key, None)
             raise _duplicate(request_id)
-        with self._mu:
-            self._running[key] = _Running(cancel, value, in_redis=True)
+        running.in_redis = True   # before the turn is queued: nothing unregisters it yet
 
     def unregister(self, tenant: str, request_id: str, cancel: threading.Event) -> None:
-        """Forget the ended turn whose cancel event is `cancel`; a no-op when it is already forgotten (call it off
-        the model loop: it talks to Redis)."""
+        """Forget the ended turn whose cancel event is `cancel`, here and in Redis; a no-op when it is already
+        forgotten (call it off the model loop: it talks to Redis). It returns only once the id is gone everywhere,
+        even when another thread is deleting it, so a client told of the end finds the id unknown on every
+        replica."""
         key = (tenant, request_id)
         with self._mu:
             running = self._running.get(key)
             if running is None or running.cancel is not cancel:
                 return
-            del self._running[key]
-        if not running.in_redis:
+            first, running.ending = not running.ending, True
+        if not first:
+            running.forgotten.wait(_FORGET_WAIT_S)
             return
         try:
-            self.client.eval(_DELETE_IF_OURS, 1, request_key(tenant, request_id), running.value)
+            if running.in_redis:
+                self._delete(tenant, request_id, running.value)
+        finally:
+            with self._mu:
+                del self._running[key]   # still this turn's: `register` refuses the id while it is here
+            running.forgotten.set()
+
+    def _delete(self, tenant: str, request_id: str, value: str) -> None:
+        try:
+            self.client.eval(_DELETE_IF_OURS, 1, request_key(tenant, request_id), value)
         except REDIS_ERRORS as exc:   # the key expires on its own
             log.warning("could not unregister request %s: Redis is unreachable (%s)", request_id, exc)
 
     # ---- Abort (handler threads) ---------------------------------------------------------------
     def abort(self, tenant: str, request_id: str) -> None:
         """Stop the tenant's running turn `request_id`, here or on the replica running it."""
-        if self._cancel_here(tenant, request_id):
+        running = self._local(tenant, request_id)
+        if running is not None:
+            if running.ending:   # its end is on its way to its client
+                raise _not_found()
+            self._cancel(running)
             return
         try:
             if self.client.get(request_key(tenant, request_id)) is None:
@@ -139,14 +158,13 @@ class RequestRegistry:
             raise StoreUnavailable(f"could not reach the replica running the request: Redis is unreachable "
                                    f"({exc}); retry when it is back") from exc
 
-    def _cancel_here(self, tenant: str, request_id: str) -> bool:
+    def _local(self, tenant: str, request_id: str) -> _Running | None:
         with self._mu:
-            running = self._running.get((tenant, request_id))
-        if running is None:
-            return False
+            return self._running.get((tenant, request_id))
+
+    def _cancel(self, running: _Running) -> None:
         running.cancel.set()
         self.on_abort()
-        return True
 
     # ---- the listener (its own thread): aborts published by other replicas, and TTL renewals ----
     def _listen_loop(self) -> None:
@@ -179,7 +197,9 @@ class RequestRegistry:
         except (ValueError, TypeError, KeyError):
             log.warning("ignoring a malformed message on %s", ABORT_CHANNEL)
             return
-        if isinstance(tenant, str) and isinstance(request_id, str) and self._cancel_here(tenant, request_id):
+        running = self._local(tenant, request_id) if isinstance(tenant, str) and isinstance(request_id, str) else None
+        if running is not None and not running.ending:
+            self._cancel(running)
             log.info("request %s aborted from another replica", request_id)
 
     def _renew(self) -> None:
