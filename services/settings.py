@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = Field(False, description="serve without API keys on a non-loopback host")
     tls_cert: str = Field("", description="PEM certificate file; TLS is on when cert and key are set")
     tls_key: str = Field("", description="PEM private key file")
+    tls_ca_cert: str = Field("", description="PEM file of the CA that signed RAZOR_TLS_CERT, which the service's own "
+                             "health probes trust (empty: the certificate itself, as when it is self-signed)")
+    tls_server_name: str = Field("", description="a name RAZOR_TLS_CERT is issued for, which the health probes check "
+                                 "on 127.0.0.1 (empty: the certificate must name 127.0.0.1)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port (0 = off)")
     log_level: str = Field("INFO", description="logging level")
     log_json: bool = Field(True, description="one JSON object per log line")
@@ -256,6 +260,9 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> "Settings":
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("set both RAZOR_TLS_CERT and RAZOR_TLS_KEY, or neither")
+        if (self.tls_ca_cert or self.tls_server_name) and not self.tls_cert:
+            raise ValueError("RAZOR_TLS_CA_CERT and RAZOR_TLS_SERVER_NAME describe RAZOR_TLS_CERT: set the "
+                             "certificate and key too, or leave them empty")
         return self
 
 

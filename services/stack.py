@@ -119,14 +119,19 @@ def start_embedded_redis(workdir: Path, password: str, env: dict[str, str]) -> t
 
 def health_status(target: str, settings: Settings, timeout_s: float = 2.0) -> int:
     """The gRPC health status of ``target`` (1 = SERVING); raises grpc.RpcError if unreachable."""
-    if settings.tls_cert:
-        roots = Path(settings.tls_cert).read_bytes()  # our own certificate as the trusted root
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots))
-    else:
-        channel = grpc.insecure_channel(target)
-    with channel:
+    with probe_channel(target, settings) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s).status
+
+
+def probe_channel(target: str, settings: Settings) -> grpc.Channel:
+    """A channel for the service's own probes on loopback: with TLS, trusting the CA that signed its certificate
+    (or the certificate itself) and checking the name it is issued for instead of the loopback address."""
+    if not settings.tls_cert:
+        return grpc.insecure_channel(target)
+    roots = Path(settings.tls_ca_cert or settings.tls_cert).read_bytes()
+    name = [("grpc.ssl_target_name_override", settings.tls_server_name)] if settings.tls_server_name else []
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=name)
 
 
 def _wait_healthy(targets: list[str], settings: Settings, children: list[Child], stop: threading.Event,
@@ -309,6 +314,13 @@ def _redis_from_env() -> str:
     return os.environ.get("RAZOR_REDIS_URL") or os.environ.get("REDIS_URL") or ""
 
 
+def _tls_hint(settings: Settings) -> str:
+    if not settings.tls_cert or (settings.tls_ca_cert and settings.tls_server_name):
+        return ""
+    return ("; with TLS, a certificate signed by a CA or issued for another name than 127.0.0.1 needs "
+            "RAZOR_TLS_CA_CERT (the CA's PEM file) and RAZOR_TLS_SERVER_NAME (a name in the certificate)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
@@ -320,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return 0 if health_status(f"127.0.0.1:{args.port}", settings) == 1 else 1
         except grpc.RpcError as exc:
-            print(f"unhealthy: {exc.code().name}", file=sys.stderr)
+            print(f"unhealthy: {exc.code().name}{_tls_hint(settings)}", file=sys.stderr)
             return 1
     try:
         options = StackOptions(args.port, args.redis_url, not args.no_worker, args.workdir.resolve(),

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from services.inference.auth import (ApiKeyInterceptor, InsecureBind, bind, check_bind, is_loopback, open_channel,
                                      server_credentials, server_interceptors, tenant_of)
+from services import stack
 from services.settings import Settings
 
 TOKEN = "s3cret-token"
@@ -136,12 +137,61 @@ def test_tls_with_token(tmp_path):
     try:
         with open_channel(f"127.0.0.1:{port}", token=TOKEN, ca_cert=str(cert)) as channel:
             assert _echo(channel, b"secure") == b"secure"
+        assert stack.health_status(f"127.0.0.1:{port}", Settings(tls_cert=str(cert), tls_key=str(key))) == 1, \
+            "a self-signed certificate naming 127.0.0.1 needs nothing more"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:  # plaintext client on a TLS port
             with pytest.raises(grpc.RpcError) as err:
                 _echo(plain)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(grace=None)
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _ca_signed_cert(tmp_path, name: str) -> tuple[str, str, str]:
+    """(CA certificate, leaf certificate, leaf key) PEM paths: a leaf issued by a CA for the DNS name `name` only,
+    as a production certificate is (not self-signed, and naming no loopback address)."""
+    ca, ca_key, csr = tmp_path / "ca.pem", tmp_path / "ca.key", tmp_path / "leaf.csr"
+    cert, key, ext = tmp_path / "leaf.pem", tmp_path / "leaf.key", tmp_path / "leaf.ext"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=Test CA",
+             "-keyout", str(ca_key), "-out", str(ca))
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr))
+    ext.write_text(f"subjectAltName=DNS:{name}\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "1",
+             "-extfile", str(ext), "-out", str(cert))
+    return str(ca), str(cert), str(key)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_the_health_probe_verifies_a_ca_signed_certificate_once_told_its_ca_and_name(tmp_path, monkeypatch, capsys):
+    ca, cert, key = _ca_signed_cert(tmp_path, "razor.internal")
+    server, port = _start(Settings(tls_cert=cert, tls_key=key))
+    for variable in ("RAZOR_TLS_CA_CERT", "RAZOR_TLS_SERVER_NAME", "RAZOR_AUTH_TOKEN", "RAZOR_API_KEYS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("RAZOR_TLS_CERT", cert)
+    monkeypatch.setenv("RAZOR_TLS_KEY", key)
+    try:
+        assert stack.main(["--check", "--port", str(port)]) == 1   # the leaf as its own root, for 127.0.0.1
+        hint = capsys.readouterr().err
+        assert "unhealthy: UNAVAILABLE" in hint and "RAZOR_TLS_CA_CERT" in hint and "RAZOR_TLS_SERVER_NAME" in hint
+        monkeypatch.setenv("RAZOR_TLS_CA_CERT", ca)
+        assert stack.main(["--check", "--port", str(port)]) == 1, "the certificate does not name 127.0.0.1"
+        monkeypatch.setenv("RAZOR_TLS_SERVER_NAME", "razor.internal")
+        assert stack.main(["--check", "--port", str(port)]) == 0
+        monkeypatch.setenv("RAZOR_TLS_SERVER_NAME", "other.internal")
+        assert stack.main(["--check", "--port", str(port)]) == 1, "a name the certificate lacks is refused"
+    finally:
+        server.stop(grace=None)
+
+
+def test_tls_ca_or_name_without_a_certificate_is_refused():
+    with pytest.raises(ValueError, match="RAZOR_TLS_CA_CERT and RAZOR_TLS_SERVER_NAME describe RAZOR_TLS_CERT"):
+        Settings(tls_ca_cert="ca.pem")
+    with pytest.raises(ValueError, match="describe RAZOR_TLS_CERT"):
+        Settings(tls_server_name="razor.internal")
 
 
 @pytest.fixture
