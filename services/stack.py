@@ -176,7 +176,7 @@ def _banner(target: str, redis_url: str, worker: bool, settings: Settings, repli
             workdir: Path) -> str:
     plain = "-insecure" if settings.tls_cert else "-plaintext"
     auth = " -H \"authorization: Bearer $RAZOR_AUTH_TOKEN\"" if settings.auth_token else ""
-    cli = f"{_python()} -m services.inference.cli --target {target}"
+    cli = f"{_python()} -m services.inference.cli --target {target}{_cli_tls(settings)}"
     lines = [f"RazorServe is ready on {target} (redis {redis_url}, profiling worker {'on' if worker else 'off'})"]
     if len(replicas) > 1:
         lines.append(f"{len(replicas)} replicas behind the nginx proxy: {', '.join(replicas)} "
@@ -190,6 +190,13 @@ def _banner(target: str, redis_url: str, worker: bool, settings: Settings, repli
         f"  grpcurl {plain}{auth} {target} list",
         "Ctrl-C stops everything (resident sessions are spilled to Redis first).",
     ])
+
+
+def _cli_tls(settings: Settings) -> str:
+    if not settings.tls_cert:
+        return ""
+    name = f" --server-name {settings.tls_server_name}" if settings.tls_server_name else ""
+    return f" --ca-cert {settings.tls_ca_cert or settings.tls_cert}{name}"
 
 
 def _check_replicas(options: StackOptions, settings: Settings) -> None:

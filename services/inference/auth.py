@@ -32,7 +32,7 @@ def _read_pem(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ValueError(f"cannot read {what} {path!r}: {exc.strerror}; check RAZOR_TLS_CERT / RAZOR_TLS_KEY") from exc
+        raise ValueError(f"cannot read {what} {path!r}: {exc.strerror}") from exc
 
 
 def _bearer_token(metadata) -> str | None:
@@ -152,8 +152,8 @@ def server_credentials(settings) -> grpc.ServerCredentials | None:
     """TLS server credentials from ``tls_cert`` / ``tls_key`` PEM files, or None for plaintext."""
     if not (settings.tls_cert and settings.tls_key):
         return None
-    key = _read_pem(settings.tls_key, "TLS private key")
-    cert = _read_pem(settings.tls_cert, "TLS certificate")
+    key = _read_pem(settings.tls_key, "TLS private key (RAZOR_TLS_KEY)")
+    cert = _read_pem(settings.tls_cert, "TLS certificate (RAZOR_TLS_CERT)")
     return grpc.ssl_server_credentials([(key, cert)])
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from .auth import channel_credentials
 from .client import RazorClient, Reply, collect
 
 
@@ -49,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=os.environ.get("RAZOR_TARGET", "127.0.0.1:50051"))
     p.add_argument("--token", default=os.environ.get("RAZOR_AUTH_TOKEN", ""), help="bearer token")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CA roots")
+    p.add_argument("--ca-cert", default="", metavar="PEM",
+                   help="connect with TLS, trusting this CA (or the service's self-signed certificate)")
+    p.add_argument("--server-name", default="", metavar="NAME",
+                   help="with TLS: the name the service's certificate is issued for, where --target is an address")
     sub = p.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="start a session")
     gen.add_argument("prompt")
@@ -134,8 +140,18 @@ def _run_turn(stream, as_json: bool) -> None:
           file=sys.stderr)
 
 
+def _client(args) -> RazorClient:
+    if not (args.tls or args.ca_cert):
+        if args.server_name:
+            raise ValueError("--server-name names a TLS certificate: add --tls or --ca-cert")
+        return RazorClient(args.target, token=args.token, timeout_s=args.timeout)
+    name = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else None
+    return RazorClient(args.target, token=args.token, timeout_s=args.timeout,
+                       credentials=channel_credentials(args.ca_cert), options=name)
+
+
 def run(args) -> None:
-    with RazorClient(args.target, token=args.token, timeout_s=args.timeout) as client:
+    with _client(args) as client:
         if args.command == "generate":
             kwargs = _input(args, args.prompt) or {"prompt": args.prompt}
             _run_turn(client.stream_generate(**kwargs, keep_session=not args.no_session, **_turn_kwargs(args)),
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except OSError as exc:   # export/import files
+    except (OSError, ValueError) as exc:   # export/import files, TLS files and flags
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

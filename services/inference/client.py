@@ -121,8 +121,9 @@ def _chat(messages) -> pb.ChatMessages:
 
 class RazorClient:
     def __init__(self, target: str, token: str = "", credentials: grpc.ChannelCredentials | None = None,
-                 timeout_s: float | None = None):
-        self.channel = (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target))
+                 timeout_s: float | None = None, options: list[tuple[str, object]] | None = None):
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.RazorServeStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout_s = timeout_s
