@@ -95,3 +95,21 @@ def test_lost_documents_results_pool_one_task_format_only(monkeypatch, tmp_path,
     assert "word (2 of 4)" in capsys.readouterr().out                # two draws pooled
     with pytest.raises(SystemExit, match="one task format"):
         lost_documents.from_results(paths, None, None)
+
+
+@pytest.mark.parametrize("name, argv, rows", [
+    ("bench_concurrency", ["--model", "tiny-random", "--clients", "1", "2", "--requests", "2", "--new-tokens", "4",
+                           "--prompt-words", "16", "--no-bound"], [r"\| 1 \| 2 \| 8 \| .* \| 1\.00x \|", r"\| 2 \| 2 \| 8 \|"]),
+    ("bench_service", ["--lengths", "64", "--tokens", "4", "--repeats", "1"],
+     [r"\| 64 \| \d+ \(\d+\) \|", r"\| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|"]),
+    ("bench_replicas", ["--repeats", "2"], [r"\| request id registered \+ freed", r"\| at the other replica.* \| [\d.]+x \|"]),
+])
+def test_the_service_benches_run_end_to_end_on_the_tiny_model(name, argv, rows, monkeypatch, capsys):
+    """The benches of the service (a real gRPC server and Redis, on tiny-random) run end to end with small
+    settings, so one the service's API left behind fails here rather than at the start of a measurement. (The
+    quality benches' --quick runs take 30-70 s each on SmolLM2: too long for CI; their imports are checked above.)"""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+    importlib.import_module(name).main()
+    out = capsys.readouterr().out
+    assert all(re.search(row, out) for row in rows), out
