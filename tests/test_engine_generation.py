@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from services.engine import (ContextLengthError, Engine, HeadMap, ModelLoadError, SamplingParams,
                              SessionMismatchError, load_model)
+from services.engine.sampling import sample
 from tests.engine_models import smollm2, tiny
 
 
@@ -31,6 +33,16 @@ def test_sampling_params_validation():
                        ({"stop_strings": [""]}, "stop_strings")):
         with pytest.raises(ValueError, match=field):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("top_p", [1e-320, 1e-50, 1e-8])
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token(top_p):
+    """top_p = 1e-50 passes validation (it is above 0) but is 0 in float32, where every token's mass before it
+    (0 for the most likely) reaches it: without a floor every token was dropped and sampling raised on NaN."""
+    logits = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(0)
+    picked = {sample(logits, SamplingParams(temperature=10.0, top_p=top_p), gen).token for _ in range(5)}
+    assert picked == {int(logits.argmax())}
 
 
 def test_seeded_sampling_is_reproducible_and_differs_by_seed():

@@ -115,5 +115,6 @@ def _top_p_filter(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(scaled, descending=True)
     cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
     drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) >= top_p   # keep the token that crosses top_p
+    drop_sorted[0] = False   # and the most likely one: a top_p below float32's least (1e-50) would drop it too
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return scaled.masked_fill(drop, float("-inf"))
