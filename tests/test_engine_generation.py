@@ -35,13 +35,15 @@ def test_sampling_params_validation():
             SamplingParams(**bad)
 
 
-@pytest.mark.parametrize("top_p", [1e-320, 1e-50, 1e-8])
-def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token(top_p):
-    """top_p = 1e-50 passes validation (it is above 0) but is 0 in float32, where every token's mass before it
-    (0 for the most likely) reaches it: without a floor every token was dropped and sampling raised on NaN."""
+@pytest.mark.parametrize("top_p, temperature", [(1e-320, 10.0), (1e-50, 10.0), (1e-8, 10.0), (1.0, 1e-320),
+                                                 (1.0, 1e-40), (0.5, 1e-320)])
+def test_a_top_p_or_temperature_too_small_for_float32_picks_the_most_likely_token(top_p, temperature):
+    """top_p = 1e-50 or temperature = 1e-320 passes validation (above 0) but is 0 in float32. Every token's mass
+    before it (0 for the most likely) reached such a top_p, so every token was dropped; such a temperature
+    divided 0 by 0. Both sampled from NaN and the turn failed with INTERNAL."""
     logits = torch.randn(64, generator=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(0)
-    picked = {sample(logits, SamplingParams(temperature=10.0, top_p=top_p), gen).token for _ in range(5)}
+    picked = {sample(logits, SamplingParams(temperature=temperature, top_p=top_p), gen).token for _ in range(5)}
     assert picked == {int(logits.argmax())}
 
 

@@ -77,8 +77,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
-        # Shifted first: a tiny temperature then gives -inf for the others, never inf - inf (NaN).
-        scaled = (logits - logits.max()) / params.temperature
+        # Shifted first: a tiny temperature then gives -inf for the others, never inf - inf (NaN); and at least
+        # float32's least normal number, since a smaller one is 0 there and 0 / 0 is NaN.
+        scaled = (logits - logits.max()) / max(params.temperature, torch.finfo(torch.float32).tiny)
         if params.top_k:
             kth = torch.topk(scaled, min(params.top_k, scaled.numel())).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
