@@ -119,3 +119,21 @@ def test_get_load_matches_sessions_and_running_streams(start_server):
         assert load.generated_tokens_per_second > 0
         stream.cancel()
         wait_until(lambda: client.get_load().running_turns == 0)
+
+
+def test_a_session_past_its_ttl_is_expired_on_its_own_replica_before_the_sweep_reaches_it(
+        start_server, service_redis_url, caplog):
+    """Its metadata expired in Redis with the TTL, so every other replica already answers NOT_FOUND; the replica
+    holding it did too only after its lease keeper's next sweep (here 20 s away). Before that, a turn ran on the
+    expired copy and registered it in Redis again ("Redis lost session ...'s metadata")."""
+    server = start_server(lease_ttl_s=60.0)
+    r = redis.Redis.from_url(service_redis_url)
+    with RazorClient(server.target) as client:
+        sid = generate(client, "Short-lived", session_ttl_s=1)
+        time.sleep(1.3)
+        with pytest.raises(grpc.RpcError) as info:
+            client.continue_session(sid, text=" and then?", max_new_tokens=2)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in info.value.details()
+        assert gone(client, sid) and not r.exists(meta_key(sid))
+        assert sid not in {e.session_id for e in server.runtime.store.owned()}
+    assert "registering it again" not in caplog.text

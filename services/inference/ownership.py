@@ -146,11 +146,27 @@ class Ownership:
         """An idle session past its TTL, marked busy and deleting as DeleteSession does: a request arriving while
         it is deleted is refused as busy (and then finds it expired), never runs a turn on the copy going away."""
         with self.table.mu:
-            expired = (self.table.entries.get(entry.session_id) is entry and not entry.busy and not entry.pinned
-                       and not entry.spilling and entry.last_used + entry.ttl_s < now)
+            expired = not entry.busy and self._past_ttl(entry, now)
             if expired:
                 entry.busy = entry.deleting = True
             return expired
+
+    def expire_if_past_ttl(self, entry: SessionEntry) -> bool:
+        """A session a request has just marked busy, past its TTL before the lease keeper's sweep reached it:
+        expired now, as the sweep would, so that it is gone here as it already is for every other replica (its
+        metadata in Redis expired with it). True when it was."""
+        with self.table.mu:
+            due = self._past_ttl(entry, self._clock())
+            if due:
+                entry.deleting = True
+        if due:
+            self._expire(entry)
+        return due
+
+    def _past_ttl(self, entry: SessionEntry, now: float) -> bool:
+        """Caller holds the table's mutex. Still ours, no turn of it in the batch, no spill deciding its lease."""
+        return (self.table.entries.get(entry.session_id) is entry and not entry.pinned and not entry.spilling
+                and entry.last_used + entry.ttl_s < now)
 
     def _expire(self, entry: SessionEntry) -> None:
         log.info("session %s expired (%d s after its last use)", entry.session_id, entry.ttl_s)

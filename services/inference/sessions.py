@@ -134,6 +134,8 @@ class SessionStore:
         entry = self.table.mark_busy(sid, tenant, self._clock)
         try:
             if entry.state is not None or entry.gen:
+                if self.ownership.expire_if_past_ttl(entry):
+                    raise SessionNotFound(not_found_message(sid, expired=True))
                 if self.ownership.begin_turn(entry):
                     return entry.snapshot()
                 self.table.drop(sid)   # another replica took it over meanwhile: our copy is stale
