@@ -125,7 +125,7 @@ def test_a_session_past_its_ttl_is_expired_on_its_own_replica_before_the_sweep_r
         start_server, service_redis_url, caplog):
     """Its metadata expired in Redis with the TTL, so every other replica already answers NOT_FOUND; the replica
     holding it did too only after its lease keeper's next sweep (here 20 s away). Before that, a turn ran on the
-    expired copy and registered it in Redis again ("Redis lost session ...'s metadata")."""
+    expired copy and registered it in Redis again ("... registering it again")."""
     server = start_server(lease_ttl_s=60.0)
     r = redis.Redis.from_url(service_redis_url)
     with RazorClient(server.target) as client:

@@ -212,7 +212,8 @@ class SessionDirectory:
             if reply == -1:
                 if not reregister():
                     return False
-                log.warning("Redis lost session %s's metadata; registering it again", sid)
+                log.warning("session %s's metadata is gone from Redis (lost by Redis, or its TTL of %s s ran out "
+                            "during a turn); registering it again", sid, ttl_s or self.session_ttl_s)
                 self.create(sid, tenant, gen, created_at, ttl_s, pinned)
                 reply = self._fenced(keys=self.keys(sid), args=args)
         return reply == 1
