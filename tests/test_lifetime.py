@@ -49,6 +49,16 @@ def test_a_session_past_its_ttl_is_gone_from_device_and_redis(start_server, serv
         assert client.get_session(long).location == DEVICE and client.get_session(long).ttl_s == 7 * 86400
 
 
+def test_a_pinned_session_still_expires_after_its_ttl(start_server, service_redis_url):
+    server = start_server(lease_ttl_s=0.6)
+    r = redis.Redis.from_url(service_redis_url)
+    with RazorClient(server.target) as client:
+        sid = generate(client, "Pinned but short-lived", session_ttl_s=1, pin_session=True)
+        assert client.get_session(sid).pinned
+        wait_until(lambda: gone(client, sid))
+        assert not r.exists(meta_key(sid)) and sid not in {e.session_id for e in server.runtime.store.owned()}
+
+
 def test_a_spilled_session_expires_in_redis_with_its_own_ttl(start_server, service_redis_url):
     server = start_server(kv_budget_bytes=1)   # everything spills after its turn
     r = redis.Redis.from_url(service_redis_url)
