@@ -15,9 +15,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from services import stack
 from services.inference.auth import (ApiKeyInterceptor, InsecureBind, bind, check_bind, is_loopback, open_channel,
                                      server_credentials, server_interceptors, tenant_of)
-from services import stack
 from services.settings import Settings
 
 TOKEN = "s3cret-token"
