@@ -128,10 +128,9 @@ def probe_channel(target: str, settings: Settings) -> grpc.Channel:
     """A channel for the service's own probes on loopback: with TLS, trusting the CA that signed its certificate
     (or the certificate itself) and checking the name it is issued for instead of the loopback address."""
     if not settings.tls_cert:
-        return grpc.insecure_channel(target)
-    roots = Path(settings.tls_ca_cert or settings.tls_cert).read_bytes()
-    name = [("grpc.ssl_target_name_override", settings.tls_server_name)] if settings.tls_server_name else []
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(roots), options=name)
+        return auth.open_channel(target)
+    return auth.open_channel(target, ca_cert=settings.tls_ca_cert or settings.tls_cert,
+                             options=auth.server_name_options(settings.tls_server_name))
 
 
 def _wait_healthy(targets: list[str], settings: Settings, children: list[Child], stop: threading.Event,

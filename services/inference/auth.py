@@ -172,6 +172,11 @@ def auth_metadata(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")] if token else []
 
 
+def server_name_options(server_name: str) -> list[tuple[str, object]] | None:
+    """Channel options that verify the server's certificate for `server_name` rather than the target's address."""
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else None
+
+
 def channel_credentials(ca_cert: str = "") -> grpc.ChannelCredentials:
     """TLS channel credentials trusting ``ca_cert`` (a PEM file; empty = the system roots)."""
     roots = _read_pem(ca_cert, "CA certificate") if ca_cert else None

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from .auth import channel_credentials
+from .auth import channel_credentials, server_name_options
 from .client import RazorClient, Reply, collect
 
 
@@ -145,9 +145,8 @@ def _client(args) -> RazorClient:
         if args.server_name:
             raise ValueError("--server-name names a TLS certificate: add --tls or --ca-cert")
         return RazorClient(args.target, token=args.token, timeout_s=args.timeout)
-    name = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else None
     return RazorClient(args.target, token=args.token, timeout_s=args.timeout,
-                       credentials=channel_credentials(args.ca_cert), options=name)
+                       credentials=channel_credentials(args.ca_cert), options=server_name_options(args.server_name))
 
 
 def run(args) -> None:
