@@ -34,11 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bench_quality as bq
 import common
+import kv_codebooks
 import torch
 
 from services.engine import CompressionParams, Engine, HeadMap, evaluation, hf, kv_quant, load_model
@@ -57,12 +58,14 @@ class Bits:
                          # "p": per token, on a key subspace's top `key_rank` directions (KeySubspace);
                          # before RoPE: "q" per channel (KVQuant's), "m" per token after the document's mean
                          # key is taken out and the Hadamard rotation (PRE_ROPE)
+                         # "v": codes into a codebook per pair of channels on the subspace (kv_codebooks)
     key_rank: int = 0
     value_rank: int = 0  # > 0: values as coefficients on their subspace's top `value_rank` directions
+    value_codes: bool = False   # values as codes into a codebook per pair of channels (kv_codebooks)
 
     def __str__(self) -> str:
         key = f"{self.keys}{self.key_mode}{self.key_rank or ''}"
-        value = f"{self.values}{f'p{self.value_rank}' if self.value_rank else ''}"
+        value = f"{self.values}{f'p{self.value_rank}' if self.value_rank else ''}{'v' if self.value_codes else ''}"
         return key if key == value and not self.key_mode else f"{key}/{value}"
 
 
@@ -76,6 +79,18 @@ class KeySubspace:
     bases: list[torch.Tensor]
     inv_freq: torch.Tensor                                                            # [D / 2], RoPE's
     value_bases: list[torch.Tensor]
+    codebooks: dict = field(default_factory=dict)   # ("keys" | "values", bits) -> per layer [h, D / 2, K, 2]
+
+
+@dataclass(frozen=True)
+class LayerBases:
+    """What rounding one layer's whole heads before RoPE or on a subspace reads: their rows of a KeySubspace."""
+    keys: torch.Tensor | None            # [h, D, D]
+    inv_freq: torch.Tensor
+    values: torch.Tensor | None          # [h, D, D]
+    key_books: torch.Tensor | None = None     # [h, D / 2, K, 2]
+    value_books: torch.Tensor | None = None
+    sink: int = 0                        # rows codebooks leave as they are
 
 
 def rope(x: torch.Tensor, inv_freq: torch.Tensor, sign: int) -> torch.Tensor:
@@ -102,6 +117,36 @@ def key_subspace(engine, length: int, per_family: int) -> KeySubspace:
         return KeySubspace([], inv_freq, [])
     bases = [torch.linalg.eigh(g).eigenvectors.flip(-1) for g in grams]
     return KeySubspace(bases[:len(bases) // 2], inv_freq, bases[len(bases) // 2:])
+
+
+def code_widths(points) -> set[tuple[str, int]]:
+    """("keys" | "values", bits) for every codebook the points' whole heads read."""
+    return ({("keys", p.retrieval.keys) for p in points if p.retrieval.key_mode == "v"}
+            | {("values", p.retrieval.values) for p in points if p.retrieval.value_codes})
+
+
+def with_codebooks(engine, subspace: KeySubspace, widths: set[tuple[str, int]], args) -> KeySubspace:
+    """`subspace` with a codebook per KV head and pair of channels for each of `widths`, learned on its bases'
+    coefficients of `--codebook-tasks` calibration-part documents a family (the bases' own first), their first
+    `--sink` rows left out."""
+    if not widths:
+        return subspace
+    rows: dict[str, list[list[torch.Tensor]]] = {"keys": [], "values": []}              # per document, per layer
+    for family in bq.BENCH_FAMILIES:
+        for task in retrieval_tasks(family, args.subspace_length, args.codebook_tasks, bq.RANK_SEED + 7,
+                                    engine.tokenizer, part="calibration"):
+            keys, values = full_prefill(engine, task.document)
+            rows["keys"].append([rope(k[0].float(), subspace.inv_freq, -1)[:, args.sink:] for k in keys])
+            rows["values"].append([v[0].float()[:, args.sink:] for v in values])
+    generator, books = torch.Generator().manual_seed(0), {}
+    for side, bits in sorted(widths):
+        bases = subspace.bases if side == "keys" else subspace.value_bases
+        per_layer = [torch.cat(layer, 1) for layer in zip(*rows[side])]                  # per layer [h, M, D]
+        books[side, bits] = [kv_codebooks.train(layer @ basis, bits, args.codebook_sample, generator)
+                             for layer, basis in zip(per_layer, bases)]
+        print(f"  codebooks: {side} in {bits} bits a channel, {per_layer[0].shape[1]} rows a head "
+              f"({args.clock})", flush=True)
+    return KeySubspace(subspace.bases, subspace.inv_freq, subspace.value_bases, books)
 
 
 def fake_quant(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -138,7 +183,7 @@ def fake_quant_keys(rows: torch.Tensor, bits: int, mode: str, group: int) -> tor
     return fake_quant(rows, bits, group)
 
 
-PRE_ROPE = ("p", "q", "m")   # key modes that round keys as they were before RoPE
+PRE_ROPE = ("p", "q", "m", "v")   # key modes that round keys as they were before RoPE
 
 
 def pre_rope_keys(rows: torch.Tensor, bits: Bits, group: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -196,34 +241,56 @@ class Point:
         return f"{self.k}:{self.retrieval}{local}"
 
 
-def round_rows(buffer, bits: Bits, group: int, basis: tuple | None = None) -> None:
-    """A buffer's live keys and values rounded to `bits` in place (16: unrounded); `basis`: (the buffer's heads'
-    key bases, RoPE's frequencies, their value bases; from a KeySubspace) for rows rounded before RoPE or on a
-    subspace."""
+def codebook_keys(rows: torch.Tensor, basis: LayerBases) -> torch.Tensor:
+    """rows: [1, h, N, D] keys at positions 0..N-1, coded before RoPE (kv_codebooks) and rotated back."""
+    unrotated = rope(rows.float(), basis.inv_freq, -1)[0]
+    coded = kv_codebooks.coded(unrotated, basis.keys, basis.key_books, basis.sink)
+    return rope(coded[None], basis.inv_freq, 1).to(rows.dtype)
+
+
+def round_rows(buffer, bits: Bits, group: int, basis: LayerBases | None = None) -> None:
+    """A buffer's live keys and values rounded to `bits` in place (16: unrounded); `basis` for rows rounded before
+    RoPE, on a subspace or as codes."""
     keys, values = buffer.keys, buffer.values                                        # views of the stores
     if bits.key_mode == "p":
-        keys.copy_(subspace_keys(keys, bits, group, *basis[:2]))
+        keys.copy_(subspace_keys(keys, bits, group, basis.keys, basis.inv_freq))
+    elif bits.key_mode == "v":
+        keys.copy_(codebook_keys(keys, basis))
     elif bits.key_mode in PRE_ROPE:
-        keys.copy_(pre_rope_keys(keys, bits, group, basis[1]))
+        keys.copy_(pre_rope_keys(keys, bits, group, basis.inv_freq))
     elif bits.keys < 16:
         keys.copy_(fake_quant_keys(keys, bits.keys, bits.key_mode, group))
     if bits.value_rank:
-        values.copy_(on_subspace(values.float(), basis[2], bits.value_rank, bits.values, group).to(values.dtype))
+        values.copy_(on_subspace(values.float(), basis.values, bits.value_rank, bits.values, group).to(values.dtype))
+    elif bits.value_codes:
+        coded = kv_codebooks.coded(values[0].float(), basis.values, basis.value_books, basis.sink)
+        values.copy_(coded[None].to(values.dtype))
     elif bits.values < 16:
         values.copy_(fake_quant(values, bits.values, group))
 
 
-def quantised(point: Point, group: int, subspace: KeySubspace | None = None):
+def needs_subspace(bits: Bits) -> bool:
+    return bits.key_mode in PRE_ROPE or bool(bits.value_rank) or bits.value_codes
+
+
+def layer_bases(subspace: KeySubspace, i: int, heads: list[int], bits: Bits, sink: int) -> LayerBases:
+    """Layer i's rows of `subspace` for its whole heads `heads`, with the codebooks `bits` reads."""
+    def rows(tensors):
+        return tensors[i][heads] if tensors else None
+    return LayerBases(rows(subspace.bases), subspace.inv_freq, rows(subspace.value_bases),
+                      rows(subspace.codebooks.get(("keys", bits.keys))) if bits.key_mode == "v" else None,
+                      rows(subspace.codebooks.get(("values", bits.values))) if bits.value_codes else None, sink)
+
+
+def quantised(point: Point, group: int, subspace: KeySubspace | None = None, sink: int = 0):
     """Within: every session `evaluation` builds holds its retrieval heads' rows rounded to `point.retrieval`
     and its local heads' sink and window rows to `point.local` (their compensation token stays float32)."""
     def quantise(state) -> None:
         for i, layer in enumerate(state.cache.layers):
             basis = None
-            if (point.retrieval.key_mode in PRE_ROPE or point.retrieval.value_rank) and layer.retrieval is not None:
+            if needs_subspace(point.retrieval) and layer.retrieval is not None:
                 assert layer.retrieval_length() == layer.seq_len, "subspace keys need every position's row"
-                heads = layer.retrieval_heads
-                basis = (subspace.bases[i][heads] if subspace.bases else None, subspace.inv_freq,
-                         subspace.value_bases[i][heads] if subspace.value_bases else None)
+                basis = layer_bases(subspace, i, layer.retrieval_heads, point.retrieval, sink)
             for buffer, bits in ((layer.retrieval, point.retrieval), (layer.local, point.local)):
                 if buffer is not None:
                     round_rows(buffer, bits, group, basis)
@@ -239,18 +306,31 @@ def packed_nbytes(elements: int, bits: int, group: int, asymmetric: bool = False
 
 
 def rows_nbytes(elements: int, bits: Bits, group: int, head_dim: int = 0) -> int:
-    """Bytes `elements` keys and as many values take packed at `bits` (`head_dim` for keys on a subspace)."""
-    keys = values = (elements, group)
+    """Bytes `elements` keys and as many values take packed at `bits` (`head_dim` for rows on a subspace)."""
+    return key_nbytes(elements, bits, group, head_dim) + value_nbytes(elements, bits, group, head_dim)
+
+
+def key_nbytes(elements: int, bits: Bits, group: int, head_dim: int) -> int:
+    if bits.key_mode == "v":   # codes only: a codebook belongs to the model
+        return elements * bits.keys // 8
     if bits.key_mode == "p":
-        keys = (elements // head_dim * bits.key_rank, coefficient_group(bits.key_rank, group))
+        return packed_nbytes(elements // head_dim * bits.key_rank, bits.keys, coefficient_group(bits.key_rank, group),
+                             bits.keys < 4)
+    return packed_nbytes(elements, bits.keys, group, bits.keys < 4 or bits.key_mode in ("c", "q"))
+
+
+def value_nbytes(elements: int, bits: Bits, group: int, head_dim: int) -> int:
+    if bits.value_codes:
+        return elements * bits.values // 8
     if bits.value_rank:
-        values = (elements // head_dim * bits.value_rank, coefficient_group(bits.value_rank, group))
-    return (packed_nbytes(keys[0], bits.keys, keys[1], bits.keys < 4 or bits.key_mode in ("c", "q"))
-            + packed_nbytes(values[0], bits.values, values[1], bits.values < 4))
+        return packed_nbytes(elements // head_dim * bits.value_rank, bits.values,
+                             coefficient_group(bits.value_rank, group), bits.values < 4)
+    return packed_nbytes(elements, bits.values, group, bits.values < 4)
 
 
-def packed_fraction(state, point: Point, group: int) -> float:
-    """Bytes a packed store of this cache would hold, as a fraction of a 16-bit full cache's."""
+def packed_fraction(state, point: Point, group: int, sink: int = 0) -> float:
+    """Bytes a packed store of this cache would hold, as a fraction of a 16-bit full cache's (coded rows' first
+    `sink` rows in 16 bits besides their codes)."""
     held = full = 0
     for layer in state.cache.layers:
         head_dim = (layer.keys if layer.keys is not None else layer.local_keys).shape[-1]
@@ -259,6 +339,8 @@ def packed_fraction(state, point: Point, group: int) -> float:
             held += rows_nbytes(layer.keys.numel(), point.retrieval, group, head_dim)
             if point.retrieval.key_mode == "m":   # each head's mean key, float32
                 held += layer.keys.shape[1] * head_dim * 4
+            coded_sides = (point.retrieval.key_mode == "v") + point.retrieval.value_codes
+            held += coded_sides * layer.keys.shape[1] * sink * head_dim * FULL_ITEMSIZE
         if layer.local_keys is not None:
             held += rows_nbytes(layer.local_keys.numel(), point.local, group)
         if layer.comp_keys is not None:
@@ -269,18 +351,23 @@ def packed_fraction(state, point: Point, group: int) -> float:
 def parse_bits(text: str) -> Bits:
     """'8' -> keys and values in 8 bits; '8/4' -> keys in 8, values in 4; '4r/2': keys in 4 bits after a
     Hadamard rotation, values in 2; '4c/4': keys per channel (KIVI); '6p32/4': keys as 6-bit coefficients on
-    their top 32 directions before RoPE (KeySubspace)."""
+    their top 32 directions before RoPE (KeySubspace); '4v/4v': keys before RoPE and values as 8-bit codes a pair
+    of channels (kv_codebooks)."""
     key, _, value = text.partition("/")
-    match = re.fullmatch(r"(\d+)([rcpqm]?)(\d*)", key)
-    value_match = re.fullmatch(r"(\d+)(?:p(\d+))?", value or match[1] if match else "")
+    match = re.fullmatch(r"(\d+)([rcpqmv]?)(\d*)", key)
+    value_match = re.fullmatch(r"(\d+)(?:p(\d+)|(v))?", value or match[1] if match else "")
     if match is None or value_match is None or bool(match[3]) != (match[2] == "p"):
-        raise SystemExit(f"keys' bits are a width, then r, c, q, m or p<rank> (e.g. 6r, 4c, 6p32); values' a width, "
-                         f"then p<rank> or nothing; got {text!r}")
-    bits = Bits(int(match[1]), int(value_match[1]), match[2], int(match[3] or 0), int(value_match[2] or 0))
+        raise SystemExit(f"keys' bits are a width, then r, c, q, m, v or p<rank> (e.g. 6r, 4c, 6p32); values' a "
+                         f"width, then p<rank>, v or nothing; got {text!r}")
+    bits = Bits(int(match[1]), int(value_match[1]), match[2], int(match[3] or 0), int(value_match[2] or 0),
+                bool(value_match[3]))
     if not {bits.keys, bits.values} <= {2, 3, 4, 5, 6, 8, 16}:
         raise SystemExit(f"bits must be 2-6, 8 or 16 (unrounded), for keys/values, got {text!r}")
     if not all(1 <= int(rank) <= 64 for rank in (match[3], value_match[2]) if rank):
         raise SystemExit(f"a subspace's rank is 1 to SmolLM2's 64 channels a head, got {text!r}")
+    coded = [width for width, on in ((bits.keys, bits.key_mode == "v"), (bits.values, bits.value_codes)) if on]
+    if not all(2 <= width <= 5 for width in coded):
+        raise SystemExit(f"codes are 2 to 5 bits a channel (a codebook of 16 to 1,024 centroids a pair), got {text!r}")
     return bits
 
 
@@ -290,7 +377,7 @@ def points(spec: list[str]) -> list[Point]:
     for item in spec:
         k, bits, *local = item.split(":")
         point = Point(int(k), parse_bits(bits), *map(parse_bits, local))
-        if point.local.key_mode in PRE_ROPE or point.local.value_rank:
+        if needs_subspace(point.local):
             raise SystemExit(f"local rows do not hold every position, so their keys cannot be on a subspace: {item}")
         out.append(point)
     return out
@@ -303,11 +390,13 @@ def run(args) -> dict:
     compression = CompressionParams(sink=args.sink, min_window=args.window, ratio=args.ratio)
     maps = {point: bq.make_map(shipped, order[:point.k], compression, "quantised") for point in points(args.points)}
     subspace = None
-    if any(point.retrieval.key_mode in PRE_ROPE or point.retrieval.value_rank for point in maps):
-        with_bases = any(point.retrieval.key_mode == "p" or point.retrieval.value_rank for point in maps)
+    if any(needs_subspace(point.retrieval) for point in maps):
+        with_bases = any(point.retrieval.key_mode in ("p", "v") or point.retrieval.value_rank
+                         or point.retrieval.value_codes for point in maps)
         subspace = key_subspace(engine, args.subspace_length, args.subspace_tasks if with_bases else 0)
         print(f"  key subspace: {args.subspace_tasks if with_bases else 0} calibration documents a family at "
               f"{args.subspace_length} tokens ({args.clock})", flush=True)
+        subspace = with_codebooks(engine, subspace, code_widths(maps), args)
     full = HeadMap.full(loaded.fingerprint)
     results: dict = {"full": {}, "points": {str(point): {} for point in maps},
                      "seeds": {n: bq.documents_seed(n, args.seed) for n in args.lengths}}
@@ -373,11 +462,11 @@ def layer_cosines(args) -> None:
 def score_point(engine, point: Point, hm: HeadMap, tasks, kvs, args, into: dict | None,
                 subspace: KeySubspace | None = None) -> dict:
     """One point's hits on a chunk of tasks merged `into` the earlier chunks'; its bytes from the first task."""
-    with quantised(point, args.group, subspace):
+    with quantised(point, args.group, subspace, args.sink):
         result = bq.evaluate(engine, tasks, kvs, hm)
         if into is None:
             state = evaluation.session_from_full(engine, tasks[0].document, kvs[0], hm)
-            result["bytes"] = packed_fraction(state, point, args.group)
+            result["bytes"] = packed_fraction(state, point, args.group, args.sink)
     return bq.merged(into, result)
 
 
@@ -489,6 +578,9 @@ def parse_args():
                     "on a subspace ('p' points)")
     ap.add_argument("--subspace-tasks", type=int, default=2, help="calibration documents a family for the key "
                     "subspace")
+    ap.add_argument("--codebook-tasks", type=int, default=3, help="calibration documents a family whose rows "
+                    "train the codebooks ('v' points)")
+    ap.add_argument("--codebook-sample", type=int, default=8192, help="rows a head each codebook learns from")
     bq.add_order_args(ap)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--png", default=None, help="plot path (default docs/kv-quant.png)")

@@ -16,12 +16,13 @@ FREQUENCIES = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)                
 
 
 @pytest.mark.parametrize("label", ["8", "8/4", "6r/4", "4c/3", "6p48/4", "6p48/4p48", "16p48/16p48", "16/16p40",
-                                   "4q/4", "5m/4"])
+                                   "4q/4", "5m/4", "4v/4v", "5v/4", "6r/3v"])
 def test_bits_labels_round_trip(label):
     assert str(bkq.parse_bits(label)) == label
 
 
-@pytest.mark.parametrize("label", ["6p/4", "6p0/4", "6r32/4", "6p80/4", "6/4r", "7/4", "6p48/4q"])
+@pytest.mark.parametrize("label", ["6p/4", "6p0/4", "6r32/4", "6p80/4", "6/4r", "7/4", "6p48/4q",
+                                   "6v/4", "4v/6v", "4v32/4", "4/4p8v"])
 def test_bits_labels_refused_say_what_a_label_is(label):
     with pytest.raises(SystemExit):
         bkq.parse_bits(label)
@@ -39,6 +40,35 @@ def test_bytes_of_rows_on_a_subspace():
     assert bkq.rows_nbytes(elements, bkq.parse_bits("6r/4"), 32, 64) / full == pytest.approx(0.34375)
     assert bkq.rows_nbytes(elements, bkq.parse_bits("6p48/4p48"), 32, 64) / full == pytest.approx(0.25)
     assert bkq.rows_nbytes(elements, bkq.parse_bits("6p32/4"), 32, 64) / full == pytest.approx(62 / 256)
+    assert bkq.rows_nbytes(elements, bkq.parse_bits("4v/4v"), 32, 64) / full == pytest.approx(0.25)   # no scales
+    assert bkq.rows_nbytes(elements, bkq.parse_bits("5v/4"), 32, 64) / full == pytest.approx((5 + 4.5) / 32)
+
+
+def test_kmeans_finds_separated_clusters():
+    """Four tight clusters a group, in two groups: each codebook lands on its group's four centres."""
+    torch.manual_seed(0)
+    centres = torch.tensor([[[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]],
+                            [[-5.0, 5.0], [5.0, -5.0], [20.0, 20.0], [-20.0, 3.0]]])    # [G, 4, 2]
+    rows = (centres[:, torch.arange(400) % 4] + 0.01 * torch.randn(2, 400, 2))           # [G, 400, 2]
+    books = bkq.kv_codebooks.kmeans(rows, 4, 20, torch.Generator().manual_seed(1))
+    for found, true in zip(books, centres):
+        assert torch.cdist(true, found).min(-1).values.max() < 0.05, (found, true)
+
+
+def test_codes_keep_rows_in_the_codebook_and_the_sink_rows():
+    """Rows that are centroids come back exactly; the first `sink` rows are never coded."""
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(1, 4, 4)).Q                                   # [h, D, D]
+    books = torch.randn(1, 2, 16, 2)                                                   # [h, D / 2, K, 2]
+    picks = torch.randint(0, 16, (2, 10))                                              # per pair, per row
+    coefficients = torch.stack([books[0, pair, picks[pair]] for pair in range(2)], 1).flatten(1)   # [10, 4]
+    rows = (coefficients @ basis[0].T)[None]                                           # [h, N, D]
+    sinks = 100 * torch.randn(1, 3, 4)
+    coded = bkq.kv_codebooks.coded(torch.cat([sinks, rows], 1), basis, books, sink=3)
+    torch.testing.assert_close(coded[:, :3], sinks)
+    torch.testing.assert_close(coded[:, 3:], rows, atol=1e-5, rtol=1e-4)
+    moved = bkq.kv_codebooks.coded(rows + 0.3, basis, books, sink=0)
+    assert not torch.allclose(moved, rows + 0.3, atol=1e-3)
 
 
 def test_rope_inverts_and_depends_on_relative_position_only():
