@@ -117,3 +117,16 @@ def test_the_service_benches_run_end_to_end_on_the_tiny_model(name, argv, rows, 
     importlib.import_module(name).main()
     out = capsys.readouterr().out
     assert all(re.search(row, out) for row in rows), out
+
+
+def test_the_soak_bench_runs_end_to_end_on_the_tiny_model(monkeypatch, capsys, tmp_path):
+    """bench_soak with sessions deleted every third turn, so creating, spilling and deleting all run; no turn may
+    fail, and it draws its plot."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr("sys.argv", ["bench_soak.py", "--model", "tiny-random", "--turns", "40", "--every", "10",
+                                     "--session-turns", "3", "--png", str(tmp_path / "soak.png")])
+    importlib.import_module("bench_soak").main()
+    out = capsys.readouterr().out
+    assert "errors: none" in out
+    assert re.search(r"\| redis_keys \| \d+\.0 \| \d+\.0 \|", out)
+    assert (tmp_path / "soak.png").stat().st_size > 0
