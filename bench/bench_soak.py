@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import statistics
 import threading
 from collections import Counter
 from pathlib import Path
@@ -51,16 +52,15 @@ class Pool:
             self.free.append((session_id, turns))
 
 
-def one_turn(client: RazorClient, pool: Pool, rng: random.Random, new_tokens: int) -> tuple[str, int, str]:
-    """A turn on a session of the pool (a new session if it has none, or if its session had its turns) -> the
-    session it leaves in the pool, its turns, and the session deleted ("" if none)."""
+def one_turn(client: RazorClient, pool: Pool, rng: random.Random, new_tokens: int) -> None:
+    """A turn on a session of the pool: a new session if its place has none, or if its session had its turns
+    (that one is deleted first)."""
     session_id, turns = pool.take()
     text = " ".join(rng.choice(WORDS) for _ in range(12))
-    deleted = ""
     try:
         if session_id and turns >= pool.session_turns:
             client.delete_session(session_id)
-            deleted, session_id, turns = session_id, "", 0
+            session_id, turns = "", 0
         if session_id:
             client.continue_session(session_id, text, max_new_tokens=new_tokens)
         else:
@@ -68,7 +68,6 @@ def one_turn(client: RazorClient, pool: Pool, rng: random.Random, new_tokens: in
         turns += 1
     finally:
         pool.give_back(session_id, turns)
-    return session_id, turns, deleted
 
 
 def sample(turns: int, process: psutil.Process, client: RazorClient, store: redis.Redis) -> dict:
@@ -119,9 +118,7 @@ def slope_per_1000(samples: list[dict], key: str) -> float:
     half = [s for s in samples if s["turns"] > samples[-1]["turns"] / 2]
     if len(half) < 2:
         return float("nan")
-    xs, ys = [s["turns"] for s in half], [s[key] for s in half]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return 1000 * statistics.linear_regression([s["turns"] for s in half], [float(s[key]) for s in half]).slope
 
 
 def plot(samples: list[dict], args, path: Path) -> None:
